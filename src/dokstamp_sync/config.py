@@ -1,0 +1,68 @@
+"""The one typed settings object, read once from the environment and ``.env``.
+
+The variables are those of CONTRACT §1, plus a few optional extensions documented in the README
+(they never change the meaning of the contract's). Secrets are ``SecretStr``: printing, logging or
+``repr``-ing the settings shows ``**********``. :func:`load_settings` turns a validation failure
+into one :class:`ConfigError` line naming the variable, never its value.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message is one line meant for the operator."""
+
+
+class Settings(BaseSettings):
+    """Everything dokstamp-sync reads from its environment (CONTRACT §1)."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8",
+                                      extra="ignore", case_sensitive=False)
+
+    dokstamp_api_url: str = "https://api.dokstamp.com"
+    dokstamp_tenant: str = Field(min_length=1)
+    dokstamp_email: str | None = None
+    dokstamp_password: SecretStr | None = None
+    dokstamp_client_id: str | None = None
+    dokstamp_client_secret: SecretStr | None = None
+    dokstamp_rate_limit: float = Field(default=10.0, gt=0)
+    redis_url: str = "redis://localhost:6379/0"
+    database_url: str = "postgresql+psycopg://postgres@localhost/dokstamp_sync"
+    dokstamp_sync_stream: str = "dokstamp:events"
+
+    # Extensions (README "Configuration"): how certificates are issued and HTTP timeouts.
+    dokstamp_issue_style: Literal["status", "finish"] = "status"
+    dokstamp_timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_credential_pair(self) -> Settings:
+        password_pair = (self.dokstamp_email, self.dokstamp_password)
+        client_pair = (self.dokstamp_client_id, self.dokstamp_client_secret)
+        for names, pair in ((("DOKSTAMP_EMAIL", "DOKSTAMP_PASSWORD"), password_pair),
+                            (("DOKSTAMP_CLIENT_ID", "DOKSTAMP_CLIENT_SECRET"), client_pair)):
+            if any(pair) and not all(pair):
+                missing = names[1] if pair[0] else names[0]
+                raise ValueError(f"{missing} is not set ({' and '.join(names)} go together)")
+        if not all(password_pair) and not all(client_pair):
+            raise ValueError("no DokStamp credentials: set DOKSTAMP_EMAIL and DOKSTAMP_PASSWORD, "
+                             "or DOKSTAMP_CLIENT_ID and DOKSTAMP_CLIENT_SECRET")
+        return self
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings once; raise :class:`ConfigError` with one clear line if unusable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]  # pydantic fills the rest from env
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "missing":
+            raise ConfigError(f"configuration error: {field.upper()} is not set") from None
+        message = first["msg"].removeprefix("Value error, ")
+        where = f"{field.upper()}: " if field else ""
+        raise ConfigError(f"configuration error: {where}{message}") from None

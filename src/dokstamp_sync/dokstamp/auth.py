@@ -1,0 +1,173 @@
+"""Logging in to DokStamp, both documented ways, and keeping the token fresh.
+
+* :class:`PasswordLogin` (older docs): ``POST /auth/login`` with email and password; renew with
+  ``POST /auth/refresh`` and the rotating refresh token, falling back to a fresh login when the
+  refresh token is refused.
+* :class:`ClientCredentials` (newer docs): ``POST /oauth/token`` (form-encoded, client
+  credentials); there is no refresh token, so renewal requests a new token.
+
+:class:`TokenManager` caches the token in a :class:`~.tokens.TokenStore`, renews it
+``renew_margin`` seconds (default 60) before expiry, and makes renewal single-flight across
+processes. :class:`BearerAuth` plugs it into httpx: it adds the header, and on a 401 renews once
+and replays the request once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Generator
+from typing import Any, Protocol
+
+import httpx
+
+from dokstamp_sync.dokstamp import errors
+from dokstamp_sync.dokstamp.tokens import CachedToken, TokenStore
+
+
+class Credentials(Protocol):
+    """One way of obtaining a token from DokStamp."""
+
+    @property
+    def identity(self) -> str:
+        """A non-secret name of these credentials (the email or client id)."""
+        ...
+
+    def obtain(self, http: httpx.Client, previous: CachedToken | None,
+               now: float) -> CachedToken:
+        """Return a fresh token; ``previous`` may be used to refresh instead of logging in."""
+        ...
+
+
+def _post(http: httpx.Client, path: str, **kw: Any) -> dict[str, Any]:
+    """POST to an auth endpoint and return its JSON; errors translated, secrets never shown."""
+    request = http.build_request("POST", path, headers={"Accept": "application/json"}, **kw)
+    try:
+        response = http.send(request)
+    except httpx.HTTPError as exc:
+        raise errors.from_httpx_error(exc, request) from None
+    if response.status_code >= 400:
+        raise errors.from_response(response)
+    body = response.json()
+    if not isinstance(body, dict) or not body.get("access_token"):
+        raise errors.AuthenticationError(
+            "token endpoint answered without an access_token", status=response.status_code,
+            method="POST", path=path)
+    return body
+
+
+def _token_from(body: dict[str, Any], now: float) -> CachedToken:
+    return CachedToken(access_token=str(body["access_token"]),
+                       expires_at=now + float(body.get("expires_in") or 3600),
+                       refresh_token=body.get("refresh_token"))
+
+
+class PasswordLogin:
+    """Email and password (``POST /auth/login``), renewed via the rotating refresh token."""
+
+    def __init__(self, email: str, password: str) -> None:
+        self.email = email
+        self._password = password
+
+    def __repr__(self) -> str:
+        return f"PasswordLogin(email={self.email!r})"
+
+    @property
+    def identity(self) -> str:
+        return self.email
+
+    def obtain(self, http: httpx.Client, previous: CachedToken | None,
+               now: float) -> CachedToken:
+        if previous is not None and previous.refresh_token:
+            try:
+                body = _post(http, "/auth/refresh",
+                             json={"refresh_token": previous.refresh_token})
+                return _token_from(body, now)
+            except errors.PermanentError:
+                pass  # rotated away or revoked: a full login is the documented remedy
+        body = _post(http, "/auth/login", json={"email": self.email, "password": self._password})
+        return _token_from(body, now)
+
+
+class ClientCredentials:
+    """OAuth2 client credentials (``POST /oauth/token``); no refresh token, so ask anew."""
+
+    def __init__(self, client_id: str, client_secret: str) -> None:
+        self.client_id = client_id
+        self._client_secret = client_secret
+
+    def __repr__(self) -> str:
+        return f"ClientCredentials(client_id={self.client_id!r})"
+
+    @property
+    def identity(self) -> str:
+        return self.client_id
+
+    def obtain(self, http: httpx.Client, previous: CachedToken | None,
+               now: float) -> CachedToken:
+        body = _post(http, "/oauth/token", data={
+            "grant_type": "client_credentials", "client_id": self.client_id,
+            "client_secret": self._client_secret})
+        return _token_from(body, now)
+
+
+class TokenManager:
+    """Hands out a valid access token, renewing it at most once per staleness, fleet-wide."""
+
+    def __init__(self, http: httpx.Client, credentials: Credentials, store: TokenStore, *,
+                 renew_margin: float = 60.0, clock: Callable[[], float] = time.time) -> None:
+        self._http = http
+        self._credentials = credentials
+        self._store = store
+        self._margin = renew_margin
+        self._clock = clock
+        # One cache entry per (API, identity): two tenants' workers on one Redis do not collide.
+        ident = f"{http.base_url}|{type(credentials).__name__}|{credentials.identity}"
+        self.key = hashlib.sha256(ident.encode()).hexdigest()[:32]
+        self.renewals = 0  # how many times this process obtained a token (for tests and metrics)
+
+    def _fresh(self, token: CachedToken | None) -> bool:
+        return token is not None and token.expires_at - self._margin > self._clock()
+
+    def token(self) -> str:
+        """A token valid for at least ``renew_margin`` more seconds."""
+        cached = self._store.get(self.key)
+        if self._fresh(cached):
+            assert cached is not None
+            return cached.access_token
+        return self._renew(stale=cached.access_token if cached else None)
+
+    def invalidate(self, rejected: str) -> str:
+        """The API refused ``rejected`` (401): renew unless another process already did."""
+        return self._renew(stale=rejected, force=True)
+
+    def _renew(self, *, stale: str | None, force: bool = False) -> str:
+        with self._store.lock(self.key):
+            current = self._store.get(self.key)
+            # Someone renewed while we waited for the lock: use theirs.
+            if current is not None and current.access_token != stale and self._fresh(current):
+                return current.access_token
+            if not force and self._fresh(current):
+                assert current is not None
+                return current.access_token
+            token = self._credentials.obtain(self._http, current, self._clock())
+            self._store.set(self.key, token)
+            self.renewals += 1
+            return token.access_token
+
+
+class BearerAuth(httpx.Auth):
+    """httpx auth flow: Bearer header, and one renewal + one replay on a 401."""
+
+    requires_request_body = True  # a multipart upload must be replayable after the 401
+
+    def __init__(self, tokens: TokenManager) -> None:
+        self._tokens = tokens
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        token = self._tokens.token()
+        request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        if response.status_code == 401:
+            request.headers["Authorization"] = f"Bearer {self._tokens.invalidate(token)}"
+            yield request
