@@ -73,6 +73,9 @@ class Sandbox:
     async def handle(self, request: Request, route: str, handler: Handler, *,
                      auth: bool, tenant: bool) -> Response:
         method = request.method
+        # Read the whole request first, as a real server has it before processing: a slow
+        # answer must still apply the write after the client gave up waiting.
+        await request.body()
         decision = self.faults.decide(method, route, request.headers.get("x-tenant", "-"))
         key = f"{method} {route}"
         latency = self.faults.faults.latency_ms / 1000.0

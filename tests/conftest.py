@@ -1,0 +1,110 @@
+"""Shared fixtures: a real sandbox over HTTP on 127.0.0.1, clients for it, a real Redis.
+
+The sandbox server is started once per session; every test that asks for ``sandbox`` gets it
+with its data, tokens, faults and stats reset, so tests never see each other's state.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+import redis
+
+from dokstamp_sync.dokstamp import (
+    ClientCredentials,
+    Credentials,
+    DokStampClient,
+    MemoryTokenStore,
+    PasswordLogin,
+    TokenManager,
+    TokenStore,
+    build_http_client,
+)
+from dokstamp_sync.sandbox import Account, Faults, Sandbox, SandboxConfig, SandboxServer
+
+MAIN = Account()
+OTHER = Account(tenant="other-university", tenant_name="Other University",
+                email="admin@other.edu", password="other-password",
+                client_id="other-client", client_secret="other-secret")
+
+# Each test run uses its own Redis database number, never the application's (0).
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[SandboxServer]:
+    with SandboxServer(Sandbox(SandboxConfig(accounts=[MAIN, OTHER]))) as server:
+        yield server
+
+
+@pytest.fixture
+def sandbox(sandbox_server: SandboxServer) -> SandboxServer:
+    """The running sandbox, freshly reset."""
+    sb = sandbox_server.sandbox
+    sb.config.token_ttl = 3600.0
+    sb.config.error_style = "v-a"
+    sb.reset()
+    sb.stats.reset()
+    sb.faults.configure(Faults())
+    return sandbox_server
+
+
+ClientFactory = Callable[..., DokStampClient]
+
+
+@pytest.fixture
+def make_client(sandbox: SandboxServer) -> Iterator[ClientFactory]:
+    """Build clients against the sandbox; every one is closed after the test."""
+    opened: list[httpx.Client] = []
+
+    def factory(*, account: Account = MAIN, scheme: str = "password",
+                store: TokenStore | None = None, timeout: float = 10.0,
+                issue_style: str = "status", tenant: str | None = None,
+                clock: Callable[[], float] | None = None) -> DokStampClient:
+        http = build_http_client(sandbox.url, timeout=timeout)
+        opened.append(http)
+        credentials: Credentials = (
+            PasswordLogin(account.email, account.password) if scheme == "password"
+            else ClientCredentials(account.client_id, account.client_secret))
+        kw = {"clock": clock} if clock else {}
+        tokens = TokenManager(http, credentials, store or MemoryTokenStore(), **kw)
+        return DokStampClient(http, tenant=tenant or account.tenant, tokens=tokens,
+                              issue_style=issue_style)  # type: ignore[arg-type]
+
+    yield factory
+    for http in opened:
+        http.close()
+
+
+@pytest.fixture
+def client(make_client: ClientFactory) -> DokStampClient:
+    """A password-login client of the main tenant."""
+    return make_client()
+
+
+@pytest.fixture
+def raw(sandbox: SandboxServer) -> Iterator[httpx.Client]:
+    """A plain httpx client on the sandbox, for testing the sandbox's own answers."""
+    with httpx.Client(base_url=sandbox.url, timeout=10) as http:
+        yield http
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    """A real Redis connection; the test's keys live under ``key_prefix`` and are removed."""
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    client.ping()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def key_prefix(redis_client: redis.Redis) -> Iterator[str]:
+    prefix = f"test:{uuid.uuid4().hex}:"
+    yield prefix
+    for key in redis_client.scan_iter(f"{prefix}*"):
+        redis_client.delete(key)

@@ -1,0 +1,170 @@
+"""Both login schemes against the sandbox: caching, renewal, rotation, single-flight."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import MAIN, TEST_REDIS_URL
+from dokstamp_sync.dokstamp import MemoryTokenStore, RedisTokenStore, errors
+
+
+def test_password_login_then_calls_reuse_the_token(client, sandbox):
+    """A password login happens once; later calls reuse the cached token."""
+    client.institutions.page()
+    client.institutions.page()
+    assert sandbox.sandbox.authority.issued == 1
+    assert sandbox.sandbox.stats.by_route["POST /auth/login"] == 1
+
+
+def test_client_credentials_login(make_client, sandbox):
+    """The newer scheme logs in through /oauth/token and never through /auth/login."""
+    c = make_client(scheme="client")
+    assert c.me()["tenant"]["domain"] == MAIN.tenant
+    assert sandbox.sandbox.stats.by_route["POST /oauth/token"] == 1
+    assert sandbox.sandbox.stats.by_route["POST /auth/login"] == 0
+
+
+def test_token_renewed_about_60s_before_expiry(make_client, sandbox):
+    """A token with less than 60 s left is renewed before use, while it is still valid."""
+    now = [time.time()]
+    c = make_client(clock=lambda: now[0])
+    c.institutions.page()
+    now[0] += 3600 - 61  # 61 s left: still fresh
+    c.institutions.page()
+    assert c.tokens.renewals == 1
+    now[0] += 2  # 59 s left: renew now, via the refresh token
+    c.institutions.page()
+    assert c.tokens.renewals == 2
+    assert sandbox.sandbox.stats.by_route["POST /auth/refresh"] == 1
+    assert sandbox.sandbox.stats.by_route["POST /auth/login"] == 1
+
+
+def test_client_credentials_renewal_requests_a_new_token(make_client, sandbox):
+    """With no refresh token, renewal asks /oauth/token anew."""
+    now = [time.time()]
+    c = make_client(scheme="client", clock=lambda: now[0])
+    c.institutions.page()
+    now[0] += 3600
+    c.institutions.page()
+    assert sandbox.sandbox.stats.by_route["POST /oauth/token"] == 2
+    assert sandbox.sandbox.stats.by_route["POST /auth/refresh"] == 0
+
+
+def test_401_renews_once_and_replays_the_call(client, sandbox):
+    """A token the server expired early gets one renewal and the call succeeds on replay."""
+    client.institutions.page()
+    sandbox.sandbox.authority.expire_all()
+    inst = client.institutions.create({"name": "After expiry", "country": "Brazil"})
+    assert inst["name"] == "After expiry"
+    assert sandbox.sandbox.stats.by_route["POST /institutions"] == 2  # 401, then 201
+    assert sandbox.sandbox.stats.by_route["POST /auth/refresh"] == 1
+    assert len(client.institutions.find(name="After expiry")) == 1
+
+
+def test_401_after_renewal_is_an_authentication_error(client, sandbox):
+    """When the renewed token is refused too, the call fails permanently instead of looping."""
+    client.institutions.page()
+    sandbox.sandbox.config.token_ttl = 0  # every new token is born expired
+    sandbox.sandbox.authority.token_ttl = 0
+    sandbox.sandbox.authority.expire_all()
+    with pytest.raises(errors.AuthenticationError) as info:
+        client.institutions.page()
+    assert info.value.status == 401
+    assert sandbox.sandbox.stats.by_route["GET /institutions"] == 3  # 200, 401, replayed 401
+
+
+def test_refresh_token_rotates(client, sandbox):
+    """After a refresh the old refresh token is refused by the server (rotation)."""
+    client.institutions.page()
+    old = client.tokens._store.get(client.tokens.key)
+    client.tokens.invalidate(old.access_token)
+    new = client.tokens._store.get(client.tokens.key)
+    assert new.refresh_token != old.refresh_token
+    r = client.http.post("/auth/refresh", json={"refresh_token": old.refresh_token})
+    assert r.status_code == 401
+    assert r.json()["message"] == "The refresh token is invalid."
+
+
+def test_refused_refresh_token_falls_back_to_login(client, sandbox):
+    """A spent refresh token (e.g. rotated by the server) leads to a fresh password login."""
+    client.institutions.page()
+    sandbox.sandbox.authority.refresh.clear()
+    sandbox.sandbox.authority.expire_all()
+    client.institutions.page()
+    assert sandbox.sandbox.stats.by_route["POST /auth/login"] == 2
+
+
+def test_wrong_password_is_permanent_and_secret_free(make_client, sandbox):
+    """Refused credentials raise AuthenticationError that never shows the password."""
+    from dokstamp_sync.sandbox import Account
+
+    bad = Account(password="wrong-hunter2")
+    c = make_client(account=bad)
+    with pytest.raises(errors.AuthenticationError) as info:
+        c.institutions.page()
+    text = f"{info.value} {info.value!r} {info.value.body} {c.tokens._credentials!r}"
+    assert "hunter2" not in text
+    assert info.value.path == "/auth/login"
+    assert "do not match" in info.value.message
+
+
+def test_renewal_is_single_flight_across_threads(make_client, sandbox):
+    """Eight threads finding no token at once cause exactly one login."""
+    store = MemoryTokenStore()
+    clients = [make_client(store=store) for _ in range(8)]
+    barrier = threading.Barrier(8)
+
+    def call(c):
+        barrier.wait()
+        c.institutions.page()
+
+    threads = [threading.Thread(target=call, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sandbox.sandbox.authority.issued == 1
+
+
+_PROCESS = """
+import sys, redis
+from dokstamp_sync.dokstamp import PasswordLogin, RedisTokenStore, TokenManager, build_http_client
+url, redis_url, prefix = sys.argv[1:4]
+http = build_http_client(url)
+store = RedisTokenStore(redis.Redis.from_url(redis_url), prefix=prefix)
+manager = TokenManager(http, PasswordLogin("admin@demo-university.edu", "sandbox-password"), store)
+print(manager.token()[:12])
+"""
+
+
+def test_redis_store_shares_one_login_between_processes(sandbox, redis_client, key_prefix):
+    """Eight worker processes sharing a Redis token store log in once, and all get that token."""
+    procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, sandbox.url, TEST_REDIS_URL,
+                               key_prefix], stdout=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    outputs = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(outputs) == 1
+    assert sandbox.sandbox.authority.issued == 1
+    # The token is kept with an expiry, not forever.
+    keys = [k for k in redis_client.scan_iter(f"{key_prefix}*") if not k.endswith(b":lock")]
+    assert len(keys) == 1
+    assert 0 < redis_client.ttl(keys[0]) <= 3600
+
+
+def test_redis_store_roundtrip(redis_client, key_prefix):
+    """The Redis store keeps token, expiry and refresh token, and deletes on request."""
+    from dokstamp_sync.dokstamp import CachedToken
+
+    store = RedisTokenStore(redis_client, prefix=key_prefix)
+    token = CachedToken("access-x", time.time() + 100, "refresh-y")
+    store.set("k", token)
+    assert store.get("k") == token
+    assert "access-x" not in repr(token)
+    store.delete("k")
+    assert store.get("k") is None

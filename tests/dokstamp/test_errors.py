@@ -1,0 +1,175 @@
+"""Every error class, provoked over real HTTP against the sandbox, is classified right."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+
+import graph
+from conftest import OTHER
+from dokstamp_sync.dokstamp import MemoryTokenStore, PasswordLogin, TokenManager, errors
+from dokstamp_sync.dokstamp.client import DokStampClient, build_http_client
+from dokstamp_sync.sandbox import Faults, ScriptedFault
+
+
+def script(sandbox, *faults: ScriptedFault) -> None:
+    sandbox.sandbox.faults.configure(Faults(script=list(faults)))
+
+
+def test_429_is_transient_and_carries_retry_after(client, sandbox):
+    """A 429 is RateLimited (transient) with the Retry-After seconds the server sent."""
+    client.institutions.page()
+    script(sandbox, ScriptedFault("GET", "/institutions", status=429, retry_after=7))
+    with pytest.raises(errors.RateLimited) as info:
+        client.institutions.page()
+    assert isinstance(info.value, errors.TransientError)
+    assert info.value.retry_after == 7
+    assert info.value.status == 429
+
+
+def test_rate_limit_bucket_answers_429_with_retry_after(client, sandbox):
+    """Past the sandbox's token bucket, calls fail with RateLimited and a Retry-After >= 1."""
+    sandbox.sandbox.faults.configure(Faults(rate_limit=2, burst=3))
+    caught = []
+    for _ in range(6):
+        try:
+            client.students.page()
+        except errors.RateLimited as exc:
+            caught.append(exc)
+    assert caught
+    assert all(e.retry_after is not None and e.retry_after >= 1 for e in caught)
+    assert sandbox.sandbox.stats.http_429 == len(caught)
+
+
+def test_5xx_before_write_is_transient_and_nothing_is_created(client, sandbox):
+    """A 5xx that fails before the write: ServerError, and the entity does not exist."""
+    client.students.page()
+    script(sandbox, ScriptedFault("POST", "/students", status=503))
+    with pytest.raises(errors.ServerError) as info:
+        graph.student(client, email="before@example.edu")
+    assert isinstance(info.value, errors.TransientError)
+    assert info.value.status == 503
+    assert client.students.find(email="before@example.edu") == []
+
+
+def test_5xx_after_write_is_transient_but_the_entity_exists(client, sandbox):
+    """A lost response: ServerError, yet the write was applied, so a search finds it."""
+    client.students.page()
+    script(sandbox, ScriptedFault("POST", "/students", status=500, after_commit=True))
+    with pytest.raises(errors.ServerError):
+        graph.student(client, email="lost@example.edu")
+    assert len(client.students.find(email="lost@example.edu")) == 1
+    assert sandbox.sandbox.stats.lost_responses == 1
+
+
+def test_timeout_is_transient_and_the_write_may_still_happen(make_client, sandbox):
+    """An answer slower than the client's timeout raises Timeout; the write lands later."""
+    c = make_client(timeout=0.3)
+    c.students.page()
+    script(sandbox, ScriptedFault("POST", "/students", status=200, delay_s=0.8))
+    with pytest.raises(errors.Timeout) as info:
+        graph.student(c, email="slow@example.edu")
+    assert isinstance(info.value, errors.TransportError)
+    assert isinstance(info.value, errors.TransientError)
+    time.sleep(1.0)
+    assert len(c.students.find(email="slow@example.edu")) == 1
+
+
+def test_connection_refused_is_a_transient_transport_error():
+    """No server listening: TransportError, which is transient, and not a Timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    http = build_http_client(f"http://127.0.0.1:{port}", timeout=2)
+    c = DokStampClient(http, tenant="t", tokens=TokenManager(
+        http, PasswordLogin("a@b.c", "pw"), MemoryTokenStore()))
+    with pytest.raises(errors.TransportError) as info:
+        c.institutions.page()
+    assert not isinstance(info.value, errors.Timeout)
+    assert isinstance(info.value, errors.TransientError)
+    http.close()
+
+
+def test_422_is_validation_failed_with_field_errors(client, sandbox):
+    """A 422 is ValidationFailed: permanent, with DokStamp's message and field errors."""
+    with pytest.raises(errors.ValidationFailed) as info:
+        client.courses.create({"name": "No institution"})
+    exc = info.value
+    assert isinstance(exc, errors.PermanentError)
+    assert not isinstance(exc, errors.TransientError)
+    assert exc.status == 422
+    assert exc.message == "The given data was invalid."
+    assert exc.errors == {"institution_uuid": ["The institution uuid field is required."]}
+    assert (exc.method, exc.path) == ("POST", "/courses")
+
+
+def test_unknown_reference_is_422_the_selected_uuid_is_invalid(client, sandbox):
+    """A reference to a UUID that does not exist: 'The selected course uuid is invalid.'"""
+    with pytest.raises(errors.ValidationFailed) as info:
+        client.cohorts.create({"code": "X", "course_uuid": "7d4b1e8e-3a50-4c1e-9d0b-6f1e2a3b4c5d"})
+    assert info.value.errors["course_uuid"] == ["The selected course uuid is invalid."]
+
+
+def test_another_tenants_resource_is_not_found(make_client, sandbox):
+    """Reading another tenant's entity answers 404 (NotFound), not 403."""
+    mine = graph.institution(make_client())
+    theirs = make_client(account=OTHER)
+    with pytest.raises(errors.NotFound) as info:
+        theirs.institutions.get(mine["uuid"])
+    assert info.value.status == 404
+    assert info.value.path == f"/institutions/{mine['uuid']}"
+
+
+def test_wrong_tenant_header_is_permission_denied(make_client, sandbox):
+    """A token of one tenant used with another tenant's X-Tenant is PermissionDenied (403)."""
+    c = make_client(tenant=OTHER.tenant)
+    with pytest.raises(errors.PermissionDenied):
+        c.institutions.page()
+
+
+def test_other_4xx_is_a_permanent_client_error(client, sandbox):
+    """A 400 (here an unknown filter field) is ClientError, permanent; the query is not shown."""
+    with pytest.raises(errors.ClientError) as info:
+        client.students.find(emial="typo@example.edu")
+    assert info.value.status == 400
+    assert "typo@example.edu" not in str(info.value)
+
+
+def test_newer_error_bodies_with_success_false_parse_the_same(client, sandbox):
+    """The newer docs add success:false to error bodies; classification is unchanged."""
+    sandbox.sandbox.config.error_style = "v-b"
+    with pytest.raises(errors.ValidationFailed) as info:
+        client.students.create({"name": "x"})
+    assert info.value.body["success"] is False
+    assert "email" in info.value.errors
+
+
+def _response(status: int, headers: dict[str, str] | None = None, **body) -> httpx.Response:
+    request = httpx.Request("POST", "https://api.example/students?where[email]=a@b.c",
+                            headers={"Authorization": "Bearer SECRET-TOKEN"})
+    return httpx.Response(status, json=body, headers=headers, request=request)
+
+
+@pytest.mark.parametrize(("status", "cls"), [
+    (400, errors.ClientError), (401, errors.AuthenticationError),
+    (403, errors.PermissionDenied), (404, errors.NotFound), (409, errors.ClientError),
+    (422, errors.ValidationFailed), (429, errors.RateLimited), (500, errors.ServerError),
+    (502, errors.ServerError), (503, errors.ServerError)])
+def test_status_to_class_table(status, cls):
+    """from_response maps each status to its class; none of them shows the token or query."""
+    exc = errors.from_response(_response(status, message="boom"))
+    assert type(exc) is cls
+    assert isinstance(exc, errors.TransientError) == (status == 429 or status >= 500)
+    assert "SECRET-TOKEN" not in f"{exc} {exc!r} {exc.body}"
+    assert "a@b.c" not in str(exc)
+
+
+def test_retry_after_absent_or_as_http_date():
+    """A 429 without Retry-After has retry_after None; an HTTP-date is turned into seconds."""
+    assert errors.from_response(_response(429)).retry_after is None
+    assert errors.parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+    assert errors.parse_retry_after("garbage") is None
+    assert errors.parse_retry_after("-3") == 0.0
