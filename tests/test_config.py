@@ -96,3 +96,10 @@ def test_invalid_value_is_reported_without_its_value(monkeypatch):
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert str(info.value).startswith("configuration error: DOKSTAMP_RATE_LIMIT")
+
+
+def test_blank_credential_pair_counts_as_unset(tmp_path):
+    """The .env.example style (unused pair left as NAME=) selects the other pair."""
+    (tmp_path / ".env").write_text("DOKSTAMP_TENANT=uni\nDOKSTAMP_EMAIL=\nDOKSTAMP_PASSWORD=\n"
+                                   "DOKSTAMP_CLIENT_ID=cid\nDOKSTAMP_CLIENT_SECRET=sec\n")
+    assert isinstance(credentials_from_settings(load_settings()), ClientCredentials)

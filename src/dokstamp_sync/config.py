@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     # Extensions (README "Configuration"): how certificates are issued and HTTP timeouts.
     dokstamp_issue_style: Literal["status", "finish"] = "status"
     dokstamp_timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("dokstamp_email", "dokstamp_password", "dokstamp_client_id",
+                     "dokstamp_client_secret", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `.env.example` leaves the unused credential pair as `NAME=`: that means "not set".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _one_credential_pair(self) -> Settings:
