@@ -86,7 +86,7 @@ class RedisTokenStore:
     others for longer than that; the cached token expires in Redis when it does upstream.
     """
 
-    def __init__(self, client: redis.Redis[bytes], *, prefix: str = "dokstamp:token:",
+    def __init__(self, client: redis.Redis, *, prefix: str = "dokstamp:token:",
                  lock_timeout: float = 30.0, wait_timeout: float = 60.0) -> None:
         self._redis = client
         self._prefix = prefix
