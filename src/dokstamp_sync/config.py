@@ -31,13 +31,28 @@ class Settings(BaseSettings):
     dokstamp_client_id: str | None = None
     dokstamp_client_secret: SecretStr | None = None
     dokstamp_rate_limit: float = Field(default=10.0, gt=0)
-    redis_url: str = "redis://localhost:6379/0"
-    database_url: str = "postgresql+psycopg://postgres@localhost/dokstamp_sync"
+    # URLs may carry a password: kept out of repr(); show them with `redact_url`.
+    redis_url: str = Field(default="redis://localhost:6379/0", repr=False)
+    database_url: str = Field(default="postgresql+psycopg://postgres@localhost/dokstamp_sync",
+                              repr=False)
     dokstamp_sync_stream: str = "dokstamp:events"
 
     # Extensions (README "Configuration"): how certificates are issued and HTTP timeouts.
     dokstamp_issue_style: Literal["status", "finish"] = "status"
     dokstamp_timeout: float = Field(default=30.0, gt=0)
+    # The sync engine (README "Configuration"): waits, retries, files.
+    dokstamp_sync_dependency_timeout: float = Field(default=86400.0, gt=0)  # s
+    dokstamp_sync_retry_budget: float = Field(default=86400.0, gt=0)  # s
+    dokstamp_sync_max_deliveries: int = Field(default=5, ge=1)
+    dokstamp_sync_visibility_timeout: float = Field(default=600.0, gt=0)  # s
+    dokstamp_sync_file_hosts: str = ""  # comma-separated hosts files may be fetched from
+    dokstamp_sync_file_root: str = ""  # folder `path` files must be under
+    dokstamp_sync_file_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+
+    @property
+    def file_hosts(self) -> frozenset[str]:
+        return frozenset(h.strip().lower() for h in self.dokstamp_sync_file_hosts.split(",")
+                         if h.strip())
 
     @field_validator("dokstamp_email", "dokstamp_password", "dokstamp_client_id",
                      "dokstamp_client_secret", mode="before")
@@ -59,6 +74,17 @@ class Settings(BaseSettings):
             raise ValueError("no DokStamp credentials: set DOKSTAMP_EMAIL and DOKSTAMP_PASSWORD, "
                              "or DOKSTAMP_CLIENT_ID and DOKSTAMP_CLIENT_SECRET")
         return self
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:***@host/...``: a URL safe to print."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def load_settings(**overrides: object) -> Settings:

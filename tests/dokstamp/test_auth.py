@@ -11,6 +11,7 @@ import pytest
 
 from conftest import MAIN, TEST_REDIS_URL
 from dokstamp_sync.dokstamp import MemoryTokenStore, RedisTokenStore, errors
+from dokstamp_sync.sandbox import Faults, ScriptedFault
 
 
 def test_password_login_then_calls_reuse_the_token(client, sandbox):
@@ -132,20 +133,25 @@ def test_renewal_is_single_flight_across_threads(make_client, sandbox):
 
 
 _PROCESS = """
-import sys, redis
+import sys, time, redis
 from dokstamp_sync.dokstamp import PasswordLogin, RedisTokenStore, TokenManager, build_http_client
-url, redis_url, prefix = sys.argv[1:4]
+url, redis_url, prefix, start = sys.argv[1:5]
 http = build_http_client(url)
 store = RedisTokenStore(redis.Redis.from_url(redis_url), prefix=prefix)
 manager = TokenManager(http, PasswordLogin("admin@demo-university.edu", "sandbox-password"), store)
+time.sleep(max(0.0, float(start) - time.time()))  # all processes ask at the same moment
 print(manager.token()[:12])
 """
 
 
 def test_redis_store_shares_one_login_between_processes(sandbox, redis_client, key_prefix):
-    """Eight worker processes sharing a Redis token store log in once, and all get that token."""
+    """Eight worker processes asking at the same moment, while a login takes 0.5 s, log in
+    once through the shared Redis store, and all get that token."""
+    sandbox.sandbox.faults.configure(Faults(script=[
+        ScriptedFault("POST", "/auth/login", status=200, delay_s=0.5, times=8)]))
+    start = str(time.time() + 3.0)
     procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, sandbox.url, TEST_REDIS_URL,
-                               key_prefix], stdout=subprocess.PIPE, text=True)
+                               key_prefix, start], stdout=subprocess.PIPE, text=True)
              for _ in range(8)]
     outputs = {p.communicate(timeout=60)[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs)
@@ -168,3 +174,27 @@ def test_redis_store_roundtrip(redis_client, key_prefix):
     assert "access-x" not in repr(token)
     store.delete("k")
     assert store.get("k") is None
+
+
+def test_short_lived_tokens_are_renewed_at_half_life_not_every_call(make_client, sandbox):
+    """A 30 s token (shorter than the 60 s margin) is reused until half its life has passed."""
+    sandbox.sandbox.authority.token_ttl = 30
+    now = [time.time()]
+    c = make_client(clock=lambda: now[0])
+    for _ in range(5):
+        c.institutions.page()
+    assert c.tokens.renewals == 1
+    now[0] += 16
+    c.institutions.page()
+    assert c.tokens.renewals == 2
+
+
+def test_redis_store_failure_is_a_transient_transport_error():
+    """An unreachable Redis surfaces as the client's TransportError, not a redis exception."""
+    import redis as redis_lib
+
+    store = RedisTokenStore(redis_lib.Redis(host="127.0.0.1", port=1, socket_timeout=1))
+    with pytest.raises(errors.TransportError):
+        store.get("k")
+    with pytest.raises(errors.TransportError), store.lock("k"):
+        pass

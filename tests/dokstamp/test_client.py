@@ -27,15 +27,15 @@ def test_every_resource_call_sends_accept_tenant_and_bearer(client, sandbox):
 
 
 def test_pagination_walks_every_page_and_stops_at_last_page(client, sandbox):
-    """450 students come back over 3 pages of 200, with no 4th request."""
-    for i in range(450):
+    """400 students come back over 2 full pages of 200, with no 3rd request."""
+    for i in range(400):
         client.students.create({"name": f"S{i}", "email": f"p{i}@example.edu",
                                 "date_of_birth": "2000-01-01"})
     sandbox.sandbox.stats.reset()
     emails = [s["email"] for s in client.students.iterate()]
-    assert len(emails) == 450
-    assert len(set(emails)) == 450
-    assert sandbox.sandbox.stats.by_route["GET /students"] == 3
+    assert len(emails) == 400
+    assert len(set(emails)) == 400
+    assert sandbox.sandbox.stats.by_route["GET /students"] == 2
 
 
 def test_default_page_is_15_with_meta(client, sandbox):
@@ -186,3 +186,28 @@ def test_walkthrough_syncs_one_certificate_and_is_idempotent(client, sandbox):
     cert = state["certificates"][0]
     assert cert["student"]["uuid"] == first["student"]["uuid"]
     assert cert["enrollment"]["uuid"] == first["enrollment"]["uuid"]
+
+
+def test_iterate_stops_at_total_when_the_api_ignores_page():
+    """An API that ignores `page` and has no last_page cannot make iteration loop forever."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/auth/login":
+            return httpx.Response(200, json={"access_token": "t", "expires_in": 3600})
+        items = [{"uuid": str(i)} for i in range(15)]
+        return httpx.Response(200, json={"data": items, "meta": {
+            "current_page": 1, "per_page": 15, "total": 42}})
+
+    http = httpx.Client(base_url="https://api.example", transport=httpx.MockTransport(handler))
+    c = DokStampClient(http, tenant="t", tokens=TokenManager(
+        http, PasswordLogin("a@b.c", "pw"), MemoryTokenStore()))
+    assert len(list(c.students.iterate(per_page=15))) == 45  # 3 pages, then total reached
+
+
+def test_multipart_upload_is_replayed_after_a_401(client, sandbox):
+    """An upload refused for an expired token is renewed and re-sent whole."""
+    client.institutions.page()
+    sandbox.sandbox.authority.expire_all()
+    up = graph.pdf()
+    f = client.files.upload([up])[0]
+    assert f["size"] == len(up.content)
+    assert sandbox.sandbox.stats.by_route["POST /files"] == 2

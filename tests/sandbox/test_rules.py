@@ -9,7 +9,7 @@ import pytest
 import graph
 from conftest import MAIN, OTHER
 from dokstamp_sync.dokstamp import errors
-from dokstamp_sync.sandbox import Faults
+from dokstamp_sync.sandbox import Faults, ScriptedFault
 
 
 def _login(raw, account=MAIN) -> dict[str, str]:
@@ -329,3 +329,41 @@ def test_added_latency(client, sandbox):
     for _ in range(5):
         client.students.page()
     assert time.monotonic() - start >= 0.25
+
+
+def test_a_draft_cannot_be_moved_onto_a_used_file(client):
+    """PATCHing a draft onto a file another certificate uses is a 422; a free file is fine and
+    the draft's old file is released."""
+    g = graph.certificate_graph(client)
+    client.certificates.create(graph.certificate_fields(g), issue=True)
+    other = graph.certificate_graph(client)
+    draft = client.certificates.create(graph.certificate_fields(other))
+    with pytest.raises(errors.ValidationFailed):
+        client.certificates.update(draft["uuid"], {"file_uuid": g["file"]["uuid"]})
+    spare = client.files.upload([graph.pdf()])[0]
+    client.certificates.update(draft["uuid"], {"file_uuid": spare["uuid"]})
+    assert client.files.get(other["file"]["uuid"])["used_at"] is None
+    assert client.files.get(spare["uuid"])["used_at"] is not None
+
+
+def test_a_deleted_certificates_file_stays_used(client):
+    """Files are single use: deleting the certificate does not free its file."""
+    g = graph.certificate_graph(client)
+    cert = client.certificates.create(graph.certificate_fields(g), issue=True)
+    client.certificates.delete(cert["uuid"])
+    with pytest.raises(errors.ValidationFailed):
+        client.certificates.create(graph.certificate_fields(g), issue=True)
+
+
+def test_lost_responses_count_only_applied_writes(client, sandbox):
+    """A failed GET, or a write that was refused anyway, is not counted as a lost response."""
+    client.students.page()
+    sandbox.sandbox.faults.configure(Faults(script=[
+        ScriptedFault("GET", "/students", status=500, after_commit=True),
+        ScriptedFault("POST", "/students", status=500, after_commit=True, times=2)]))
+    for call in (lambda: client.students.page(),
+                 lambda: client.students.create({"name": "no email"}),
+                 lambda: graph.student(client)):
+        with pytest.raises(errors.ServerError):
+            call()
+    assert sandbox.sandbox.stats.lost_responses == 1

@@ -57,9 +57,10 @@ def _post(http: httpx.Client, path: str, **kw: Any) -> dict[str, Any]:
 
 
 def _token_from(body: dict[str, Any], now: float) -> CachedToken:
+    lifetime = body.get("expires_in")
     return CachedToken(access_token=str(body["access_token"]),
-                       expires_at=now + float(body.get("expires_in") or 3600),
-                       refresh_token=body.get("refresh_token"))
+                       expires_at=now + (3600.0 if lifetime is None else float(lifetime)),
+                       refresh_token=body.get("refresh_token"), obtained_at=now)
 
 
 class PasswordLogin:
@@ -127,7 +128,11 @@ class TokenManager:
         self.renewals = 0  # how many times this process obtained a token (for tests and metrics)
 
     def _fresh(self, token: CachedToken | None) -> bool:
-        return token is not None and token.expires_at - self._margin > self._clock()
+        if token is None:
+            return False
+        # A token living less than twice the margin is renewed at half its life instead.
+        margin = min(self._margin, max(0.0, token.expires_at - token.obtained_at) / 2)
+        return token.expires_at - margin > self._clock()
 
     def token(self) -> str:
         """A token valid for at least ``renew_margin`` more seconds."""
@@ -144,11 +149,9 @@ class TokenManager:
     def _renew(self, *, stale: str | None, force: bool = False) -> str:
         with self._store.lock(self.key):
             current = self._store.get(self.key)
-            # Someone renewed while we waited for the lock: use theirs.
-            if current is not None and current.access_token != stale and self._fresh(current):
-                return current.access_token
-            if not force and self._fresh(current):
-                assert current is not None
+            # Fresh and not the token just refused: someone renewed while we waited for the lock.
+            if current is not None and self._fresh(current) \
+                    and (not force or current.access_token != stale):
                 return current.access_token
             token = self._credentials.obtain(self._http, current, self._clock())
             self._store.set(self.key, token)

@@ -114,6 +114,33 @@ class DokStampClient:
             raise errors.ServerError("answer is not JSON", status=response.status_code,
                                      method=method, path=request.url.path) from None
 
+    def paginate(self, path: str, where: Mapping[str, Any] | None = None, *,
+                 per_page: int = MAX_PER_PAGE) -> Iterator[Entity]:
+        """Every item of a list endpoint, page by page. Stops at ``meta.last_page``, on a short
+        or empty page, or once ``meta.total`` items came (an API ignoring ``page`` cannot make
+        it loop forever)."""
+        number, seen = 1, 0
+        while True:
+            page = self.page(path, where, page=number, per_page=per_page)
+            yield from page.items
+            seen += len(page.items)
+            if (page.last_page is not None and number >= page.last_page) \
+                    or len(page.items) < page.per_page or not page.items or seen >= page.total:
+                return
+            number += 1
+
+    def page(self, path: str, where: Mapping[str, Any] | None = None, *, page: int = 1,
+             per_page: int = 15) -> Page:
+        """One page of ``GET {path}?where[...]``."""
+        params = _where(where) | {"page": str(page), "per_page": str(per_page)}
+        body = self.request("GET", path, params=params)
+        meta = body.get("meta") or {}
+        items = [dict(i) for i in body.get("data") or []]
+        return Page(items=items, current_page=int(meta.get("current_page", page)),
+                    per_page=int(meta.get("per_page", per_page)),
+                    total=int(meta.get("total", len(items))),
+                    last_page=int(meta["last_page"]) if meta.get("last_page") else None)
+
     def me(self) -> Entity:
         """``GET /auth/me``: the current user and its tenant."""
         return dict(_data(self.request("GET", "/auth/me")))
@@ -146,26 +173,12 @@ class Resource:
     def page(self, where: Mapping[str, Any] | None = None, *, page: int = 1,
              per_page: int = 15) -> Page:
         """One page of ``GET {path}?where[...]``."""
-        params = _where(where) | {"page": str(page), "per_page": str(per_page)}
-        body = self._client.request("GET", self.path, params=params)
-        meta = body.get("meta") or {}
-        items = [dict(i) for i in body.get("data") or []]
-        return Page(items=items, current_page=int(meta.get("current_page", page)),
-                    per_page=int(meta.get("per_page", per_page)),
-                    total=int(meta.get("total", len(items))),
-                    last_page=int(meta["last_page"]) if meta.get("last_page") else None)
+        return self._client.page(self.path, where, page=page, per_page=per_page)
 
     def iterate(self, where: Mapping[str, Any] | None = None, *,
                 per_page: int = MAX_PER_PAGE) -> Iterator[Entity]:
-        """Every match, page by page; stops at ``meta.last_page`` or on a short page."""
-        number = 1
-        while True:
-            page = self.page(where, page=number, per_page=per_page)
-            yield from page.items
-            if (page.last_page is not None and number >= page.last_page) \
-                    or len(page.items) < page.per_page or not page.items:
-                return
-            number += 1
+        """Every match, page by page (see :meth:`DokStampClient.paginate`)."""
+        return self._client.paginate(self.path, where, per_page=per_page)
 
     def find(self, **where: Any) -> list[Entity]:
         """All matches of the filters (the search half of search-before-create)."""
@@ -196,10 +209,8 @@ class Courses(Resource):
                                     json={"modules": list(module_uuids)})
 
     def attachable_modules(self, course_uuid: str) -> list[Entity]:
-        """Modules of the course's institution not yet attached to it."""
-        body = self._client.request("GET", f"{self.path}/{course_uuid}/attach/modules",
-                                    params={"per_page": str(MAX_PER_PAGE)})
-        return [dict(m) for m in _data(body) or []]
+        """Modules of the course's institution not yet attached to it (every page)."""
+        return list(self._client.paginate(f"{self.path}/{course_uuid}/attach/modules"))
 
 
 class Files(Resource):

@@ -96,8 +96,9 @@ class Sandbox:
             response = result if isinstance(result, Response) else JSONResponse(result)
         except ApiError as exc:
             response = self.error(exc.status, exc.body)
-        if decision.status is not None:  # the write happened; the answer is lost
-            self.stats.record(key, decision.status, injected=True, lost=True)
+        if decision.status is not None:  # the request was applied; its answer is lost
+            lost = method != "GET" and response.status_code < 400
+            self.stats.record(key, decision.status, injected=True, lost=lost)
             return self._fault(decision)
         self.stats.record(key, response.status_code)
         return response
@@ -217,14 +218,13 @@ def _routes(sb: Sandbox) -> list[Route]:
             return Response(status_code=204)
 
         api("GET", f"/{c}", listing)
-        if c != "files":
-            api("POST", f"/{c}", create)
         api("DELETE", f"/{c}/batch/destroy", batch_delete)
         api("GET", f"/{c}/{{uuid}}", show)
-        if c != "files":
+        api("DELETE", f"/{c}/{{uuid}}", delete)
+        if c != "files":  # files are created by upload and never changed
+            api("POST", f"/{c}", create)
             api("PATCH", f"/{c}/{{uuid}}", update)
             api("PUT", f"/{c}/{{uuid}}", update)
-        api("DELETE", f"/{c}/{{uuid}}", delete)
 
     for collection in (*COLLECTIONS, "files"):
         crud(collection)

@@ -119,7 +119,7 @@ RESOURCES: dict[str, Resource] = {r.name: r for r in (
 
 # Filterable fields beyond a collection's input fields.
 EXTRA_FILTERS: dict[str, tuple[str, ...]] = {
-    "files": ("used_at", "original_name", "mime_type", "hash"),
+    "files": ("used_at", "original_name", "mime_type"),
     "certificates": ("revoked_at",),
 }
 

@@ -79,7 +79,8 @@ class Tenant:
         out: dict[str, Any] = {"uuid": record.uuid}
         for name, value in record.fields.items():
             spec = RESOURCES[record.collection].fields.get(name)
-            if name == "finish" or name == "hash":
+            if name in ("finish", "hash") or (record.collection == "certificates"
+                                              and name == "file_uuid"):
                 continue
             if spec is not None and spec.ref and name.endswith("_uuid") \
                     and name != "badge_image_uuid":
@@ -116,8 +117,7 @@ class Tenant:
                 if all(_matches(r.uuid if k == "uuid" else r.fields.get(k), v)
                        for k, v in where.items())]
         if sort:
-            rows.sort(key=lambda r: (r.fields.get(sort) is None, str(r.fields.get(sort))),
-                      reverse=order == "desc")
+            rows.sort(key=lambda r: _sort_key(r.fields.get(sort)), reverse=order == "desc")
         per_page = max(1, min(per_page, MAX_PER_PAGE))
         page = max(1, page)
         total = len(rows)
@@ -172,9 +172,7 @@ class Tenant:
         """Names of the live dependents that forbid deleting this record."""
         names = [dep for dep, column in RESOURCES[collection].blockers
                  if any(r.fields.get(column) == uuid for r in self.live(dep))]
-        if collection == "modules" and any(
-                uuid in mods for course, mods in self.course_modules.items()
-                if self.exists("courses", course)):
+        if collection == "modules" and any(uuid in mods for mods in self.course_modules.values()):
             names.append("courses (attached)")
         if collection == "files" and self.find("files", uuid).fields.get("used_at"):
             names.append("certificates")
@@ -192,8 +190,6 @@ class Tenant:
         stamp = now_iso()
         for record in records:
             record.deleted_at = stamp
-            if collection == "certificates":  # its file may be attached to a new one
-                self.records["files"][record.fields["file_uuid"]].fields["used_at"] = None
 
     # -- files ----------------------------------------------------------------------------
 
@@ -228,12 +224,14 @@ class Tenant:
 
     # -- certificates ---------------------------------------------------------------------
 
-    def create_certificate(self, payload: Mapping[str, Any], *, base_url: str) -> Record:
-        file_uuid = payload.get("file_uuid")
+    def _check_file_unused(self, file_uuid: Any) -> None:
         if isinstance(file_uuid, str) and self.exists("files", file_uuid) \
                 and self.records["files"][file_uuid].fields["used_at"]:
             raise invalid({"file_uuid": ["The file uuid has already been used by another "
                                          "certificate."]})
+
+    def create_certificate(self, payload: Mapping[str, Any], *, base_url: str) -> Record:
+        self._check_file_unused(payload.get("file_uuid"))
         record = self.create("certificates", payload)
         record.fields.update(revoked_at=None, revocation_reason=None,
                              public_verification_url=None)
@@ -257,7 +255,13 @@ class Tenant:
             raise invalid({"status": ["Only draft certificates can be changed."]})
         issue = payload.get("finish") is True or payload.get("status") == "issued"
         rest = {k: v for k, v in payload.items() if k not in ("finish", "status", "issued_at")}
+        old_file = record.fields["file_uuid"]
+        if rest.get("file_uuid", old_file) != old_file:
+            self._check_file_unused(rest["file_uuid"])
         self.update("certificates", uuid, rest)
+        if record.fields["file_uuid"] != old_file:
+            self.records["files"][old_file].fields["used_at"] = None
+            self.records["files"][record.fields["file_uuid"]].fields["used_at"] = now_iso()
         if issue:
             self._issue(record, payload.get("issued_at"), base_url)
         return record
@@ -331,6 +335,11 @@ class Tenant:
                 for r in records.values()]
         out["course_modules"] = {c: dict(m) for c, m in self.course_modules.items()}
         return out
+
+
+def _sort_key(value: Any) -> tuple[bool, float, str]:
+    number = value if isinstance(value, int | float) and not isinstance(value, bool) else 0
+    return (value is None, float(number), "" if value is None else str(value))
 
 
 def _matches(actual: Any, wanted: str) -> bool:
