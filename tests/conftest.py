@@ -108,3 +108,59 @@ def key_prefix(redis_client: redis.Redis) -> Iterator[str]:
     yield prefix
     for key in redis_client.scan_iter(f"{prefix}*"):
         redis_client.delete(key)
+
+
+# -- the mapping store: a real PostgreSQL database of our own, created and dropped -------------
+
+PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+TEST_ENGINE_REDIS_URL = os.environ.get("TEST_ENGINE_REDIS_URL", "redis://127.0.0.1:6379/14")
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test run, migrated with Alembic, dropped at the end."""
+    import psycopg
+
+    from dokstamp_sync.migrate import upgrade
+
+    name = f"dokstamp_sync_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    url = f"{url}/{name}"
+    upgrade(url)
+    yield url
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def db_engine(database_url):
+    from dokstamp_sync.db import make_engine
+
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(db_engine):
+    """A session factory on an emptied mapping store."""
+    from sqlalchemy import text
+
+    from dokstamp_sync.db import make_sessionmaker
+
+    with db_engine.begin() as conn:
+        conn.execute(text("TRUNCATE dead_letters, events, mappings, natural_keys "
+                          "RESTART IDENTITY CASCADE"))
+    return make_sessionmaker(db_engine)
+
+
+@pytest.fixture
+def engine_redis() -> Iterator[redis.Redis]:
+    """Redis database 14, emptied: the engine's locks, rate limit, token cache and stream."""
+    client = redis.Redis.from_url(TEST_ENGINE_REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()

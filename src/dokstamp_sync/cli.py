@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from dokstamp_sync.config import ConfigError, load_settings
 from dokstamp_sync.dokstamp.errors import DokStampError
@@ -53,6 +55,119 @@ def _walkthrough(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store() -> tuple[Any, Any]:
+    from dokstamp_sync.config import load_store_settings
+    from dokstamp_sync.db import make_engine, make_sessionmaker
+
+    settings = load_store_settings()
+    return settings, make_sessionmaker(make_engine(settings.database_url))
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from dokstamp_sync.config import load_store_settings, redact_url
+    from dokstamp_sync.migrate import upgrade
+
+    url = load_store_settings().database_url
+    upgrade(url)
+    print(f"schema up to date on {redact_url(url)}")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from dokstamp_sync.worker import run_worker
+
+    run_worker(load_settings(), concurrency=args.concurrency, loglevel=args.loglevel)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import redis
+
+    from dokstamp_sync.db import session_scope
+    from dokstamp_sync.status import render, report
+
+    settings, sessions = _store()
+    with session_scope(sessions) as session:
+        status = report(session, redis.Redis.from_url(settings.redis_url),
+                        settings.dokstamp_sync_stream)
+    print(json.dumps(status) if args.json else render(status))
+    return 0
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    from dokstamp_sync import dlq
+    from dokstamp_sync.db import session_scope
+    from dokstamp_sync.models import DeadLetter
+
+    _, sessions = _store()
+    with session_scope(sessions) as session:
+        if args.action == "list":
+            letters = [dlq.as_dict(d) for d in dlq.list_letters(session, entity=args.entity)]
+            if args.json:
+                print(json.dumps(letters))
+            for d in [] if args.json else letters:
+                status = f" {d['http_status']}" if d["http_status"] else ""
+                print(f"#{d['id']:<5} {d['entity'] or '?':<11} {d['key'] or '-':<14}"
+                      f"{status} {d['reason']}")
+            if not letters and not args.json:
+                print("no open dead letters")
+            return 0
+        if args.action == "show":
+            letter = session.get(DeadLetter, args.ids[0]) if args.ids else None
+            if letter is None:
+                print("no such dead letter", file=sys.stderr)
+                return 1
+            print(json.dumps(dlq.as_dict(letter, full=True), indent=2, default=str))
+            return 0
+        if args.action == "replay":
+            if not (args.ids or args.all or args.entity):
+                print("say which: IDs, --all or --entity E", file=sys.stderr)
+                return 2
+            rep = dlq.replay(session, args.ids, entity=args.entity, everything=args.all)
+            print(f"replayed {len(rep.replayed)}" + "".join(
+                f"; {name} {ids}" for name, ids in (("still invalid", rep.still_invalid),
+                                                    ("not open", rep.skipped),
+                                                    ("not found", rep.missing)) if ids))
+            return 1 if rep.missing else 0
+        done, other = dlq.discard(session, args.ids)
+        print(f"discarded {len(done)}" + (f"; not open or not found {other}" if other else ""))
+        return 1 if other else 0
+
+
+def _mapping(args: argparse.Namespace) -> int:
+    from dokstamp_sync.db import session_scope
+    from dokstamp_sync.sync.store import get_mapping
+
+    _, sessions = _store()
+    with session_scope(sessions) as session:
+        mapping = get_mapping(session, args.entity, args.key)
+        if mapping is None:
+            print(f"{args.entity} {args.key} is not mapped", file=sys.stderr)
+            return 1
+        print(mapping.dokstamp_uuid if mapping.status == "active"
+              else f"{mapping.dokstamp_uuid} ({mapping.status})")
+    return 0
+
+
+def _enqueue(args: argparse.Namespace) -> int:
+    import redis
+
+    from dokstamp_sync.config import load_store_settings
+    from dokstamp_sync.producer import enqueue_lines
+
+    settings = load_store_settings()
+    client = redis.Redis.from_url(settings.redis_url)
+    if args.file == "-":
+        report = enqueue_lines(sys.stdin, client=client, stream=settings.dokstamp_sync_stream)
+    else:
+        with open(args.file, encoding="utf-8") as fh:
+            report = enqueue_lines(fh, client=client, stream=settings.dokstamp_sync_stream)
+    for line, reason in report.invalid:
+        print(f"line {line}: invalid, will be dead-lettered: {reason}", file=sys.stderr)
+    print(f"enqueued {report.sent} events on {settings.dokstamp_sync_stream}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dokstamp-sync", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +199,36 @@ def build_parser() -> argparse.ArgumentParser:
                     help="talk to the API configured in the environment instead of an "
                          "in-process sandbox")
     wt.set_defaults(func=_walkthrough)
+
+    db = sub.add_parser("db", help="the mapping store's schema")
+    db.add_argument("action", choices=["upgrade"])
+    db.set_defaults(func=_db_upgrade)
+
+    wk = sub.add_parser("worker", help="Celery workers + stream ingester + retry scheduler")
+    wk.add_argument("--concurrency", "-c", type=int, default=4)
+    wk.add_argument("--loglevel", default="INFO")
+    wk.set_defaults(func=_worker)
+
+    st = sub.add_parser("status", help="events by state, queue depth, oldest unsynced event")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_status)
+
+    dl = sub.add_parser("dlq", help="dead letters: list, show, replay, discard")
+    dl.add_argument("action", choices=["list", "show", "replay", "discard"])
+    dl.add_argument("ids", nargs="*", type=int)
+    dl.add_argument("--entity")
+    dl.add_argument("--all", action="store_true", help="replay every open dead letter")
+    dl.add_argument("--json", action="store_true")
+    dl.set_defaults(func=_dlq)
+
+    mp = sub.add_parser("mapping", help="the DokStamp UUID of one ERP entity")
+    mp.add_argument("entity")
+    mp.add_argument("key")
+    mp.set_defaults(func=_mapping)
+
+    eq = sub.add_parser("enqueue", help="send events (one JSON per line) to the stream")
+    eq.add_argument("file", help="a file, or - for standard input")
+    eq.set_defaults(func=_enqueue)
     return parser
 
 

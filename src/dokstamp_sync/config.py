@@ -8,21 +8,33 @@ into one :class:`ConfigError` line naming the variable, never its value.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+S = TypeVar("S", bound="StoreSettings")
 
 
 class ConfigError(Exception):
     """The configuration is unusable; the message is one line meant for the operator."""
 
 
-class Settings(BaseSettings):
-    """Everything dokstamp-sync reads from its environment (CONTRACT §1)."""
+class StoreSettings(BaseSettings):
+    """Where the queue and the mapping store are: all that operator commands need."""
 
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8",
                                       extra="ignore", case_sensitive=False)
+
+    # URLs may carry a password: kept out of repr(); show them with `redact_url`.
+    redis_url: str = Field(default="redis://localhost:6379/0", repr=False)
+    database_url: str = Field(default="postgresql+psycopg://postgres@localhost/dokstamp_sync",
+                              repr=False)
+    dokstamp_sync_stream: str = "dokstamp:events"
+
+
+class Settings(StoreSettings):
+    """Everything dokstamp-sync reads from its environment (CONTRACT §1)."""
 
     dokstamp_api_url: str = "https://api.dokstamp.com"
     dokstamp_tenant: str = Field(min_length=1)
@@ -31,11 +43,6 @@ class Settings(BaseSettings):
     dokstamp_client_id: str | None = None
     dokstamp_client_secret: SecretStr | None = None
     dokstamp_rate_limit: float = Field(default=10.0, gt=0)
-    # URLs may carry a password: kept out of repr(); show them with `redact_url`.
-    redis_url: str = Field(default="redis://localhost:6379/0", repr=False)
-    database_url: str = Field(default="postgresql+psycopg://postgres@localhost/dokstamp_sync",
-                              repr=False)
-    dokstamp_sync_stream: str = "dokstamp:events"
 
     # Extensions (README "Configuration"): how certificates are issued and HTTP timeouts.
     dokstamp_issue_style: Literal["status", "finish"] = "status"
@@ -89,8 +96,17 @@ def redact_url(url: str) -> str:
 
 def load_settings(**overrides: object) -> Settings:
     """Read the settings once; raise :class:`ConfigError` with one clear line if unusable."""
+    return _load(Settings, overrides)
+
+
+def load_store_settings(**overrides: object) -> StoreSettings:
+    """The settings operator commands need (no DokStamp credentials)."""
+    return _load(StoreSettings, overrides)
+
+
+def _load(cls: type[S], overrides: dict[str, object]) -> S:
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]  # pydantic fills the rest from env
+        return cls(**overrides)  # type: ignore[arg-type]  # pydantic fills the rest from env
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])

@@ -1,0 +1,115 @@
+"""The mapping store: the event inbox, the ERP -> DokStamp mapping, natural keys, dead letters.
+
+Uniqueness that matters is a database constraint: one inbox row per ``event_id``, one mapping per
+(entity, ERP key), one DokStamp entity per (entity, natural key).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from dokstamp_sync.db import Base
+
+BigId = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements INTEGER only
+STATES = ("pending", "waiting", "synced", "superseded", "dead")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class EventRecord(Base):
+    """One ERP event and where it stands (CONTRACT §3)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(255), unique=True)
+    entity: Mapped[str] = mapped_column(String(20))
+    op: Mapped[str] = mapped_column(String(10))
+    erp_key: Mapped[str] = mapped_column(String(255))
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(12), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # transient failures so far
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)  # times a task started on it
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    waiting_for: Mapped[str | None] = mapped_column(String(300))  # "student:S-1"
+    last_error: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    first_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_events_entity_key", "entity", "erp_key", "occurred_at"),
+        Index("ix_events_due", "state", "next_attempt_at"),
+        Index("ix_events_waiting_for", "waiting_for"),
+    )
+
+
+class Mapping(Base):
+    """ERP (entity, key) -> DokStamp UUID, with what was last sent and when."""
+
+    __tablename__ = "mappings"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    entity: Mapped[str] = mapped_column(String(20))
+    erp_key: Mapped[str] = mapped_column(String(255))
+    dokstamp_uuid: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(12), default="active")  # deleted/archived/...
+    data_hash: Mapped[str | None] = mapped_column(String(64))
+    sent: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # last payload sent
+    occurred_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    event_id: Mapped[str | None] = mapped_column(String(255))
+    synced_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("uq_mappings_entity_erp_key", "entity", "erp_key", unique=True),)
+
+
+class NaturalKey(Base):
+    """One DokStamp entity per natural key (e.g. student email): the constraint behind the lock."""
+
+    __tablename__ = "natural_keys"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    entity: Mapped[str] = mapped_column(String(20))
+    natural_key: Mapped[str] = mapped_column(String(512))
+    dokstamp_uuid: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("uq_natural_keys_entity_natural_key", "entity", "natural_key",
+                            unique=True),)
+
+
+class DeadLetter(Base):
+    """An event that could not be synced, with everything an operator needs to fix it.
+
+    ``event_pk`` is set for valid events; a malformed stream entry keeps its ``raw`` text.
+    Never holds a secret: the request is described by method and path only.
+    """
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    event_pk: Mapped[int | None] = mapped_column(ForeignKey("events.id"), index=True)
+    event_id: Mapped[str | None] = mapped_column(String(255))
+    entity: Mapped[str | None] = mapped_column(String(20))
+    erp_key: Mapped[str | None] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(Text)
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    request_method: Mapped[str | None] = mapped_column(String(10))
+    request_path: Mapped[str | None] = mapped_column(String(500))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    raw: Mapped[str | None] = mapped_column(Text)
+    stream_id: Mapped[str | None] = mapped_column(String(64), unique=True)  # malformed entries
+    status: Mapped[str] = mapped_column(String(12), default="open")  # replayed / discarded
+    first_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_dead_letters_status_entity", "status", "entity"),)

@@ -1,0 +1,93 @@
+"""One request-rate ceiling for all worker processes on all machines, kept in Redis.
+
+A token bucket per tenant (``rate`` tokens/s, ``burst`` at most), updated atomically by a Lua
+script that reads Redis's own clock, so machines with skewed clocks still share one pace. A 429
+from DokStamp pauses every process for that tenant (:meth:`RateLimiter.pause`) for the
+``Retry-After`` it carried, not just the task that received it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+import redis
+
+from dokstamp_sync.dokstamp.errors import parse_retry_after
+
+# KEYS[1] bucket, ARGV: rate (tokens/s), burst. Returns ms to wait (0: a token was taken).
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate = tonumber(ARGV[1]) / 1000
+local burst = tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(state[1]) or burst
+local stamp = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = math.ceil((1 - tokens) / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'stamp', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate) + 1000)
+return wait
+"""
+
+
+class RateLimiter:
+    """Blocks until the shared bucket grants a request (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis, tenant: str, rate: float, *,
+                 burst: float | None = None, prefix: str = "dokstamp:",
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._redis = client
+        self._bucket = f"{prefix}ratelimit:{tenant}"
+        self._pause = f"{prefix}pause:{tenant}"
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate / 10)
+        self._take = client.register_script(_TAKE)
+        self._sleep = sleep
+        self.waited = 0.0  # seconds this process spent waiting (for metrics and tests)
+
+    def acquire(self) -> None:
+        while True:
+            paused_ms = self._redis.pttl(self._pause)
+            if isinstance(paused_ms, int) and paused_ms > 0:
+                self._wait(paused_ms / 1000)
+                continue
+            wait_ms = int(self._take(keys=[self._bucket], args=[self.rate, self.burst]))
+            if wait_ms <= 0:
+                return
+            self._wait(wait_ms / 1000)
+
+    def pause(self, seconds: float) -> None:
+        """Hold every process's requests for ``seconds`` (a 429's Retry-After)."""
+        ms = max(1, int(seconds * 1000))
+        # Never shorten a longer pause another process already set.
+        current = self._redis.pttl(self._pause)
+        if not isinstance(current, int) or current < ms:
+            self._redis.set(self._pause, "1", px=ms)
+
+    def _wait(self, seconds: float) -> None:
+        self.waited += seconds
+        self._sleep(seconds)
+
+
+def install(http: httpx.Client, limiter: RateLimiter) -> None:
+    """Make every request of ``http`` wait for the shared bucket, and every 429 it receives
+    pause all processes for its ``Retry-After``."""
+
+    def before(_request: httpx.Request) -> None:
+        limiter.acquire()
+
+    def after(response: httpx.Response) -> None:
+        if response.status_code == 429:
+            seconds = parse_retry_after(response.headers.get("Retry-After"))
+            limiter.pause(seconds if seconds is not None else 1.0)
+
+    http.event_hooks["request"].append(before)
+    http.event_hooks["response"].append(after)

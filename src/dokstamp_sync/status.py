@@ -1,0 +1,54 @@
+"""What an operator sees with ``dokstamp-sync status``: events by state, queue depths, the
+oldest unsynced event's age, open dead letters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dokstamp_sync.events import utc
+from dokstamp_sync.models import STATES, DeadLetter, EventRecord, utcnow
+from dokstamp_sync.worker import QUEUE
+
+
+def report(session: Session, client: redis.Redis | None, stream: str) -> dict[str, Any]:
+    """The status as a JSON-ready dict (CONTRACT §4: at least ``events`` by state)."""
+    counts = dict.fromkeys(STATES, 0)
+    for state, n in session.execute(select(EventRecord.state, func.count())
+                                    .group_by(EventRecord.state)):
+        counts[state] = n
+    # Malformed stream entries never became events; they are dead all the same.
+    invalid = session.scalar(select(func.count()).select_from(DeadLetter).where(
+        DeadLetter.event_pk.is_(None), DeadLetter.status == "open")) or 0
+    counts["dead"] += invalid
+    oldest = session.scalar(select(func.min(EventRecord.received_at)).where(
+        EventRecord.state.in_(("pending", "waiting"))))
+    open_letters = session.scalar(select(func.count()).select_from(DeadLetter).where(
+        DeadLetter.status == "open")) or 0
+    out: dict[str, Any] = {
+        "events": counts,
+        "oldest_unsynced_age_s": round((utcnow() - utc(oldest)).total_seconds(), 1)
+        if oldest else None,
+        "dead_letters_open": open_letters,
+    }
+    if client is not None:
+        out["stream_depth"] = int(client.xlen(stream)) if client.exists(stream) else 0
+        out["queue_depth"] = int(client.llen(QUEUE))
+    return out
+
+
+def render(status: dict[str, Any]) -> str:
+    """The status as text for a terminal."""
+    events = status["events"]
+    lines = ["events:  " + "  ".join(f"{k} {v}" for k, v in events.items())]
+    age = status["oldest_unsynced_age_s"]
+    lines.append(f"oldest unsynced event: {'none' if age is None else f'{age:.0f} s old'}")
+    if "stream_depth" in status:
+        lines.append(f"stream depth: {status['stream_depth']}   "
+                     f"task queue depth: {status['queue_depth']}")
+    lines.append(f"open dead letters: {status['dead_letters_open']}"
+                 + ("  (dokstamp-sync dlq list)" if status["dead_letters_open"] else ""))
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""What the graph walk needs, passed down explicitly, and the outcomes that steer it.
+
+:class:`SyncContext` holds the DokStamp client, the session factory, Redis (locks, rate limit)
+and the engine's limits. :class:`Waiting`, :class:`Dead` and :class:`Busy` are raised inside the
+walk and turned into event states by :mod:`.engine` alone.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+import httpx
+import redis
+from sqlalchemy.orm import Session, sessionmaker
+
+from dokstamp_sync.dokstamp import DokStampClient
+from dokstamp_sync.dokstamp.errors import PermanentError
+from dokstamp_sync.sync.files import FilePolicy
+
+
+class Waiting(Exception):
+    """The event cannot proceed yet: a dependency is missing or busy."""
+
+    def __init__(self, reason: str, *, waiting_for: str | None = None, delay: float = 60.0,
+                 never_arrived: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.waiting_for = waiting_for
+        self.delay = delay
+        self.never_arrived = never_arrived  # dead-letter once the dependency timeout passes
+
+
+class Dead(Exception):
+    """The event can never succeed as it is: dead-letter it with ``reason``."""
+
+    def __init__(self, reason: str, error: PermanentError | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
+
+
+class Busy(Exception):
+    """Another worker holds the lock this step needs; try again shortly."""
+
+
+@dataclass
+class SyncContext:
+    client: DokStampClient
+    sessions: sessionmaker[Session]
+    redis: redis.Redis
+    files: FilePolicy
+    file_http: httpx.Client
+    dependency_timeout: float = 86400.0
+    retry_budget: float = 86400.0
+    max_deliveries: int = 5
+    lock_timeout: float = 300.0
+    lock_prefix: str = "dokstamp:lock:"
+    in_call_attempts: int = 3
+    sleep: Callable[[float], None] = time.sleep
+    rng: random.Random = field(default_factory=random.Random)
+    metrics: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.metrics[name] = self.metrics.get(name, 0) + n
+
+    @contextmanager
+    def lock(self, name: str, *, wait: float) -> Iterator[None]:
+        """A Redis lock that expires (``lock_timeout``) so a dead worker cannot hold it."""
+        lock = self.redis.lock(f"{self.lock_prefix}{name}", timeout=self.lock_timeout,
+                               blocking_timeout=wait)
+        if not lock.acquire():
+            raise Busy(name)
+        try:
+            yield
+        finally:
+            with suppress(redis.RedisError):
+                lock.release()

@@ -1,0 +1,222 @@
+"""Processing one event: the single place that decides synced, superseded, waiting or dead.
+
+:func:`run` is what a task calls with an event's primary key. It counts the delivery (an event
+whose task keeps killing its worker is dead-lettered after ``max_deliveries``), then
+:func:`process` takes the entity's lock, checks ordering (the newest ``occurred_at`` wins),
+resolves dependencies (syncing known ones first), performs the operation with short in-call
+retries, and records the outcome. Transient failures park the event (``waiting`` with a next
+attempt time, exponential backoff with full jitter, ``Retry-After`` honoured) until the retry
+budget is spent; permanent ones dead-letter it at once. ``run`` never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_random_exponential
+
+from dokstamp_sync.db import session_scope
+from dokstamp_sync.dokstamp.errors import (
+    DokStampError,
+    PermanentError,
+    RateLimited,
+    TransientError,
+)
+from dokstamp_sync.events import Event, InvalidEvent, utc
+from dokstamp_sync.models import EventRecord, utcnow
+from dokstamp_sync.sync import operations, references
+from dokstamp_sync.sync.context import Busy, Dead, SyncContext, Waiting
+from dokstamp_sync.sync.files import FileSourceError
+from dokstamp_sync.sync.operations import Apply, Snapshot
+from dokstamp_sync.sync.store import (
+    data_hash,
+    dead_letter,
+    finish,
+    get_mapping,
+    newer_pending_exists,
+    park,
+    save_mapping,
+)
+
+log = logging.getLogger("dokstamp_sync.sync")
+FINAL = ("synced", "superseded", "dead")
+BACKOFF_BASE = 2.0  # seconds
+BACKOFF_CAP = 600.0
+IN_CALL_RETRY_AFTER_MAX = 5.0  # longer Retry-After waits are parked, not slept through
+
+
+def run(ctx: SyncContext, pk: int) -> str:
+    """Process event ``pk`` as a task does; return its state afterwards. Never raises."""
+    with session_scope(ctx.sessions) as session:
+        record = session.get(EventRecord, pk, with_for_update=True)
+        if record is None or record.state in FINAL:
+            return record.state if record else "missing"
+        record.deliveries += 1
+        if record.deliveries > ctx.max_deliveries:
+            dead_letter(session, record, f"the worker was lost {record.deliveries - 1} times "
+                                         "while processing this event")
+            _log(record, "dead")
+            return "dead"
+    try:
+        return process(ctx, pk)
+    except Exception as exc:  # a bug must neither kill the worker nor lose the event
+        log.exception("event %s: internal error", pk)
+        return _transient(ctx, pk, f"internal error: {type(exc).__name__}: {exc}", None)
+
+
+def process(ctx: SyncContext, pk: int, depth: int = 0) -> str:
+    """Sync one event under its entity's lock; returns the state it ends in (or ``busy``)."""
+    with session_scope(ctx.sessions) as session:
+        record = session.get(EventRecord, pk)
+        if record is None or record.state in FINAL:
+            return record.state if record else "missing"
+        payload = record.payload
+    try:
+        event = Event.model_validate(payload)
+    except ValueError as exc:
+        return _dead(ctx, pk, f"invalid event: {exc}", None)
+    try:
+        with ctx.lock(f"entity:{event.entity}:{event.key}", wait=5.0 if depth == 0 else 1.0):
+            return _process_locked(ctx, pk, event, depth)
+    except Busy:
+        if depth == 0:
+            with session_scope(ctx.sessions) as session:
+                record = session.get(EventRecord, pk)
+                if record is not None and record.state not in FINAL:
+                    park(record, delay=1.0, error="another worker is syncing this entity",
+                         count=False)
+        return "busy"
+
+
+def _process_locked(ctx: SyncContext, pk: int, event: Event, depth: int) -> str:
+    try:
+        outcome = _with_retries(ctx, lambda: _attempt(ctx, pk, event, depth))
+    except Waiting as w:
+        return _wait(ctx, pk, w)
+    except Dead as d:
+        return _dead(ctx, pk, d.reason, d.error)
+    except PermanentError as exc:
+        return _dead(ctx, pk, _describe(exc), exc)
+    except (FileSourceError, InvalidEvent) as exc:
+        return _dead(ctx, pk, str(exc), None)
+    except (TransientError, Busy) as exc:
+        retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+        return _transient(ctx, pk, str(exc) if isinstance(exc, DokStampError)
+                          else f"lock busy: {exc}", retry_after)
+    return _record(ctx, pk, outcome)
+
+
+def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int) -> Apply:
+    with session_scope(ctx.sessions) as session:
+        record = session.get(EventRecord, pk)
+        if record is None or record.state in FINAL:
+            return Apply(record.state if record else "missing")
+        mapping = get_mapping(session, event.entity, event.key)
+        if mapping is not None and mapping.occurred_at is not None \
+                and event.occurred_at < utc(mapping.occurred_at):
+            return Apply("superseded", note="a newer event was already synced")
+        if newer_pending_exists(session, record):
+            return Apply("superseded", note="a newer event for this entity is queued")
+        snapshot = Snapshot(mapping.dokstamp_uuid, mapping.status, dict(mapping.sent or {}),
+                            mapping.data_hash) if mapping else None
+    if event.op == "revoke" or (event.op == "delete" and event.entity == "certificate"):
+        return operations.revoke(ctx, event, snapshot)
+    if event.op == "delete":
+        return operations.delete(ctx, event, snapshot)
+    refs = references.resolve(ctx, event, depth, process)
+    body = references.payload(event, refs)
+    digest = data_hash({"data": event.data, "refs": refs})
+    return operations.upsert(ctx, event, body, refs, snapshot, digest)
+
+
+def _retry_now(exc: BaseException) -> bool:
+    if isinstance(exc, RateLimited):
+        return (exc.retry_after or 0) <= IN_CALL_RETRY_AFTER_MAX
+    return isinstance(exc, TransientError | Busy)
+
+
+def _retry_wait(state: RetryCallState) -> float:
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, RateLimited) and exc.retry_after:
+        return exc.retry_after
+    return float(wait_random_exponential(multiplier=0.25, max=2.0)(state))
+
+
+def _with_retries(ctx: SyncContext, fn: object) -> Apply:
+    """Short in-call retries of a whole attempt: safe, since every attempt searches again."""
+    retrying = Retrying(stop=stop_after_attempt(ctx.in_call_attempts), wait=_retry_wait,
+                        retry=retry_if_exception(_retry_now), reraise=True, sleep=ctx.sleep)
+    result: Apply = retrying(fn)  # type: ignore[arg-type]
+    return result
+
+
+def _describe(exc: PermanentError) -> str:
+    fields = "; ".join(f"{k}: {' '.join(v)}" for k, v in exc.errors.items())
+    return f"DokStamp refused {exc.method} {exc.path} ({exc.status}): {exc.message}" + (
+        f" [{fields}]" if fields else "")
+
+
+def _record(ctx: SyncContext, pk: int, outcome: Apply) -> str:
+    with session_scope(ctx.sessions) as session:
+        record = session.get(EventRecord, pk)
+        if record is None or record.state in FINAL:
+            return record.state if record else "missing"
+        if outcome.state == "synced" and outcome.uuid is not None:
+            save_mapping(session, record, outcome.uuid, status=outcome.status,
+                         sent=outcome.sent, digest=outcome.digest)
+        finish(session, record, outcome.state, outcome.note)
+        _log(record, outcome.state, outcome.note)
+    return outcome.state
+
+
+def _dead(ctx: SyncContext, pk: int, reason: str, error: PermanentError | None) -> str:
+    with session_scope(ctx.sessions) as session:
+        record = session.get(EventRecord, pk)
+        if record is None or record.state in FINAL:
+            return record.state if record else "missing"
+        dead_letter(session, record, reason, error)
+        _log(record, "dead", reason)
+    return "dead"
+
+
+def _wait(ctx: SyncContext, pk: int, w: Waiting) -> str:
+    with session_scope(ctx.sessions) as session:
+        record = session.get(EventRecord, pk)
+        if record is None or record.state in FINAL:
+            return record.state if record else "missing"
+        waited = utcnow() - utc(record.received_at)
+        if w.never_arrived and waited > timedelta(seconds=ctx.dependency_timeout):
+            reason = w.reason.replace("has not arrived", "never arrived")
+            dead_letter(session, record, reason)
+            _log(record, "dead", reason)
+            return "dead"
+        park(record, delay=w.delay, error=w.reason, waiting_for=w.waiting_for, count=False)
+        _log(record, "waiting", w.reason)
+    return "waiting"
+
+
+def _transient(ctx: SyncContext, pk: int, error: str, retry_after: float | None) -> str:
+    with session_scope(ctx.sessions) as session:
+        record = session.get(EventRecord, pk)
+        if record is None or record.state in FINAL:
+            return record.state if record else "missing"
+        now = utcnow()
+        first = utc(record.first_failed_at) if record.first_failed_at else now
+        if (now - first).total_seconds() > ctx.retry_budget:
+            reason = f"retries exhausted after {record.attempts + 1} attempts: {error}"
+            dead_letter(session, record, reason)
+            _log(record, "dead", reason)
+            return "dead"
+        backoff = ctx.rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** record.attempts))
+        park(record, delay=max(backoff, retry_after or 0.0), error=error, now=now)
+        _log(record, "waiting", error)
+    return "waiting"
+
+
+def _log(record: EventRecord, state: str, detail: str | None = None) -> None:
+    log.info("event %s %s %s %s -> %s%s", record.event_id, record.entity, record.erp_key,
+             record.op, state, f": {detail}" if detail else "",
+             extra={"event_id": record.event_id, "entity": record.entity,
+                    "key": record.erp_key, "op": record.op, "state": state})

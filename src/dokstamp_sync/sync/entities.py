@@ -1,0 +1,74 @@
+"""Per-entity rules of the graph walk (CONTRACT §2's table, in DokStamp's field names).
+
+For each entity: the client resource, the natural key it is searched by before a create, the
+references a search hit must agree on (else it is a conflict, never adopted), the fields never
+PATCHed, and the event fields that are ours and never sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# data field -> the entity it references
+REFERENCES: dict[str, str] = {
+    "institution_key": "institution", "course_key": "course", "cohort_key": "cohort",
+    "student_key": "student", "enrollment_key": "enrollment", "file_key": "file",
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    entity: str
+    resource: str  # attribute of DokStampClient
+    natural_key: tuple[str, ...]  # payload fields, searched with where[...]
+    identity: tuple[str, ...] = ()  # payload fields a search hit must match
+    fixed: tuple[str, ...] = ()  # never PATCHed
+    local: tuple[str, ...] = ()  # event data that is not a DokStamp field
+    archive_status: str | None = None  # status to set when a delete is refused
+
+
+SPECS: dict[str, Spec] = {s.entity: s for s in (
+    Spec("institution", "institutions", ("name",), archive_status="inactive"),
+    Spec("module", "modules", ("code", "institution_uuid"), fixed=("institution_uuid",)),
+    Spec("course", "courses", ("code",), identity=("institution_uuid",),
+         fixed=("institution_uuid",), local=("modules",), archive_status="archived"),
+    Spec("cohort", "cohorts", ("code",), identity=("course_uuid",), fixed=("course_uuid",)),
+    Spec("student", "students", ("email",)),
+    Spec("enrollment", "enrollments", ("student_uuid", "course_uuid"),
+         fixed=("student_uuid", "course_uuid")),
+    Spec("file", "files", (), local=("url", "path", "content_base64", "filename",
+                                     "content_type")),
+    Spec("certificate", "certificates", ("file_uuid",),
+         identity=("student_uuid", "course_uuid"), local=("issue",)),
+)}
+
+
+def natural_key(spec: Spec, payload: dict[str, Any]) -> str:
+    """The natural key as one string, e.g. ``code=CS101|institution_uuid=...``."""
+    parts = []
+    for name in spec.natural_key:
+        value = str(payload.get(name, ""))
+        parts.append(f"{name}={value.strip().lower() if name == 'email' else value}")
+    return "|".join(parts)
+
+
+def remote_value(entity: dict[str, Any], field: str) -> Any:
+    """A payload field as DokStamp shows it: ``course_uuid`` is ``course.uuid`` there."""
+    if field in entity:
+        return entity[field]
+    if field.endswith("_uuid"):
+        nested = entity.get(field.removesuffix("_uuid"))
+        return nested.get("uuid") if isinstance(nested, dict) else None
+    return None
+
+
+def same_value(sent: Any, remote: Any) -> bool:
+    """Equal, allowing for DokStamp's reformatting of dates (``2024-02-01`` vs
+    ``2024-02-01T00:00:00.000000Z``)."""
+    if sent == remote:
+        return True
+    if isinstance(sent, str) and isinstance(remote, str) and len(sent) >= 10:
+        return remote.startswith(sent.replace("Z", "")[:19]) or \
+            remote.replace(".000000Z", "Z") == sent
+    return False

@@ -1,0 +1,241 @@
+"""What one event does in DokStamp: upsert (search before create, change detection), delete
+(or archive when refused), revoke. Each returns an :class:`Apply` that the engine records in one
+short transaction; no transaction is open during these HTTP calls.
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress
+from dataclasses import dataclass
+from hashlib import sha256
+from typing import Any
+
+from dokstamp_sync.db import session_scope
+from dokstamp_sync.dokstamp import Entity, Upload
+from dokstamp_sync.dokstamp.client import Resource
+from dokstamp_sync.dokstamp.errors import NotFound, PermanentError
+from dokstamp_sync.events import Event
+from dokstamp_sync.sync import files
+from dokstamp_sync.sync.context import Dead, SyncContext
+from dokstamp_sync.sync.entities import SPECS, Spec, natural_key, remote_value, same_value
+from dokstamp_sync.sync.store import known_uuid, remember_natural_key
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The mapping as it stood when the event was picked up."""
+
+    uuid: str
+    status: str
+    sent: dict[str, Any]
+    digest: str | None
+
+
+@dataclass(frozen=True)
+class Apply:
+    """What to record: the final state and, when synced, the mapping's new values."""
+
+    state: str
+    uuid: str | None = None
+    status: str = "active"
+    sent: dict[str, Any] | None = None
+    digest: str | None = None
+    note: str | None = None
+
+
+def _resource(ctx: SyncContext, spec: Spec) -> Resource:
+    resource: Resource = getattr(ctx.client, spec.resource)
+    return resource
+
+
+def _changes(spec: Spec, payload: dict[str, Any], remote: dict[str, Any]) -> dict[str, Any]:
+    """Fields whose value differs in DokStamp and that DokStamp lets us PATCH."""
+    return {k: v for k, v in payload.items()
+            if k not in spec.fixed and not same_value(v, remote_value(remote, k))}
+
+
+def _check_identity(spec: Spec, event: Event, payload: dict[str, Any],
+                    remote: Entity) -> None:
+    """A found entity that belongs to something else is a conflict, never adopted."""
+    for field in spec.identity:
+        theirs, ours = remote_value(remote, field), payload.get(field)
+        if ours and theirs and theirs != ours:
+            raise Dead(f"conflict: {event.entity} {event.key} matches DokStamp {event.entity} "
+                       f"{remote.get('uuid')} by {', '.join(spec.natural_key)}, but there "
+                       f"{field}={theirs} while the event has {field}={ours}")
+
+
+def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
+                    create: Any) -> tuple[str, Entity | None]:
+    """Search before create, under a lock per natural key, with the database behind it.
+
+    Returns the UUID and, when an existing entity was found, what DokStamp holds for it.
+    """
+    resource = _resource(ctx, spec)
+    adopt = (event.data or {}).get("uuid")
+    if adopt:  # data.uuid: adopt an existing entity without a create
+        adopted = resource.get(str(adopt))
+        _check_identity(spec, event, payload, adopted)
+        return str(adopted["uuid"]), adopted
+    key = natural_key(spec, payload)
+    with ctx.lock(f"nk:{spec.entity}:{sha256(key.encode()).hexdigest()}", wait=30):
+        with session_scope(ctx.sessions) as session:
+            known = known_uuid(session, spec.entity, key)
+        remote: Entity | None
+        if known is not None:
+            remote = resource.get(known)
+        else:
+            where = {f: payload.get(f) for f in spec.natural_key}
+            remote = resource.find_one(**where)
+            ctx.count("searches")
+        if remote is not None:
+            _check_identity(spec, event, payload, remote)
+            uuid = str(remote["uuid"])
+        else:
+            created = create(payload)
+            ctx.count("creates")
+            uuid, remote = str(created["uuid"]), None
+        with session_scope(ctx.sessions) as session:
+            held = remember_natural_key(session, spec.entity, key, uuid)
+        if held != uuid:
+            raise Dead(f"duplicate: {spec.entity} with {key} is {held} in the mapping store, "
+                       f"but DokStamp returned {uuid}")
+    return uuid, remote
+
+
+def upsert(ctx: SyncContext, event: Event, payload: dict[str, Any], refs: dict[str, Any],
+           snapshot: Snapshot | None, digest: str) -> Apply:
+    spec = SPECS[event.entity]
+    if snapshot is not None and snapshot.status in ("active", "archived") \
+            and snapshot.digest == digest:
+        ctx.count("unchanged")
+        return Apply("synced", snapshot.uuid, snapshot.status, snapshot.sent, digest,
+                     note="unchanged: no API call")
+    if event.entity == "file":
+        return _upsert_file(ctx, event, snapshot, digest)
+    if event.entity == "certificate":
+        return _upsert_certificate(ctx, event, payload, snapshot, digest)
+    resource = _resource(ctx, spec)
+    created = False
+    if snapshot is not None and snapshot.status in ("active", "archived"):
+        uuid = snapshot.uuid
+        changes = {k: v for k, v in payload.items()
+                   if k not in spec.fixed and snapshot.sent.get(k) != v}
+        if changes:
+            resource.update(uuid, changes)
+    else:
+        uuid, remote = _find_or_create(ctx, spec, event, payload, resource.create)
+        created = remote is None
+        if remote is not None:
+            changes = _changes(spec, payload, remote)
+            if changes:
+                resource.update(uuid, changes)
+    if event.entity == "course" and refs.get("modules"):
+        _attach_missing(ctx, uuid, refs["modules"], all_missing=created)
+    sent = payload | ({"modules": refs["modules"]} if "modules" in refs else {})
+    return Apply("synced", uuid, "active", sent, digest)
+
+
+def _attach_missing(ctx: SyncContext, course_uuid: str, modules: list[dict[str, Any]], *,
+                    all_missing: bool) -> None:
+    """Attach the course's modules that are not attached yet (a new course has none).
+
+    A module that is not attachable is taken as attached already; one of another institution is
+    refused by DokStamp when attached, which the caller dead-letters.
+    """
+    if all_missing:
+        missing = modules
+    else:
+        attachable = {m["uuid"] for m in ctx.client.courses.attachable_modules(course_uuid)}
+        missing = [m for m in modules if m["uuid"] in attachable]
+    if missing:
+        ctx.client.courses.attach_modules(course_uuid, missing)
+
+
+def _upsert_file(ctx: SyncContext, event: Event, snapshot: Snapshot | None,
+                 digest: str) -> Apply:
+    """Upload the file; DokStamp deduplicates by content, and so do we (sha256 natural key)."""
+    data = event.data or {}
+    content, mime = files.load(data, ctx.files, ctx.file_http)
+    content_hash = sha256(content).hexdigest()
+    key = f"sha256={content_hash}"
+    with session_scope(ctx.sessions) as session:
+        uuid = known_uuid(session, "file", key)
+    if uuid is None:
+        uuid = str(ctx.client.files.upload([Upload(str(data["filename"]), content, mime)])[0][
+            "uuid"])
+        ctx.count("uploads")
+        with session_scope(ctx.sessions) as session:
+            uuid = remember_natural_key(session, "file", key, uuid)
+    sent = {"filename": data["filename"], "sha256": content_hash, "size": len(content)}
+    return Apply("synced", uuid, "active", sent, digest)
+
+
+def _upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
+                        snapshot: Snapshot | None, digest: str) -> Apply:
+    data = event.data or {}
+    issue = bool(data.get("issue"))
+    issued_at = data.get("issued_at")
+    certs = ctx.client.certificates
+    fields = {k: v for k, v in payload.items() if k not in ("issued_at", "status", "finish")}
+    sent = fields | {"issue": issue}
+    if snapshot is not None and snapshot.status == "active":
+        was_issued = bool(snapshot.sent.get("issue"))
+        changed = {k: v for k, v in fields.items() if snapshot.sent.get(k) != v}
+        if was_issued and changed:
+            raise Dead(f"certificate {event.key} is already issued in DokStamp "
+                       f"({snapshot.uuid}) and cannot be changed ({', '.join(sorted(changed))}):"
+                       " revoke it and issue a new one")
+        if not was_issued and (changed or issue):
+            certs.update(snapshot.uuid, changed | (certs.issue_fields(issued_at) if issue
+                                                   else {}))
+        return Apply("synced", snapshot.uuid, "active", sent, digest)
+    spec = SPECS["certificate"]
+
+    def create(body: dict[str, Any]) -> Entity:
+        return certs.create(body, issue=issue, issued_at=issued_at)
+
+    uuid, remote = _find_or_create(ctx, spec, event, fields, create)
+    if remote is not None:
+        status = remote.get("status")
+        if status in ("revoked", "expired"):
+            raise Dead(f"certificate {event.key}: DokStamp's certificate {uuid} for this file is "
+                       f"{status}; a new certificate needs a new file")
+        if status == "draft" and issue:
+            certs.update(uuid, certs.issue_fields(issued_at))
+    return Apply("synced", uuid, "active", sent, digest)
+
+
+def delete(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> Apply:
+    """Delete when nothing depends on it; else archive where DokStamp has a status for it."""
+    if snapshot is None or snapshot.status == "deleted":
+        return Apply("synced", note="nothing to delete: not in DokStamp")
+    spec = SPECS[event.entity]
+    resource = _resource(ctx, spec)
+    try:
+        resource.delete(snapshot.uuid)
+    except NotFound:
+        pass  # already gone
+    except PermanentError as exc:
+        if spec.archive_status is None:
+            raise Dead(f"DokStamp refused to delete {event.entity} {event.key}: {exc.message}",
+                       exc) from None
+        resource.update(snapshot.uuid, {"status": spec.archive_status})
+        return Apply("synced", snapshot.uuid, "archived", snapshot.sent, None,
+                     note=f"archived ({spec.archive_status}): {exc.message}")
+    return Apply("synced", snapshot.uuid, "deleted", snapshot.sent, None)
+
+
+def revoke(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> Apply:
+    """Revoke an issued certificate (a draft is deleted instead: it was never issued)."""
+    if snapshot is None or snapshot.status in ("deleted", "revoked"):
+        return Apply("synced", note="nothing to revoke")
+    reason = (event.data or {}).get("revocation_reason") or (
+        "deleted in the ERP" if event.op == "delete" else None)
+    if not snapshot.sent.get("issue"):
+        with suppress(NotFound):
+            ctx.client.certificates.delete(snapshot.uuid)
+        return Apply("synced", snapshot.uuid, "deleted", snapshot.sent, None,
+                     note="draft deleted")
+    ctx.client.certificates.revoke(snapshot.uuid, reason)
+    return Apply("synced", snapshot.uuid, "revoked", snapshot.sent, None)

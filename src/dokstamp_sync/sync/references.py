@@ -1,0 +1,86 @@
+"""Turning an event's ERP references (``*_key``) into DokStamp UUIDs, syncing a known but
+unsynced dependency first, and building the payload DokStamp receives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dokstamp_sync.db import session_scope
+from dokstamp_sync.events import Event
+from dokstamp_sync.sync.context import Dead, SyncContext, Waiting
+from dokstamp_sync.sync.entities import REFERENCES, SPECS
+from dokstamp_sync.sync.store import ACTIVE, get_mapping, latest_event
+
+# process(ctx, event_pk, depth) -> resulting state; injected by the engine (avoids a cycle)
+Process = Callable[[SyncContext, int, int], str]
+MAX_DEPTH = 6
+MODULE_PIVOT = ("order", "is_required", "workload", "course_module_group_uuid")
+
+
+def dependency(ctx: SyncContext, entity: str, key: str, depth: int, process: Process) -> str:
+    """The DokStamp UUID of (entity, key), syncing its latest known event first if needed."""
+    with session_scope(ctx.sessions) as session:
+        mapping = get_mapping(session, entity, key)
+        if mapping is not None and mapping.status in ACTIVE:
+            return mapping.dokstamp_uuid
+        if mapping is not None and mapping.status == "deleted":
+            raise Dead(f"dependency {entity} {key} was deleted")
+        latest = latest_event(session, entity, key)
+        found = (latest.id, latest.state, latest.op) if latest else None
+    tag = f"{entity}:{key}"
+    if found is None:
+        raise Waiting(f"dependency {entity} {key} has not arrived", waiting_for=tag,
+                      never_arrived=True)
+    pk, state, op = found
+    if op != "upsert":
+        raise Dead(f"dependency {entity} {key} is being deleted in the ERP")
+    if state == "dead":
+        raise Waiting(f"dependency {entity} {key} is dead-lettered: fix and replay it",
+                      waiting_for=tag, never_arrived=True)
+    if depth >= MAX_DEPTH:
+        raise Waiting(f"dependency chain too deep at {entity} {key}", waiting_for=tag, delay=5)
+    result = process(ctx, pk, depth + 1)
+    if result == "synced":
+        with session_scope(ctx.sessions) as session:
+            mapping = get_mapping(session, entity, key)
+            if mapping is not None and mapping.status in ACTIVE:
+                return mapping.dokstamp_uuid
+    delay = 2.0 if result in ("busy", "waiting") else 60.0
+    raise Waiting(f"dependency {entity} {key} is {result}", waiting_for=tag, delay=delay)
+
+
+def resolve(ctx: SyncContext, event: Event, depth: int, process: Process) -> dict[str, Any]:
+    """``{"course_uuid": ..., "modules": [...]}`` for every reference in the event's data."""
+    data = event.data or {}
+    refs: dict[str, Any] = {}
+    for field, entity in REFERENCES.items():
+        key = data.get(field)
+        if isinstance(key, str) and key:
+            refs[field.removesuffix("_key") + "_uuid"] = dependency(ctx, entity, key, depth,
+                                                                    process)
+    if event.entity == "course" and data.get("modules"):
+        refs["modules"] = [
+            {"uuid": dependency(ctx, "module", m["module_key"], depth, process)}
+            | {k: m[k] for k in MODULE_PIVOT if k in m}
+            for m in data["modules"]]
+    if event.entity == "certificate" and "institution_uuid" not in refs:
+        # CONTRACT §2: the certificate's institution is its course's, unless given.
+        with session_scope(ctx.sessions) as session:
+            course = get_mapping(session, "course", str(data["course_key"]))
+            sent = (course.sent or {}) if course else {}
+        if not sent.get("institution_uuid"):
+            raise Waiting(f"course {data['course_key']} has no known institution",
+                          waiting_for=f"course:{data['course_key']}")
+        refs["institution_uuid"] = sent["institution_uuid"]
+    return refs
+
+
+def payload(event: Event, refs: dict[str, Any]) -> dict[str, Any]:
+    """The DokStamp fields: the event's data without ours, references as UUIDs."""
+    spec = SPECS[event.entity]
+    data = event.data or {}
+    out = {k: v for k, v in data.items()
+           if k != "uuid" and not k.endswith("_key") and k not in spec.local}
+    out |= {k: v for k, v in refs.items() if k != "modules"}
+    return out
