@@ -52,6 +52,7 @@ class Settings(StoreSettings):
     dokstamp_sync_retry_budget: float = Field(default=86400.0, gt=0)  # s
     dokstamp_sync_max_deliveries: int = Field(default=5, ge=1)
     dokstamp_sync_visibility_timeout: float = Field(default=600.0, gt=0)  # s
+    dokstamp_sync_lock_timeout: float = Field(default=60.0, gt=0)  # s, a dead worker's locks
     dokstamp_sync_file_hosts: str = ""  # comma-separated hosts files may be fetched from
     dokstamp_sync_file_root: str = ""  # folder `path` files must be under
     dokstamp_sync_file_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)

@@ -40,6 +40,7 @@ def build_context(settings: Settings) -> SyncContext:
         dependency_timeout=settings.dokstamp_sync_dependency_timeout,
         retry_budget=settings.dokstamp_sync_retry_budget,
         max_deliveries=settings.dokstamp_sync_max_deliveries,
+        lock_timeout=settings.dokstamp_sync_lock_timeout,
     )
 
 

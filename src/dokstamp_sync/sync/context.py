@@ -57,7 +57,7 @@ class SyncContext:
     dependency_timeout: float = 86400.0
     retry_budget: float = 86400.0
     max_deliveries: int = 5
-    lock_timeout: float = 300.0
+    lock_timeout: float = 60.0
     lock_prefix: str = "dokstamp:lock:"
     in_call_attempts: int = 3
     sleep: Callable[[float], None] = time.sleep

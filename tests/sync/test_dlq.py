@@ -1,0 +1,82 @@
+"""Dead letters for operators: list, show, replay (idempotent), discard."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from test_engine import T0, live
+
+from dokstamp_sync import dlq, samples
+from dokstamp_sync.db import session_scope
+from dokstamp_sync.samples import event
+
+
+def test_replay_succeeds_after_the_data_is_fixed_in_dokstamp(h, ctx, sandbox):
+    """A certificate refused because its file was used by a stray certificate succeeds on
+    replay once the operator has removed the stray one; replaying twice changes nothing."""
+    cls = samples.graduating_class(1)
+    h.sync(*[e for e in cls if e["entity"] != "certificate"])
+    m = {k: h.mapping(*k).dokstamp_uuid for k in [("file", "DIP-00001"),
+                                                 ("student", "S-00001"), ("course", "CRS-1"),
+                                                 ("institution", "INST")]}
+    stray = ctx.client.certificates.create({
+        "institution_uuid": m[("institution", "INST")], "course_uuid": m[("course", "CRS-1")],
+        "student_uuid": m[("student", "S-00001")], "file_uuid": m[("file", "DIP-00001")]})
+    # Made by hand on the dashboard with our diploma, then deleted: the file stays used.
+    ctx.client.certificates.delete(stray["uuid"])
+    cert = next(e for e in cls if e["entity"] == "certificate")
+    assert h.sync(cert) == ["dead"]
+    (letter,) = h.letters()
+    assert letter.http_status == 422
+    assert "file_uuid" in letter.response_body["errors"]
+    # The operator fixes the data: a new diploma file for this certificate.
+    new_file = samples.event("file", "DIP-00001", {"filename": "diploma-v2.pdf",
+                                                   "content_base64": "JVBERi0xLjQKJSB2Mgo="},
+                             at=T0 + timedelta(hours=1))
+    assert h.sync(new_file) == ["synced"]
+    with session_scope(ctx.sessions) as s:
+        first = dlq.replay(s, [letter.id])
+    with session_scope(ctx.sessions) as s:
+        second = dlq.replay(s, [letter.id])
+    assert (first.replayed, second.replayed, second.skipped) == ([letter.id], [], [letter.id])
+    h.drain()
+    assert h.state(cert["event_id"]) == "synced"
+    issued = [c for c in live(sandbox, "certificates") if c["status"] == "issued"]
+    assert len(issued) == 1
+    assert h.letters()[0].status == "replayed"
+
+
+def test_replay_by_entity_and_all(h, ctx):
+    """--entity replays only that entity's letters; --all the rest."""
+    bad_student = event("student", "S-1", {"name": "x", "email": "x@example.edu"})
+    bad_course = event("course", "C-1", {"name": "x", "code": "C", "institution_key": "I",
+                                         "uuid": "00000000-0000-4000-8000-000000000000"})
+    h.sync(event("institution", "I", {"name": "I", "country": "BR"}), bad_student, bad_course)
+    assert {d.entity for d in h.letters()} == {"student", "course"}
+    with session_scope(ctx.sessions) as s:
+        assert len(dlq.replay(s, entity="course").replayed) == 1
+    with session_scope(ctx.sessions) as s:
+        assert len(dlq.replay(s, everything=True).replayed) == 1
+
+
+def test_replay_of_a_still_malformed_entry_keeps_it_open(h, ctx):
+    """Replaying a malformed stream entry parses it again; still invalid, it stays open."""
+    h.send("not json")
+    (letter,) = h.letters()
+    with session_scope(ctx.sessions) as s:
+        report = dlq.replay(s, [letter.id])
+    assert report.still_invalid == [letter.id]
+    assert h.letters()[0].status == "open"
+    assert h.letters()[0].attempts == 2
+
+
+def test_discard(h, ctx):
+    """Discarded letters leave the open list; the event stays dead."""
+    e = event("student", "S-1", {"name": "x", "email": "x@example.edu"})
+    h.sync(e)
+    (letter,) = h.letters()
+    with session_scope(ctx.sessions) as s:
+        assert dlq.discard(s, [letter.id, 999]) == ([letter.id], [999])
+    with session_scope(ctx.sessions) as s:
+        assert dlq.list_letters(s) == []
+    assert h.state(e["event_id"]) == "dead"
