@@ -15,7 +15,7 @@ PDF = diploma_pdf("Maria", "BSc")
 
 
 class _Docs(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802  # the stdlib's handler method name
+    def do_GET(self):  # the stdlib's handler method name
         if self.path == "/diploma.pdf":
             self.send_response(200)
             self.send_header("Content-Length", str(len(PDF)))

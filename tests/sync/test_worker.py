@@ -1,0 +1,179 @@
+"""End to end with a real `dokstamp-sync worker` (Celery prefork, ingester, scheduler) as a
+subprocess: XADD on Redis database 15 -> Postgres -> the sandbox over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from dokstamp_sync import samples
+from dokstamp_sync.db import session_scope
+from dokstamp_sync.models import EventRecord
+from dokstamp_sync.sandbox import Faults
+
+WORKER_REDIS_URL = os.environ.get("TEST_WORKER_REDIS_URL", "redis://127.0.0.1:6379/15")
+STREAM = "worker-test:events"
+EXE = shutil.which("dokstamp-sync") or os.path.join(os.path.dirname(sys.executable),
+                                                    "dokstamp-sync")
+
+
+@pytest.fixture
+def wredis():
+    client = redis.Redis.from_url(WORKER_REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture
+def start_worker(sandbox, database_url, sessions, wredis, tmp_path):
+    """Start `dokstamp-sync worker` subprocesses; all are killed (whole group) afterwards."""
+    procs: list[subprocess.Popen] = []
+
+    def start(concurrency: int = 2, rate: float = 500, **env: str) -> subprocess.Popen:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")} | {
+            "DOKSTAMP_API_URL": sandbox.url, "DOKSTAMP_TENANT": "demo-university",
+            "DOKSTAMP_EMAIL": "admin@demo-university.edu",
+            "DOKSTAMP_PASSWORD": "sandbox-password", "REDIS_URL": WORKER_REDIS_URL,
+            "DATABASE_URL": database_url, "DOKSTAMP_SYNC_STREAM": STREAM,
+            "DOKSTAMP_RATE_LIMIT": str(rate), "DOKSTAMP_SYNC_VISIBILITY_TIMEOUT": "8",
+            "DOKSTAMP_SYNC_LOCK_TIMEOUT": "5"} | env
+        log = open(tmp_path / f"worker-{len(procs)}.log", "w")  # noqa: SIM115  # closed by the OS
+        proc = subprocess.Popen([EXE, "worker", "--concurrency", str(concurrency)],
+                                env=full, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def xadd(client, events):
+    with client.pipeline(transaction=False) as pipe:
+        for e in events:
+            pipe.xadd(STREAM, {"event": json.dumps(e)})
+        pipe.execute()
+
+
+def wait_settled(sessions, total, timeout=120.0, proc=None):
+    """Wait until `total` events exist and none is pending or waiting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope(sessions) as s:
+            counts = dict(s.execute(select(EventRecord.state, func.count())
+                                    .group_by(EventRecord.state)).all())
+        if sum(counts.values()) >= total and not counts.get("pending") \
+                and not counts.get("waiting"):
+            return counts
+        if proc is not None:
+            assert proc.poll() is None, "the worker exited"
+        time.sleep(0.25)
+    raise AssertionError(f"not settled in {timeout}s: {counts}")
+
+
+def no_duplicates(sandbox):
+    state = sandbox.sandbox.tenants["demo-university"].dump()
+    live = {k: [e for e in v if e.get("deleted_at") is None]
+            for k, v in state.items() if isinstance(v, list)}
+    assert not [e for e, n in Counter(s["email"] for s in live["students"]).items() if n > 1]
+    assert not [c for c, n in Counter(c["code"] for c in live["courses"]).items() if n > 1]
+    assert not [c for c, n in Counter(c["files"][0]["uuid"]
+                                      for c in live["certificates"]).items() if n > 1]
+    assert not [c for c, n in Counter((e["student"]["uuid"], e["course"]["uuid"])
+                                      for e in live["enrollments"]).items() if n > 1]
+    return live
+
+
+def test_a_graduating_class_in_any_order_ends_synced(start_worker, wredis, sessions, sandbox):
+    """XADD a class of 20 (shuffled) to a running worker: every event ends synced, with exactly
+    one DokStamp entity per natural key."""
+    proc = start_worker()
+    events = samples.graduating_class(20)
+    random.Random(7).shuffle(events)
+    xadd(wredis, events)
+    counts = wait_settled(sessions, len(events), proc=proc)
+    assert counts == {"synced": len(events)}
+    live = no_duplicates(sandbox)
+    assert len(live["certificates"]) == 20
+    assert all(c["status"] == "issued" for c in live["certificates"])
+
+
+def test_worker_killed_mid_run_loses_and_duplicates_nothing(start_worker, wredis, sessions,
+                                                           sandbox):
+    """SIGKILL the whole worker (parent and children) in the middle of a class; a new worker
+    finishes it: every event synced, no duplicate entity."""
+    sandbox.sandbox.faults.configure(Faults(latency_ms=30))
+    first = start_worker()
+    events = samples.graduating_class(15)
+    xadd(wredis, events)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with session_scope(sessions) as s:
+            done = s.scalar(select(func.count()).select_from(EventRecord)
+                            .where(EventRecord.state == "synced"))
+        if done >= 10:
+            break
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    with session_scope(sessions) as s:
+        unfinished = s.scalar(select(func.count()).select_from(EventRecord)
+                              .where(EventRecord.state.in_(("pending", "waiting"))))
+    assert unfinished > 0, "the kill came too late to prove anything"
+    second = start_worker()
+    counts = wait_settled(sessions, len(events), proc=second)
+    assert counts == {"synced": len(events)}
+    live = no_duplicates(sandbox)
+    assert len(live["certificates"]) == 15
+
+
+def test_429_storm_loses_nothing_and_the_pace_is_respected(start_worker, wredis, sessions,
+                                                          sandbox):
+    """DokStamp allows 20 req/s but the workers are set to 100: 429s come, every event still
+    syncs, nothing is duplicated, and the API's pace holds."""
+    sandbox.sandbox.faults.configure(Faults(rate_limit=20, burst=5))
+    proc = start_worker(concurrency=3, rate=100)
+    events = samples.graduating_class(8)
+    start = time.monotonic()
+    xadd(wredis, events)
+    counts = wait_settled(sessions, len(events), proc=proc)
+    elapsed = time.monotonic() - start
+    assert counts == {"synced": len(events)}
+    no_duplicates(sandbox)
+    stats = sandbox.sandbox.stats.to_json()
+    assert stats["http_429"] > 0
+    accepted = stats["requests"] - stats["http_429"]
+    assert accepted / elapsed <= 20 * 1.1 + 5 / elapsed
+
+
+def test_shared_rate_limit_prevents_429s_across_processes(start_worker, wredis, sessions,
+                                                          sandbox):
+    """With DOKSTAMP_RATE_LIMIT below DokStamp's limit, 3 processes together stay under it:
+    no 429 at all."""
+    sandbox.sandbox.faults.configure(Faults(rate_limit=25, burst=5))
+    proc = start_worker(concurrency=3, rate=20)
+    events = samples.graduating_class(6)
+    xadd(wredis, events)
+    counts = wait_settled(sessions, len(events), proc=proc)
+    assert counts == {"synced": len(events)}
+    assert sandbox.sandbox.stats.http_429 == 0
