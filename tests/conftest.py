@@ -6,7 +6,6 @@ with its data, tokens, faults and stats reset, so tests never see each other's s
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -25,14 +24,7 @@ from dokstamp_sync.dokstamp import (
     build_http_client,
 )
 from dokstamp_sync.sandbox import Account, Faults, Sandbox, SandboxConfig, SandboxServer
-
-MAIN = Account()
-OTHER = Account(tenant="other-university", tenant_name="Other University",
-                email="admin@other.edu", password="other-password",
-                client_id="other-client", client_secret="other-secret")
-
-# Each test run uses its own Redis database number, never the application's (0).
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+from testenv import MAIN, OTHER, PG_ADMIN_URL, TEST_ENGINE_REDIS_URL, TEST_REDIS_URL
 
 
 @pytest.fixture(scope="session")
@@ -112,8 +104,6 @@ def key_prefix(redis_client: redis.Redis) -> Iterator[str]:
 
 # -- the mapping store: a real PostgreSQL database of our own, created and dropped -------------
 
-PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-TEST_ENGINE_REDIS_URL = os.environ.get("TEST_ENGINE_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 
 @pytest.fixture(scope="session")

@@ -97,7 +97,7 @@ def _status(args: argparse.Namespace) -> int:
 def _dlq(args: argparse.Namespace) -> int:
     from dokstamp_sync import dlq
     from dokstamp_sync.db import session_scope
-    from dokstamp_sync.models import DeadLetter
+    from dokstamp_sync.models import DeadLetter, EventRecord
 
     _, sessions = _store()
     with session_scope(sessions) as session:
@@ -117,7 +117,9 @@ def _dlq(args: argparse.Namespace) -> int:
             if letter is None:
                 print("no such dead letter", file=sys.stderr)
                 return 1
-            print(json.dumps(dlq.as_dict(letter, full=True), indent=2, default=str))
+            event = session.get(EventRecord, letter.event_pk) if letter.event_pk else None
+            print(json.dumps(dlq.as_dict(letter, full=True, event=event), indent=2,
+                             default=str))
             return 0
         if args.action == "replay":
             if not (args.ids or args.all or args.entity):

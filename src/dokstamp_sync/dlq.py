@@ -20,7 +20,8 @@ from dokstamp_sync.ingest import record_entry
 from dokstamp_sync.models import DeadLetter, EventRecord, utcnow
 
 
-def as_dict(letter: DeadLetter, *, full: bool = False) -> dict[str, Any]:
+def as_dict(letter: DeadLetter, *, full: bool = False,
+            event: EventRecord | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": letter.id, "event_id": letter.event_id, "entity": letter.entity,
         "key": letter.erp_key, "reason": letter.reason, "http_status": letter.http_status,
@@ -31,7 +32,8 @@ def as_dict(letter: DeadLetter, *, full: bool = False) -> dict[str, Any]:
         out |= {"request": f"{letter.request_method} {letter.request_path}"
                 if letter.request_method else None,
                 "response_body": letter.response_body, "raw": letter.raw,
-                "resolved_at": letter.resolved_at.isoformat() if letter.resolved_at else None}
+                "resolved_at": letter.resolved_at.isoformat() if letter.resolved_at else None,
+                "event": event.payload if event is not None else None}
     return out
 
 

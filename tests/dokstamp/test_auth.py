@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from conftest import MAIN, TEST_REDIS_URL
 from dokstamp_sync.dokstamp import MemoryTokenStore, RedisTokenStore, errors
 from dokstamp_sync.sandbox import Faults, ScriptedFault
+from testenv import MAIN, TEST_REDIS_URL
 
 
 def test_password_login_then_calls_reuse_the_token(client, sandbox):

@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 import graph
-from conftest import OTHER
 from dokstamp_sync.dokstamp import MemoryTokenStore, PasswordLogin, TokenManager, errors
 from dokstamp_sync.dokstamp.client import DokStampClient, build_http_client
 from dokstamp_sync.sandbox import Faults, ScriptedFault
+from testenv import OTHER
 
 
 def script(sandbox, *faults: ScriptedFault) -> None:

@@ -7,9 +7,9 @@ import time
 import pytest
 
 import graph
-from conftest import MAIN, OTHER
 from dokstamp_sync.dokstamp import errors
 from dokstamp_sync.sandbox import Faults, ScriptedFault
+from testenv import MAIN, OTHER
 
 
 def _login(raw, account=MAIN) -> dict[str, str]:

@@ -21,8 +21,8 @@ from dokstamp_sync import samples
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.models import EventRecord
 from dokstamp_sync.sandbox import Faults
+from testenv import TEST_WORKER_REDIS_URL as WORKER_REDIS_URL
 
-WORKER_REDIS_URL = os.environ.get("TEST_WORKER_REDIS_URL", "redis://127.0.0.1:6379/15")
 STREAM = "worker-test:events"
 EXE = shutil.which("dokstamp-sync") or os.path.join(os.path.dirname(sys.executable),
                                                     "dokstamp-sync")

@@ -1,0 +1,100 @@
+"""The operator commands, run as an operator runs them, against the test database."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from dokstamp_sync import samples
+from dokstamp_sync.samples import event
+from testenv import TEST_ENGINE_REDIS_URL
+
+EXE = shutil.which("dokstamp-sync") or os.path.join(os.path.dirname(sys.executable),
+                                                    "dokstamp-sync")
+
+
+@pytest.fixture
+def cli(database_url, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")} | {
+        "DATABASE_URL": database_url, "REDIS_URL": TEST_ENGINE_REDIS_URL,
+        "DOKSTAMP_SYNC_STREAM": "test:events"}
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([EXE, *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, input=stdin, timeout=60, check=False)
+
+    return run
+
+
+def test_status_counts_events_by_state(cli, h):
+    """`status --json` prints the CONTRACT's event counts, queue depths and dead letters."""
+    cls = samples.graduating_class(1)
+    h.sync(*cls, event("student", "S-BAD", {"name": "x", "email": "x@ex.edu"}))
+    h.send("not json")
+    out = cli("status", "--json")
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["events"] == {"pending": 0, "waiting": 0, "synced": len(cls),
+                                "superseded": 0, "dead": 2}
+    assert status["dead_letters_open"] == 2
+    assert status["stream_depth"] == 0
+    text = cli("status").stdout
+    assert f"synced {len(cls)}" in text
+    assert "open dead letters: 2" in text
+
+
+def test_dlq_list_show_replay_discard(cli, h):
+    """The dead-letter commands show reason, status and body, and replay/discard by id."""
+    bad = event("student", "S-BAD", {"name": "x", "email": "x@ex.edu"})
+    h.sync(bad)
+    listed = json.loads(cli("dlq", "list", "--json").stdout)
+    assert [(d["entity"], d["key"], d["http_status"]) for d in listed] == [
+        ("student", "S-BAD", 422)]
+    ident = str(listed[0]["id"])
+    shown = json.loads(cli("dlq", "show", ident).stdout)
+    assert shown["request"] == "POST /students"
+    assert shown["response_body"]["errors"]["date_of_birth"]
+    assert shown["event"]["key"] == "S-BAD"
+    assert "date of birth" in cli("dlq", "list").stdout
+    assert cli("dlq", "replay").returncode == 2  # says which
+    assert cli("dlq", "replay", ident).stdout.startswith("replayed 1")
+    again = cli("dlq", "replay", ident)
+    assert again.stdout.startswith("replayed 0; not open")
+    assert h.state(bad["event_id"]) == "pending"
+    h.drain()
+    (second,) = json.loads(cli("dlq", "list", "--json").stdout)
+    assert cli("dlq", "discard", str(second["id"])).stdout == "discarded 1\n"
+    assert cli("dlq", "list").stdout.strip() == "no open dead letters"
+
+
+def test_mapping_command(cli, h):
+    """`mapping ENTITY KEY` prints the UUID, or fails clearly when unmapped."""
+    h.sync(event("student", "S-1", {"name": "M", "email": "m@ex.edu",
+                                    "date_of_birth": "2000-01-01"}))
+    out = cli("mapping", "student", "S-1")
+    assert out.returncode == 0
+    assert out.stdout.strip() == h.mapping("student", "S-1").dokstamp_uuid
+    missing = cli("mapping", "student", "S-404")
+    assert (missing.returncode, missing.stderr.strip()) == (1, "student S-404 is not mapped")
+
+
+def test_enqueue_command_from_stdin(cli, ctx):
+    """`enqueue -` sends each line, reports a bad one (which is still sent)."""
+    lines = [json.dumps(event("student", "S-1", {"name": "M", "email": "m@ex.edu"})), "{bad"]
+    out = cli("enqueue", "-", stdin="\n".join(lines))
+    assert out.returncode == 0
+    assert "enqueued 2 events" in out.stdout
+    assert "line 2: invalid" in out.stderr
+    assert ctx.redis.xlen("test:events") == 2
+
+
+def test_db_upgrade_is_idempotent(cli):
+    """`db upgrade` on an up-to-date schema succeeds and prints no password."""
+    out = cli("db", "upgrade")
+    assert out.returncode == 0, out.stderr
+    assert "schema up to date" in out.stdout
