@@ -8,10 +8,17 @@ never raises anything else, so the consumer can dead-letter it and go on.
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, StrictStr, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    StrictStr,
+    StringConstraints,
+    ValidationError,
+)
 
 Entity = Literal["institution", "module", "course", "cohort", "student", "enrollment", "file",
                  "certificate"]
@@ -45,10 +52,10 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    event_id: StrictStr
+    event_id: Annotated[StrictStr, StringConstraints(min_length=1, max_length=255)]
     entity: Entity
     op: Literal["upsert", "delete", "revoke"]
-    key: StrictStr
+    key: Annotated[StrictStr, StringConstraints(min_length=1, max_length=255)]
     occurred_at: AwareDatetime
     data: dict[str, Any] | None = None
 
@@ -127,6 +134,4 @@ def to_json(event: Event) -> str:
 
 def utc(dt: datetime) -> datetime:
     """An aware datetime, in UTC (naive ones are taken as UTC)."""
-    from datetime import UTC
-
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)

@@ -10,12 +10,14 @@ stream entry id; it never stops the consumer.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 import redis
-from sqlalchemy import Table
+from sqlalchemy import Table, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.db import session_scope
@@ -39,32 +41,55 @@ def insert_ignore(session: Session, table: Table, values: dict[str, Any],
     return new_id
 
 
+def _invalid(session: Session, stream_id: str, raw: str, reason: str,
+             event_id: str | None) -> None:
+    now = utcnow()
+    clean = raw.replace("\x00", "\\u0000")  # PostgreSQL text cannot hold NUL
+    insert_ignore(session, DeadLetter.__table__, {  # type: ignore[arg-type]
+        "stream_id": stream_id, "event_id": (event_id or "")[:255] or None,
+        "reason": f"invalid event: {reason}", "raw": clean, "attempts": 1, "status": "open",
+        "first_failed_at": now, "last_failed_at": now}, ["stream_id"])
+    log.warning("stream entry %s is not a valid event: %s", stream_id, reason,
+                extra={"event_id": event_id, "state": "dead"})
+
+
 def record_entry(session: Session, stream_id: str, fields: dict[bytes, bytes],
                  lease: float) -> int | None:
-    """Store one stream entry; return the new event's primary key (None: nothing new)."""
+    """Store one stream entry; return the new event's primary key (None: nothing new).
+
+    Each entry is written in its own savepoint: an entry the database refuses becomes a dead
+    letter and cannot take the rest of its batch down with it.
+    """
     raw_bytes = fields.get(b"event")
-    raw = raw_bytes.decode("utf-8", "replace") if raw_bytes is not None else None
+    raw = raw_bytes.decode("utf-8", "replace") if raw_bytes is not None else repr(fields)
     try:
-        if raw is None:
+        if raw_bytes is None:
             raise InvalidEvent("stream entry has no 'event' field")
         event = parse_event(raw)
     except InvalidEvent as exc:
-        now = utcnow()
-        insert_ignore(session, DeadLetter.__table__, {  # type: ignore[arg-type]
-            "stream_id": stream_id, "event_id": exc.event_id, "reason": f"invalid event: "
-            f"{exc.reason}", "raw": raw if raw is not None else repr(fields), "attempts": 1,
-            "status": "open", "first_failed_at": now, "last_failed_at": now}, ["stream_id"])
-        log.warning("stream entry %s is not a valid event: %s", stream_id, exc.reason,
-                    extra={"event_id": exc.event_id, "state": "dead"})
+        _invalid(session, stream_id, raw, exc.reason, exc.event_id)
         return None
     now = utcnow()
-    return insert_ignore(session, EventRecord.__table__, {  # type: ignore[arg-type]
-        "event_id": event.event_id, "entity": event.entity, "op": event.op,
-        "erp_key": event.key, "occurred_at": event.occurred_at,
-        "payload": event.model_dump(mode="json"), "state": "pending", "attempts": 0,
-        "deliveries": 0, "received_at": now,
-        # Dispatched right away; the scheduler re-dispatches only if this lease runs out.
-        "next_attempt_at": now + timedelta(seconds=lease)}, ["event_id"])
+    payload = event.model_dump(mode="json")
+    try:
+        with session.begin_nested():
+            pk = insert_ignore(session, EventRecord.__table__, {  # type: ignore[arg-type]
+                "event_id": event.event_id, "entity": event.entity, "op": event.op,
+                "erp_key": event.key, "occurred_at": event.occurred_at, "payload": payload,
+                "state": "pending", "attempts": 0, "deliveries": 0, "received_at": now,
+                # Dispatched right away; the scheduler re-dispatches if this lease runs out.
+                "next_attempt_at": now + timedelta(seconds=lease)}, ["event_id"])
+    except DBAPIError as exc:
+        _invalid(session, stream_id, raw, f"refused by the database: {exc.orig}",
+                 event.event_id)
+        return None
+    if pk is None:
+        known = session.scalar(select(EventRecord.payload).where(
+            EventRecord.event_id == event.event_id))
+        if known != payload:
+            log.warning("event_id %s was sent again with different content; the first one "
+                        "is kept", event.event_id, extra={"event_id": event.event_id})
+    return pk
 
 
 class StreamIngester:
@@ -87,8 +112,6 @@ class StreamIngester:
 
     def poll(self, block_ms: int = 1000) -> int:
         """Claim abandoned entries, read new ones, record, ack; return how many were handled."""
-        import time
-
         claimed = self.redis.xautoclaim(self.stream, self.group, self.consumer,
                                         min_idle_time=self.claim_idle_ms, start_id="0-0",
                                         count=self.batch)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import httpx
 import redis
 
-from dokstamp_sync.dokstamp.errors import parse_retry_after
+from dokstamp_sync.dokstamp.errors import RateLimited, parse_retry_after
 
 # KEYS[1] bucket, ARGV: rate (tokens/s), burst. Returns ms to wait (0: a token was taken).
 _TAKE = """
@@ -43,7 +43,7 @@ class RateLimiter:
 
     def __init__(self, client: redis.Redis, tenant: str, rate: float, *,
                  burst: float | None = None, prefix: str = "dokstamp:",
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, max_wait: float = 20.0) -> None:
         self._redis = client
         self._bucket = f"{prefix}ratelimit:{tenant}"
         self._pause = f"{prefix}pause:{tenant}"
@@ -51,12 +51,20 @@ class RateLimiter:
         self.burst = burst if burst is not None else max(1.0, rate / 10)
         self._take = client.register_script(_TAKE)
         self._sleep = sleep
+        self.max_wait = max_wait
         self.waited = 0.0  # seconds this process spent waiting (for metrics and tests)
 
     def acquire(self) -> None:
+        """Wait for a token. A tenant pause longer than ``max_wait`` raises
+        :class:`RateLimited` instead, so the caller parks its event rather than sleep with its
+        locks held."""
         while True:
             paused_ms = self._redis.pttl(self._pause)
             if isinstance(paused_ms, int) and paused_ms > 0:
+                if paused_ms / 1000 > self.max_wait:
+                    raise RateLimited("paused after a 429 from DokStamp",
+                                      retry_after=paused_ms / 1000, status=429,
+                                      method="-", path="-")
                 self._wait(paused_ms / 1000)
                 continue
             wait_ms = int(self._take(keys=[self._bucket], args=[self.rate, self.burst]))

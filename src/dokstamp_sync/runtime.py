@@ -41,6 +41,7 @@ def build_context(settings: Settings) -> SyncContext:
         retry_budget=settings.dokstamp_sync_retry_budget,
         max_deliveries=settings.dokstamp_sync_max_deliveries,
         lock_timeout=settings.dokstamp_sync_lock_timeout,
+        lease=settings.dokstamp_sync_visibility_timeout,
     )
 
 

@@ -24,11 +24,13 @@ STREAM = "test:events"
 
 def make_context(sandbox, sessions, redis_client, *, rate: float = 1000.0,
                  file_root: Path | None = None, hosts: Iterable[str] = (),
-                 timeout: float = 10.0, **kw: Any) -> SyncContext:
+                 timeout: float = 10.0, password: str = "sandbox-password",
+                 limiter_sleep: Any = None, **kw: Any) -> SyncContext:
     http = build_http_client(sandbox.url, timeout=timeout)
-    tokens = TokenManager(http, PasswordLogin("admin@demo-university.edu", "sandbox-password"),
+    tokens = TokenManager(http, PasswordLogin("admin@demo-university.edu", password),
                           RedisTokenStore(redis_client))
-    install(http, RateLimiter(redis_client, "demo-university", rate))
+    install(http, RateLimiter(redis_client, "demo-university", rate,
+                              **({"sleep": limiter_sleep} if limiter_sleep else {})))
     client = DokStampClient(http, tenant="demo-university", tokens=tokens)
     kw.setdefault("sleep", lambda s: None)
     return SyncContext(client=client, sessions=sessions, redis=redis_client,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import redis
+from redis.lock import Lock
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.dokstamp import DokStampClient
@@ -58,6 +59,7 @@ class SyncContext:
     retry_budget: float = 86400.0
     max_deliveries: int = 5
     lock_timeout: float = 60.0
+    lease: float = 600.0  # the scheduler's lease on a running event (the visibility timeout)
     lock_prefix: str = "dokstamp:lock:"
     in_call_attempts: int = 3
     sleep: Callable[[float], None] = time.sleep
@@ -68,14 +70,14 @@ class SyncContext:
         self.metrics[name] = self.metrics.get(name, 0) + n
 
     @contextmanager
-    def lock(self, name: str, *, wait: float) -> Iterator[None]:
+    def lock(self, name: str, *, wait: float) -> Iterator[Lock]:
         """A Redis lock that expires (``lock_timeout``) so a dead worker cannot hold it."""
         lock = self.redis.lock(f"{self.lock_prefix}{name}", timeout=self.lock_timeout,
                                blocking_timeout=wait)
         if not lock.acquire():
             raise Busy(name)
         try:
-            yield
+            yield lock
         finally:
             with suppress(redis.RedisError):
                 lock.release()

@@ -12,15 +12,21 @@ budget is spent; permanent ones dead-letter it at once. ``run`` never raises.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 
+from redis.exceptions import LockError
+from redis.lock import Lock
+from sqlalchemy.orm import Session
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.dokstamp.errors import (
+    AuthenticationError,
     DokStampError,
     PermanentError,
+    PermissionDenied,
     RateLimited,
     TransientError,
 )
@@ -34,8 +40,9 @@ from dokstamp_sync.sync.store import (
     data_hash,
     dead_letter,
     finish,
+    forget_natural_keys,
     get_mapping,
-    newer_pending_exists,
+    newer_event_exists,
     park,
     save_mapping,
 )
@@ -53,72 +60,81 @@ def run(ctx: SyncContext, pk: int) -> str:
         record = session.get(EventRecord, pk, with_for_update=True)
         if record is None or record.state in FINAL:
             return record.state if record else "missing"
-        record.deliveries += 1
+        record.deliveries += 1  # undone when this run completes; left behind if it is killed
         if record.deliveries > ctx.max_deliveries:
             dead_letter(session, record, f"the worker was lost {record.deliveries - 1} times "
                                          "while processing this event")
             _log(record, "dead")
             return "dead"
+        # The scheduler must not hand this event out again while this run holds it.
+        record.next_attempt_at = utcnow() + timedelta(seconds=ctx.lease)
     try:
         return process(ctx, pk)
     except Exception as exc:  # a bug must neither kill the worker nor lose the event
         log.exception("event %s: internal error", pk)
-        return _transient(ctx, pk, f"internal error: {type(exc).__name__}: {exc}", None)
+        return _transient(ctx, pk, 0, f"internal error: {type(exc).__name__}: {exc}", None)
 
 
 def process(ctx: SyncContext, pk: int, depth: int = 0) -> str:
-    """Sync one event under its entity's lock; returns the state it ends in (or ``busy``)."""
+    """Sync one event under its entity's lock; returns the state it ends in (or ``busy``).
+
+    ``depth`` > 0: called for a dependency from another event's run.
+    """
     with session_scope(ctx.sessions) as session:
-        record = session.get(EventRecord, pk)
-        if record is None or record.state in FINAL:
-            return record.state if record else "missing"
+        record = _open(session, pk)
+        if record is None:
+            return _final_state(session, pk)
         payload = record.payload
     try:
         event = Event.model_validate(payload)
     except ValueError as exc:
-        return _dead(ctx, pk, f"invalid event: {exc}", None)
+        return _dead(ctx, pk, depth, f"invalid event: {exc}", None)
     try:
-        with ctx.lock(f"entity:{event.entity}:{event.key}", wait=5.0 if depth == 0 else 1.0):
-            return _process_locked(ctx, pk, event, depth)
+        with ctx.lock(f"entity:{event.entity}:{event.key}",
+                      wait=5.0 if depth == 0 else 1.0) as held:
+            return _process_locked(ctx, pk, event, depth, held)
     except Busy:
         if depth == 0:
             with session_scope(ctx.sessions) as session:
-                record = session.get(EventRecord, pk)
-                if record is not None and record.state not in FINAL:
+                record = _open(session, pk)
+                if record is not None:
+                    _completed(record, depth)
                     park(record, delay=1.0, error="another worker is syncing this entity",
                          count=False)
         return "busy"
 
 
-def _process_locked(ctx: SyncContext, pk: int, event: Event, depth: int) -> str:
+def _process_locked(ctx: SyncContext, pk: int, event: Event, depth: int,
+                    held: Lock) -> str:
     try:
         outcome = _with_retries(ctx, lambda: _attempt(ctx, pk, event, depth))
+        held.reacquire()  # still ours? (else another run may be on this entity now)
     except Waiting as w:
-        return _wait(ctx, pk, w)
+        return _wait(ctx, pk, depth, w)
     except Dead as d:
-        return _dead(ctx, pk, d.reason, d.error)
+        return _dead(ctx, pk, depth, d.reason, d.error)
+    except (AuthenticationError, PermissionDenied) as exc:
+        # Credentials refused: an outage to fix, not bad data. Retry within the budget.
+        return _transient(ctx, pk, depth, f"credentials refused: {_describe(exc)}", None)
     except PermanentError as exc:
-        return _dead(ctx, pk, _describe(exc), exc)
+        return _dead(ctx, pk, depth, _describe(exc), exc)
     except (FileSourceError, InvalidEvent) as exc:
-        return _dead(ctx, pk, str(exc), None)
-    except (TransientError, Busy) as exc:
+        return _dead(ctx, pk, depth, str(exc), None)
+    except (TransientError, Busy, LockError) as exc:
         retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
-        return _transient(ctx, pk, str(exc) if isinstance(exc, DokStampError)
-                          else f"lock busy: {exc}", retry_after)
-    return _record(ctx, pk, outcome)
+        error = str(exc) if isinstance(exc, DokStampError) else f"lock: {exc!r}"
+        return _transient(ctx, pk, depth, error, retry_after)
+    return _record(ctx, pk, depth, outcome)
 
 
 def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int) -> Apply:
     with session_scope(ctx.sessions) as session:
-        record = session.get(EventRecord, pk)
-        if record is None or record.state in FINAL:
-            return Apply(record.state if record else "missing")
+        record = _open(session, pk)
+        if record is None:
+            return Apply(_final_state(session, pk))
+        if newer_event_exists(session, record):
+            return Apply("superseded", note="a newer event for this entity came")
         mapping = get_mapping(session, event.entity, event.key)
-        if mapping is not None and mapping.occurred_at is not None \
-                and event.occurred_at < utc(mapping.occurred_at):
-            return Apply("superseded", note="a newer event was already synced")
-        if newer_pending_exists(session, record):
-            return Apply("superseded", note="a newer event for this entity is queued")
         snapshot = Snapshot(mapping.dokstamp_uuid, mapping.status, dict(mapping.sent or {}),
                             mapping.data_hash) if mapping else None
     if event.op == "revoke" or (event.op == "delete" and event.entity == "certificate"):
@@ -144,12 +160,11 @@ def _retry_wait(state: RetryCallState) -> float:
     return float(wait_random_exponential(multiplier=0.25, max=2.0)(state))
 
 
-def _with_retries(ctx: SyncContext, fn: object) -> Apply:
+def _with_retries(ctx: SyncContext, fn: Callable[[], Apply]) -> Apply:
     """Short in-call retries of a whole attempt: safe, since every attempt searches again."""
     retrying = Retrying(stop=stop_after_attempt(ctx.in_call_attempts), wait=_retry_wait,
                         retry=retry_if_exception(_retry_now), reraise=True, sleep=ctx.sleep)
-    result: Apply = retrying(fn)  # type: ignore[arg-type]
-    return result
+    return retrying(fn)
 
 
 def _describe(exc: PermanentError) -> str:
@@ -158,34 +173,57 @@ def _describe(exc: PermanentError) -> str:
         f" [{fields}]" if fields else "")
 
 
-def _record(ctx: SyncContext, pk: int, outcome: Apply) -> str:
+def _open(session: Session, pk: int) -> EventRecord | None:
+    """The event, if it exists and is not final yet."""
+    record = session.get(EventRecord, pk)
+    return None if record is None or record.state in FINAL else record
+
+
+def _final_state(session: Session, pk: int) -> str:
+    record = session.get(EventRecord, pk)
+    return record.state if record is not None else "missing"
+
+
+def _completed(record: EventRecord, depth: int) -> None:
+    """This run ended normally: undo its delivery count (only task runs counted one)."""
+    if depth == 0:
+        record.deliveries = max(0, record.deliveries - 1)
+
+
+def _record(ctx: SyncContext, pk: int, depth: int, outcome: Apply) -> str:
     with session_scope(ctx.sessions) as session:
-        record = session.get(EventRecord, pk)
-        if record is None or record.state in FINAL:
-            return record.state if record else "missing"
+        record = _open(session, pk)
+        if record is None:
+            return _final_state(session, pk)
+        _completed(record, depth)
         if outcome.state == "synced" and outcome.uuid is not None:
             save_mapping(session, record, outcome.uuid, status=outcome.status,
                          sent=outcome.sent, digest=outcome.digest)
+            if outcome.status == "deleted":
+                forget_natural_keys(session, record.entity, outcome.uuid)
         finish(session, record, outcome.state, outcome.note)
         _log(record, outcome.state, outcome.note)
     return outcome.state
 
 
-def _dead(ctx: SyncContext, pk: int, reason: str, error: PermanentError | None) -> str:
+def _dead(ctx: SyncContext, pk: int, depth: int, reason: str,
+          error: PermanentError | None) -> str:
     with session_scope(ctx.sessions) as session:
-        record = session.get(EventRecord, pk)
-        if record is None or record.state in FINAL:
-            return record.state if record else "missing"
+        record = _open(session, pk)
+        if record is None:
+            return _final_state(session, pk)
+        _completed(record, depth)
         dead_letter(session, record, reason, error)
         _log(record, "dead", reason)
     return "dead"
 
 
-def _wait(ctx: SyncContext, pk: int, w: Waiting) -> str:
+def _wait(ctx: SyncContext, pk: int, depth: int, w: Waiting) -> str:
     with session_scope(ctx.sessions) as session:
-        record = session.get(EventRecord, pk)
-        if record is None or record.state in FINAL:
-            return record.state if record else "missing"
+        record = _open(session, pk)
+        if record is None:
+            return _final_state(session, pk)
+        _completed(record, depth)
         waited = utcnow() - utc(record.received_at)
         if w.never_arrived and waited > timedelta(seconds=ctx.dependency_timeout):
             reason = w.reason.replace("has not arrived", "never arrived")
@@ -197,11 +235,13 @@ def _wait(ctx: SyncContext, pk: int, w: Waiting) -> str:
     return "waiting"
 
 
-def _transient(ctx: SyncContext, pk: int, error: str, retry_after: float | None) -> str:
+def _transient(ctx: SyncContext, pk: int, depth: int, error: str,
+               retry_after: float | None) -> str:
     with session_scope(ctx.sessions) as session:
-        record = session.get(EventRecord, pk)
-        if record is None or record.state in FINAL:
-            return record.state if record else "missing"
+        record = _open(session, pk)
+        if record is None:
+            return _final_state(session, pk)
+        _completed(record, depth)
         now = utcnow()
         first = utc(record.first_failed_at) if record.first_failed_at else now
         if (now - first).total_seconds() > ctx.retry_budget:

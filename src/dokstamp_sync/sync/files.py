@@ -51,7 +51,7 @@ def _from_url(url: str, policy: FilePolicy, http: httpx.Client) -> bytes:
         with http.stream("GET", url) as response:
             if response.status_code >= 500 or response.status_code == 429:
                 raise errors.from_response(response)
-            if response.status_code >= 400:
+            if response.status_code >= 300:  # redirects are not followed: never upload them
                 raise FileSourceError(f"document server answered {response.status_code} for "
                                       f"{parts.path}")
             chunks, size = [], 0

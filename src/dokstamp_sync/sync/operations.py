@@ -18,7 +18,7 @@ from dokstamp_sync.events import Event
 from dokstamp_sync.sync import files
 from dokstamp_sync.sync.context import Dead, SyncContext
 from dokstamp_sync.sync.entities import SPECS, Spec, natural_key, remote_value, same_value
-from dokstamp_sync.sync.store import known_uuid, remember_natural_key
+from dokstamp_sync.sync.store import forget_natural_keys, known_uuid, remember_natural_key
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,18 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
         _check_identity(spec, event, payload, adopted)
         return str(adopted["uuid"]), adopted
     key = natural_key(spec, payload)
-    with ctx.lock(f"nk:{spec.entity}:{sha256(key.encode()).hexdigest()}", wait=30):
+    with ctx.lock(f"nk:{spec.entity}:{sha256(key.encode()).hexdigest()}", wait=10):
         with session_scope(ctx.sessions) as session:
             known = known_uuid(session, spec.entity, key)
-        remote: Entity | None
+        remote: Entity | None = None
         if known is not None:
-            remote = resource.get(known)
-        else:
+            try:
+                remote = resource.get(known)
+            except NotFound:  # deleted in DokStamp meanwhile: forget it, search again
+                with session_scope(ctx.sessions) as session:
+                    forget_natural_keys(session, spec.entity, known)
+                known = None
+        if known is None:
             where = {f: payload.get(f) for f in spec.natural_key}
             remote = resource.find_one(**where)
             ctx.count("searches")
@@ -106,8 +111,7 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
 def upsert(ctx: SyncContext, event: Event, payload: dict[str, Any], refs: dict[str, Any],
            snapshot: Snapshot | None, digest: str) -> Apply:
     spec = SPECS[event.entity]
-    if snapshot is not None and snapshot.status in ("active", "archived") \
-            and snapshot.digest == digest:
+    if snapshot is not None and snapshot.status == "active" and snapshot.digest == digest:
         ctx.count("unchanged")
         return Apply("synced", snapshot.uuid, snapshot.status, snapshot.sent, digest,
                      note="unchanged: no API call")
@@ -119,8 +123,15 @@ def upsert(ctx: SyncContext, event: Event, payload: dict[str, Any], refs: dict[s
     created = False
     if snapshot is not None and snapshot.status in ("active", "archived"):
         uuid = snapshot.uuid
+        moved = sorted(k for k in spec.fixed if k in snapshot.sent
+                       and payload.get(k) != snapshot.sent[k])
+        if moved:
+            raise Dead(f"{event.entity} {event.key}: DokStamp cannot change {', '.join(moved)} "
+                       f"of an existing {event.entity} ({uuid}); delete it and send it anew")
         changes = {k: v for k, v in payload.items()
                    if k not in spec.fixed and snapshot.sent.get(k) != v}
+        if snapshot.status == "archived":  # upserted again after a refused delete: revive it
+            changes["status"] = payload.get("status", "active")
         if changes:
             resource.update(uuid, changes)
     else:

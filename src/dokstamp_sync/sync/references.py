@@ -24,22 +24,25 @@ def dependency(ctx: SyncContext, entity: str, key: str, depth: int, process: Pro
         mapping = get_mapping(session, entity, key)
         if mapping is not None and mapping.status in ACTIVE:
             return mapping.dokstamp_uuid
-        if mapping is not None and mapping.status == "deleted":
-            raise Dead(f"dependency {entity} {key} was deleted")
         latest = latest_event(session, entity, key)
         found = (latest.id, latest.state, latest.op) if latest else None
+        status = mapping.status if mapping is not None else None
     tag = f"{entity}:{key}"
     if found is None:
+        if status is not None:
+            raise Dead(f"dependency {entity} {key} is {status} in DokStamp")
         raise Waiting(f"dependency {entity} {key} has not arrived", waiting_for=tag,
                       never_arrived=True)
     pk, state, op = found
-    if op != "upsert":
-        raise Dead(f"dependency {entity} {key} is being deleted in the ERP")
+    if op != "upsert":  # the newest word on it is a delete
+        raise Dead(f"dependency {entity} {key} was deleted in the ERP")
     if state == "dead":
         raise Waiting(f"dependency {entity} {key} is dead-lettered: fix and replay it",
                       waiting_for=tag, never_arrived=True)
     if depth >= MAX_DEPTH:
         raise Waiting(f"dependency chain too deep at {entity} {key}", waiting_for=tag, delay=5)
+    if state == "synced":  # its newest upsert is synced, yet it is not active in DokStamp
+        raise Dead(f"dependency {entity} {key} is {status} in DokStamp")
     result = process(ctx, pk, depth + 1)
     if result == "synced":
         with session_scope(ctx.sessions) as session:

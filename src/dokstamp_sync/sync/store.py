@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from hashlib import sha256
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,12 +36,17 @@ def latest_event(session: Session, entity: str, key: str) -> EventRecord | None:
         .order_by(EventRecord.occurred_at.desc(), EventRecord.id.desc()).limit(1))
 
 
-def newer_pending_exists(session: Session, record: EventRecord) -> bool:
-    """Is there a newer event for the same entity that is still to be synced?"""
+def newer_event_exists(session: Session, record: EventRecord) -> bool:
+    """Is there a newer event for the same entity, already synced or still to be synced?
+
+    Newer means a later ``occurred_at``, or the same one received later (a higher id). A synced
+    delete counts too, so an older upsert arriving after it cannot bring the entity back.
+    """
     return session.scalar(
         select(EventRecord.id).where(
             EventRecord.entity == record.entity, EventRecord.erp_key == record.erp_key,
-            EventRecord.state.in_(("pending", "waiting")), EventRecord.id != record.id,
+            EventRecord.state.in_(("pending", "waiting", "synced")),
+            EventRecord.id != record.id,
             (EventRecord.occurred_at > record.occurred_at)
             | ((EventRecord.occurred_at == record.occurred_at)
                & (EventRecord.id > record.id))).limit(1)) is not None
@@ -50,6 +55,12 @@ def newer_pending_exists(session: Session, record: EventRecord) -> bool:
 def known_uuid(session: Session, entity: str, key: str) -> str | None:
     return session.scalar(select(NaturalKey.dokstamp_uuid).where(
         NaturalKey.entity == entity, NaturalKey.natural_key == key))
+
+
+def forget_natural_keys(session: Session, entity: str, uuid: str) -> None:
+    """A deleted entity's natural keys are free again: a later upsert searches and creates."""
+    session.execute(delete(NaturalKey).where(NaturalKey.entity == entity,
+                                             NaturalKey.dokstamp_uuid == uuid))
 
 
 def remember_natural_key(session: Session, entity: str, key: str, uuid: str) -> str:
@@ -75,8 +86,7 @@ def save_mapping(session: Session, record: EventRecord, uuid: str, *, status: st
     mapping.status = status
     if sent is not None:
         mapping.sent = sent
-    if digest is not None:
-        mapping.data_hash = digest
+    mapping.data_hash = digest  # None after a delete or archive: the next upsert is sent
     mapping.occurred_at = record.occurred_at
     mapping.event_id = record.event_id
     mapping.synced_at = utcnow()
@@ -87,7 +97,6 @@ def finish(session: Session, record: EventRecord, state: str, error: str | None 
     """Mark an event final; when synced, wake the events that waited for its entity."""
     record.state = state
     record.finished_at = utcnow()
-    record.deliveries = 0
     record.waiting_for = None
     if error is not None:
         record.last_error = error
@@ -122,10 +131,12 @@ def dead_letter(session: Session, record: EventRecord, reason: str,
 
 def park(record: EventRecord, *, delay: float, error: str, waiting_for: str | None = None,
          count: bool = True, now: datetime | None = None) -> None:
-    """Put an event back to ``waiting`` until ``delay`` seconds from now."""
+    """Put an event back to ``waiting`` until ``delay`` seconds from now.
+
+    ``count``: a transient failure, counted against the retry budget.
+    """
     now = now or utcnow()
     record.state = "waiting"
-    record.deliveries = 0
     record.last_error = error
     record.waiting_for = waiting_for
     record.next_attempt_at = now + timedelta(seconds=delay)

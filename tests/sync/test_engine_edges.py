@@ -1,0 +1,226 @@
+"""Edge cases of ordering, deletes, delivery counting, leases and ingestion (regressions)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from helpers import STREAM, Harness, make_context
+from test_engine import T0, live, student
+
+from dokstamp_sync import samples
+from dokstamp_sync.db import session_scope
+from dokstamp_sync.models import EventRecord
+from dokstamp_sync.samples import event
+from dokstamp_sync.sandbox import Faults, ScriptedFault
+from dokstamp_sync.scheduler import dispatch_due
+
+
+def test_older_upsert_after_a_synced_delete_does_not_resurrect(h, sandbox):
+    """The ERP's delete (newer) ran first; the older upsert then ends superseded."""
+    up, gone = student(at=T0), student(op="delete", at=T0 + timedelta(hours=1))
+    pk_up, pk_del = h.send(up, gone)
+    assert h.run([pk_del, pk_up]) == ["synced", "superseded"]
+    assert live(sandbox, "students") == []
+
+
+def test_recreate_after_delete(h, sandbox):
+    """Upsert, delete, upsert again: the student exists again, as a new DokStamp entity."""
+    h.sync(student(at=T0))
+    first = h.mapping("student", "S-1").dokstamp_uuid
+    h.sync(student(op="delete", at=T0 + timedelta(hours=1)))
+    assert h.sync(student(at=T0 + timedelta(hours=2))) == ["synced"]
+    m = h.mapping("student", "S-1")
+    assert (m.status, len(live(sandbox, "students"))) == ("active", 1)
+    assert m.dokstamp_uuid != first
+
+
+def test_child_of_a_deleted_then_recreated_parent_syncs(h, sandbox):
+    """A child referencing a parent whose newer upsert is queued syncs that upsert first."""
+    h.sync(student(at=T0))
+    h.sync(student(op="delete", at=T0 + timedelta(hours=1)))
+    h.send(student(at=T0 + timedelta(hours=2)))  # queued, not run yet
+    h.sync(*samples.graduating_class(0, courses=1, modules_per_course=1))
+    e = event("enrollment", "E-1", {"student_key": "S-1", "course_key": "CRS-1",
+                                    "enrolled_at": "2024-01-01"})
+    assert h.sync(e) == ["synced"]
+
+
+def test_child_of_a_parent_deleted_in_the_erp_is_dead(h, sandbox):
+    """A reference to an entity the ERP deleted is dead-lettered with that reason."""
+    h.sync(student(at=T0))
+    h.sync(student(op="delete", at=T0 + timedelta(hours=1)))
+    h.sync(*samples.graduating_class(0, courses=1, modules_per_course=1))
+    e = event("enrollment", "E-1", {"student_key": "S-1", "course_key": "CRS-1",
+                                    "enrolled_at": "2024-01-01"})
+    assert h.sync(e) == ["dead"]
+    assert "was deleted in the ERP" in h.letters()[0].reason
+
+
+def test_archived_course_upserted_again_is_revived(h, sandbox):
+    """A course archived by a refused delete is active again when the ERP upserts it."""
+    cls = samples.graduating_class(0, courses=1, modules_per_course=1)
+    h.sync(*cls)
+    course = next(e for e in cls if e["entity"] == "course")
+    h.sync(event("course", "CRS-1", op="delete", at=T0 + timedelta(hours=1)))
+    assert live(sandbox, "courses")[0]["status"] == "archived"
+    assert h.sync(event("course", "CRS-1", course["data"], at=T0 + timedelta(hours=2))) == [
+        "synced"]
+    assert live(sandbox, "courses")[0]["status"] == "active"
+    assert h.mapping("course", "CRS-1").status == "active"
+
+
+def test_changing_a_fixed_reference_is_dead_not_silently_dropped(h, sandbox):
+    """An enrollment moved to another course cannot be PATCHed: dead letter naming it."""
+    h.sync(*samples.graduating_class(1, courses=2, modules_per_course=1))
+    enr = next(e for e in samples.graduating_class(1, courses=2, modules_per_course=1)
+               if e["entity"] == "enrollment")
+    moved = event("enrollment", enr["key"], dict(enr["data"], course_key="CRS-2",
+                                                  cohort_key="COH-2"),
+                  at=T0 + timedelta(days=1))
+    assert h.sync(moved) == ["dead"]
+    assert "cannot change course_uuid" in h.letters()[0].reason
+
+
+def test_busy_runs_do_not_erase_lost_worker_deliveries(h, ctx):
+    """A killed worker's lock still held: redeliveries are busy, and the count of runs that
+    never finished is kept, so a task that keeps killing its worker is still caught."""
+    e = student()
+    pk = h.send(e)[0]
+    with session_scope(ctx.sessions) as s:
+        s.get(EventRecord, pk).deliveries = 3  # three runs were killed
+    lock = ctx.redis.lock("dokstamp:lock:entity:student:S-1", timeout=60)
+    assert lock.acquire()
+    assert h.run([pk]) == ["busy"]
+    assert h.record(e["event_id"]).deliveries == 3
+    lock.release()
+    assert h.run([pk]) == ["synced"]
+
+
+def test_a_run_holds_a_lease_so_the_scheduler_does_not_redispatch(h, ctx):
+    """While an event runs, its next attempt time is a lease away; dispatch_due skips it."""
+    pk = h.send(student())[0]
+    with session_scope(ctx.sessions) as s:
+        s.get(EventRecord, pk).next_attempt_at = datetime.now(UTC) - timedelta(seconds=1)
+    got: list[int] = []
+    assert dispatch_due(ctx.sessions, got.extend, lease=600) == 1
+    assert dispatch_due(ctx.sessions, got.extend, lease=600) == 0  # leased now
+    assert got == [pk]
+
+
+def test_dependency_wait_before_the_timeout_is_not_dead(h, ctx):
+    """Well within the dependency timeout, a missing parent means waiting, polled again."""
+    e = event("enrollment", "E-1", {"student_key": "S-404", "course_key": "C-404",
+                                    "enrolled_at": "2024-01-01"})
+    assert h.sync(e) == ["waiting"]
+    rec = h.record(e["event_id"])
+    assert rec.attempts == 0  # a wait is not a failed attempt
+    assert rec.next_attempt_at > datetime.now(UTC) + timedelta(seconds=30)
+
+
+def test_backoff_grows_with_attempts_and_stays_jittered(h, ctx, sandbox):
+    """Each transient failure parks the event up to 2 s * 2^attempts later (full jitter)."""
+    import random
+
+    ctx.rng = random.Random(1)
+    sandbox.sandbox.faults.configure(Faults(error_rate=1.0, lost_response_share=0.0))
+    e = student()
+    pk = h.send(e)[0]
+    delays = []
+    for attempt in range(5):
+        before = datetime.now(UTC)
+        assert h.run([pk]) == ["waiting"]
+        rec = h.record(e["event_id"])
+        assert rec.attempts == attempt + 1
+        delays.append((rec.next_attempt_at - before).total_seconds())
+    for attempt, delay in enumerate(delays):
+        assert 0 <= delay <= 2.0 * 2 ** attempt + 0.5
+    assert max(delays[3:]) > 2.5  # it grows beyond the first bounds
+    assert len({round(d, 3) for d in delays}) == 5  # jittered
+
+
+def test_429_pause_is_honoured_by_the_shared_limiter(sandbox, sessions, engine_redis):
+    """After a 429 with Retry-After 1, the next request of any process waits for the pause."""
+    waits: list[float] = []
+    ctx = make_context(sandbox, sessions, engine_redis, limiter_sleep=waits.append)
+    harness = Harness(ctx)
+    sandbox.sandbox.faults.configure(Faults(script=[
+        ScriptedFault("GET", "/students", status=429, retry_after=1)]))
+    assert harness.sync(student()) == ["synced"]
+    assert sum(waits) >= 0.9  # the limiter slept out the tenant pause
+
+
+def test_long_pause_parks_the_event_instead_of_sleeping(sandbox, sessions, engine_redis):
+    """A tenant pause longer than the limiter's max wait parks the event (no long sleep with
+    locks held)."""
+    ctx = make_context(sandbox, sessions, engine_redis)
+    harness = Harness(ctx)
+    engine_redis.set("dokstamp:pause:demo-university", "1", px=60_000)
+    e = student()
+    assert harness.sync(e) == ["waiting"]
+    rec = harness.record(e["event_id"])
+    assert "paused after a 429" in rec.last_error
+    assert rec.next_attempt_at > datetime.now(UTC) + timedelta(seconds=50)
+
+
+def test_entries_stay_pending_when_recording_fails(h, ctx, monkeypatch):
+    """If the database write fails, nothing is acknowledged: the entry is read again later."""
+    import dokstamp_sync.ingest as ingest
+
+    ctx.redis.xadd(STREAM, {"event": json.dumps(student())})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("database down")
+
+    monkeypatch.setattr(ingest, "record_entry", broken)
+    with pytest.raises(RuntimeError):
+        h.ingester.poll(block_ms=10)
+    assert ctx.redis.xpending(STREAM, "dokstamp-sync")["pending"] == 1
+    assert ctx.redis.xlen(STREAM) == 1
+
+
+@pytest.mark.parametrize("raw", [
+    json.dumps(event("student", "K" * 300, {"name": "a", "email": "b@x.edu"})),
+    "bad\x00text"])
+def test_an_entry_the_database_refuses_does_not_block_its_batch(h, ctx, raw):
+    """An over-long key or a NUL byte: a dead letter, and the good entry beside it syncs."""
+    good = student()
+    ctx.redis.xadd(STREAM, {"event": raw})
+    pks = h.send(good)
+    assert len(pks) == 1
+    assert len(h.letters()) == 1
+    assert ctx.redis.xpending(STREAM, "dokstamp-sync")["pending"] == 0
+
+
+class _Redirect(BaseHTTPRequestHandler):
+    def do_GET(self):  # the stdlib's handler method name
+        body = b"<html>moved</html>"
+        self.send_response(302)
+        self.send_header("Location", "/elsewhere")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_redirect_is_never_uploaded_as_the_file(sandbox, sessions, engine_redis):
+    """A 302 from the document server is refused, not uploaded as a PDF."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ctx = make_context(sandbox, sessions, engine_redis, hosts=["127.0.0.1"])
+    e = event("file", "F-1", {"url": f"http://127.0.0.1:{server.server_address[1]}/d.pdf",
+                              "filename": "d.pdf"})
+    assert Harness(ctx).sync(e) == ["dead"]
+    assert sandbox.sandbox.tenants["demo-university"].dump()["files"] == []
+    server.shutdown()
+
+
+def test_credentials_refused_is_retried_not_dead(sandbox, sessions, engine_redis):
+    """Refused credentials are an outage: the event waits and retries, it is not dead."""
+    ctx = make_context(sandbox, sessions, engine_redis, password="wrong")
+    assert Harness(ctx).sync(student()) == ["waiting"]
