@@ -74,9 +74,45 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    import os
+
     from dokstamp_sync.worker import run_worker
 
-    run_worker(load_settings(), concurrency=args.concurrency, loglevel=args.loglevel)
+    settings = load_settings()
+    if args.metrics_port:  # read by the worker's pump step, in the worker's main process
+        os.environ["DOKSTAMP_SYNC_METRICS_PORT"] = str(args.metrics_port)
+    run_worker(settings, concurrency=args.concurrency, loglevel=args.loglevel)
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    import redis
+
+    from dokstamp_sync.db import session_scope
+    from dokstamp_sync.health import check
+
+    settings, sessions = _store()
+    with session_scope(sessions) as session:
+        health = check(session, redis.Redis.from_url(settings.redis_url),
+                       settings.dokstamp_sync_stream, max_age=args.max_age, stall=args.stall)
+    if args.json:
+        print(json.dumps({"ok": health.ok, "problems": health.problems,
+                          "facts": health.facts}))
+    else:
+        print("healthy" if health.ok else "UNHEALTHY: " + "; ".join(health.problems))
+    return 0 if health.ok else 1
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    import redis
+
+    from dokstamp_sync.metrics import serve
+
+    settings, sessions = _store()
+    print(f"metrics on http://{args.address}:{args.port}/metrics (health: /healthz)",
+          file=sys.stderr)
+    serve(sessions, redis.Redis.from_url(settings.redis_url), settings.dokstamp_sync_stream,
+          address=args.address, port=args.port)
     return 0
 
 
@@ -170,6 +206,41 @@ def _enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flower(args: argparse.Namespace) -> int:  # noqa: RET503  # execve does not return
+    import os
+
+    from dokstamp_sync.config import load_store_settings
+
+    settings = load_store_settings()
+    auth = settings.dokstamp_sync_flower_auth
+    env = dict(os.environ)
+    if auth is not None:
+        user, _, password = auth.get_secret_value().partition(":")
+        if not user or not password:
+            print("configuration error: DOKSTAMP_SYNC_FLOWER_AUTH must be user:password",
+                  file=sys.stderr)
+            return 2
+        env["FLOWER_BASIC_AUTH"] = auth.get_secret_value()  # by environment: not seen in ps
+    elif not args.insecure_no_auth:
+        print("refusing to start Flower without a password: set DOKSTAMP_SYNC_FLOWER_AUTH="
+              "user:password (or pass --insecure-no-auth)", file=sys.stderr)
+        return 2
+    argv = [sys.executable, "-m", "celery", "-A", "dokstamp_sync.worker", "flower",
+            f"--address={args.address}", f"--port={args.port}"]
+    os.execve(sys.executable, argv, env)  # noqa: S606  # becomes Flower: signals reach it
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dokstamp_sync.demo import DemoOptions, run_demo
+
+    result = run_demo(DemoOptions(students=args.students, data_dir=Path(args.data_dir),
+                                  concurrency=args.concurrency, flower=not args.no_flower,
+                                  keep_running=args.keep_running))
+    return 0 if result.states["pending"] == result.states["waiting"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dokstamp-sync", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,7 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     wk = sub.add_parser("worker", help="Celery workers + stream ingester + retry scheduler")
     wk.add_argument("--concurrency", "-c", type=int, default=4)
     wk.add_argument("--loglevel", default="INFO")
+    wk.add_argument("--metrics-port", type=int, default=None,
+                    help="also serve /metrics and /healthz on this port")
     wk.set_defaults(func=_worker)
+
+    hc = sub.add_parser("health", help="exit 0 if the pipeline is making progress, else 1")
+    hc.add_argument("--max-age", type=float, default=3600.0,
+                    help="oldest unsynced event allowed, seconds")
+    hc.add_argument("--stall", type=float, default=120.0,
+                    help="seconds without a finished task while tasks are queued")
+    hc.add_argument("--json", action="store_true")
+    hc.set_defaults(func=_health)
+
+    me = sub.add_parser("metrics", help="serve Prometheus /metrics and /healthz")
+    me.add_argument("--address", default="127.0.0.1")
+    me.add_argument("--port", type=int, default=9464)
+    me.set_defaults(func=_metrics)
 
     st = sub.add_parser("status", help="events by state, queue depth, oldest unsynced event")
     st.add_argument("--json", action="store_true")
@@ -231,11 +317,35 @@ def build_parser() -> argparse.ArgumentParser:
     eq = sub.add_parser("enqueue", help="send events (one JSON per line) to the stream")
     eq.add_argument("file", help="a file, or - for standard input")
     eq.set_defaults(func=_enqueue)
+
+    fl = sub.add_parser("flower", help="the Celery dashboard for the worker's app")
+    fl.add_argument("--address", default="127.0.0.1")
+    fl.add_argument("--port", type=int, default=5555)
+    fl.add_argument("--insecure-no-auth", action="store_true",
+                    help="start without a password (never on a shared network)")
+    fl.set_defaults(func=_flower)
+
+    dm = sub.add_parser("demo", help="the whole pipeline on embedded defaults, with a summary")
+    dm.add_argument("--students", type=int, default=60)
+    dm.add_argument("--data-dir", default="dokstamp-sync-data")
+    dm.add_argument("--concurrency", type=int, default=4)
+    dm.add_argument("--no-flower", action="store_true")
+    dm.add_argument("--keep-running", action="store_true",
+                    help="leave the worker, Flower and the sandbox up until Ctrl-C")
+    dm.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in ("worker", "flower"):  # those set up their own logging
+        from dokstamp_sync.config import load_store_settings
+        from dokstamp_sync.logs import setup
+
+        try:
+            setup(load_store_settings().dokstamp_sync_log_json, "WARNING")
+        except ConfigError:
+            setup(False, "WARNING")
     try:
         return int(args.func(args))
     except ConfigError as exc:

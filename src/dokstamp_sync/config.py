@@ -31,6 +31,10 @@ class StoreSettings(BaseSettings):
     database_url: str = Field(default="postgresql+psycopg://postgres@localhost/dokstamp_sync",
                               repr=False)
     dokstamp_sync_stream: str = "dokstamp:events"
+    dokstamp_sync_visibility_timeout: float = Field(default=600.0, gt=0)  # s
+    dokstamp_sync_log_json: bool = False  # one JSON object per log line
+    # Flower's basic auth, "user:password" (`dokstamp-sync flower` refuses to start without).
+    dokstamp_sync_flower_auth: SecretStr | None = None
 
 
 class Settings(StoreSettings):
@@ -51,7 +55,6 @@ class Settings(StoreSettings):
     dokstamp_sync_dependency_timeout: float = Field(default=86400.0, gt=0)  # s
     dokstamp_sync_retry_budget: float = Field(default=86400.0, gt=0)  # s
     dokstamp_sync_max_deliveries: int = Field(default=5, ge=1)
-    dokstamp_sync_visibility_timeout: float = Field(default=600.0, gt=0)  # s
     dokstamp_sync_lock_timeout: float = Field(default=60.0, gt=0)  # s, a dead worker's locks
     dokstamp_sync_file_hosts: str = ""  # comma-separated hosts files may be fetched from
     dokstamp_sync_file_root: str = ""  # folder `path` files must be under

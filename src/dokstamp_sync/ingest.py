@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.events import InvalidEvent, parse_event
 from dokstamp_sync.models import DeadLetter, EventRecord, utcnow
+from dokstamp_sync.redis_keys import HEARTBEAT
 
 log = logging.getLogger("dokstamp_sync.ingest")
 GROUP = "dokstamp-sync"
@@ -122,6 +123,8 @@ class StreamIngester:
             # redis-py's hints do not cover XREADGROUP's [[stream, [(id, fields)]]] answer
             entries = [e for _, items in (read or []) for e in items]  # type: ignore[str-unpack,union-attr]
         self.last_read = time.time()
+        # The health check's proof that this consumer is reading (expires if it stops).
+        self.redis.set(f"{HEARTBEAT}ingest:{self.consumer}", str(self.last_read), ex=60)
         if entries:
             self.handle(entries)
         return len(entries)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import suppress
 
 import httpx
 import redis
 
 from dokstamp_sync.dokstamp.errors import RateLimited, parse_retry_after
+from dokstamp_sync.redis_keys import COUNTERS
 
 # KEYS[1] bucket, ARGV: rate (tokens/s), burst. Returns ms to wait (0: a token was taken).
 _TAKE = """
@@ -72,6 +74,11 @@ class RateLimiter:
                 return
             self._wait(wait_ms / 1000)
 
+    def count_response(self, status: int) -> None:
+        self._redis.hincrby(COUNTERS, f"api_{status // 100}xx", 1)
+        if status == 429:
+            self._redis.hincrby(COUNTERS, "api_429", 1)
+
     def pause(self, seconds: float) -> None:
         """Hold every process's requests for ``seconds`` (a 429's Retry-After)."""
         ms = max(1, int(seconds * 1000))
@@ -93,6 +100,8 @@ def install(http: httpx.Client, limiter: RateLimiter) -> None:
         limiter.acquire()
 
     def after(response: httpx.Response) -> None:
+        with suppress(redis.RedisError):  # fleet-wide API counters for the metrics endpoint
+            limiter.count_response(response.status_code)
         if response.status_code == 429:
             seconds = parse_retry_after(response.headers.get("Retry-After"))
             limiter.pause(seconds if seconds is not None else 1.0)

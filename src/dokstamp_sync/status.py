@@ -35,8 +35,12 @@ def report(session: Session, client: redis.Redis | None, stream: str) -> dict[st
         "dead_letters_open": open_letters,
     }
     if client is not None:
-        out["stream_depth"] = int(client.xlen(stream)) if client.exists(stream) else 0
-        out["queue_depth"] = int(client.llen(QUEUE))
+        try:
+            out["stream_depth"] = int(client.xlen(stream)) if client.exists(stream) else 0
+            out["queue_depth"] = int(client.llen(QUEUE))
+        except redis.RedisError as exc:
+            out |= {"stream_depth": None, "queue_depth": None,
+                    "redis_error": f"{type(exc).__name__}: {exc}"}
     return out
 
 
@@ -46,7 +50,9 @@ def render(status: dict[str, Any]) -> str:
     lines = ["events:  " + "  ".join(f"{k} {v}" for k, v in events.items())]
     age = status["oldest_unsynced_age_s"]
     lines.append(f"oldest unsynced event: {'none' if age is None else f'{age:.0f} s old'}")
-    if "stream_depth" in status:
+    if "redis_error" in status:
+        lines.append(f"Redis unreachable: {status['redis_error']}")
+    elif "stream_depth" in status:
         lines.append(f"stream depth: {status['stream_depth']}   "
                      f"task queue depth: {status['queue_depth']}")
     lines.append(f"open dead letters: {status['dead_letters_open']}"

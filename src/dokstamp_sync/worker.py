@@ -19,10 +19,16 @@ from typing import Any, ClassVar
 
 import redis
 from celery import Celery, bootsteps
-from celery.signals import worker_process_init
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
-from dokstamp_sync import runtime
-from dokstamp_sync.config import ConfigError, Settings, load_settings
+from dokstamp_sync import logs, runtime
+from dokstamp_sync.config import (
+    ConfigError,
+    Settings,
+    StoreSettings,
+    load_settings,
+    load_store_settings,
+)
 from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.ingest import StreamIngester
 from dokstamp_sync.scheduler import dispatch_due
@@ -40,7 +46,7 @@ app.conf.update(
 )
 
 
-def configure(settings: Settings) -> Celery:
+def configure(settings: StoreSettings) -> Celery:
     """Point the app at the settings' Redis, with the visibility timeout."""
     app.conf.update(
         broker_url=settings.redis_url,
@@ -51,12 +57,20 @@ def configure(settings: Settings) -> Celery:
 
 # `celery -A dokstamp_sync.worker ...` and Flower need the broker without our CLI.
 with suppress(ConfigError):
-    configure(load_settings())
+    configure(load_store_settings())
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _fresh_context(**_: Any) -> None:
     runtime.reset()  # each prefork child builds its own connections
+
+
+@after_setup_logger.connect  # type: ignore[untyped-decorator]
+@after_setup_task_logger.connect  # type: ignore[untyped-decorator]
+def _json_logs(logger: logging.Logger, **_: Any) -> None:
+    with suppress(ConfigError):
+        if load_store_settings().dokstamp_sync_log_json:
+            logs.use_json(logger)
 
 
 def dispatch(pks: Sequence[int]) -> None:
@@ -69,8 +83,10 @@ def dispatch(pks: Sequence[int]) -> None:
 class Pump:
     """The ingester and the scheduler, each in a thread of the worker's main process."""
 
-    def __init__(self, settings: Settings, *, poll_interval: float = 1.0) -> None:
+    def __init__(self, settings: Settings, *, poll_interval: float = 1.0,
+                 metrics_port: int | None = None) -> None:
         self.settings = settings
+        self.metrics_port = metrics_port
         self.stop_event = threading.Event()
         self.poll_interval = poll_interval
         lease = settings.dokstamp_sync_visibility_timeout
@@ -89,6 +105,11 @@ class Pump:
         self.ingester.ensure_group()
         for thread in self.threads:
             thread.start()
+        if self.metrics_port:
+            from dokstamp_sync.metrics import serve
+
+            serve(self.sessions, self.ingester.redis, self.settings.dokstamp_sync_stream,
+                  address="0.0.0.0", port=self.metrics_port, background=True)  # noqa: S104
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -122,7 +143,8 @@ class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unty
         self.pump: Pump | None = None
 
     def start(self, worker: Any) -> None:
-        self.pump = Pump(load_settings())
+        port = os.environ.get("DOKSTAMP_SYNC_METRICS_PORT")
+        self.pump = Pump(load_settings(), metrics_port=int(port) if port else None)
         self.pump.start()
 
     def stop(self, worker: Any) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.dokstamp import DokStampClient
 from dokstamp_sync.dokstamp.errors import PermanentError
+from dokstamp_sync.redis_keys import COUNTERS
 from dokstamp_sync.sync.files import FilePolicy
 
 
@@ -67,7 +68,10 @@ class SyncContext:
     metrics: dict[str, int] = field(default_factory=dict)
 
     def count(self, name: str, n: int = 1) -> None:
+        """Count locally and in the fleet-wide counters the metrics endpoint reads."""
         self.metrics[name] = self.metrics.get(name, 0) + n
+        with suppress(redis.RedisError):
+            self.redis.hincrby(COUNTERS, name, n)
 
     @contextmanager
     def lock(self, name: str, *, wait: float) -> Iterator[Lock]:

