@@ -11,6 +11,7 @@ budget is spent; permanent ones dead-letter it at once. ``run`` never raises.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from dokstamp_sync.sync.store import (
     finish,
     forget_natural_keys,
     get_mapping,
+    log_outcome,
     newer_event_exists,
     park,
     save_mapping,
@@ -67,7 +69,7 @@ def run(ctx: SyncContext, pk: int) -> str:
         if record.deliveries > ctx.max_deliveries:
             dead_letter(session, record, f"the worker was lost {record.deliveries - 1} times "
                                          "while processing this event")
-            _log(record, "dead")
+            log_outcome(record, "dead")
             return "dead"
         # The scheduler must not hand this event out again while this run holds it.
         record.next_attempt_at = utcnow() + timedelta(seconds=ctx.lease)
@@ -113,8 +115,10 @@ def process(ctx: SyncContext, pk: int, depth: int = 0) -> str:
 
 def _process_locked(ctx: SyncContext, pk: int, event: Event, depth: int,
                     held: Lock) -> str:
+    tries = itertools.count()
     try:
-        outcome = _with_retries(ctx, lambda: _attempt(ctx, pk, event, depth))
+        outcome = _with_retries(
+            ctx, lambda: _attempt(ctx, pk, event, depth, retry=next(tries) > 0))
         held.reacquire()  # still ours? (else another run may be on this entity now)
     except Waiting as w:
         return _wait(ctx, pk, depth, w)
@@ -134,11 +138,13 @@ def _process_locked(ctx: SyncContext, pk: int, event: Event, depth: int,
     return _record(ctx, pk, depth, outcome)
 
 
-def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int) -> Apply:
+def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int, *, retry: bool) -> Apply:
     with session_scope(ctx.sessions) as session:
         record = _open(session, pk)
         if record is None:
             return Apply(_final_state(session, pk))
+        # Never tried before, never delivered before: no lost response can have created it.
+        fresh = not retry and record.attempts == 0 and record.deliveries <= 1
         if newer_event_exists(session, record):
             return Apply("superseded", note="a newer event for this entity came")
         mapping = get_mapping(session, event.entity, event.key)
@@ -151,7 +157,7 @@ def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int) -> Apply:
     refs = references.resolve(ctx, event, depth, process)
     body = references.payload(event, refs)
     digest = data_hash({"data": event.data, "refs": refs})
-    return operations.upsert(ctx, event, body, refs, snapshot, digest)
+    return operations.upsert(ctx, event, body, refs, snapshot, digest, fresh=fresh)
 
 
 def _retry_now(exc: BaseException) -> bool:
@@ -209,7 +215,7 @@ def _record(ctx: SyncContext, pk: int, depth: int, outcome: Apply) -> str:
             if outcome.status == "deleted":
                 forget_natural_keys(session, record.entity, outcome.uuid)
         finish(session, record, outcome.state, outcome.note)
-        _log(record, outcome.state, outcome.note)
+        log_outcome(record, outcome.state, outcome.note)
     return outcome.state
 
 
@@ -221,7 +227,7 @@ def _dead(ctx: SyncContext, pk: int, depth: int, reason: str,
             return _final_state(session, pk)
         _completed(record, depth)
         dead_letter(session, record, reason, error)
-        _log(record, "dead", reason)
+        log_outcome(record, "dead", reason)
     return "dead"
 
 
@@ -235,10 +241,10 @@ def _wait(ctx: SyncContext, pk: int, depth: int, w: Waiting) -> str:
         if w.never_arrived and waited > timedelta(seconds=ctx.dependency_timeout):
             reason = w.reason.replace("has not arrived", "never arrived")
             dead_letter(session, record, reason)
-            _log(record, "dead", reason)
+            log_outcome(record, "dead", reason)
             return "dead"
         park(record, delay=w.delay, error=w.reason, waiting_for=w.waiting_for, count=False)
-        _log(record, "waiting", w.reason)
+        log_outcome(record, "waiting", w.reason)
     return "waiting"
 
 
@@ -254,17 +260,10 @@ def _transient(ctx: SyncContext, pk: int, depth: int, error: str,
         if (now - first).total_seconds() > ctx.retry_budget:
             reason = f"retries exhausted after {record.attempts + 1} attempts: {error}"
             dead_letter(session, record, reason)
-            _log(record, "dead", reason)
+            log_outcome(record, "dead", reason)
             return "dead"
         ctx.count("retries")
         backoff = ctx.rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** record.attempts))
         park(record, delay=max(backoff, retry_after or 0.0), error=error, now=now)
-        _log(record, "waiting", error)
+        log_outcome(record, "waiting", error)
     return "waiting"
-
-
-def _log(record: EventRecord, state: str, detail: str | None = None) -> None:
-    log.info("event %s %s %s %s -> %s%s", record.event_id, record.entity, record.erp_key,
-             record.op, state, f": {detail}" if detail else "",
-             extra={"event_id": record.event_id, "entity": record.entity,
-                    "key": record.erp_key, "op": record.op, "state": state})

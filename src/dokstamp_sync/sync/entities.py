@@ -57,6 +57,8 @@ def remote_value(entity: dict[str, Any], field: str) -> Any:
     """A payload field as DokStamp shows it: ``course_uuid`` is ``course.uuid`` there."""
     if field in entity:
         return entity[field]
+    if field == "file_uuid" and entity.get("files"):  # a certificate shows files[], not file
+        return entity["files"][0].get("uuid")
     if field.endswith("_uuid"):
         nested = entity.get(field.removesuffix("_uuid"))
         return nested.get("uuid") if isinstance(nested, dict) else None

@@ -10,15 +10,38 @@ from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
 
+from redis.exceptions import LockError
+from redis.lock import Lock
+from sqlalchemy import select
+
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.dokstamp import Entity, Upload
 from dokstamp_sync.dokstamp.client import Resource
-from dokstamp_sync.dokstamp.errors import NotFound, PermanentError
+from dokstamp_sync.dokstamp.errors import (
+    DokStampError,
+    NotFound,
+    PermanentError,
+    ValidationFailed,
+)
 from dokstamp_sync.events import Event
+from dokstamp_sync.models import EventRecord
 from dokstamp_sync.sync import files
 from dokstamp_sync.sync.context import Dead, SyncContext
 from dokstamp_sync.sync.entities import SPECS, Spec, natural_key, remote_value, same_value
-from dokstamp_sync.sync.store import forget_natural_keys, known_uuid, remember_natural_key
+from dokstamp_sync.sync.store import (
+    data_hash,
+    finish,
+    forget_natural_keys,
+    known_uuid,
+    log_outcome,
+    newer_event_exists,
+    remember_natural_key,
+    save_mapping,
+)
+from dokstamp_sync.sync.warm import listing_is_fresh
+
+BATCH_FILES = 50  # files per POST /files
+BATCH_BYTES = 20 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -66,10 +89,12 @@ def _check_identity(spec: Spec, event: Event, payload: dict[str, Any],
 
 
 def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
-                    create: Any) -> tuple[str, Entity | None]:
+                    create: Any, *, fresh: bool = False) -> tuple[str, Entity | None]:
     """Search before create, under a lock per natural key, with the database behind it.
 
-    Returns the UUID and, when an existing entity was found, what DokStamp holds for it.
+    ``fresh``: the event's first attempt; then a fresh listing (see :mod:`.warm`) may stand in
+    for the search. Returns the UUID and, when an existing entity was found, what DokStamp
+    holds for it.
     """
     resource = _resource(ctx, spec)
     adopt = (event.data or {}).get("uuid")
@@ -89,17 +114,28 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
                 with session_scope(ctx.sessions) as session:
                     forget_natural_keys(session, spec.entity, known)
                 known = None
-        if known is None:
-            where = {f: payload.get(f) for f in spec.natural_key}
+        where = {f: payload.get(f) for f in spec.natural_key}
+        listed = known is None and fresh and listing_is_fresh(ctx, spec, resource)
+        if known is None and not listed:
             remote = resource.find_one(**where)
             ctx.count("searches")
+        if remote is None:
+            try:
+                created: Entity | None = create(payload)
+                ctx.count("creates")
+            except ValidationFailed:
+                if not listed:
+                    raise
+                created = None  # refused, maybe as a duplicate the listing missed: search
+                remote = resource.find_one(**where)
+                if remote is None:
+                    raise
         if remote is not None:
             _check_identity(spec, event, payload, remote)
             uuid = str(remote["uuid"])
         else:
-            created = create(payload)
-            ctx.count("creates")
-            uuid, remote = str(created["uuid"]), None
+            assert created is not None
+            uuid = str(created["uuid"])
         with session_scope(ctx.sessions) as session:
             held = remember_natural_key(session, spec.entity, key, uuid)
         if held != uuid:
@@ -109,7 +145,7 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
 
 
 def upsert(ctx: SyncContext, event: Event, payload: dict[str, Any], refs: dict[str, Any],
-           snapshot: Snapshot | None, digest: str) -> Apply:
+           snapshot: Snapshot | None, digest: str, *, fresh: bool = False) -> Apply:
     spec = SPECS[event.entity]
     if snapshot is not None and snapshot.status == "active" and snapshot.digest == digest:
         ctx.count("unchanged")
@@ -118,7 +154,7 @@ def upsert(ctx: SyncContext, event: Event, payload: dict[str, Any], refs: dict[s
     if event.entity == "file":
         return _upsert_file(ctx, event, snapshot, digest)
     if event.entity == "certificate":
-        return _upsert_certificate(ctx, event, payload, snapshot, digest)
+        return _upsert_certificate(ctx, event, payload, snapshot, digest, fresh=fresh)
     resource = _resource(ctx, spec)
     created = False
     if snapshot is not None and snapshot.status in ("active", "archived"):
@@ -135,7 +171,8 @@ def upsert(ctx: SyncContext, event: Event, payload: dict[str, Any], refs: dict[s
         if changes:
             resource.update(uuid, changes)
     else:
-        uuid, remote = _find_or_create(ctx, spec, event, payload, resource.create)
+        uuid, remote = _find_or_create(ctx, spec, event, payload, resource.create,
+                                       fresh=fresh)
         created = remote is None
         if remote is not None:
             changes = _changes(spec, payload, remote)
@@ -163,27 +200,102 @@ def _attach_missing(ctx: SyncContext, course_uuid: str, modules: list[dict[str, 
         ctx.client.courses.attach_modules(course_uuid, missing)
 
 
+@dataclass
+class _Pending:
+    """A file to upload: this event's own, or a companion's taken along in the same request."""
+
+    data: dict[str, Any]
+    content: bytes
+    mime: str
+    pk: int | None = None  # a companion's event
+    key: str = ""
+    lock: Lock | None = None
+
+    @property
+    def sha(self) -> str:
+        return sha256(self.content).hexdigest()
+
+
 def _upsert_file(ctx: SyncContext, event: Event, snapshot: Snapshot | None,
                  digest: str) -> Apply:
-    """Upload the file; DokStamp deduplicates by content, and so do we (sha256 natural key)."""
+    """Upload the file; DokStamp deduplicates by content, and so do we (sha256 natural key).
+
+    Other file events still to do ride along in the same ``POST /files`` (up to
+    ``BATCH_FILES`` files or ``BATCH_BYTES``), each under its own entity lock; their tasks then
+    find them synced and make no call. A companion that cannot be read is left to its own task.
+    """
     data = event.data or {}
     content, mime = files.load(data, ctx.files, ctx.file_http)
-    content_hash = sha256(content).hexdigest()
-    key = f"sha256={content_hash}"
+    own = _Pending(data, content, mime)
     with session_scope(ctx.sessions) as session:
-        uuid = known_uuid(session, "file", key)
+        uuid = known_uuid(session, "file", f"sha256={own.sha}")
     if uuid is None:
-        uuid = str(ctx.client.files.upload([Upload(str(data["filename"]), content, mime)])[0][
-            "uuid"])
-        ctx.count("uploads")
-        with session_scope(ctx.sessions) as session:
-            uuid = remember_natural_key(session, "file", key, uuid)
-    sent = {"filename": data["filename"], "sha256": content_hash, "size": len(content)}
-    return Apply("synced", uuid, "active", sent, digest)
+        batch = [own, *_companions(ctx, event, len(content))]
+        try:
+            records = ctx.client.files.upload(
+                [Upload(str(p.data["filename"]), p.content, p.mime) for p in batch])
+            ctx.count("uploads")
+            uuid = _record_batch(ctx, batch, records)
+        finally:
+            for p in batch:
+                if p.lock is not None:
+                    with suppress(LockError):
+                        p.lock.release()
+    return Apply("synced", uuid, "active", _sent(own), digest)
+
+
+def _sent(p: _Pending) -> dict[str, Any]:
+    return {"filename": p.data["filename"], "sha256": p.sha, "size": len(p.content)}
+
+
+def _companions(ctx: SyncContext, event: Event, used: int) -> list[_Pending]:
+    out: list[_Pending] = []
+    with session_scope(ctx.sessions) as session:
+        rows = session.execute(
+            select(EventRecord.id, EventRecord.erp_key, EventRecord.payload)
+            .where(EventRecord.entity == "file", EventRecord.op == "upsert",
+                   EventRecord.state.in_(("pending", "waiting")), EventRecord.attempts == 0,
+                   EventRecord.event_id != event.event_id)
+            .order_by(EventRecord.id).limit(BATCH_FILES - 1)).all()
+    for pk, key, payload in rows:
+        lock = ctx.redis.lock(f"{ctx.lock_prefix}entity:file:{key}",
+                              timeout=ctx.lock_timeout)
+        if not lock.acquire(blocking=False):
+            continue  # its own task is on it
+        try:
+            data = dict(payload.get("data") or {})
+            content, mime = files.load(data, ctx.files, ctx.file_http)
+        except (files.FileSourceError, DokStampError):
+            lock.release()
+            continue
+        if used + len(content) > BATCH_BYTES:
+            lock.release()
+            break
+        used += len(content)
+        out.append(_Pending(data, content, mime, pk, key, lock))
+    return out
+
+
+def _record_batch(ctx: SyncContext, batch: list[_Pending], records: list[Entity]) -> str:
+    """Remember every uploaded file; mark the companions synced. Returns the own file's UUID."""
+    with session_scope(ctx.sessions) as session:
+        own = remember_natural_key(session, "file", f"sha256={batch[0].sha}",
+                                   str(records[0]["uuid"]))
+        for p, remote in zip(batch[1:], records[1:], strict=True):
+            uuid = remember_natural_key(session, "file", f"sha256={p.sha}", str(remote["uuid"]))
+            record = session.get(EventRecord, p.pk)
+            if record is None or record.state in ("synced", "superseded", "dead") \
+                    or newer_event_exists(session, record):
+                continue  # its own task decides
+            save_mapping(session, record, uuid, sent=_sent(p),
+                         digest=data_hash({"data": record.payload.get("data"), "refs": {}}))
+            finish(session, record, "synced", "uploaded in a batch")
+            log_outcome(record, "synced", "uploaded in a batch")
+    return own
 
 
 def _upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
-                        snapshot: Snapshot | None, digest: str) -> Apply:
+                        snapshot: Snapshot | None, digest: str, *, fresh: bool) -> Apply:
     data = event.data or {}
     issue = bool(data.get("issue"))
     issued_at = data.get("issued_at")
@@ -206,7 +318,7 @@ def _upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
     def create(body: dict[str, Any]) -> Entity:
         return certs.create(body, issue=issue, issued_at=issued_at)
 
-    uuid, remote = _find_or_create(ctx, spec, event, fields, create)
+    uuid, remote = _find_or_create(ctx, spec, event, fields, create, fresh=fresh)
     if remote is not None:
         status = remote.get("status")
         if status in ("revoked", "expired"):

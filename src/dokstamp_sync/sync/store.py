@@ -4,6 +4,7 @@ never commit: the caller (the engine's short transactions) does."""
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime, timedelta
 from hashlib import sha256
 from typing import Any
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session
 from dokstamp_sync.dokstamp.errors import PermanentError
 from dokstamp_sync.models import DeadLetter, EventRecord, Mapping, NaturalKey, utcnow
 
+log = logging.getLogger("dokstamp_sync.sync")
 ACTIVE = ("active", "archived", "revoked")  # mapped entities that still exist in DokStamp
 
 
@@ -143,3 +145,11 @@ def park(record: EventRecord, *, delay: float, error: str, waiting_for: str | No
     if count:
         record.attempts += 1
         record.first_failed_at = record.first_failed_at or now
+
+
+def log_outcome(record: EventRecord, state: str, detail: str | None = None) -> None:
+    """The one log line per event outcome (fields for JSON logs; never a secret)."""
+    log.info("event %s %s %s %s -> %s%s", record.event_id, record.entity, record.erp_key,
+             record.op, state, f": {detail}" if detail else "",
+             extra={"event_id": record.event_id, "entity": record.entity,
+                    "key": record.erp_key, "op": record.op, "state": state})

@@ -1,0 +1,66 @@
+"""Amortised search-before-create: one paged listing instead of one search per entity.
+
+When many events of one kind wait (a large backlog), one worker lists every DokStamp entity of
+that kind in pages of 200 and records their natural keys; a marker in Redis says the listing is
+fresh. While it is, a FIRST attempt of an event whose natural key is not in the table may create
+without searching. A retried or redelivered event always searches (a lost response may have
+created it), and so does any event when there is no fresh listing. Entities we create are
+recorded under the natural-key lock, so our own workers never miss each other's; what another
+system creates in DokStamp during the freshness window is the accepted risk, bounded by the
+window (and a create refused as a duplicate falls back to a search).
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import func, select
+
+from dokstamp_sync.db import session_scope
+from dokstamp_sync.dokstamp.client import MAX_PER_PAGE, Resource
+from dokstamp_sync.ingest import insert_ignore
+from dokstamp_sync.models import EventRecord, NaturalKey
+from dokstamp_sync.sync.context import Busy, SyncContext
+from dokstamp_sync.sync.entities import Spec, natural_key, remote_value
+
+MIN_BACKLOG = 50  # below this, searching one by one is cheaper than listing
+FRESH_FOR = 900  # seconds a listing is trusted
+MARKER = "dokstamp:warm:"
+
+
+def _backlog(ctx: SyncContext, entity: str) -> int:
+    with session_scope(ctx.sessions) as session:
+        return int(session.scalar(select(func.count()).select_from(EventRecord).where(
+            EventRecord.entity == entity, EventRecord.op == "upsert",
+            EventRecord.state.in_(("pending", "waiting")))) or 0)
+
+
+def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
+    """Whether a fresh full listing of ``spec.entity`` is in the natural-key table, listing it
+    now (once, fleet-wide) when the backlog makes that cheaper than searching."""
+    marker = f"{MARKER}{spec.entity}"
+    if ctx.redis.exists(marker):
+        return True
+    if not spec.natural_key or _backlog(ctx, spec.entity) < MIN_BACKLOG:
+        return False
+    try:
+        with ctx.lock(f"warm:{spec.entity}", wait=30):
+            if ctx.redis.exists(marker):
+                return True  # another worker listed while we waited
+            total = resource.page(per_page=1).total
+            ctx.count("warm_calls")
+            if total / MAX_PER_PAGE > _backlog(ctx, spec.entity) / 2:
+                return False  # too many existing entities: listing costs more than searching
+            pages = 0
+            with session_scope(ctx.sessions) as session:
+                for remote in resource.iterate(per_page=MAX_PER_PAGE):
+                    fields = {f: remote_value(remote, f) for f in spec.natural_key}
+                    insert_ignore(session, NaturalKey.__table__, {  # type: ignore[arg-type]
+                        "entity": spec.entity, "natural_key": natural_key(spec, fields),
+                        "dokstamp_uuid": str(remote["uuid"])}, ["entity", "natural_key"])
+                pages = -(-total // MAX_PER_PAGE)
+            ctx.count("warm_calls", pages)
+            ctx.redis.set(marker, str(time.time()), ex=FRESH_FOR)
+            return True
+    except Busy:
+        return False
