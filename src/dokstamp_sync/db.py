@@ -7,11 +7,11 @@ back; domain code receives a session and never commits.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Engine, MetaData, Table, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 NAMING = {
@@ -52,3 +52,15 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose transaction commits on success and rolls back on error."""
     with factory() as session, session.begin():
         yield session
+
+
+def insert_ignore(session: Session, table: Table, values: dict[str, Any],
+                  conflict: Sequence[str]) -> int | None:
+    """INSERT ... ON CONFLICT DO NOTHING RETURNING id; the new id, or None if it existed."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    stmt = insert(table).values(**values).on_conflict_do_nothing(index_elements=list(conflict))
+    new_id: int | None = session.scalar(stmt.returning(table.c.id))
+    return new_id

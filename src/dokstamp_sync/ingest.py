@@ -13,14 +13,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
 
 import redis
-from sqlalchemy import Table, select
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dokstamp_sync.db import session_scope
+from dokstamp_sync.db import insert_ignore, session_scope
 from dokstamp_sync.events import InvalidEvent, parse_event
 from dokstamp_sync.models import DeadLetter, EventRecord, utcnow
 from dokstamp_sync.redis_keys import HEARTBEAT
@@ -28,18 +27,6 @@ from dokstamp_sync.redis_keys import HEARTBEAT
 log = logging.getLogger("dokstamp_sync.ingest")
 GROUP = "dokstamp-sync"
 Dispatch = Callable[[Sequence[int]], None]
-
-
-def insert_ignore(session: Session, table: Table, values: dict[str, Any],
-                  conflict: Sequence[str]) -> int | None:
-    """INSERT ... ON CONFLICT DO NOTHING RETURNING id; the new id, or None if it existed."""
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    stmt = insert(table).values(**values).on_conflict_do_nothing(index_elements=list(conflict))
-    new_id: int | None = session.scalar(stmt.returning(table.c.id))
-    return new_id
 
 
 def _invalid(session: Session, stream_id: str, raw: str, reason: str,

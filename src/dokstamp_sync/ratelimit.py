@@ -9,17 +9,19 @@ from DokStamp pauses every process for that tenant (:meth:`RateLimiter.pause`) f
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
-from contextlib import suppress
 
 import httpx
 import redis
 
 from dokstamp_sync.dokstamp.errors import RateLimited, parse_retry_after
-from dokstamp_sync.redis_keys import COUNTERS
 
-# KEYS[1] bucket, ARGV: rate (tokens/s), burst. Returns ms to wait (0: a token was taken).
+# KEYS[1] bucket, KEYS[2] pause, ARGV: rate (tokens/s), burst. Returns ms to wait (0: a token
+# was taken); negative: the tenant is paused (after a 429) for that many ms.
 _TAKE = """
+local paused = redis.call('PTTL', KEYS[2])
+if paused > 0 then return -paused end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rate = tonumber(ARGV[1]) / 1000
@@ -55,29 +57,26 @@ class RateLimiter:
         self._sleep = sleep
         self.max_wait = max_wait
         self.waited = 0.0  # seconds this process spent waiting (for metrics and tests)
+        self.unflushed: Counter[str] = Counter()  # responses, flushed by the sync context
 
     def acquire(self) -> None:
         """Wait for a token. A tenant pause longer than ``max_wait`` raises
         :class:`RateLimited` instead, so the caller parks its event rather than sleep with its
         locks held."""
         while True:
-            paused_ms = self._redis.pttl(self._pause)
-            if isinstance(paused_ms, int) and paused_ms > 0:
-                if paused_ms / 1000 > self.max_wait:
-                    raise RateLimited("paused after a 429 from DokStamp",
-                                      retry_after=paused_ms / 1000, status=429,
-                                      method="-", path="-")
-                self._wait(paused_ms / 1000)
-                continue
-            wait_ms = int(self._take(keys=[self._bucket], args=[self.rate, self.burst]))
-            if wait_ms <= 0:
+            wait_ms = int(self._take(keys=[self._bucket, self._pause],
+                                     args=[self.rate, self.burst]))
+            if wait_ms == 0:
                 return
-            self._wait(wait_ms / 1000)
+            if wait_ms < 0 and -wait_ms / 1000 > self.max_wait:
+                raise RateLimited("paused after a 429 from DokStamp",
+                                  retry_after=-wait_ms / 1000, status=429, method="-", path="-")
+            self._wait(abs(wait_ms) / 1000)
 
     def count_response(self, status: int) -> None:
-        self._redis.hincrby(COUNTERS, f"api_{status // 100}xx", 1)
+        self.unflushed[f"api_{status // 100}xx"] += 1
         if status == 429:
-            self._redis.hincrby(COUNTERS, "api_429", 1)
+            self.unflushed["api_429"] += 1
 
     def pause(self, seconds: float) -> None:
         """Hold every process's requests for ``seconds`` (a 429's Retry-After)."""
@@ -100,8 +99,7 @@ def install(http: httpx.Client, limiter: RateLimiter) -> None:
         limiter.acquire()
 
     def after(response: httpx.Response) -> None:
-        with suppress(redis.RedisError):  # fleet-wide API counters for the metrics endpoint
-            limiter.count_response(response.status_code)
+        limiter.count_response(response.status_code)  # flushed to Redis by the sync context
         if response.status_code == 429:
             seconds = parse_retry_after(response.headers.get("Retry-After"))
             limiter.pause(seconds if seconds is not None else 1.0)

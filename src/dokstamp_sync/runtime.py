@@ -26,8 +26,8 @@ def build_context(settings: Settings) -> SyncContext:
     limit, database sessions, Redis, file policy."""
     client_redis = redis.Redis.from_url(settings.redis_url)
     api = client_from_settings(settings, store=RedisTokenStore(client_redis))
-    install(api.http, RateLimiter(client_redis, settings.dokstamp_tenant,
-                                  settings.dokstamp_rate_limit))
+    limiter = RateLimiter(client_redis, settings.dokstamp_tenant, settings.dokstamp_rate_limit)
+    install(api.http, limiter)
     root = settings.dokstamp_sync_file_root
     return SyncContext(
         client=api,
@@ -42,6 +42,7 @@ def build_context(settings: Settings) -> SyncContext:
         max_deliveries=settings.dokstamp_sync_max_deliveries,
         lock_timeout=settings.dokstamp_sync_lock_timeout,
         lease=settings.dokstamp_sync_visibility_timeout,
+        limiter=limiter,
     )
 
 

@@ -42,7 +42,7 @@ app.conf.update(
     task_ignore_result=True, task_acks_late=True, task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1, task_default_queue=QUEUE,
     broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
-    worker_send_task_events=True, task_send_sent_event=True,
+    worker_send_task_events=True,  # Flower's task list; producers send no task-sent events
 )
 
 

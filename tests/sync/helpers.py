@@ -29,11 +29,12 @@ def make_context(sandbox, sessions, redis_client, *, rate: float = 1000.0,
     http = build_http_client(sandbox.url, timeout=timeout)
     tokens = TokenManager(http, PasswordLogin("admin@demo-university.edu", password),
                           RedisTokenStore(redis_client))
-    install(http, RateLimiter(redis_client, "demo-university", rate,
-                              **({"sleep": limiter_sleep} if limiter_sleep else {})))
+    limiter = RateLimiter(redis_client, "demo-university", rate,
+                          **({"sleep": limiter_sleep} if limiter_sleep else {}))
+    install(http, limiter)
     client = DokStampClient(http, tenant="demo-university", tokens=tokens)
     kw.setdefault("sleep", lambda s: None)
-    return SyncContext(client=client, sessions=sessions, redis=redis_client,
+    return SyncContext(client=client, sessions=sessions, redis=redis_client, limiter=limiter,
                        files=FilePolicy(frozenset(hosts), file_root, 1_000_000),
                        file_http=httpx.Client(timeout=5), **kw)
 

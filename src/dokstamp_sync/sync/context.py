@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.dokstamp import DokStampClient
 from dokstamp_sync.dokstamp.errors import PermanentError
+from dokstamp_sync.ratelimit import RateLimiter
 from dokstamp_sync.redis_keys import COUNTERS
 from dokstamp_sync.sync.files import FilePolicy
 
@@ -65,13 +67,27 @@ class SyncContext:
     in_call_attempts: int = 3
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
-    metrics: dict[str, int] = field(default_factory=dict)
+    metrics: Counter[str] = field(default_factory=Counter)  # this process, since start
+    unflushed: Counter[str] = field(default_factory=Counter)  # not yet in Redis
+    limiter: RateLimiter | None = None  # its response counters are flushed with ours
 
     def count(self, name: str, n: int = 1) -> None:
-        """Count locally and in the fleet-wide counters the metrics endpoint reads."""
-        self.metrics[name] = self.metrics.get(name, 0) + n
-        with suppress(redis.RedisError):
-            self.redis.hincrby(COUNTERS, name, n)
+        """Count locally; :meth:`flush` adds it to the fleet-wide counters in Redis."""
+        self.metrics[name] += n
+        self.unflushed[name] += n
+
+    def flush(self, values: dict[str, str] | None = None) -> None:
+        """One round trip: pending counters (ours and the limiter's), plus ``values`` to SET."""
+        counts = self.unflushed + (self.limiter.unflushed if self.limiter else Counter())
+        with suppress(redis.RedisError), self.redis.pipeline(transaction=False) as pipe:
+            for name, n in counts.items():
+                pipe.hincrby(COUNTERS, name, n)
+            for key, value in (values or {}).items():
+                pipe.set(key, value)
+            pipe.execute()
+            self.unflushed.clear()
+            if self.limiter:
+                self.limiter.unflushed.clear()
 
     @contextmanager
     def lock(self, name: str, *, wait: float) -> Iterator[Lock]:

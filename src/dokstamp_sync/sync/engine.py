@@ -15,10 +15,10 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from datetime import timedelta
+from typing import Any
 
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import LockError
 from redis.lock import Lock
 from sqlalchemy.orm import Session
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
@@ -73,27 +73,31 @@ def run(ctx: SyncContext, pk: int) -> str:
             return "dead"
         # The scheduler must not hand this event out again while this run holds it.
         record.next_attempt_at = utcnow() + timedelta(seconds=ctx.lease)
+        payload = record.payload
     try:
-        state = process(ctx, pk)
+        state = process(ctx, pk, payload=payload)
     except Exception as exc:  # a bug must neither kill the worker nor lose the event
         log.exception("event %s: internal error", pk)
         state = _transient(ctx, pk, 0, f"internal error: {type(exc).__name__}: {exc}", None)
     ctx.count(f"events_{state}")
-    with suppress(RedisError):  # the health check's proof that tasks are being processed
-        ctx.redis.set(f"{HEARTBEAT}task", str(time.time()))
+    # The counters, and the health check's proof that tasks are being processed.
+    ctx.flush({f"{HEARTBEAT}task": str(time.time())})
     return state
 
 
-def process(ctx: SyncContext, pk: int, depth: int = 0) -> str:
+def process(ctx: SyncContext, pk: int, depth: int = 0, *,
+            payload: dict[str, Any] | None = None) -> str:
     """Sync one event under its entity's lock; returns the state it ends in (or ``busy``).
 
-    ``depth`` > 0: called for a dependency from another event's run.
+    ``depth`` > 0: called for a dependency from another event's run. ``payload``: the event,
+    when the caller has just read it.
     """
-    with session_scope(ctx.sessions) as session:
-        record = _open(session, pk)
-        if record is None:
-            return _final_state(session, pk)
-        payload = record.payload
+    if payload is None:
+        with session_scope(ctx.sessions) as session:
+            record = _open(session, pk)
+            if record is None:
+                return _final_state(session, pk)
+            payload = record.payload
     try:
         event = Event.model_validate(payload)
     except ValueError as exc:

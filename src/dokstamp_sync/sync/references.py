@@ -10,7 +10,7 @@ from dokstamp_sync.db import session_scope
 from dokstamp_sync.events import Event
 from dokstamp_sync.sync.context import Dead, SyncContext, Waiting
 from dokstamp_sync.sync.entities import REFERENCES, SPECS
-from dokstamp_sync.sync.store import ACTIVE, get_mapping, latest_event
+from dokstamp_sync.sync.store import ACTIVE, get_mapping, get_mappings, latest_event
 
 # process(ctx, event_pk, depth) -> resulting state; injected by the engine (avoids a cycle)
 Process = Callable[[SyncContext, int, int], str]
@@ -56,24 +56,41 @@ def dependency(ctx: SyncContext, entity: str, key: str, depth: int, process: Pro
 
 
 def resolve(ctx: SyncContext, event: Event, depth: int, process: Process) -> dict[str, Any]:
-    """``{"course_uuid": ..., "modules": [...]}`` for every reference in the event's data."""
+    """``{"course_uuid": ..., "modules": [...]}`` for every reference in the event's data.
+
+    One query reads every referenced mapping; only a reference not active in DokStamp goes the
+    slow way (:func:`dependency`: sync its event first, or wait).
+    """
     data = event.data or {}
+    wanted = [(entity, data[field]) for field, entity in REFERENCES.items()
+              if isinstance(data.get(field), str) and data[field]]
+    if event.entity == "course":
+        wanted += [("module", m["module_key"]) for m in data.get("modules") or []]
+    with session_scope(ctx.sessions) as session:
+        known = {k: (m.dokstamp_uuid, dict(m.sent or {}))
+                 for k, m in get_mappings(session, wanted).items() if m.status in ACTIVE}
+
+    def uuid_of(entity: str, key: str) -> str:
+        hit = known.get((entity, key))
+        return hit[0] if hit else dependency(ctx, entity, key, depth, process)
+
     refs: dict[str, Any] = {}
     for field, entity in REFERENCES.items():
         key = data.get(field)
         if isinstance(key, str) and key:
-            refs[field.removesuffix("_key") + "_uuid"] = dependency(ctx, entity, key, depth,
-                                                                    process)
+            refs[field.removesuffix("_key") + "_uuid"] = uuid_of(entity, key)
     if event.entity == "course" and data.get("modules"):
-        refs["modules"] = [
-            {"uuid": dependency(ctx, "module", m["module_key"], depth, process)}
-            | {k: m[k] for k in MODULE_PIVOT if k in m}
-            for m in data["modules"]]
+        refs["modules"] = [{"uuid": uuid_of("module", m["module_key"])}
+                           | {k: m[k] for k in MODULE_PIVOT if k in m}
+                           for m in data["modules"]]
     if event.entity == "certificate" and "institution_uuid" not in refs:
         # CONTRACT §2: the certificate's institution is its course's, unless given.
-        with session_scope(ctx.sessions) as session:
-            course = get_mapping(session, "course", str(data["course_key"]))
-            sent = (course.sent or {}) if course else {}
+        course = known.get(("course", str(data["course_key"])))
+        if course is None:
+            with session_scope(ctx.sessions) as session:
+                found = get_mapping(session, "course", str(data["course_key"]))
+                course = (found.dokstamp_uuid, dict(found.sent or {})) if found else None
+        sent = course[1] if course else {}
         if not sent.get("institution_uuid"):
             raise Waiting(f"course {data['course_key']} has no known institution",
                           waiting_for=f"course:{data['course_key']}")

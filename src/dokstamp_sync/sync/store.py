@@ -9,10 +9,10 @@ from datetime import datetime, timedelta
 from hashlib import sha256
 from typing import Any
 
-from sqlalchemy import delete, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.orm import Session
 
+from dokstamp_sync.db import insert_ignore
 from dokstamp_sync.dokstamp.errors import PermanentError
 from dokstamp_sync.models import DeadLetter, EventRecord, Mapping, NaturalKey, utcnow
 
@@ -22,6 +22,15 @@ ACTIVE = ("active", "archived", "revoked")  # mapped entities that still exist i
 
 def data_hash(payload: Any) -> str:
     return sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def get_mappings(session: Session, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Mapping]:
+    """Several mappings in one query, by (entity, ERP key)."""
+    if not keys:
+        return {}
+    rows = session.scalars(select(Mapping).where(
+        tuple_(Mapping.entity, Mapping.erp_key).in_(keys)))
+    return {(m.entity, m.erp_key): m for m in rows}
 
 
 def get_mapping(session: Session, entity: str, key: str) -> Mapping | None:
@@ -67,15 +76,10 @@ def forget_natural_keys(session: Session, entity: str, uuid: str) -> None:
 
 def remember_natural_key(session: Session, entity: str, key: str, uuid: str) -> str:
     """Record natural key -> UUID; return the UUID the database holds for it (maybe another)."""
-    existing = known_uuid(session, entity, key)
-    if existing is not None:
-        return existing
-    try:
-        with session.begin_nested():
-            session.add(NaturalKey(entity=entity, natural_key=key, dokstamp_uuid=uuid))
-    except IntegrityError:
-        return known_uuid(session, entity, key) or uuid
-    return uuid
+    inserted = insert_ignore(session, NaturalKey.__table__,  # type: ignore[arg-type]
+                             {"entity": entity, "natural_key": key, "dokstamp_uuid": uuid,
+                              "created_at": utcnow()}, ["entity", "natural_key"])
+    return uuid if inserted is not None else (known_uuid(session, entity, key) or uuid)
 
 
 def save_mapping(session: Session, record: EventRecord, uuid: str, *, status: str = "active",

@@ -16,9 +16,8 @@ import time
 
 from sqlalchemy import func, select
 
-from dokstamp_sync.db import session_scope
+from dokstamp_sync.db import insert_ignore, session_scope
 from dokstamp_sync.dokstamp.client import MAX_PER_PAGE, Resource
-from dokstamp_sync.ingest import insert_ignore
 from dokstamp_sync.models import EventRecord, NaturalKey
 from dokstamp_sync.sync.context import Busy, SyncContext
 from dokstamp_sync.sync.entities import Spec, natural_key, remote_value
