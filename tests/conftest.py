@@ -109,19 +109,10 @@ def key_prefix(redis_client: redis.Redis) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test run, migrated with Alembic, dropped at the end."""
-    import psycopg
+    from dokstamp_sync.testing import scratch_database
 
-    from dokstamp_sync.migrate import upgrade
-
-    name = f"dokstamp_sync_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    url = f"{url}/{name}"
-    upgrade(url)
-    yield url
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(PG_ADMIN_URL, "dokstamp_sync_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
