@@ -242,7 +242,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dokstamp-sync", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="dokstamp-sync",
+        description="Keeps a university ERP/SIS in step with the DokStamp certificate API.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sb = sub.add_parser("sandbox", help="run the local DokStamp sandbox API")
