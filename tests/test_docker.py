@@ -78,5 +78,6 @@ def test_compose_services_have_what_operations_need(compose):
         "service_completed_successfully"
     assert "ports" not in s["worker"]
     assert "container_name" not in s["worker"]  # `--scale worker=4` needs both absent
-    assert ":?" in s["flower"]["environment"]["DOKSTAMP_SYNC_FLOWER_AUTH"]
+    assert "DOKSTAMP_SYNC_FLOWER_AUTH" in s["flower"]["environment"]
+    assert "--insecure-no-auth" not in s["flower"]["command"]
     assert s["sandbox"]["profiles"] == ["sandbox"]

@@ -74,9 +74,10 @@ def record_entry(session: Session, stream_id: str, fields: dict[bytes, bytes],
     if pk is None:
         known = session.scalar(select(EventRecord.payload).where(
             EventRecord.event_id == event.event_id))
-        if known != payload:
-            log.warning("event_id %s was sent again with different content; the first one "
-                        "is kept", event.event_id, extra={"event_id": event.event_id})
+        if known != payload:  # an ERP bug: keep it visible, never drop it silently
+            _invalid(session, stream_id, raw, f"event_id {event.event_id} was already used by "
+                     "a different event; the first one is kept, this one is not applied",
+                     event.event_id)
     return pk
 
 

@@ -9,7 +9,13 @@ import time
 
 import pytest
 
-from dokstamp_sync.dokstamp import MemoryTokenStore, RedisTokenStore, errors
+from dokstamp_sync.dokstamp import (
+    MemoryTokenStore,
+    PasswordLogin,
+    RedisTokenStore,
+    TokenManager,
+    errors,
+)
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from testenv import MAIN, TEST_REDIS_URL
 
@@ -82,9 +88,9 @@ def test_401_after_renewal_is_an_authentication_error(client, sandbox):
 def test_refresh_token_rotates(client, sandbox):
     """After a refresh the old refresh token is refused by the server (rotation)."""
     client.institutions.page()
-    old = client.tokens._store.get(client.tokens.key)
+    old = client.tokens._load()
     client.tokens.invalidate(old.access_token)
-    new = client.tokens._store.get(client.tokens.key)
+    new = client.tokens._load()
     assert new.refresh_token != old.refresh_token
     r = client.http.post("/auth/refresh", json={"refresh_token": old.refresh_token})
     assert r.status_code == 401
@@ -198,3 +204,22 @@ def test_redis_store_failure_is_a_transient_transport_error():
         store.get("k")
     with pytest.raises(errors.TransportError), store.lock("k"):
         pass
+
+
+def test_tokens_in_the_shared_redis_cache_are_encrypted(make_client, sandbox, redis_client,
+                                                        key_prefix):
+    """CONTRACT §1 (secrets never stored): Redis holds ciphertext only; the same credentials
+    read it back, other credentials cannot."""
+    store = RedisTokenStore(redis_client, prefix=key_prefix)
+    c = make_client(store=store)
+    c.institutions.page()
+    token = c.tokens._load()
+    raw = b"".join(redis_client.get(k) or b"" for k in redis_client.scan_iter(f"{key_prefix}*"))
+    assert token.access_token.encode() not in raw
+    assert token.refresh_token.encode() not in raw
+    again = make_client(store=store)  # another process, same credentials: no new login
+    again.institutions.page()
+    assert sandbox.sandbox.authority.issued == 1
+    rotated = TokenManager(c.http, PasswordLogin(MAIN.email, "a-rotated-password"), store)
+    assert rotated.key == c.tokens.key  # same cache entry...
+    assert rotated._load() is None  # ...unreadable without the right secret: it renews

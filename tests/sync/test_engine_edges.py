@@ -220,7 +220,25 @@ def test_a_redirect_is_never_uploaded_as_the_file(sandbox, sessions, engine_redi
     server.shutdown()
 
 
-def test_credentials_refused_is_retried_not_dead(sandbox, sessions, engine_redis):
-    """Refused credentials are an outage: the event waits and retries, it is not dead."""
+def test_credentials_refused_is_dead_with_a_reason_that_says_so(sandbox, sessions,
+                                                                  engine_redis):
+    """CONTRACT §3: a 401 is dead; the reason names the credentials, so an operator fixes
+    them and replays."""
     ctx = make_context(sandbox, sessions, engine_redis, password="wrong")
-    assert Harness(ctx).sync(student()) == ["waiting"]
+    harness = Harness(ctx)
+    assert harness.sync(student()) == ["dead"]
+    (letter,) = harness.letters()
+    assert letter.reason.startswith("credentials refused (fix them, then replay)")
+    assert letter.http_status == 401
+    assert "wrong" not in letter.reason
+
+
+def test_an_event_id_reused_with_other_content_is_kept_as_a_dead_letter(h):
+    """The same event_id with different data is not applied, and not dropped silently."""
+    first = student(name="First")
+    assert h.sync(first) == ["synced"]
+    clash = dict(student(name="Second"), event_id=first["event_id"])
+    assert h.send(clash) == []
+    (letter,) = h.letters()
+    assert "was already used by a different event" in letter.reason
+    assert h.mapping("student", "S-1") is not None

@@ -14,12 +14,14 @@ and replays the request once.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 import httpx
+from cryptography.fernet import Fernet, InvalidToken
 
 from dokstamp_sync.dokstamp import errors
 from dokstamp_sync.dokstamp.tokens import CachedToken, TokenStore
@@ -31,6 +33,10 @@ class Credentials(Protocol):
     @property
     def identity(self) -> str:
         """A non-secret name of these credentials (the email or client id)."""
+        ...
+
+    def cache_key(self) -> bytes:
+        """A key derived from the secret: only holders of the credentials can read the cache."""
         ...
 
     def obtain(self, http: httpx.Client, previous: CachedToken | None,
@@ -63,6 +69,13 @@ def _token_from(body: dict[str, Any], now: float) -> CachedToken:
                        refresh_token=body.get("refresh_token"), obtained_at=now)
 
 
+def _derive(identity: str, secret: str) -> bytes:
+    """A Fernet key from the credentials (PBKDF2 keeps the secret out of reach of the key)."""
+    raw = hashlib.pbkdf2_hmac("sha256", secret.encode(), b"dokstamp-sync token cache|"
+                              + identity.encode(), 100_000)
+    return base64.urlsafe_b64encode(raw)
+
+
 class PasswordLogin:
     """Email and password (``POST /auth/login``), renewed via the rotating refresh token."""
 
@@ -76,6 +89,9 @@ class PasswordLogin:
     @property
     def identity(self) -> str:
         return self.email
+
+    def cache_key(self) -> bytes:
+        return _derive(self.email, self._password)
 
     def obtain(self, http: httpx.Client, previous: CachedToken | None,
                now: float) -> CachedToken:
@@ -104,6 +120,9 @@ class ClientCredentials:
     def identity(self) -> str:
         return self.client_id
 
+    def cache_key(self) -> bytes:
+        return _derive(self.client_id, self._client_secret)
+
     def obtain(self, http: httpx.Client, previous: CachedToken | None,
                now: float) -> CachedToken:
         body = _post(http, "/oauth/token", data={
@@ -126,6 +145,26 @@ class TokenManager:
         ident = f"{http.base_url}|{type(credentials).__name__}|{credentials.identity}"
         self.key = hashlib.sha256(ident.encode()).hexdigest()[:32]
         self.renewals = 0  # how many times this process obtained a token (for tests and metrics)
+        # CONTRACT §1: secrets are never stored in clear, so the shared cache holds ciphertext.
+        self._fernet = Fernet(credentials.cache_key())
+
+    def _load(self) -> CachedToken | None:
+        stored = self._store.get(self.key)
+        if stored is None:
+            return None
+        try:
+            return CachedToken(
+                self._fernet.decrypt(stored.access_token).decode(), stored.expires_at,
+                self._fernet.decrypt(stored.refresh_token).decode()
+                if stored.refresh_token else None, stored.obtained_at)
+        except InvalidToken:
+            return None  # written under other credentials (e.g. a rotated secret): renew
+
+    def _save(self, token: CachedToken) -> None:
+        self._store.set(self.key, CachedToken(
+            self._fernet.encrypt(token.access_token.encode()).decode(), token.expires_at,
+            self._fernet.encrypt(token.refresh_token.encode()).decode()
+            if token.refresh_token else None, token.obtained_at))
 
     def _fresh(self, token: CachedToken | None) -> bool:
         if token is None:
@@ -136,7 +175,7 @@ class TokenManager:
 
     def token(self) -> str:
         """A token valid for at least ``renew_margin`` more seconds."""
-        cached = self._store.get(self.key)
+        cached = self._load()
         if self._fresh(cached):
             assert cached is not None
             return cached.access_token
@@ -148,13 +187,13 @@ class TokenManager:
 
     def _renew(self, *, stale: str | None, force: bool = False) -> str:
         with self._store.lock(self.key):
-            current = self._store.get(self.key)
+            current = self._load()
             # Fresh and not the token just refused: someone renewed while we waited for the lock.
             if current is not None and self._fresh(current) \
                     and (not force or current.access_token != stale):
                 return current.access_token
             token = self._credentials.obtain(self._http, current, self._clock())
-            self._store.set(self.key, token)
+            self._save(token)
             self.renewals += 1
             return token.access_token
 

@@ -129,8 +129,10 @@ def _process_locked(ctx: SyncContext, pk: int, event: Event, depth: int,
     except Dead as d:
         return _dead(ctx, pk, depth, d.reason, d.error)
     except (AuthenticationError, PermissionDenied) as exc:
-        # Credentials refused: an outage to fix, not bad data. Retry within the budget.
-        return _transient(ctx, pk, depth, f"credentials refused: {_describe(exc)}", None)
+        # CONTRACT §3: a 4xx other than 429 is dead. Say plainly that the credentials, not
+        # the event, are at fault: after fixing them, `dlq replay --all` sends it again.
+        return _dead(ctx, pk, depth, f"credentials refused (fix them, then replay): "
+                                     f"{_describe(exc)}", exc)
     except PermanentError as exc:
         return _dead(ctx, pk, depth, _describe(exc), exc)
     except (FileSourceError, InvalidEvent) as exc:

@@ -18,9 +18,11 @@ from dokstamp_sync.db import session_scope
 from dokstamp_sync.dokstamp import Entity, Upload
 from dokstamp_sync.dokstamp.client import Resource
 from dokstamp_sync.dokstamp.errors import (
+    AuthenticationError,
     DokStampError,
     NotFound,
     PermanentError,
+    PermissionDenied,
     ValidationFailed,
 )
 from dokstamp_sync.events import Event
@@ -339,6 +341,8 @@ def delete(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> Apply:
         resource.delete(snapshot.uuid)
     except NotFound:
         pass  # already gone
+    except (AuthenticationError, PermissionDenied):
+        raise  # our credentials, not the entity's dependents: never archive for that
     except PermanentError as exc:
         if spec.archive_status is None:
             raise Dead(f"DokStamp refused to delete {event.entity} {event.key}: {exc.message}",

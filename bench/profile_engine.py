@@ -1,0 +1,78 @@
+"""Where an event's time goes: cProfile of the engine in one process.
+
+    python bench/profile_engine.py [--certificates 200] [--top 45]
+
+Runs ``engine.run`` on every event of a fresh class (ingested through the real stream) against
+the sandbox (no latency, no rate limit), with a scratch PostgreSQL database and Redis database 8,
+and prints the hottest functions by cumulative time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import time
+
+import httpx
+import redis
+
+from dokstamp_sync import samples
+from dokstamp_sync.db import make_engine, make_sessionmaker
+from dokstamp_sync.dokstamp import PasswordLogin, RedisTokenStore, TokenManager
+from dokstamp_sync.dokstamp.client import DokStampClient, build_http_client
+from dokstamp_sync.ingest import StreamIngester
+from dokstamp_sync.ratelimit import RateLimiter, install
+from dokstamp_sync.sandbox import Account, Sandbox, SandboxConfig, SandboxServer
+from dokstamp_sync.sync import engine
+from dokstamp_sync.sync.context import SyncContext
+from dokstamp_sync.sync.files import FilePolicy
+from dokstamp_sync.testing import scratch_database
+
+PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("BENCH_PROFILE_REDIS_URL", "redis://127.0.0.1:6379/8")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--certificates", type=int, default=200)
+    p.add_argument("--top", type=int, default=45)
+    args = p.parse_args()
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    account = Account()
+    with scratch_database(PG_ADMIN, "dokstamp_sync_profile") as url, \
+            SandboxServer(Sandbox(SandboxConfig(accounts=[account]))) as server:
+        sessions = make_sessionmaker(make_engine(url))
+        http = build_http_client(server.url)
+        limiter = RateLimiter(client, account.tenant, 10_000)
+        install(http, limiter)
+        ctx = SyncContext(
+            client=DokStampClient(http, tenant=account.tenant, tokens=TokenManager(
+                http, PasswordLogin(account.email, account.password), RedisTokenStore(client))),
+            sessions=sessions, redis=client, files=FilePolicy(frozenset(), None, 10**7),
+            file_http=httpx.Client(), limiter=limiter)
+        pks: list[int] = []
+        ingester = StreamIngester(client, sessions, "profile:events", consumer="profile",
+                                  dispatch=pks.extend, lease=600)
+        ingester.ensure_group()
+        for e in samples.graduating_class(args.certificates):
+            client.xadd("profile:events", {"event": json.dumps(e)})
+        while ingester.poll(block_ms=10):
+            pass
+        profile = cProfile.Profile()
+        start = time.perf_counter()
+        profile.runcall(lambda: [engine.run(ctx, pk) for pk in pks])
+        elapsed = time.perf_counter() - start
+        calls = server.sandbox.stats.to_json()["requests"]
+        http.close()
+    client.flushdb()
+    print(f"{len(pks)} events in {elapsed:.2f} s ({1000 * elapsed / len(pks):.1f} ms/event), "
+          f"{calls} API calls")
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
