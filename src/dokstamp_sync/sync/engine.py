@@ -209,12 +209,20 @@ def _completed(record: EventRecord, depth: int) -> None:
         record.deliveries = max(0, record.deliveries - 1)
 
 
-def _record(ctx: SyncContext, pk: int, depth: int, outcome: Apply) -> str:
+def _conclude(ctx: SyncContext, pk: int, depth: int,
+              decide: Callable[[Session, EventRecord], str]) -> str:
+    """Record how this run ended, in one transaction: ``decide`` writes the outcome and
+    returns the state. An event already final is left alone (its state is returned)."""
     with session_scope(ctx.sessions) as session:
         record = _open(session, pk)
         if record is None:
             return _final_state(session, pk)
         _completed(record, depth)
+        return decide(session, record)
+
+
+def _record(ctx: SyncContext, pk: int, depth: int, outcome: Apply) -> str:
+    def decide(session: Session, record: EventRecord) -> str:
         if outcome.state == "synced" and outcome.uuid is not None:
             save_mapping(session, record, outcome.uuid, status=outcome.status,
                          sent=outcome.sent, digest=outcome.digest)
@@ -222,27 +230,23 @@ def _record(ctx: SyncContext, pk: int, depth: int, outcome: Apply) -> str:
                 forget_natural_keys(session, record.entity, outcome.uuid)
         finish(session, record, outcome.state, outcome.note)
         log_outcome(record, outcome.state, outcome.note)
-    return outcome.state
+        return outcome.state
+
+    return _conclude(ctx, pk, depth, decide)
 
 
 def _dead(ctx: SyncContext, pk: int, depth: int, reason: str,
           error: PermanentError | None) -> str:
-    with session_scope(ctx.sessions) as session:
-        record = _open(session, pk)
-        if record is None:
-            return _final_state(session, pk)
-        _completed(record, depth)
+    def decide(session: Session, record: EventRecord) -> str:
         dead_letter(session, record, reason, error)
         log_outcome(record, "dead", reason)
-    return "dead"
+        return "dead"
+
+    return _conclude(ctx, pk, depth, decide)
 
 
 def _wait(ctx: SyncContext, pk: int, depth: int, w: Waiting) -> str:
-    with session_scope(ctx.sessions) as session:
-        record = _open(session, pk)
-        if record is None:
-            return _final_state(session, pk)
-        _completed(record, depth)
+    def decide(session: Session, record: EventRecord) -> str:
         waited = utcnow() - utc(record.received_at)
         if w.never_arrived and waited > timedelta(seconds=ctx.dependency_timeout):
             reason = w.reason.replace("has not arrived", "never arrived")
@@ -251,16 +255,14 @@ def _wait(ctx: SyncContext, pk: int, depth: int, w: Waiting) -> str:
             return "dead"
         park(record, delay=w.delay, error=w.reason, waiting_for=w.waiting_for, count=False)
         log_outcome(record, "waiting", w.reason)
-    return "waiting"
+        return "waiting"
+
+    return _conclude(ctx, pk, depth, decide)
 
 
 def _transient(ctx: SyncContext, pk: int, depth: int, error: str,
                retry_after: float | None) -> str:
-    with session_scope(ctx.sessions) as session:
-        record = _open(session, pk)
-        if record is None:
-            return _final_state(session, pk)
-        _completed(record, depth)
+    def decide(session: Session, record: EventRecord) -> str:
         now = utcnow()
         first = utc(record.first_failed_at) if record.first_failed_at else now
         if (now - first).total_seconds() > ctx.retry_budget:
@@ -272,4 +274,6 @@ def _transient(ctx: SyncContext, pk: int, depth: int, error: str,
         backoff = ctx.rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** record.attempts))
         park(record, delay=max(backoff, retry_after or 0.0), error=error, now=now)
         log_outcome(record, "waiting", error)
-    return "waiting"
+        return "waiting"
+
+    return _conclude(ctx, pk, depth, decide)
