@@ -160,6 +160,27 @@ def latency(client: redis.Redis, sessions: Any, n: int) -> list[float]:
     return out
 
 
+def cpu_seconds(worker: Worker) -> dict[str, float]:
+    """CPU time (user + system) so far of each group of processes sharing this machine."""
+    root = psutil.Process(worker.proc.pid)
+    workers = {p.pid for p in [root, *root.children(recursive=True)]}
+    out = {"worker_main": 0.0, "worker_children": 0.0, "sandbox_and_bench": 0.0,
+           "postgres": 0.0, "redis": 0.0}
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if times is None:
+            continue
+        name = proc.info["name"] or ""
+        group = ("worker_main" if proc.pid == root.pid else
+                 "worker_children" if proc.pid in workers else
+                 "sandbox_and_bench" if proc.pid == os.getpid() else
+                 "postgres" if name.startswith("postgres") else
+                 "redis" if name.startswith("redis-server") else None)
+        if group:
+            out[group] += times.user + times.system
+    return out
+
+
 def throughput(server: SandboxServer, client: redis.Redis, sessions: Any, worker: Worker,
                n: int, prefix: str, *, latency_ms: float, rate: float,
                timeout: float) -> dict[str, Any]:
@@ -169,13 +190,15 @@ def throughput(server: SandboxServer, client: redis.Redis, sessions: Any, worker
     sb.stats.reset()
     before = states(sessions)
     events = samples.graduating_class(n, prefix=prefix)
+    cpu_before = cpu_seconds(worker)
     start = time.monotonic()
     xadd(client, events)
     wait_settled(sessions, sum(before.values()) + len(events), worker, timeout)
     wall = time.monotonic() - start
+    cpu = {k: round(v - cpu_before[k], 2) for k, v in cpu_seconds(worker).items()}
     stats = sb.stats.to_json()
     after = states(sessions)
-    return {"events": events, "wall_s": wall, "stats": stats,
+    return {"events": events, "wall_s": wall, "stats": stats, "cpu_s": cpu,
             "states": {k: after.get(k, 0) - before.get(k, 0) for k in after}}
 
 
@@ -280,7 +303,7 @@ def full(server: SandboxServer, client: redis.Redis, sessions: Any, db_url: str,
         "baseline_calls_by_route": base["stats"]["by_route"],
         "latency_p50_ms": round(pct(lat, 50), 1), "latency_p95_ms": round(pct(lat, 95), 1),
         "rss_start_mb": round(rss_start, 1), "rss_end_mb": round(rss_end, 1),
-        "worker_counters": counters,
+        "cpu_s": run["cpu_s"], "worker_counters": counters,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                    f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python "
                    f"{platform.python_version()}",

@@ -13,14 +13,15 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import Any
 
 import redis
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dokstamp_sync.db import insert_ignore, session_scope
-from dokstamp_sync.events import InvalidEvent, parse_event
+from dokstamp_sync.db import dialect_insert, insert_ignore, session_scope
+from dokstamp_sync.events import Event, InvalidEvent, parse_event
 from dokstamp_sync.models import DeadLetter, EventRecord, utcnow
 from dokstamp_sync.redis_keys import HEARTBEAT
 
@@ -41,44 +42,111 @@ def _invalid(session: Session, stream_id: str, raw: str, reason: str,
                 extra={"event_id": event_id, "state": "dead"})
 
 
-def record_entry(session: Session, stream_id: str, fields: dict[bytes, bytes],
-                 lease: float) -> int | None:
-    """Store one stream entry; return the new event's primary key (None: nothing new).
-
-    Each entry is written in its own savepoint: an entry the database refuses becomes a dead
-    letter and cannot take the rest of its batch down with it.
-    """
+def _parse(stream_id: str, fields: dict[bytes, bytes]) -> tuple[str, Event | InvalidEvent]:
     raw_bytes = fields.get(b"event")
     raw = raw_bytes.decode("utf-8", "replace") if raw_bytes is not None else repr(fields)
     try:
         if raw_bytes is None:
             raise InvalidEvent("stream entry has no 'event' field")
-        event = parse_event(raw)
+        return raw, parse_event(raw)
     except InvalidEvent as exc:
-        _invalid(session, stream_id, raw, exc.reason, exc.event_id)
-        return None
+        return raw, exc
+
+
+def _row(event: Event, lease: float) -> dict[str, Any]:
     now = utcnow()
-    payload = event.model_dump(mode="json")
+    return {"event_id": event.event_id, "entity": event.entity, "op": event.op,
+            "erp_key": event.key, "occurred_at": event.occurred_at,
+            "payload": event.model_dump(mode="json"), "state": "pending", "attempts": 0,
+            "deliveries": 0, "received_at": now,
+            # Dispatched right away; the scheduler re-dispatches if this lease runs out.
+            "next_attempt_at": now + timedelta(seconds=lease)}
+
+
+def _reused(session: Session, stream_id: str, raw: str, event_id: str) -> None:
+    # An ERP bug: keep it visible, never drop it silently.
+    _invalid(session, stream_id, raw, f"event_id {event_id} was already used by a different "
+             "event; the first one is kept, this one is not applied", event_id)
+
+
+def record_entry(session: Session, stream_id: str, fields: dict[bytes, bytes],
+                 lease: float) -> int | None:
+    """Store one stream entry; return the new event's primary key (None: nothing new).
+
+    The entry is written in its own savepoint: an entry the database refuses becomes a dead
+    letter and cannot take the rest of its batch down with it.
+    """
+    raw, parsed = _parse(stream_id, fields)
+    if isinstance(parsed, InvalidEvent):
+        _invalid(session, stream_id, raw, parsed.reason, parsed.event_id)
+        return None
+    row = _row(parsed, lease)
     try:
         with session.begin_nested():
-            pk = insert_ignore(session, EventRecord.__table__, {  # type: ignore[arg-type]
-                "event_id": event.event_id, "entity": event.entity, "op": event.op,
-                "erp_key": event.key, "occurred_at": event.occurred_at, "payload": payload,
-                "state": "pending", "attempts": 0, "deliveries": 0, "received_at": now,
-                # Dispatched right away; the scheduler re-dispatches if this lease runs out.
-                "next_attempt_at": now + timedelta(seconds=lease)}, ["event_id"])
+            pk = insert_ignore(session, EventRecord.__table__,  # type: ignore[arg-type]
+                               row, ["event_id"])
     except DBAPIError as exc:
         _invalid(session, stream_id, raw, f"refused by the database: {exc.orig}",
-                 event.event_id)
+                 parsed.event_id)
         return None
-    if pk is None:
-        known = session.scalar(select(EventRecord.payload).where(
-            EventRecord.event_id == event.event_id))
-        if known != payload:  # an ERP bug: keep it visible, never drop it silently
-            _invalid(session, stream_id, raw, f"event_id {event.event_id} was already used by "
-                     "a different event; the first one is kept, this one is not applied",
-                     event.event_id)
+    if pk is None and session.scalar(select(EventRecord.payload).where(
+            EventRecord.event_id == parsed.event_id)) != row["payload"]:
+        _reused(session, stream_id, raw, parsed.event_id)
     return pk
+
+
+def record_entries(session: Session, entries: Sequence[tuple[bytes, dict[bytes, bytes]]],
+                   lease: float) -> list[int]:
+    """Store a batch of stream entries; return the new events' primary keys.
+
+    The valid entries go in one multi-row INSERT (one round trip for the batch, not three per
+    entry). If the database refuses it, the batch is written again entry by entry
+    (:func:`record_entry`), so only the entry it refuses becomes a dead letter.
+    """
+    try:
+        with session.begin_nested():
+            return _record_bulk(session, entries, lease)
+    except DBAPIError:
+        pks = (record_entry(session, entry_id.decode(), fields, lease)
+               for entry_id, fields in entries)
+        return [pk for pk in pks if pk is not None]
+
+
+def _record_bulk(session: Session, entries: Sequence[tuple[bytes, dict[bytes, bytes]]],
+                 lease: float) -> list[int]:
+    rows: dict[str, dict[str, Any]] = {}  # by event_id: the first entry with it is the one
+    origin: dict[str, tuple[str, str]] = {}  # event_id -> (stream id, raw text)
+    repeats: list[tuple[str, str, dict[str, Any]]] = []
+    for entry_id, fields in entries:
+        stream_id = entry_id.decode()
+        raw, parsed = _parse(stream_id, fields)
+        if isinstance(parsed, InvalidEvent):
+            _invalid(session, stream_id, raw, parsed.reason, parsed.event_id)
+            continue
+        row = _row(parsed, lease)
+        if parsed.event_id in rows:
+            repeats.append((stream_id, raw, row))
+        else:
+            rows[parsed.event_id] = row
+            origin[parsed.event_id] = (stream_id, raw)
+    if not rows:
+        return []
+    table = EventRecord.__table__
+    stmt = dialect_insert(session)(table).values(list(rows.values()))
+    inserted: dict[str, int] = dict(session.execute(
+        stmt.on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(table.c.event_id, table.c.id)).all())
+    existed = [event_id for event_id in rows if event_id not in inserted]
+    known: dict[str, Any] = dict(session.execute(
+        select(EventRecord.event_id, EventRecord.payload)
+        .where(EventRecord.event_id.in_(existed))).all()) if existed else {}
+    for event_id, row in rows.items():
+        if event_id not in inserted and known.get(event_id) != row["payload"]:
+            _reused(session, *origin[event_id], event_id)
+    for stream_id, raw, row in repeats:
+        if rows[row["event_id"]]["payload"] != row["payload"]:
+            _reused(session, stream_id, raw, row["event_id"])
+    return sorted(inserted.values())
 
 
 class StreamIngester:
@@ -118,12 +186,8 @@ class StreamIngester:
         return len(entries)
 
     def handle(self, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> list[int]:
-        new: list[int] = []
         with session_scope(self.sessions) as session:
-            for entry_id, fields in entries:
-                pk = record_entry(session, entry_id.decode(), fields, self.lease)
-                if pk is not None:
-                    new.append(pk)
+            new = record_entries(session, entries, self.lease)
         ids = [entry_id for entry_id, _ in entries]
         with self.redis.pipeline() as pipe:
             pipe.xack(self.stream, self.group, *ids)

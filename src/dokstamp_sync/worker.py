@@ -76,8 +76,9 @@ def _json_logs(logger: logging.Logger, **_: Any) -> None:
 def dispatch(pks: Sequence[int]) -> None:
     from dokstamp_sync.tasks import sync_event
 
-    for pk in pks:
-        sync_event.delay(pk)
+    with app.producer_or_acquire() as producer:  # one producer for the batch, not one each
+        for pk in pks:
+            sync_event.apply_async((pk,), producer=producer)
 
 
 class Pump:

@@ -175,7 +175,7 @@ def test_entries_stay_pending_when_recording_fails(h, ctx, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("database down")
 
-    monkeypatch.setattr(ingest, "record_entry", broken)
+    monkeypatch.setattr(ingest, "record_entries", broken)
     with pytest.raises(RuntimeError):
         h.ingester.poll(block_ms=10)
     assert ctx.redis.xpending(STREAM, "dokstamp-sync")["pending"] == 1
@@ -242,3 +242,23 @@ def test_an_event_id_reused_with_other_content_is_kept_as_a_dead_letter(h):
     (letter,) = h.letters()
     assert "was already used by a different event" in letter.reason
     assert h.mapping("student", "S-1") is not None
+
+
+def test_connections_dropped_by_postgresql_cost_no_event(h, ctx):
+    """No pre-ping on checkout: when PostgreSQL drops the pool's connections (a restart, a
+    failover), the next run claims its event on a new connection and syncs it."""
+    from sqlalchemy import create_engine, text
+
+    from testenv import PG_ADMIN_URL
+
+    assert h.sync(student(key="S-1", email="one@example.edu")) == ["synced"]
+    pks = h.send(student(key="S-2", email="two@example.edu"))
+    database = ctx.sessions.kw["bind"].url.database
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        killed = conn.scalar(text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": database})
+    admin.dispose()
+    assert killed >= 1
+    assert h.run(pks) == ["synced"]

@@ -110,3 +110,23 @@ def test_xadd_from_any_language_is_ingested(ctx, sandbox):
     ctx.redis.xadd(STREAM, {"event": json.dumps(event("student", "S-9", GOOD))})
     harness = Harness(ctx)
     assert harness.run(harness.send()) == ["synced"]
+
+
+def test_a_batch_is_recorded_whole_with_repeats_and_a_reused_id(h, ctx):
+    """One read of many entries: every new event is recorded once, in stream order; a repeat
+    of an entry in the same batch changes nothing; the same event_id with other content in the
+    same batch becomes a dead letter and the first one is kept."""
+    events = [event("student", f"S-{i}", GOOD | {"email": f"s{i}@example.edu"})
+              for i in range(30)]
+    clash = dict(events[3], data=GOOD | {"email": "other@example.edu"})
+    pks = h.send(*events, events[5], clash, "garbage")
+    assert len(pks) == 30
+    assert pks == sorted(pks)
+    assert len(h.states()) == 30
+    reasons = sorted(letter.reason for letter in h.letters())
+    assert len(reasons) == 2
+    assert reasons[0].startswith(f"invalid event: event_id {events[3]['event_id']} was "
+                                 "already used by a different event")
+    assert reasons[1].startswith("invalid event: not JSON")
+    assert h.record(events[3]["event_id"]).payload["data"]["email"] == "s3@example.edu"
+    assert ctx.redis.xpending(STREAM, "dokstamp-sync")["pending"] == 0

@@ -20,6 +20,7 @@ from typing import Any
 
 from redis.exceptions import LockError
 from redis.lock import Lock
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
@@ -41,41 +42,39 @@ from dokstamp_sync.sync.context import Busy, Dead, SyncContext, Waiting
 from dokstamp_sync.sync.files import FileSourceError
 from dokstamp_sync.sync.operations import Apply, Snapshot
 from dokstamp_sync.sync.store import (
+    FINAL,
+    claim,
     data_hash,
     dead_letter,
     finish,
+    finish_synced,
     forget_natural_keys,
-    get_mapping,
+    get_mappings,
     log_outcome,
-    newer_event_exists,
     park,
+    read_open,
     save_mapping,
 )
 
 log = logging.getLogger("dokstamp_sync.sync")
-FINAL = ("synced", "superseded", "dead")
 BACKOFF_BASE = 2.0  # seconds
 BACKOFF_CAP = 600.0
 IN_CALL_RETRY_AFTER_MAX = 5.0  # longer Retry-After waits are parked, not slept through
 
 
 def run(ctx: SyncContext, pk: int) -> str:
-    """Process event ``pk`` as a task does; return its state afterwards. Never raises."""
-    with session_scope(ctx.sessions) as session:
-        record = session.get(EventRecord, pk, with_for_update=True)
-        if record is None or record.state in FINAL:
-            return record.state if record else "missing"
-        record.deliveries += 1  # undone when this run completes; left behind if it is killed
-        if record.deliveries > ctx.max_deliveries:
-            dead_letter(session, record, f"the worker was lost {record.deliveries - 1} times "
-                                         "while processing this event")
-            log_outcome(record, "dead")
-            return "dead"
-        # The scheduler must not hand this event out again while this run holds it.
-        record.next_attempt_at = utcnow() + timedelta(seconds=ctx.lease)
-        payload = record.payload
+    """Process event ``pk`` as a task does; return its state afterwards. Never raises
+    once the event is claimed."""
     try:
-        state = process(ctx, pk, payload=payload)
+        claimed = _claim(ctx, pk)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        claimed = _claim(ctx, pk)  # a connection lost since its last use: once more, anew
+    if isinstance(claimed, str):
+        return claimed
+    try:
+        state = process(ctx, pk, payload=claimed)
     except Exception as exc:  # a bug must neither kill the worker nor lose the event
         log.exception("event %s: internal error", pk)
         state = _transient(ctx, pk, 0, f"internal error: {type(exc).__name__}: {exc}", None)
@@ -83,6 +82,25 @@ def run(ctx: SyncContext, pk: int) -> str:
     # The counters, and the health check's proof that tasks are being processed.
     ctx.flush({f"{HEARTBEAT}task": str(time.time())})
     return state
+
+
+def _claim(ctx: SyncContext, pk: int) -> dict[str, Any] | str:
+    """Count a delivery of event ``pk`` and lease it; its payload, or the state it ends in."""
+    with session_scope(ctx.sessions) as session:
+        # The delivery count is undone when this run completes, left behind if it is killed;
+        # the lease keeps the scheduler from handing the event out again meanwhile.
+        claimed = claim(session, pk, ctx.lease)
+        if claimed is None:
+            return _final_state(session, pk)
+        deliveries, payload = claimed
+        if deliveries > ctx.max_deliveries:
+            record = session.get(EventRecord, pk)
+            assert record is not None
+            dead_letter(session, record, f"the worker was lost {deliveries - 1} times "
+                                         "while processing this event")
+            log_outcome(record, "dead")
+            return "dead"
+        return payload
 
 
 def process(ctx: SyncContext, pk: int, depth: int = 0, *,
@@ -146,21 +164,25 @@ def _process_locked(ctx: SyncContext, pk: int, event: Event, depth: int,
 
 def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int, *, retry: bool) -> Apply:
     with session_scope(ctx.sessions) as session:
-        record = _open(session, pk)
+        record = read_open(session, pk)
         if record is None:
             return Apply(_final_state(session, pk))
         # Never tried before, never delivered before: no lost response can have created it.
         fresh = not retry and record.attempts == 0 and record.deliveries <= 1
-        if newer_event_exists(session, record):
+        if record.superseded:
             return Apply("superseded", note="a newer event for this entity came")
-        mapping = get_mapping(session, event.entity, event.key)
+        own = (event.entity, event.key)
+        # The entity's own mapping and those of everything it refers to, in one query.
+        mappings = get_mappings(session, [own, *(references.wanted(event)
+                                                 if event.op == "upsert" else [])])
+        mapping = mappings.pop(own, None)
         snapshot = Snapshot(mapping.dokstamp_uuid, mapping.status, dict(mapping.sent or {}),
                             mapping.data_hash) if mapping else None
     if event.op == "revoke" or (event.op == "delete" and event.entity == "certificate"):
         return operations.revoke(ctx, event, snapshot)
     if event.op == "delete":
         return operations.delete(ctx, event, snapshot)
-    refs = references.resolve(ctx, event, depth, process)
+    refs = references.resolve(ctx, event, depth, process, mappings)
     body = references.payload(event, refs)
     digest = data_hash({"data": event.data, "refs": refs})
     return operations.upsert(ctx, event, body, refs, snapshot, digest, fresh=fresh)
@@ -222,12 +244,20 @@ def _conclude(ctx: SyncContext, pk: int, depth: int,
 
 
 def _record(ctx: SyncContext, pk: int, depth: int, outcome: Apply) -> str:
+    if outcome.state == "synced":  # the common case, in as few statements as it takes
+        with session_scope(ctx.sessions) as session:
+            done = finish_synced(session, pk, note=outcome.note, completed=depth == 0)
+            if done is None:
+                return _final_state(session, pk)
+            if outcome.uuid is not None:
+                save_mapping(session, done, outcome.uuid, status=outcome.status,
+                             sent=outcome.sent, digest=outcome.digest)
+                if outcome.status == "deleted":
+                    forget_natural_keys(session, done.entity, outcome.uuid)
+            log_outcome(done, "synced", outcome.note)
+            return "synced"
+
     def decide(session: Session, record: EventRecord) -> str:
-        if outcome.state == "synced" and outcome.uuid is not None:
-            save_mapping(session, record, outcome.uuid, status=outcome.status,
-                         sent=outcome.sent, digest=outcome.digest)
-            if outcome.status == "deleted":
-                forget_natural_keys(session, record.entity, outcome.uuid)
         finish(session, record, outcome.state, outcome.note)
         log_outcome(record, outcome.state, outcome.note)
         return outcome.state

@@ -8,9 +8,10 @@ from typing import Any
 
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.events import Event
+from dokstamp_sync.models import Mapping
 from dokstamp_sync.sync.context import Dead, SyncContext, Waiting
 from dokstamp_sync.sync.entities import REFERENCES, SPECS
-from dokstamp_sync.sync.store import ACTIVE, get_mapping, get_mappings, latest_event
+from dokstamp_sync.sync.store import ACTIVE, get_mapping, latest_event
 
 # process(ctx, event_pk, depth) -> resulting state; injected by the engine (avoids a cycle)
 Process = Callable[[SyncContext, int, int], str]
@@ -55,20 +56,27 @@ def dependency(ctx: SyncContext, entity: str, key: str, depth: int, process: Pro
     raise Waiting(f"dependency {entity} {key} is {result}", waiting_for=tag, delay=delay)
 
 
-def resolve(ctx: SyncContext, event: Event, depth: int, process: Process) -> dict[str, Any]:
+def wanted(event: Event) -> list[tuple[str, str]]:
+    """The (entity, ERP key) of every entity the event refers to."""
+    data = event.data or {}
+    out = [(entity, data[field]) for field, entity in REFERENCES.items()
+           if isinstance(data.get(field), str) and data[field]]
+    if event.entity == "course":
+        out += [("module", m["module_key"]) for m in data.get("modules") or []]
+    return out
+
+
+def resolve(ctx: SyncContext, event: Event, depth: int, process: Process,
+            mappings: dict[tuple[str, str], Mapping]) -> dict[str, Any]:
     """``{"course_uuid": ..., "modules": [...]}`` for every reference in the event's data.
 
-    One query reads every referenced mapping; only a reference not active in DokStamp goes the
-    slow way (:func:`dependency`: sync its event first, or wait).
+    ``mappings``: the referenced mappings, read by the caller in one query (see
+    :func:`wanted`); only a reference not active in DokStamp goes the slow way
+    (:func:`dependency`: sync its event first, or wait).
     """
     data = event.data or {}
-    wanted = [(entity, data[field]) for field, entity in REFERENCES.items()
-              if isinstance(data.get(field), str) and data[field]]
-    if event.entity == "course":
-        wanted += [("module", m["module_key"]) for m in data.get("modules") or []]
-    with session_scope(ctx.sessions) as session:
-        known = {k: (m.dokstamp_uuid, dict(m.sent or {}))
-                 for k, m in get_mappings(session, wanted).items() if m.status in ACTIVE}
+    known = {k: (m.dokstamp_uuid, dict(m.sent or {}))
+             for k, m in mappings.items() if m.status in ACTIVE}
 
     def uuid_of(entity: str, key: str) -> str:
         hit = known.get((entity, key))

@@ -5,19 +5,33 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from hashlib import sha256
 from typing import Any
 
-from sqlalchemy import delete, select, tuple_, update
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.orm import Session, aliased
 
-from dokstamp_sync.db import insert_ignore
+from dokstamp_sync.db import dialect_insert, insert_ignore
 from dokstamp_sync.dokstamp.errors import PermanentError
 from dokstamp_sync.models import DeadLetter, EventRecord, Mapping, NaturalKey, utcnow
+from dokstamp_sync.sync.entities import REFERENCES
 
 log = logging.getLogger("dokstamp_sync.sync")
 ACTIVE = ("active", "archived", "revoked")  # mapped entities that still exist in DokStamp
+FINAL = ("synced", "superseded", "dead")
+REFERENCED = {*REFERENCES.values(), "module"}  # entities other events can wait for
 
 
 def data_hash(payload: Any) -> str:
@@ -47,20 +61,104 @@ def latest_event(session: Session, entity: str, key: str) -> EventRecord | None:
         .order_by(EventRecord.occurred_at.desc(), EventRecord.id.desc()).limit(1))
 
 
-def newer_event_exists(session: Session, record: EventRecord) -> bool:
-    """Is there a newer event for the same entity, already synced or still to be synced?
+def _newer(other: Any, entity: Any, key: Any, occurred_at: Any, pk: Any) -> ColumnElement[bool]:
+    """``other`` is a newer event for the same entity, already synced or still to be synced.
 
     Newer means a later ``occurred_at``, or the same one received later (a higher id). A synced
     delete counts too, so an older upsert arriving after it cannot bring the entity back.
     """
-    return session.scalar(
-        select(EventRecord.id).where(
-            EventRecord.entity == record.entity, EventRecord.erp_key == record.erp_key,
-            EventRecord.state.in_(("pending", "waiting", "synced")),
-            EventRecord.id != record.id,
-            (EventRecord.occurred_at > record.occurred_at)
-            | ((EventRecord.occurred_at == record.occurred_at)
-               & (EventRecord.id > record.id))).limit(1)) is not None
+    return and_(other.entity == entity, other.erp_key == key,
+                other.state.in_(("pending", "waiting", "synced")), other.id != pk,
+                (other.occurred_at > occurred_at)
+                | ((other.occurred_at == occurred_at) & (other.id > pk)))
+
+
+def newer_event_exists(session: Session, record: EventRecord) -> bool:
+    """Is there a newer event for the same entity (see :func:`_newer`)?"""
+    return session.scalar(select(EventRecord.id).where(_newer(
+        EventRecord, record.entity, record.erp_key, record.occurred_at, record.id)).limit(1)
+    ) is not None
+
+
+@dataclass(frozen=True)
+class Open:
+    """What an attempt needs to know of its event, read in one statement."""
+
+    attempts: int
+    deliveries: int
+    superseded: bool  # a newer event for the same entity exists
+
+
+_OTHER = aliased(EventRecord)
+_READ_OPEN = select(
+    EventRecord.attempts, EventRecord.deliveries,
+    exists().where(_newer(_OTHER, EventRecord.entity, EventRecord.erp_key,
+                          EventRecord.occurred_at, EventRecord.id)),
+).where(EventRecord.id == bindparam("pk"), EventRecord.state.not_in(FINAL))
+
+
+def read_open(session: Session, pk: int) -> Open | None:
+    """The event, if it exists and is not final yet."""
+    row = session.execute(_READ_OPEN, {"pk": pk}).one_or_none()
+    return Open(row[0], row[1], bool(row[2])) if row is not None else None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """An event just marked final: what the mapping and the log line need of it."""
+
+    id: int
+    event_id: str
+    entity: str
+    erp_key: str
+    op: str
+    occurred_at: datetime
+
+
+def claim(session: Session, pk: int, lease: float) -> tuple[int, dict[str, Any]] | None:
+    """Count a delivery of an open event and lease it, in one statement.
+
+    Returns the delivery count and the payload; None when the event is final or missing.
+    """
+    row = session.execute(
+        update(EventRecord)
+        .where(EventRecord.id == pk, EventRecord.state.not_in(FINAL))
+        .values(deliveries=EventRecord.deliveries + 1,
+                next_attempt_at=utcnow() + timedelta(seconds=lease))
+        .returning(EventRecord.deliveries, EventRecord.payload)
+        .execution_options(synchronize_session=False)).one_or_none()
+    return (row[0], row[1]) if row is not None else None
+
+
+def finish_synced(session: Session, pk: int, *, note: str | None,
+                  completed: bool) -> Finished | None:
+    """Mark an open event synced in one statement, waking the events that waited for its
+    entity. ``completed``: a task's run ended, undo its delivery count. None: it was final."""
+    values: dict[str, Any] = {"state": "synced", "finished_at": utcnow(), "waiting_for": None}
+    if note is not None:
+        values["last_error"] = note
+    if completed:
+        values["deliveries"] = case((EventRecord.deliveries > 0, EventRecord.deliveries - 1),
+                                    else_=0)
+    row = session.execute(
+        update(EventRecord).where(EventRecord.id == pk, EventRecord.state.not_in(FINAL))
+        .values(values)
+        .returning(EventRecord.id, EventRecord.event_id, EventRecord.entity,
+                   EventRecord.erp_key, EventRecord.op, EventRecord.occurred_at)
+        .execution_options(synchronize_session=False)).one_or_none()
+    if row is None:
+        return None
+    done = Finished(*row)
+    wake_waiting(session, done.entity, done.erp_key)
+    return done
+
+
+def wake_waiting(session: Session, entity: str, key: str) -> None:
+    """The events that wait for (entity, key) are due now (it has just been synced)."""
+    if entity in REFERENCED:  # nothing ever waits for the others (certificates)
+        session.execute(update(EventRecord).where(
+            EventRecord.state == "waiting", EventRecord.waiting_for == f"{entity}:{key}",
+        ).values(next_attempt_at=utcnow()).execution_options(synchronize_session=False))
 
 
 def known_uuid(session: Session, entity: str, key: str) -> str | None:
@@ -82,21 +180,21 @@ def remember_natural_key(session: Session, entity: str, key: str, uuid: str) -> 
     return uuid if inserted is not None else (known_uuid(session, entity, key) or uuid)
 
 
-def save_mapping(session: Session, record: EventRecord, uuid: str, *, status: str = "active",
-                 sent: dict[str, Any] | None = None, digest: str | None = None) -> Mapping:
-    mapping = get_mapping(session, record.entity, record.erp_key)
-    if mapping is None:
-        mapping = Mapping(entity=record.entity, erp_key=record.erp_key, dokstamp_uuid=uuid)
-        session.add(mapping)
-    mapping.dokstamp_uuid = uuid
-    mapping.status = status
-    if sent is not None:
-        mapping.sent = sent
-    mapping.data_hash = digest  # None after a delete or archive: the next upsert is sent
-    mapping.occurred_at = record.occurred_at
-    mapping.event_id = record.event_id
-    mapping.synced_at = utcnow()
-    return mapping
+def save_mapping(session: Session, record: EventRecord | Finished, uuid: str, *,
+                 status: str = "active",
+                 sent: dict[str, Any] | None = None, digest: str | None = None) -> None:
+    """Insert or update the event's mapping in one statement (INSERT ... ON CONFLICT)."""
+    values: dict[str, Any] = {
+        "dokstamp_uuid": uuid, "status": status,
+        "data_hash": digest,  # None after a delete or archive: the next upsert is sent
+        "occurred_at": record.occurred_at, "event_id": record.event_id, "synced_at": utcnow()}
+    if sent is not None:  # else the last payload sent stays
+        values["sent"] = sent
+    table = Mapping.__table__
+    stmt = dialect_insert(session)(table).values(
+        entity=record.entity, erp_key=record.erp_key, **values)
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=["entity", "erp_key"], set_=values))
 
 
 def finish(session: Session, record: EventRecord, state: str, error: str | None = None) -> None:
@@ -107,10 +205,7 @@ def finish(session: Session, record: EventRecord, state: str, error: str | None 
     if error is not None:
         record.last_error = error
     if state == "synced":
-        session.execute(update(EventRecord).where(
-            EventRecord.state == "waiting",
-            EventRecord.waiting_for == f"{record.entity}:{record.erp_key}",
-        ).values(next_attempt_at=utcnow()))
+        wake_waiting(session, record.entity, record.erp_key)
 
 
 def dead_letter(session: Session, record: EventRecord, reason: str,
@@ -151,7 +246,7 @@ def park(record: EventRecord, *, delay: float, error: str, waiting_for: str | No
         record.first_failed_at = record.first_failed_at or now
 
 
-def log_outcome(record: EventRecord, state: str, detail: str | None = None) -> None:
+def log_outcome(record: EventRecord | Finished, state: str, detail: str | None = None) -> None:
     """The one log line per event outcome (fields for JSON logs; never a secret)."""
     log.info("event %s %s %s %s -> %s%s", record.event_id, record.entity, record.erp_key,
              record.op, state, f": {detail}" if detail else "",
