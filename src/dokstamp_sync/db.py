@@ -58,9 +58,9 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
-def dialect_insert(session: Session) -> Any:
-    """The dialect's ``insert`` (it has ON CONFLICT) for the session's database."""
-    if session.get_bind().dialect.name == "postgresql":
+def dialect_insert(dialect: str) -> Any:
+    """The dialect's ``insert`` (it has ON CONFLICT): ``postgresql`` or ``sqlite``."""
+    if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
@@ -70,7 +70,7 @@ def dialect_insert(session: Session) -> Any:
 def insert_ignore(session: Session, table: Table, values: dict[str, Any],
                   conflict: Sequence[str]) -> int | None:
     """INSERT ... ON CONFLICT DO NOTHING RETURNING id; the new id, or None if it existed."""
-    stmt = dialect_insert(session)(table).values(**values).on_conflict_do_nothing(
-        index_elements=list(conflict))
+    insert = dialect_insert(session.get_bind().dialect.name)
+    stmt = insert(table).values(**values).on_conflict_do_nothing(index_elements=list(conflict))
     new_id: int | None = session.scalar(stmt.returning(table.c.id))
     return new_id

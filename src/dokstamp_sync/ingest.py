@@ -132,7 +132,7 @@ def _record_bulk(session: Session, entries: Sequence[tuple[bytes, dict[bytes, by
     if not rows:
         return []
     table = EventRecord.__table__
-    stmt = dialect_insert(session)(table).values(list(rows.values()))
+    stmt = dialect_insert(session.get_bind().dialect.name)(table).values(list(rows.values()))
     inserted: dict[str, int] = dict(session.execute(
         stmt.on_conflict_do_nothing(index_elements=["event_id"])
         .returning(table.c.event_id, table.c.id)).all())

@@ -40,7 +40,7 @@ from dokstamp_sync.redis_keys import HEARTBEAT
 from dokstamp_sync.sync import operations, references
 from dokstamp_sync.sync.context import Busy, Dead, SyncContext, Waiting
 from dokstamp_sync.sync.files import FileSourceError
-from dokstamp_sync.sync.operations import Apply, Snapshot
+from dokstamp_sync.sync.operations import Apply
 from dokstamp_sync.sync.store import (
     FINAL,
     claim,
@@ -175,9 +175,7 @@ def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int, *, retry: bool
         # The entity's own mapping and those of everything it refers to, in one query.
         mappings = get_mappings(session, [own, *(references.wanted(event)
                                                  if event.op == "upsert" else [])])
-        mapping = mappings.pop(own, None)
-        snapshot = Snapshot(mapping.dokstamp_uuid, mapping.status, dict(mapping.sent or {}),
-                            mapping.data_hash) if mapping else None
+        snapshot = mappings.pop(own, None)
     if event.op == "revoke" or (event.op == "delete" and event.entity == "certificate"):
         return operations.revoke(ctx, event, snapshot)
     if event.op == "delete":

@@ -31,6 +31,7 @@ from dokstamp_sync.sync import files
 from dokstamp_sync.sync.context import Dead, SyncContext
 from dokstamp_sync.sync.entities import SPECS, Spec, natural_key, remote_value, same_value
 from dokstamp_sync.sync.store import (
+    Snapshot,
     data_hash,
     finish,
     forget_natural_keys,
@@ -44,16 +45,6 @@ from dokstamp_sync.sync.warm import listing_is_fresh
 
 BATCH_FILES = 50  # files per POST /files
 BATCH_BYTES = 20 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The mapping as it stood when the event was picked up."""
-
-    uuid: str
-    status: str
-    sent: dict[str, Any]
-    digest: str | None
 
 
 @dataclass(frozen=True)

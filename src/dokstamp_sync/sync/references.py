@@ -8,10 +8,9 @@ from typing import Any
 
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.events import Event
-from dokstamp_sync.models import Mapping
 from dokstamp_sync.sync.context import Dead, SyncContext, Waiting
 from dokstamp_sync.sync.entities import REFERENCES, SPECS
-from dokstamp_sync.sync.store import ACTIVE, get_mapping, latest_event
+from dokstamp_sync.sync.store import ACTIVE, Snapshot, get_mapping, latest_event
 
 # process(ctx, event_pk, depth) -> resulting state; injected by the engine (avoids a cycle)
 Process = Callable[[SyncContext, int, int], str]
@@ -67,7 +66,7 @@ def wanted(event: Event) -> list[tuple[str, str]]:
 
 
 def resolve(ctx: SyncContext, event: Event, depth: int, process: Process,
-            mappings: dict[tuple[str, str], Mapping]) -> dict[str, Any]:
+            mappings: dict[tuple[str, str], Snapshot]) -> dict[str, Any]:
     """``{"course_uuid": ..., "modules": [...]}`` for every reference in the event's data.
 
     ``mappings``: the referenced mappings, read by the caller in one query (see
@@ -75,8 +74,7 @@ def resolve(ctx: SyncContext, event: Event, depth: int, process: Process,
     (:func:`dependency`: sync its event first, or wait).
     """
     data = event.data or {}
-    known = {k: (m.dokstamp_uuid, dict(m.sent or {}))
-             for k, m in mappings.items() if m.status in ACTIVE}
+    known = {k: (m.uuid, m.sent) for k, m in mappings.items() if m.status in ACTIVE}
 
     def uuid_of(entity: str, key: str) -> str:
         hit = known.get((entity, key))

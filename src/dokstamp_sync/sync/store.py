@@ -3,27 +3,32 @@ never commit: the caller (the engine's short transactions) does."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from hashlib import sha256
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
+    Boolean,
     ColumnElement,
+    String,
+    Table,
     and_,
     bindparam,
     case,
     delete,
     exists,
+    func,
     select,
     tuple_,
     update,
 )
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
-from dokstamp_sync.db import dialect_insert, insert_ignore
+from dokstamp_sync.db import dialect_insert
 from dokstamp_sync.dokstamp.errors import PermanentError
 from dokstamp_sync.models import DeadLetter, EventRecord, Mapping, NaturalKey, utcnow
 from dokstamp_sync.sync.entities import REFERENCES
@@ -38,13 +43,36 @@ def data_hash(payload: Any) -> str:
     return sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def get_mappings(session: Session, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Mapping]:
+# The hot path's statements are built once, on the tables (Core, not the ORM's unit of work),
+# with bound parameters: building and caching a statement per call cost more than running it.
+EVENTS = cast(Table, EventRecord.__table__)
+MAPPINGS = cast(Table, Mapping.__table__)
+NATURAL_KEYS = cast(Table, NaturalKey.__table__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A mapping as it stood when read."""
+
+    uuid: str
+    status: str
+    sent: dict[str, Any]
+    digest: str | None
+
+
+_GET_MAPPINGS = select(MAPPINGS.c.entity, MAPPINGS.c.erp_key, MAPPINGS.c.dokstamp_uuid,
+                       MAPPINGS.c.status, MAPPINGS.c.sent, MAPPINGS.c.data_hash).where(
+    tuple_(MAPPINGS.c.entity, MAPPINGS.c.erp_key).in_(bindparam("keys", expanding=True)))
+
+
+def get_mappings(session: Session,
+                 keys: list[tuple[str, str]]) -> dict[tuple[str, str], Snapshot]:
     """Several mappings in one query, by (entity, ERP key)."""
     if not keys:
         return {}
-    rows = session.scalars(select(Mapping).where(
-        tuple_(Mapping.entity, Mapping.erp_key).in_(keys)))
-    return {(m.entity, m.erp_key): m for m in rows}
+    rows = session.execute(_GET_MAPPINGS, {"keys": keys})
+    return {(entity, key): Snapshot(uuid, status, dict(sent or {}), digest)
+            for entity, key, uuid, status, sent, digest in rows}
 
 
 def get_mapping(session: Session, entity: str, key: str) -> Mapping | None:
@@ -89,12 +117,12 @@ class Open:
     superseded: bool  # a newer event for the same entity exists
 
 
-_OTHER = aliased(EventRecord)
+_OTHER = EVENTS.alias("other")
 _READ_OPEN = select(
-    EventRecord.attempts, EventRecord.deliveries,
-    exists().where(_newer(_OTHER, EventRecord.entity, EventRecord.erp_key,
-                          EventRecord.occurred_at, EventRecord.id)),
-).where(EventRecord.id == bindparam("pk"), EventRecord.state.not_in(FINAL))
+    EVENTS.c.attempts, EVENTS.c.deliveries,
+    exists().where(_newer(_OTHER.c, EVENTS.c.entity, EVENTS.c.erp_key, EVENTS.c.occurred_at,
+                          EVENTS.c.id)),
+).where(EVENTS.c.id == bindparam("pk"), EVENTS.c.state.not_in(FINAL))
 
 
 def read_open(session: Session, pk: int) -> Open | None:
@@ -115,18 +143,29 @@ class Finished:
     occurred_at: datetime
 
 
+_OPEN = and_(EVENTS.c.id == bindparam("pk"), EVENTS.c.state.not_in(FINAL))
+_CLAIM = update(EVENTS).where(_OPEN).values(
+    deliveries=EVENTS.c.deliveries + 1, next_attempt_at=bindparam("until"),
+).returning(EVENTS.c.deliveries, EVENTS.c.payload)
+_FINISH_SYNCED = update(EVENTS).where(_OPEN).values(
+    state="synced", finished_at=bindparam("now"), waiting_for=None,
+    last_error=func.coalesce(bindparam("note", type_=String), EVENTS.c.last_error),
+    deliveries=case((and_(bindparam("completed", type_=Boolean), EVENTS.c.deliveries > 0),
+                     EVENTS.c.deliveries - 1), else_=EVENTS.c.deliveries),
+).returning(EVENTS.c.id, EVENTS.c.event_id, EVENTS.c.entity, EVENTS.c.erp_key, EVENTS.c.op,
+            EVENTS.c.occurred_at)
+_WAKE = update(EVENTS).where(EVENTS.c.state == "waiting",
+                             EVENTS.c.waiting_for == bindparam("tag")).values(
+    next_attempt_at=bindparam("now"))
+
+
 def claim(session: Session, pk: int, lease: float) -> tuple[int, dict[str, Any]] | None:
     """Count a delivery of an open event and lease it, in one statement.
 
     Returns the delivery count and the payload; None when the event is final or missing.
     """
-    row = session.execute(
-        update(EventRecord)
-        .where(EventRecord.id == pk, EventRecord.state.not_in(FINAL))
-        .values(deliveries=EventRecord.deliveries + 1,
-                next_attempt_at=utcnow() + timedelta(seconds=lease))
-        .returning(EventRecord.deliveries, EventRecord.payload)
-        .execution_options(synchronize_session=False)).one_or_none()
+    row = session.execute(_CLAIM, {"pk": pk, "until": utcnow() + timedelta(seconds=lease)}
+                          ).one_or_none()
     return (row[0], row[1]) if row is not None else None
 
 
@@ -134,18 +173,8 @@ def finish_synced(session: Session, pk: int, *, note: str | None,
                   completed: bool) -> Finished | None:
     """Mark an open event synced in one statement, waking the events that waited for its
     entity. ``completed``: a task's run ended, undo its delivery count. None: it was final."""
-    values: dict[str, Any] = {"state": "synced", "finished_at": utcnow(), "waiting_for": None}
-    if note is not None:
-        values["last_error"] = note
-    if completed:
-        values["deliveries"] = case((EventRecord.deliveries > 0, EventRecord.deliveries - 1),
-                                    else_=0)
-    row = session.execute(
-        update(EventRecord).where(EventRecord.id == pk, EventRecord.state.not_in(FINAL))
-        .values(values)
-        .returning(EventRecord.id, EventRecord.event_id, EventRecord.entity,
-                   EventRecord.erp_key, EventRecord.op, EventRecord.occurred_at)
-        .execution_options(synchronize_session=False)).one_or_none()
+    row = session.execute(_FINISH_SYNCED, {"pk": pk, "now": utcnow(), "note": note,
+                                           "completed": completed}).one_or_none()
     if row is None:
         return None
     done = Finished(*row)
@@ -156,14 +185,16 @@ def finish_synced(session: Session, pk: int, *, note: str | None,
 def wake_waiting(session: Session, entity: str, key: str) -> None:
     """The events that wait for (entity, key) are due now (it has just been synced)."""
     if entity in REFERENCED:  # nothing ever waits for the others (certificates)
-        session.execute(update(EventRecord).where(
-            EventRecord.state == "waiting", EventRecord.waiting_for == f"{entity}:{key}",
-        ).values(next_attempt_at=utcnow()).execution_options(synchronize_session=False))
+        session.execute(_WAKE, {"tag": f"{entity}:{key}", "now": utcnow()})
+
+
+_KNOWN_UUID = select(NATURAL_KEYS.c.dokstamp_uuid).where(
+    NATURAL_KEYS.c.entity == bindparam("entity"), NATURAL_KEYS.c.natural_key == bindparam("key"))
 
 
 def known_uuid(session: Session, entity: str, key: str) -> str | None:
-    return session.scalar(select(NaturalKey.dokstamp_uuid).where(
-        NaturalKey.entity == entity, NaturalKey.natural_key == key))
+    uuid: str | None = session.scalar(_KNOWN_UUID, {"entity": entity, "key": key})
+    return uuid
 
 
 def forget_natural_keys(session: Session, entity: str, uuid: str) -> None:
@@ -172,29 +203,46 @@ def forget_natural_keys(session: Session, entity: str, uuid: str) -> None:
                                              NaturalKey.dokstamp_uuid == uuid))
 
 
+@functools.cache
+def _insert_natural_key(dialect: str) -> Any:
+    return dialect_insert(dialect)(NATURAL_KEYS).on_conflict_do_nothing(
+        index_elements=["entity", "natural_key"]).returning(NATURAL_KEYS.c.id)
+
+
+@functools.cache
+def _upsert_mapping(dialect: str, with_sent: bool) -> Any:
+    stmt = dialect_insert(dialect)(MAPPINGS)
+    updated = [*_MAPPING_VALUES, *(["sent"] if with_sent else [])]
+    return stmt.on_conflict_do_update(index_elements=["entity", "erp_key"],
+                                      set_={c: stmt.excluded[c] for c in updated})
+
+
+_MAPPING_VALUES = ("dokstamp_uuid", "status", "data_hash", "occurred_at", "event_id",
+                   "synced_at")
+
+
 def remember_natural_key(session: Session, entity: str, key: str, uuid: str) -> str:
     """Record natural key -> UUID; return the UUID the database holds for it (maybe another)."""
-    inserted = insert_ignore(session, NaturalKey.__table__,  # type: ignore[arg-type]
-                             {"entity": entity, "natural_key": key, "dokstamp_uuid": uuid,
-                              "created_at": utcnow()}, ["entity", "natural_key"])
+    inserted = session.scalar(_insert_natural_key(session.get_bind().dialect.name), {
+        "entity": entity, "natural_key": key, "dokstamp_uuid": uuid, "created_at": utcnow()})
     return uuid if inserted is not None else (known_uuid(session, entity, key) or uuid)
 
 
 def save_mapping(session: Session, record: EventRecord | Finished, uuid: str, *,
                  status: str = "active",
                  sent: dict[str, Any] | None = None, digest: str | None = None) -> None:
-    """Insert or update the event's mapping in one statement (INSERT ... ON CONFLICT)."""
+    """Insert or update the event's mapping in one statement (INSERT ... ON CONFLICT).
+
+    ``sent`` None keeps the last payload sent; ``digest`` None (after a delete or archive)
+    makes the next upsert send again.
+    """
     values: dict[str, Any] = {
-        "dokstamp_uuid": uuid, "status": status,
-        "data_hash": digest,  # None after a delete or archive: the next upsert is sent
-        "occurred_at": record.occurred_at, "event_id": record.event_id, "synced_at": utcnow()}
-    if sent is not None:  # else the last payload sent stays
+        "entity": record.entity, "erp_key": record.erp_key, "dokstamp_uuid": uuid,
+        "status": status, "data_hash": digest, "occurred_at": record.occurred_at,
+        "event_id": record.event_id, "synced_at": utcnow()}
+    if sent is not None:
         values["sent"] = sent
-    table = Mapping.__table__
-    stmt = dialect_insert(session)(table).values(
-        entity=record.entity, erp_key=record.erp_key, **values)
-    session.execute(stmt.on_conflict_do_update(
-        index_elements=["entity", "erp_key"], set_=values))
+    session.execute(_upsert_mapping(session.get_bind().dialect.name, sent is not None), values)
 
 
 def finish(session: Session, record: EventRecord, state: str, error: str | None = None) -> None:
