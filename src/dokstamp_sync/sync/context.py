@@ -25,6 +25,8 @@ from dokstamp_sync.ratelimit import RateLimiter
 from dokstamp_sync.redis_keys import COUNTERS
 from dokstamp_sync.sync.files import FilePolicy
 
+LOCK_POLL = 0.01  # seconds between tries of a lock another worker holds
+
 
 class Waiting(Exception):
     """The event cannot proceed yet: a dependency is missing or busy."""
@@ -92,8 +94,10 @@ class SyncContext:
     @contextmanager
     def lock(self, name: str, *, wait: float) -> Iterator[Lock]:
         """A Redis lock that expires (``lock_timeout``) so a dead worker cannot hold it."""
+        # Poll every 10 ms while it is held elsewhere (redis-py's default is 100 ms): an
+        # enrollment waiting for its student's create would otherwise idle most of that.
         lock = self.redis.lock(f"{self.lock_prefix}{name}", timeout=self.lock_timeout,
-                               blocking_timeout=wait)
+                               blocking_timeout=wait, sleep=LOCK_POLL)
         if not lock.acquire():
             raise Busy(name)
         try:
