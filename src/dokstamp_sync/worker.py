@@ -4,7 +4,8 @@ retry scheduler inside every ``dokstamp-sync worker``.
 Configuration choices (see the README): JSON only; ``acks_late`` with
 ``reject_on_worker_lost`` so a task whose worker dies is redelivered; prefetch 1; one visibility
 timeout (``DOKSTAMP_SYNC_VISIBILITY_TIMEOUT``) used both by the Redis transport and as the
-scheduler's lease, and no countdown/ETA messages (waits live in the database).
+scheduler's lease, and no countdown/ETA messages (waits live in the database). Events are
+dispatched a few consecutive ones per task (:func:`task_batches`).
 """
 
 from __future__ import annotations
@@ -73,12 +74,26 @@ def _json_logs(logger: logging.Logger, **_: Any) -> None:
             logs.use_json(logger)
 
 
-def dispatch(pks: Sequence[int]) -> None:
-    from dokstamp_sync.tasks import sync_event
+EVENTS_PER_TASK = 8
 
-    with app.producer_or_acquire() as producer:  # one producer for the batch, not one each
-        for pk in pks:
-            sync_event.apply_async((pk,), producer=producer)
+
+def task_batches(pks: Sequence[int]) -> list[list[int]]:
+    """Consecutive events, up to ``EVENTS_PER_TASK`` per task, in the order given.
+
+    The ERP sends parents before children, so a batch often holds a whole chain (student,
+    enrollment, diploma, certificate) that one process then syncs in order. A short burst is
+    spread thinner (one event per task for 8 or fewer) so that it still runs in parallel.
+    """
+    size = min(EVENTS_PER_TASK, -(-len(pks) // EVENTS_PER_TASK))
+    return [list(pks[i:i + size]) for i in range(0, len(pks), size)] if pks else []
+
+
+def dispatch(pks: Sequence[int]) -> None:
+    from dokstamp_sync.tasks import sync_events
+
+    with app.producer_or_acquire() as producer:  # one producer for them all, not one each
+        for batch in task_batches(pks):
+            sync_events.apply_async((batch,), producer=producer)
 
 
 class Pump:
