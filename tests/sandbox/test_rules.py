@@ -148,6 +148,30 @@ def test_cohort_code_and_student_email_are_unique(client):
     assert "email" in info.value.errors
 
 
+def test_an_email_is_free_again_after_a_change_or_a_delete(client):
+    """Uniqueness follows updates and soft deletes: an email given up can be taken again, one
+    in use cannot (the sandbox keeps an index, not a scan)."""
+    first = graph.student(client, email="a@example.edu")
+    client.students.update(first["uuid"], {"email": "b@example.edu"})
+    second = graph.student(client, email="a@example.edu")  # given up by the first
+    with pytest.raises(errors.ValidationFailed):
+        graph.student(client, email="b@example.edu")  # the first holds it now
+    with pytest.raises(errors.ValidationFailed):
+        client.students.update(second["uuid"], {"email": "b@example.edu"})
+    client.students.update(first["uuid"], {"email": "b@example.edu"})  # its own: fine
+    client.students.delete(first["uuid"])
+    assert graph.student(client, email="b@example.edu")["uuid"] != first["uuid"]
+
+
+def test_the_same_content_uploaded_again_is_the_same_file(client):
+    """DokStamp deduplicates files by content: a second upload returns the first record."""
+    pdf = graph.pdf()
+    first = client.files.upload([pdf])[0]
+    again, other = client.files.upload([pdf, graph.pdf()])
+    assert again["uuid"] == first["uuid"]
+    assert other["uuid"] != first["uuid"]
+
+
 def test_a_file_is_used_by_one_certificate_only(client):
     """A second certificate on a used file is a 422 on file_uuid."""
     g = graph.certificate_graph(client)

@@ -8,6 +8,7 @@ Behaviour the docs leave open is chosen here and listed in the README ("The sand
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid as uuidlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -57,6 +58,12 @@ class Tenant:
     # course uuid -> module uuid -> pivot {order, is_required, workload, ...}
     course_modules: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)  # file uuid -> content
+    # (collection, unique field group) -> values -> uuid of the record that last took them.
+    # An entry may be stale (that record was deleted or changed since); lookups check it.
+    # It stands for a scan of every live record, which made a large tenant slow to write to.
+    taken: dict[tuple[str, tuple[str, ...]], dict[tuple[Any, ...], str]] = field(
+        default_factory=dict)
+    by_hash: dict[str, str] = field(default_factory=dict)  # file sha256 -> uuid, same rule
 
     def live(self, collection: str) -> Iterable[Record]:
         return (r for r in self.records[collection].values() if r.deleted_at is None)
@@ -129,19 +136,32 @@ class Tenant:
 
     # -- writes ---------------------------------------------------------------------------
 
+    def _holder(self, collection: str, group: tuple[str, ...],
+                values: tuple[Any, ...]) -> str | None:
+        """The live record whose ``group`` fields hold ``values``, if any."""
+        uuid = self.taken.get((collection, group), {}).get(_hashable(values))
+        if uuid is None or not self.exists(collection, uuid):
+            return None
+        record = self.records[collection][uuid]
+        return uuid if tuple(record.fields.get(k) for k in group) == values else None
+
     def _check_unique(self, resource: Resource, fields: Mapping[str, Any],
                       skip: str | None = None) -> None:
         found: dict[str, list[str]] = {}
         for group in resource.unique:
             if fields.get(group[0]) in (None, ""):
                 continue
-            for other in self.live(resource.name):
-                if other.uuid != skip and all(other.fields.get(k) == fields.get(k)
-                                              for k in group):
-                    found[group[0]] = [f"The {group[0].replace('_', ' ')} has already been "
-                                       "taken."]
+            holder = self._holder(resource.name, group, tuple(fields.get(k) for k in group))
+            if holder is not None and holder != skip:
+                found[group[0]] = [f"The {group[0].replace('_', ' ')} has already been "
+                                   "taken."]
         if found:
             raise invalid(found)
+
+    def _take(self, resource: Resource, record: Record) -> None:
+        for group in resource.unique:
+            values = _hashable(tuple(record.fields.get(k) for k in group))
+            self.taken.setdefault((resource.name, group), {})[values] = record.uuid
 
     def create(self, collection: str, payload: Mapping[str, Any]) -> Record:
         resource = RESOURCES[collection]
@@ -154,6 +174,7 @@ class Tenant:
         stamp = now_iso()
         record = Record(collection, _new_uuid(), fields, stamp, stamp)
         self.records[collection][record.uuid] = record
+        self._take(resource, record)
         return record
 
     def update(self, collection: str, uuid: str, payload: Mapping[str, Any]) -> Record:
@@ -166,6 +187,7 @@ class Tenant:
         self._check_unique(resource, record.fields | changes, skip=uuid)
         record.fields.update(changes)
         record.updated_at = now_iso()
+        self._take(resource, record)
         return record
 
     def blockers(self, collection: str, uuid: str) -> list[str]:
@@ -208,7 +230,9 @@ class Tenant:
         out = []
         for filename, mime, content in files:
             digest = hashlib.sha256(content).hexdigest()
-            existing = next((r for r in self.live("files") if r.fields["hash"] == digest), None)
+            known = self.by_hash.get(digest)
+            existing = self.records["files"][known] if known is not None and \
+                self.exists("files", known) else None
             if existing is None:
                 stamp = now_iso()
                 new_uuid = _new_uuid()
@@ -219,6 +243,7 @@ class Tenant:
                     "file": f"{base_url}/files/{new_uuid}/download"}, stamp, stamp)
                 self.records["files"][new_uuid] = existing
                 self.blobs[new_uuid] = content
+                self.by_hash[digest] = new_uuid
             out.append(existing)
         return out
 
@@ -335,6 +360,12 @@ class Tenant:
                 for r in records.values()]
         out["course_modules"] = {c: dict(m) for c, m in self.course_modules.items()}
         return out
+
+
+def _hashable(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An index key for field values (a list or dict value becomes its JSON text)."""
+    return tuple(v if isinstance(v, str | int | float | bool | None) else json.dumps(
+        v, sort_keys=True, default=str) for v in values)
 
 
 def _sort_key(value: Any) -> tuple[bool, float, str]:
