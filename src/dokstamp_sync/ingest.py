@@ -106,7 +106,9 @@ def record_entries(session: Session, entries: Sequence[tuple[bytes, dict[bytes, 
     try:
         with session.begin_nested():
             return _record_bulk(session, entries, lease)
-    except DBAPIError:
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise  # the connection, not the data: the caller tries the batch again
         pks = (record_entry(session, entry_id.decode(), fields, lease)
                for entry_id, fields in entries)
         return [pk for pk in pks if pk is not None]
@@ -143,9 +145,11 @@ def _record_bulk(session: Session, entries: Sequence[tuple[bytes, dict[bytes, by
     for event_id, row in rows.items():
         if event_id not in inserted and known.get(event_id) != row["payload"]:
             _reused(session, *origin[event_id], event_id)
-    for stream_id, raw, row in repeats:
-        if rows[row["event_id"]]["payload"] != row["payload"]:
-            _reused(session, stream_id, raw, row["event_id"])
+    for stream_id, raw, row in repeats:  # compared with the copy that is kept
+        event_id = row["event_id"]
+        kept = rows[event_id]["payload"] if event_id in inserted else known.get(event_id)
+        if kept != row["payload"]:
+            _reused(session, stream_id, raw, event_id)
     return sorted(inserted.values())
 
 
@@ -186,8 +190,14 @@ class StreamIngester:
         return len(entries)
 
     def handle(self, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> list[int]:
-        with session_scope(self.sessions) as session:
-            new = record_entries(session, entries, self.lease)
+        try:
+            with session_scope(self.sessions) as session:
+                new = record_entries(session, entries, self.lease)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            with session_scope(self.sessions) as session:  # once more, on a new connection
+                new = record_entries(session, entries, self.lease)
         ids = [entry_id for entry_id, _ in entries]
         with self.redis.pipeline() as pipe:
             pipe.xack(self.stream, self.group, *ids)

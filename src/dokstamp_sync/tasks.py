@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from dokstamp_sync import runtime
+from dokstamp_sync.db import session_scope
 from dokstamp_sync.sync import engine
+from dokstamp_sync.sync.store import lease
 from dokstamp_sync.worker import app
+
+log = logging.getLogger("dokstamp_sync.worker")
 
 
 @app.task(name="dokstamp_sync.sync_events")  # type: ignore[untyped-decorator]
@@ -16,7 +22,20 @@ def sync_events(event_pks: list[int]) -> list[str]:
     of three processes waiting on each other's locks, and the Celery overhead is shared.
     """
     ctx = runtime.context()
-    return [engine.run(ctx, int(pk)) for pk in event_pks]
+    pks = [int(pk) for pk in event_pks]
+    try:  # the whole batch is this task's from now on: the scheduler must not hand it out
+        with session_scope(ctx.sessions) as session:
+            lease(session, pks, ctx.lease)
+    except Exception:  # each run below claims its own event anyway
+        log.exception("events %s: could not lease the batch", pks)
+    states = []
+    for pk in pks:
+        try:
+            states.append(engine.run(ctx, pk))
+        except Exception:  # e.g. the database away: this event waits for the scheduler,
+            log.exception("event %s: not run", pk)  # the next ones are still tried
+            states.append("error")
+    return states
 
 
 @app.task(name="dokstamp_sync.sync_event")  # type: ignore[untyped-decorator]

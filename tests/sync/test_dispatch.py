@@ -30,3 +30,43 @@ def test_a_task_syncs_its_events_in_order_and_survives_a_missing_one(h, monkeypa
     states = sync_events.run([*pks, 10**9])
     assert states == ["synced"] * len(events) + ["missing"]
     assert set(h.states().values()) == {"synced"}
+
+
+def test_an_event_that_raises_does_not_stop_its_batch(h, monkeypatch):
+    """If one run raises (say its claim hits a database error), the task logs it, reports
+    `error` for it and still runs the rest of the batch."""
+    from dokstamp_sync.sync import engine
+    from dokstamp_sync.tasks import sync_events
+
+    monkeypatch.setattr(runtime, "context", lambda: h.ctx)
+    pks = h.send(*samples.graduating_class(1)[:3])  # institution and two modules
+    real = engine.run
+
+    def flaky(ctx, pk):
+        if pk == pks[1]:
+            raise RuntimeError("database away")
+        return real(ctx, pk)
+
+    monkeypatch.setattr(engine, "run", flaky)
+    assert sync_events.run(pks) == ["synced", "error", "synced"]
+
+
+def test_a_task_leases_its_whole_batch(h):
+    """The events of a batch are leased when its task starts, so the scheduler does not hand
+    out the later ones again while the first ones run."""
+    from datetime import UTC, datetime, timedelta
+
+    from dokstamp_sync.db import session_scope
+    from dokstamp_sync.models import EventRecord
+    from dokstamp_sync.scheduler import dispatch_due
+    from dokstamp_sync.sync.store import lease
+
+    pks = h.send(*samples.graduating_class(1)[:3])
+    with session_scope(h.ctx.sessions) as s:
+        for pk in pks:
+            s.get(EventRecord, pk).next_attempt_at = datetime.now(UTC) - timedelta(seconds=1)
+    with session_scope(h.ctx.sessions) as s:
+        lease(s, pks[1:], 600)
+    due: list[int] = []
+    dispatch_due(h.ctx.sessions, due.extend, lease=600)
+    assert due == pks[:1]

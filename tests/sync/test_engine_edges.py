@@ -262,3 +262,36 @@ def test_connections_dropped_by_postgresql_cost_no_event(h, ctx):
     admin.dispose()
     assert killed >= 1
     assert h.run(pks) == ["synced"]
+
+
+def test_ingest_survives_connections_dropped_by_postgresql(h, ctx):
+    """The ingester's first batch after PostgreSQL dropped its connections is written on a
+    new connection; nothing becomes a dead letter."""
+    from sqlalchemy import create_engine, text
+
+    from testenv import PG_ADMIN_URL
+
+    assert h.sync(student(key="S-1", email="one@example.edu")) == ["synced"]
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = :db AND pid <> pg_backend_pid()"),
+                     {"db": ctx.sessions.kw["bind"].url.database})
+    admin.dispose()
+    pks = h.send(student(key="S-2", email="two@example.edu"))
+    assert len(pks) == 1
+    assert h.letters() == []
+
+
+def test_a_synced_run_gives_back_its_delivery_and_keeps_the_last_error(h):
+    """A module first waits for its institution, then syncs: its delivery count is back to 0
+    and its last error (why it waited) is kept for the operator."""
+    institution, module = samples.graduating_class(1)[:2]
+    (pk,) = h.send(module)
+    assert h.run([pk]) == ["waiting"]
+    assert "has not arrived" in h.record(module["event_id"]).last_error
+    h.send(institution)
+    assert h.run([pk]) == ["synced"]
+    after = h.record(module["event_id"])
+    assert after.deliveries == 0
+    assert "has not arrived" in after.last_error

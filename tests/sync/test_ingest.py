@@ -130,3 +130,15 @@ def test_a_batch_is_recorded_whole_with_repeats_and_a_reused_id(h, ctx):
     assert reasons[1].startswith("invalid event: not JSON")
     assert h.record(events[3]["event_id"]).payload["data"]["email"] == "s3@example.edu"
     assert ctx.redis.xpending(STREAM, "dokstamp-sync")["pending"] == 0
+
+
+def test_a_repeat_is_compared_with_the_stored_event(h):
+    """The database holds A; a batch brings B (same event_id, other content) and then A
+    again: only B is a dead letter, A is kept and changes nothing."""
+    a = event("student", "S-1", GOOD)
+    assert len(h.send(a)) == 1
+    b = dict(a, data=GOOD | {"email": "other@example.edu"})
+    assert h.send(b, a) == []
+    (letter,) = h.letters()
+    assert "other@example.edu" in letter.raw
+    assert h.record(a["event_id"]).payload["data"]["email"] == GOOD["email"]

@@ -147,6 +147,9 @@ _OPEN = and_(EVENTS.c.id == bindparam("pk"), EVENTS.c.state.not_in(FINAL))
 _CLAIM = update(EVENTS).where(_OPEN).values(
     deliveries=EVENTS.c.deliveries + 1, next_attempt_at=bindparam("until"),
 ).returning(EVENTS.c.deliveries, EVENTS.c.payload)
+_LEASE = update(EVENTS).where(EVENTS.c.id.in_(bindparam("pks", expanding=True)),
+                              EVENTS.c.state.not_in(FINAL)).values(
+    next_attempt_at=bindparam("until"))
 _FINISH_SYNCED = update(EVENTS).where(_OPEN).values(
     state="synced", finished_at=bindparam("now"), waiting_for=None,
     last_error=func.coalesce(bindparam("note", type_=String), EVENTS.c.last_error),
@@ -157,6 +160,11 @@ _FINISH_SYNCED = update(EVENTS).where(_OPEN).values(
 _WAKE = update(EVENTS).where(EVENTS.c.state == "waiting",
                              EVENTS.c.waiting_for == bindparam("tag")).values(
     next_attempt_at=bindparam("now"))
+
+
+def lease(session: Session, pks: list[int], seconds: float) -> None:
+    """Keep the scheduler off these open events for ``seconds`` (a task holds them)."""
+    session.execute(_LEASE, {"pks": pks, "until": utcnow() + timedelta(seconds=seconds)})
 
 
 def claim(session: Session, pk: int, lease: float) -> tuple[int, dict[str, Any]] | None:
