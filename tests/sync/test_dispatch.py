@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dokstamp_sync import runtime, samples
+from dokstamp_sync.redis_keys import COUNTERS
 from dokstamp_sync.worker import EVENTS_PER_TASK, task_batches
 
 
@@ -27,9 +28,12 @@ def test_a_task_syncs_its_events_in_order_and_survives_a_missing_one(h, monkeypa
     monkeypatch.setattr(runtime, "context", lambda: h.ctx)
     events = samples.graduating_class(1)
     pks = h.send(*events)
+    h.ctx.redis.delete(COUNTERS)
     states = sync_events.run([*pks, 10**9])
     assert states == ["synced"] * len(events) + ["missing"]
     assert set(h.states().values()) == {"synced"}
+    # the batch's counters reach Redis once the task ends
+    assert int(h.ctx.redis.hget(COUNTERS, "events_synced")) == states.count("synced")
 
 
 def test_an_event_that_raises_does_not_stop_its_batch(h, monkeypatch):
@@ -42,10 +46,10 @@ def test_an_event_that_raises_does_not_stop_its_batch(h, monkeypatch):
     pks = h.send(*samples.graduating_class(1)[:3])  # institution and two modules
     real = engine.run
 
-    def flaky(ctx, pk):
+    def flaky(ctx, pk, **kw):
         if pk == pks[1]:
             raise RuntimeError("database away")
-        return real(ctx, pk)
+        return real(ctx, pk, **kw)
 
     monkeypatch.setattr(engine, "run", flaky)
     assert sync_events.run(pks) == ["synced", "error", "synced"]

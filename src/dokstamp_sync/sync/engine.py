@@ -62,9 +62,10 @@ BACKOFF_CAP = 600.0
 IN_CALL_RETRY_AFTER_MAX = 5.0  # longer Retry-After waits are parked, not slept through
 
 
-def run(ctx: SyncContext, pk: int) -> str:
+def run(ctx: SyncContext, pk: int, *, flush: bool = True) -> str:
     """Process event ``pk`` as a task does; return its state afterwards. Never raises
-    once the event is claimed."""
+    once the event is claimed. ``flush=False``: the caller sends the counters (once per
+    task, see :meth:`SyncContext.flush`)."""
     try:
         claimed = _claim(ctx, pk)
     except DBAPIError as exc:
@@ -79,9 +80,14 @@ def run(ctx: SyncContext, pk: int) -> str:
         log.exception("event %s: internal error", pk)
         state = _transient(ctx, pk, 0, f"internal error: {type(exc).__name__}: {exc}", None)
     ctx.count(f"events_{state}")
-    # The counters, and the health check's proof that tasks are being processed.
-    ctx.flush({f"{HEARTBEAT}task": str(time.time())})
+    if flush:
+        flush_counters(ctx)
     return state
+
+
+def flush_counters(ctx: SyncContext) -> None:
+    """The counters, and the health check's proof that tasks are being processed."""
+    ctx.flush({f"{HEARTBEAT}task": str(time.time())})
 
 
 def _claim(ctx: SyncContext, pk: int) -> dict[str, Any] | str:
