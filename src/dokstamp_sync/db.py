@@ -40,7 +40,7 @@ def make_engine(url: str, **kw: Any) -> Engine:
             cursor.close()
 
         return engine
-    # No pool_pre_ping: it costs a round trip per checkout (about ten per event). Disconnects
+    # No pool_pre_ping: it costs a round trip per checkout (one per transaction). Disconnects
     # are handled optimistically instead: a dead connection fails one transaction, SQLAlchemy
     # then invalidates the pool, and the engine parks the event and retries it (see
     # ``engine.run``, which also retries its first transaction once on a lost connection).
