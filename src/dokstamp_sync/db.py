@@ -7,13 +7,15 @@ back; domain code receives a session and never commits.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, MetaData, Table, create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
+T = TypeVar("T")
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -42,9 +44,20 @@ def make_engine(url: str, **kw: Any) -> Engine:
         return engine
     # No pool_pre_ping: it costs a round trip per checkout (one per transaction). Disconnects
     # are handled optimistically instead: a dead connection fails one transaction, SQLAlchemy
-    # then invalidates the pool, and the engine parks the event and retries it (see
-    # ``engine.run``, which also retries its first transaction once on a lost connection).
+    # then invalidates the pool, the engine parks the event and retries it, and the first
+    # transaction of a run or an ingested batch is tried once more (once_more_if_disconnected).
     return create_engine(url, **kw)
+
+
+def once_more_if_disconnected(fn: Callable[[], T]) -> T:
+    """Run ``fn``; run it once more if it failed on a connection the database had dropped
+    (without pre-ping the pool finds out on use, and has discarded its connections since)."""
+    try:
+        return fn()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        return fn()
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -20,7 +20,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dokstamp_sync.db import dialect_insert, insert_ignore, session_scope
+from dokstamp_sync.db import (
+    dialect_insert,
+    insert_ignore,
+    once_more_if_disconnected,
+    session_scope,
+)
 from dokstamp_sync.events import Event, InvalidEvent, parse_event
 from dokstamp_sync.models import DeadLetter, EventRecord, utcnow
 from dokstamp_sync.redis_keys import HEARTBEAT
@@ -190,14 +195,11 @@ class StreamIngester:
         return len(entries)
 
     def handle(self, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> list[int]:
-        try:
+        def record() -> list[int]:
             with session_scope(self.sessions) as session:
-                new = record_entries(session, entries, self.lease)
-        except DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
-            with session_scope(self.sessions) as session:  # once more, on a new connection
-                new = record_entries(session, entries, self.lease)
+                return record_entries(session, entries, self.lease)
+
+        new = once_more_if_disconnected(record)
         ids = [entry_id for entry_id, _ in entries]
         with self.redis.pipeline() as pipe:
             pipe.xack(self.stream, self.group, *ids)

@@ -20,12 +20,11 @@ from typing import Any
 
 from redis.exceptions import LockError
 from redis.lock import Lock
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
-from dokstamp_sync.db import session_scope
+from dokstamp_sync.db import once_more_if_disconnected, session_scope
 from dokstamp_sync.dokstamp.errors import (
     AuthenticationError,
     DokStampError,
@@ -66,12 +65,7 @@ def run(ctx: SyncContext, pk: int, *, flush: bool = True) -> str:
     """Process event ``pk`` as a task does; return its state afterwards. Never raises
     once the event is claimed. ``flush=False``: the caller sends the counters (once per
     task, see :meth:`SyncContext.flush`)."""
-    try:
-        claimed = _claim(ctx, pk)
-    except DBAPIError as exc:
-        if not exc.connection_invalidated:
-            raise
-        claimed = _claim(ctx, pk)  # a connection lost since its last use: once more, anew
+    claimed = once_more_if_disconnected(lambda: _claim(ctx, pk))
     if isinstance(claimed, str):
         return claimed
     try:

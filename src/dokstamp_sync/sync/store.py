@@ -117,12 +117,13 @@ class Open:
     superseded: bool  # a newer event for the same entity exists
 
 
+_OPEN = and_(EVENTS.c.id == bindparam("pk"), EVENTS.c.state.not_in(FINAL))
 _OTHER = EVENTS.alias("other")
 _READ_OPEN = select(
     EVENTS.c.attempts, EVENTS.c.deliveries,
     exists().where(_newer(_OTHER.c, EVENTS.c.entity, EVENTS.c.erp_key, EVENTS.c.occurred_at,
                           EVENTS.c.id)),
-).where(EVENTS.c.id == bindparam("pk"), EVENTS.c.state.not_in(FINAL))
+).where(_OPEN)
 
 
 def read_open(session: Session, pk: int) -> Open | None:
@@ -143,7 +144,6 @@ class Finished:
     occurred_at: datetime
 
 
-_OPEN = and_(EVENTS.c.id == bindparam("pk"), EVENTS.c.state.not_in(FINAL))
 _CLAIM = update(EVENTS).where(_OPEN).values(
     deliveries=EVENTS.c.deliveries + 1, next_attempt_at=bindparam("until"),
 ).returning(EVENTS.c.deliveries, EVENTS.c.payload)
@@ -217,16 +217,16 @@ def _insert_natural_key(dialect: str) -> Any:
         index_elements=["entity", "natural_key"]).returning(NATURAL_KEYS.c.id)
 
 
+_MAPPING_VALUES = ("dokstamp_uuid", "status", "data_hash", "occurred_at", "event_id",
+                   "synced_at")
+
+
 @functools.cache
 def _upsert_mapping(dialect: str, with_sent: bool) -> Any:
     stmt = dialect_insert(dialect)(MAPPINGS)
     updated = [*_MAPPING_VALUES, *(["sent"] if with_sent else [])]
     return stmt.on_conflict_do_update(index_elements=["entity", "erp_key"],
                                       set_={c: stmt.excluded[c] for c in updated})
-
-
-_MAPPING_VALUES = ("dokstamp_uuid", "status", "data_hash", "occurred_at", "event_id",
-                   "synced_at")
 
 
 def remember_natural_key(session: Session, entity: str, key: str, uuid: str) -> str:
