@@ -19,11 +19,11 @@ import time
 import httpx
 import redis
 
-from dokstamp_sync import samples
 from dokstamp_sync.db import make_engine, make_sessionmaker
+from dokstamp_sync.demo import samples
 from dokstamp_sync.dokstamp import PasswordLogin, RedisTokenStore, TokenManager
 from dokstamp_sync.dokstamp.client import DokStampClient, build_http_client
-from dokstamp_sync.ingest import StreamIngester
+from dokstamp_sync.pipeline.ingest import StreamIngester
 from dokstamp_sync.ratelimit import RateLimiter, install
 from dokstamp_sync.sandbox import Account, Sandbox, SandboxConfig, SandboxServer
 from dokstamp_sync.sync import engine

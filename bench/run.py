@@ -37,8 +37,8 @@ from sqlalchemy import exists, func, select
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baseline  # bench/ is a folder of scripts, not a package
 
-from dokstamp_sync import samples
 from dokstamp_sync.db import make_engine, make_sessionmaker, session_scope
+from dokstamp_sync.demo import samples
 from dokstamp_sync.dokstamp import (
     MemoryTokenStore,
     PasswordLogin,

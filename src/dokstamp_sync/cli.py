@@ -29,9 +29,9 @@ def _sandbox(args: argparse.Namespace) -> int:
 
 
 def _walkthrough(args: argparse.Namespace) -> int:
+    from dokstamp_sync.demo.walkthrough import walk
     from dokstamp_sync.dokstamp import client_from_settings
     from dokstamp_sync.sandbox import Account, SandboxServer
-    from dokstamp_sync.walkthrough import walk
 
     if args.use_settings:
         client = client_from_settings(load_settings())
@@ -74,13 +74,13 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    import os
+    from dokstamp_sync import wiring
 
+    overrides = {"dokstamp_sync_metrics_port": args.metrics_port} if args.metrics_port else {}
+    settings = load_settings(**overrides)
+    wiring.use(settings)  # before the worker module is imported: it configures the app
     from dokstamp_sync.worker import run_worker
 
-    settings = load_settings()
-    if args.metrics_port:  # read by the worker's pump step, in the worker's main process
-        os.environ["DOKSTAMP_SYNC_METRICS_PORT"] = str(args.metrics_port)
     run_worker(settings, concurrency=args.concurrency, loglevel=args.loglevel)
     return 0
 
@@ -89,7 +89,7 @@ def _health(args: argparse.Namespace) -> int:
     import redis
 
     from dokstamp_sync.db import session_scope
-    from dokstamp_sync.health import check
+    from dokstamp_sync.ops.health import check
 
     settings, sessions = _store()
     with session_scope(sessions) as session:
@@ -106,7 +106,7 @@ def _health(args: argparse.Namespace) -> int:
 def _metrics(args: argparse.Namespace) -> int:
     import redis
 
-    from dokstamp_sync.metrics import serve
+    from dokstamp_sync.ops.metrics import serve
 
     settings, sessions = _store()
     print(f"metrics on http://{args.address}:{args.port}/metrics (health: /healthz)",
@@ -120,7 +120,7 @@ def _status(args: argparse.Namespace) -> int:
     import redis
 
     from dokstamp_sync.db import session_scope
-    from dokstamp_sync.status import render, report
+    from dokstamp_sync.ops.status import render, report
 
     settings, sessions = _store()
     with session_scope(sessions) as session:
@@ -131,9 +131,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _dlq(args: argparse.Namespace) -> int:
-    from dokstamp_sync import dlq
     from dokstamp_sync.db import session_scope
     from dokstamp_sync.models import DeadLetter, EventRecord
+    from dokstamp_sync.ops import dlq
 
     _, sessions = _store()
     with session_scope(sessions) as session:
@@ -191,7 +191,7 @@ def _enqueue(args: argparse.Namespace) -> int:
     import redis
 
     from dokstamp_sync.config import load_store_settings
-    from dokstamp_sync.producer import enqueue_lines
+    from dokstamp_sync.pipeline.producer import enqueue_lines
 
     settings = load_store_settings()
     client = redis.Redis.from_url(settings.redis_url)
@@ -233,7 +233,7 @@ def _flower(args: argparse.Namespace) -> int:  # noqa: RET503  # execve does not
 def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dokstamp_sync.demo import DemoOptions, run_demo
+    from dokstamp_sync.demo.runner import DemoOptions, run_demo
 
     result = run_demo(DemoOptions(students=args.students, data_dir=Path(args.data_dir),
                                   concurrency=args.concurrency, flower=not args.no_flower,

@@ -33,6 +33,8 @@ class StoreSettings(BaseSettings):
     dokstamp_sync_stream: str = "dokstamp:events"
     dokstamp_sync_visibility_timeout: float = Field(default=600.0, gt=0)  # s
     dokstamp_sync_log_json: bool = False  # one JSON object per log line
+    # The worker serves /metrics and /healthz on this port (`worker --metrics-port` sets it).
+    dokstamp_sync_metrics_port: int | None = Field(default=None, gt=0, lt=65536)
     # Flower's basic auth, "user:password" (`dokstamp-sync flower` refuses to start without).
     dokstamp_sync_flower_auth: SecretStr | None = None
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 
-from dokstamp_sync import runtime
+from dokstamp_sync import wiring
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.sync import engine
 from dokstamp_sync.sync.store import lease
-from dokstamp_sync.worker import app
+from dokstamp_sync.worker import SYNC_EVENTS, app
 
 log = logging.getLogger("dokstamp_sync.worker")
 
 
-@app.task(name="dokstamp_sync.sync_events")  # type: ignore[untyped-decorator]
+@app.task(name=SYNC_EVENTS)  # type: ignore[untyped-decorator]
 def sync_events(event_pks: list[int]) -> list[str]:
     """Sync inbox events one after another, in the order given; returns their states.
 
@@ -21,7 +21,7 @@ def sync_events(event_pks: list[int]) -> list[str]:
     student, its enrollment and its certificate then run in one process, in order, instead
     of three processes waiting on each other's locks, and the Celery overhead is shared.
     """
-    ctx = runtime.context()
+    ctx = wiring.context()
     pks = [int(pk) for pk in event_pks]
     try:  # the whole batch is this task's from now on: the scheduler must not hand it out
         with session_scope(ctx.sessions) as session:
@@ -43,4 +43,4 @@ def sync_events(event_pks: list[int]) -> list[str]:
 def sync_event(event_pk: int) -> str:
     """Sync inbox event ``event_pk``; returns the state it ended in (messages queued by
     versions before ``sync_events`` still run)."""
-    return engine.run(runtime.context(), event_pk)
+    return engine.run(wiring.context(), event_pk)

@@ -12,30 +12,20 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import threading
 from collections.abc import Sequence
 from contextlib import suppress
 from typing import Any, ClassVar
 
-import redis
 from celery import Celery, bootsteps
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
-from dokstamp_sync import logs, runtime
-from dokstamp_sync.config import (
-    ConfigError,
-    Settings,
-    StoreSettings,
-    load_settings,
-    load_store_settings,
-)
-from dokstamp_sync.db import make_engine, make_sessionmaker
-from dokstamp_sync.ingest import StreamIngester
-from dokstamp_sync.scheduler import dispatch_due
+from dokstamp_sync import logs, wiring
+from dokstamp_sync.config import ConfigError, Settings, StoreSettings
+from dokstamp_sync.pipeline.pump import Pump
+from dokstamp_sync.redis_keys import QUEUE
 
 log = logging.getLogger("dokstamp_sync.worker")
-QUEUE = "dokstamp-sync"
+SYNC_EVENTS = "dokstamp_sync.sync_events"  # the task's name (see :mod:`.tasks`)
 
 app = Celery("dokstamp_sync", include=["dokstamp_sync.tasks"])
 app.conf.update(
@@ -58,19 +48,19 @@ def configure(settings: StoreSettings) -> Celery:
 
 # `celery -A dokstamp_sync.worker ...` and Flower need the broker without our CLI.
 with suppress(ConfigError):
-    configure(load_store_settings())
+    configure(wiring.store_settings())
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _fresh_context(**_: Any) -> None:
-    runtime.reset()  # each prefork child builds its own connections
+    wiring.reset()  # each prefork child builds its own connections
 
 
 @after_setup_logger.connect  # type: ignore[untyped-decorator]
 @after_setup_task_logger.connect  # type: ignore[untyped-decorator]
 def _json_logs(logger: logging.Logger, **_: Any) -> None:
     with suppress(ConfigError):
-        if load_store_settings().dokstamp_sync_log_json:
+        if wiring.store_settings().dokstamp_sync_log_json:
             logs.use_json(logger)
 
 
@@ -89,64 +79,11 @@ def task_batches(pks: Sequence[int]) -> list[list[int]]:
 
 
 def dispatch(pks: Sequence[int]) -> None:
-    from dokstamp_sync.tasks import sync_events
-
+    """Send the events to the workers, a few consecutive ones per task (by the task's name:
+    this module defines the app, :mod:`.tasks` its tasks, and neither imports the other's)."""
     with app.producer_or_acquire() as producer:  # one producer for them all, not one each
         for batch in task_batches(pks):
-            sync_events.apply_async((batch,), producer=producer)
-
-
-class Pump:
-    """The ingester and the scheduler, each in a thread of the worker's main process."""
-
-    def __init__(self, settings: Settings, *, poll_interval: float = 1.0,
-                 metrics_port: int | None = None) -> None:
-        self.settings = settings
-        self.metrics_port = metrics_port
-        self.stop_event = threading.Event()
-        self.poll_interval = poll_interval
-        lease = settings.dokstamp_sync_visibility_timeout
-        self.sessions = make_sessionmaker(make_engine(settings.database_url))
-        self.ingester = StreamIngester(
-            redis.Redis.from_url(settings.redis_url), self.sessions,
-            settings.dokstamp_sync_stream, consumer=f"{socket.gethostname()}-{os.getpid()}",
-            dispatch=dispatch, lease=lease)
-        self.lease = lease
-        self.threads = [threading.Thread(target=self._ingest, name="dokstamp-ingest",
-                                         daemon=True),
-                        threading.Thread(target=self._schedule, name="dokstamp-scheduler",
-                                         daemon=True)]
-
-    def start(self) -> None:
-        self.ingester.ensure_group()
-        for thread in self.threads:
-            thread.start()
-        if self.metrics_port:
-            from dokstamp_sync.metrics import serve
-
-            serve(self.sessions, self.ingester.redis, self.settings.dokstamp_sync_stream,
-                  address="0.0.0.0", port=self.metrics_port, background=True)  # noqa: S104
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        for thread in self.threads:
-            thread.join(timeout=10)
-
-    def _ingest(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                self.ingester.poll(block_ms=int(self.poll_interval * 1000))
-            except Exception:  # Redis or the database away: log, wait, go on
-                log.exception("stream ingester: poll failed")
-                self.stop_event.wait(self.poll_interval)
-
-    def _schedule(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                dispatch_due(self.sessions, dispatch, lease=self.lease)
-            except Exception:
-                log.exception("retry scheduler: dispatch failed")
-            self.stop_event.wait(self.poll_interval)
+            app.send_task(SYNC_EVENTS, (batch,), producer=producer)
 
 
 class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped
@@ -159,8 +96,7 @@ class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unty
         self.pump: Pump | None = None
 
     def start(self, worker: Any) -> None:
-        port = os.environ.get("DOKSTAMP_SYNC_METRICS_PORT")
-        self.pump = Pump(load_settings(), metrics_port=int(port) if port else None)
+        self.pump = Pump(wiring.settings(), dispatch)
         self.pump.start()
 
     def stop(self, worker: Any) -> None:
@@ -172,7 +108,9 @@ app.steps["worker"].add(PumpStep)
 
 
 def run_worker(settings: Settings, *, concurrency: int, loglevel: str = "INFO") -> None:
-    """Start the Celery worker (prefork, ``concurrency`` processes) with the pump."""
+    """Start the Celery worker (prefork, ``concurrency`` processes) with the pump; every process
+    of it uses ``settings`` (the children inherit them at the fork)."""
+    wiring.use(settings)
     configure(settings)
     app.worker_main(["worker", f"--concurrency={concurrency}", "--pool=prefork",
                      f"--queues={QUEUE}", f"--loglevel={loglevel}", "--without-gossip",

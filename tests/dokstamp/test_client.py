@@ -6,9 +6,9 @@ import httpx
 import pytest
 
 import graph
+from dokstamp_sync.demo.walkthrough import walk
 from dokstamp_sync.dokstamp import MemoryTokenStore, PasswordLogin, TokenManager, Upload
 from dokstamp_sync.dokstamp.client import DokStampClient
-from dokstamp_sync.walkthrough import walk
 
 
 def test_every_resource_call_sends_accept_tenant_and_bearer(client, sandbox):

@@ -12,8 +12,8 @@ from sqlalchemy import select
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.dokstamp import PasswordLogin, RedisTokenStore, TokenManager
 from dokstamp_sync.dokstamp.client import DokStampClient, build_http_client
-from dokstamp_sync.ingest import StreamIngester
 from dokstamp_sync.models import DeadLetter, EventRecord, Mapping
+from dokstamp_sync.pipeline.ingest import StreamIngester
 from dokstamp_sync.ratelimit import RateLimiter, install
 from dokstamp_sync.sync import engine
 from dokstamp_sync.sync.context import SyncContext

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from dokstamp_sync import samples
-from dokstamp_sync.samples import event
+from dokstamp_sync.demo import samples
+from dokstamp_sync.demo.samples import event
 from testenv import TEST_ENGINE_REDIS_URL
 
 EXE = shutil.which("dokstamp-sync") or os.path.join(os.path.dirname(sys.executable),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dokstamp_sync import runtime, samples
+from dokstamp_sync import wiring
+from dokstamp_sync.demo import samples
 from dokstamp_sync.redis_keys import COUNTERS
 from dokstamp_sync.worker import EVENTS_PER_TASK, task_batches
 
@@ -25,7 +26,7 @@ def test_a_task_syncs_its_events_in_order_and_survives_a_missing_one(h, monkeypa
     reported as missing and the others still sync."""
     from dokstamp_sync.tasks import sync_events
 
-    monkeypatch.setattr(runtime, "context", lambda: h.ctx)
+    monkeypatch.setattr(wiring, "context", lambda: h.ctx)
     events = samples.graduating_class(1)
     pks = h.send(*events)
     h.ctx.redis.delete(COUNTERS)
@@ -42,7 +43,7 @@ def test_an_event_that_raises_does_not_stop_its_batch(h, monkeypatch):
     from dokstamp_sync.sync import engine
     from dokstamp_sync.tasks import sync_events
 
-    monkeypatch.setattr(runtime, "context", lambda: h.ctx)
+    monkeypatch.setattr(wiring, "context", lambda: h.ctx)
     pks = h.send(*samples.graduating_class(1)[:3])  # institution and two modules
     real = engine.run
 
@@ -62,7 +63,7 @@ def test_a_task_leases_its_whole_batch(h):
 
     from dokstamp_sync.db import session_scope
     from dokstamp_sync.models import EventRecord
-    from dokstamp_sync.scheduler import dispatch_due
+    from dokstamp_sync.pipeline.scheduler import dispatch_due
     from dokstamp_sync.sync.store import lease
 
     pks = h.send(*samples.graduating_class(1)[:3])

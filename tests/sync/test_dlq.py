@@ -6,9 +6,10 @@ from datetime import timedelta
 
 from test_engine import T0, live
 
-from dokstamp_sync import dlq, samples
 from dokstamp_sync.db import session_scope
-from dokstamp_sync.samples import event
+from dokstamp_sync.demo import samples
+from dokstamp_sync.demo.samples import event
+from dokstamp_sync.ops import dlq
 
 
 def test_replay_succeeds_after_the_data_is_fixed_in_dokstamp(h, ctx, sandbox):

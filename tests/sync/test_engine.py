@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 
-from dokstamp_sync import samples
-from dokstamp_sync.samples import event
+from dokstamp_sync.demo import samples
+from dokstamp_sync.demo.samples import event
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)

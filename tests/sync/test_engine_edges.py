@@ -11,12 +11,12 @@ import pytest
 from helpers import STREAM, Harness, make_context
 from test_engine import T0, live, student
 
-from dokstamp_sync import samples
 from dokstamp_sync.db import session_scope
+from dokstamp_sync.demo import samples
+from dokstamp_sync.demo.samples import event
 from dokstamp_sync.models import EventRecord
-from dokstamp_sync.samples import event
+from dokstamp_sync.pipeline.scheduler import dispatch_due
 from dokstamp_sync.sandbox import Faults, ScriptedFault
-from dokstamp_sync.scheduler import dispatch_due
 
 
 def test_older_upsert_after_a_synced_delete_does_not_resurrect(h, sandbox):
@@ -168,7 +168,7 @@ def test_long_pause_parks_the_event_instead_of_sleeping(sandbox, sessions, engin
 
 def test_entries_stay_pending_when_recording_fails(h, ctx, monkeypatch):
     """If the database write fails, nothing is acknowledged: the entry is read again later."""
-    import dokstamp_sync.ingest as ingest
+    import dokstamp_sync.pipeline.ingest as ingest
 
     ctx.redis.xadd(STREAM, {"event": json.dumps(student())})
 

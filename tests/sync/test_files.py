@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from helpers import Harness, make_context
 
-from dokstamp_sync.samples import diploma_pdf, event
+from dokstamp_sync.demo.samples import diploma_pdf, event
 
 PDF = diploma_pdf("Maria", "BSc")
 

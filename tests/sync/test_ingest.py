@@ -7,8 +7,8 @@ import json
 import pytest
 from helpers import STREAM, Harness
 
-from dokstamp_sync.ingest import StreamIngester
-from dokstamp_sync.samples import event
+from dokstamp_sync.demo.samples import event
+from dokstamp_sync.pipeline.ingest import StreamIngester
 
 GOOD = {"name": "Maria", "email": "m@example.edu", "date_of_birth": "1998-05-20"}
 BAD = [
@@ -92,7 +92,7 @@ def test_python_enqueue_and_cli_lines_reach_the_stream(ctx):
     """enqueue() and enqueue_lines() XADD the JSON under the field `event`; a bad line is
     reported and still sent (to end as a dead letter)."""
     from dokstamp_sync import enqueue
-    from dokstamp_sync.producer import enqueue_lines
+    from dokstamp_sync.pipeline.producer import enqueue_lines
 
     entry = enqueue(event("student", "S-1", GOOD), client=ctx.redis, stream=STREAM)
     assert entry

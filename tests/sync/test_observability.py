@@ -13,14 +13,14 @@ import pytest
 from helpers import STREAM
 from test_engine import student
 
-from dokstamp_sync import samples
 from dokstamp_sync.db import session_scope
-from dokstamp_sync.embedded import free_port
-from dokstamp_sync.health import check
+from dokstamp_sync.demo import samples
+from dokstamp_sync.demo.embedded import free_port
 from dokstamp_sync.logs import formatter
-from dokstamp_sync.metrics import serve
+from dokstamp_sync.ops.health import check
+from dokstamp_sync.ops.metrics import serve
+from dokstamp_sync.redis_keys import QUEUE
 from dokstamp_sync.sandbox import Faults, ScriptedFault
-from dokstamp_sync.worker import QUEUE
 
 
 def health(ctx, **kw):

@@ -17,8 +17,8 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from dokstamp_sync import samples
 from dokstamp_sync.db import session_scope
+from dokstamp_sync.demo import samples
 from dokstamp_sync.models import EventRecord
 from dokstamp_sync.sandbox import Faults
 from testenv import TEST_WORKER_REDIS_URL as WORKER_REDIS_URL

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dokstamp_sync.dokstamp import DokStampClient
 from dokstamp_sync.dokstamp.errors import PermanentError
 from dokstamp_sync.ratelimit import RateLimiter
-from dokstamp_sync.redis_keys import COUNTERS
+from dokstamp_sync.redis_keys import COUNTERS, LOCK
 from dokstamp_sync.sync.files import FilePolicy
 
 LOCK_POLL = 0.01  # seconds between tries of a lock another worker holds
@@ -65,7 +65,7 @@ class SyncContext:
     max_deliveries: int = 5
     lock_timeout: float = 60.0
     lease: float = 600.0  # the scheduler's lease on a running event (the visibility timeout)
-    lock_prefix: str = "dokstamp:lock:"
+    lock_prefix: str = LOCK
     in_call_attempts: int = 3
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)

@@ -30,6 +30,7 @@ from dokstamp_sync.models import EventRecord
 from dokstamp_sync.sync import files
 from dokstamp_sync.sync.context import Dead, SyncContext
 from dokstamp_sync.sync.entities import SPECS, Spec, natural_key, remote_value, same_value
+from dokstamp_sync.sync.listing import listing_is_fresh
 from dokstamp_sync.sync.store import (
     Snapshot,
     data_hash,
@@ -41,7 +42,6 @@ from dokstamp_sync.sync.store import (
     remember_natural_key,
     save_mapping,
 )
-from dokstamp_sync.sync.warm import listing_is_fresh
 
 BATCH_FILES = 50  # files per POST /files
 BATCH_BYTES = 20 * 1024 * 1024
@@ -85,7 +85,7 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
                     create: Any, *, fresh: bool = False) -> tuple[str, Entity | None]:
     """Search before create, under a lock per natural key, with the database behind it.
 
-    ``fresh``: the event's first attempt; then a fresh listing (see :mod:`.warm`) may stand in
+    ``fresh``: the event's first attempt; then a fresh listing (see :mod:`.listing`) may stand in
     for the search. Returns the UUID and, when an existing entity was found, what DokStamp
     holds for it.
     """

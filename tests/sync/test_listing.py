@@ -1,14 +1,14 @@
-"""Amortised calls: one paged listing instead of a search per entity for a large backlog,
+"""The listing shortcut: one paged listing instead of a search per entity for a large backlog,
 diplomas uploaded many per request, with search-before-create kept for retries."""
 
 from __future__ import annotations
 
 from test_engine import live
 
-from dokstamp_sync import samples
 from dokstamp_sync.db import session_scope
+from dokstamp_sync.demo import samples
+from dokstamp_sync.demo.samples import event
 from dokstamp_sync.models import EventRecord
-from dokstamp_sync.samples import event
 
 
 def students(n: int, prefix: str = "S") -> list[dict]:

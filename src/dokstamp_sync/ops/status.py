@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import STATES, DeadLetter, EventRecord, utcnow
-from dokstamp_sync.worker import QUEUE
+from dokstamp_sync.redis_keys import QUEUE
 
 
 def report(session: Session, client: redis.Redis | None, stream: str) -> dict[str, Any]:

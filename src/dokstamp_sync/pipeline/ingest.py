@@ -28,10 +28,10 @@ from dokstamp_sync.db import (
 )
 from dokstamp_sync.events import Event, InvalidEvent, parse_event
 from dokstamp_sync.models import DeadLetter, EventRecord, utcnow
-from dokstamp_sync.redis_keys import HEARTBEAT
+from dokstamp_sync.redis_keys import GROUP, HEARTBEAT
 
-log = logging.getLogger("dokstamp_sync.ingest")
-GROUP = "dokstamp-sync"
+log = logging.getLogger("dokstamp_sync.pipeline.ingest")
+
 Dispatch = Callable[[Sequence[int]], None]
 
 

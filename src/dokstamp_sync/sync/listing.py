@@ -1,4 +1,4 @@
-"""Amortised search-before-create: one paged listing instead of one search per entity.
+"""The listing shortcut: one paged listing instead of one search per entity.
 
 When many events of one kind wait (a large backlog), one worker lists every DokStamp entity of
 that kind in pages of 200 and records their natural keys; a marker in Redis says the listing is
@@ -19,12 +19,12 @@ from sqlalchemy import func, select
 from dokstamp_sync.db import insert_ignore, session_scope
 from dokstamp_sync.dokstamp.client import MAX_PER_PAGE, Resource
 from dokstamp_sync.models import EventRecord, NaturalKey
+from dokstamp_sync.redis_keys import LISTING
 from dokstamp_sync.sync.context import Busy, SyncContext
 from dokstamp_sync.sync.entities import Spec, natural_key, remote_value
 
 MIN_BACKLOG = 50  # below this, searching one by one is cheaper than listing
 FRESH_FOR = 900  # seconds a listing is trusted
-MARKER = "dokstamp:warm:"
 
 
 def _backlog(ctx: SyncContext, entity: str) -> int:
@@ -37,17 +37,17 @@ def _backlog(ctx: SyncContext, entity: str) -> int:
 def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
     """Whether a fresh full listing of ``spec.entity`` is in the natural-key table, listing it
     now (once, fleet-wide) when the backlog makes that cheaper than searching."""
-    marker = f"{MARKER}{spec.entity}"
+    marker = f"{LISTING}{spec.entity}"
     if ctx.redis.exists(marker):
         return True
     if not spec.natural_key or _backlog(ctx, spec.entity) < MIN_BACKLOG:
         return False
     try:
-        with ctx.lock(f"warm:{spec.entity}", wait=30):
+        with ctx.lock(f"listing:{spec.entity}", wait=30):
             if ctx.redis.exists(marker):
                 return True  # another worker listed while we waited
             total = resource.page(per_page=1).total
-            ctx.count("warm_calls")
+            ctx.count("listing_calls")
             if total / MAX_PER_PAGE > _backlog(ctx, spec.entity) / 2:
                 return False  # too many existing entities: listing costs more than searching
             pages = 0
@@ -58,7 +58,7 @@ def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
                         "entity": spec.entity, "natural_key": natural_key(spec, fields),
                         "dokstamp_uuid": str(remote["uuid"])}, ["entity", "natural_key"])
                 pages = -(-total // MAX_PER_PAGE)
-            ctx.count("warm_calls", pages)
+            ctx.count("listing_calls", pages)
             ctx.redis.set(marker, str(time.time()), ex=FRESH_FOR)
             return True
     except Busy:

@@ -18,8 +18,8 @@ from typing import Any
 import redis
 from sqlalchemy.orm import Session
 
+from dokstamp_sync.ops.status import report
 from dokstamp_sync.redis_keys import HEARTBEAT
-from dokstamp_sync.status import report
 
 
 @dataclass

@@ -16,8 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dokstamp_sync.events import InvalidEvent, parse_event
-from dokstamp_sync.ingest import record_entry
 from dokstamp_sync.models import DeadLetter, EventRecord, utcnow
+from dokstamp_sync.pipeline.ingest import record_entry
 
 
 def as_dict(letter: DeadLetter, *, full: bool = False,

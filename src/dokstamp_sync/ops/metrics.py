@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.db import session_scope
-from dokstamp_sync.health import check
+from dokstamp_sync.ops.health import check
 from dokstamp_sync.redis_keys import COUNTERS
 
 PREFIX = "dokstamp_sync"

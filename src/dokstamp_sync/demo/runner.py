@@ -24,14 +24,15 @@ from typing import Any
 import redis
 from tqdm import tqdm
 
-from dokstamp_sync import dlq, samples
 from dokstamp_sync.config import load_store_settings
 from dokstamp_sync.db import make_engine, make_sessionmaker, session_scope
-from dokstamp_sync.embedded import Child, EmbeddedRedis, free_port
+from dokstamp_sync.demo import samples
+from dokstamp_sync.demo.embedded import Child, EmbeddedRedis, free_port
 from dokstamp_sync.migrate import upgrade
-from dokstamp_sync.producer import enqueue
+from dokstamp_sync.ops import dlq
+from dokstamp_sync.ops.status import report
+from dokstamp_sync.pipeline.producer import enqueue
 from dokstamp_sync.sandbox import Account, Sandbox, SandboxConfig, SandboxServer
-from dokstamp_sync.status import report
 
 KINDS = ("institutions", "modules", "courses", "cohorts", "students", "enrollments", "files",
          "certificates")

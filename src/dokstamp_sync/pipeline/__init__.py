@@ -1,0 +1,2 @@
+"""How events travel: the producer (ERP side), the stream ingester into the inbox, the retry
+scheduler, and the pump that runs both inside every worker and feeds Celery."""

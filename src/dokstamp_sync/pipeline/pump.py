@@ -1,0 +1,73 @@
+"""The pump: the stream ingester and the retry scheduler, each in a thread of the worker's main
+process, feeding Celery through a ``dispatch`` callable (so this module never imports the app).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+import redis
+
+from dokstamp_sync.config import Settings
+from dokstamp_sync.db import make_engine, make_sessionmaker
+from dokstamp_sync.pipeline.ingest import Dispatch, StreamIngester
+from dokstamp_sync.pipeline.scheduler import dispatch_due
+
+log = logging.getLogger("dokstamp_sync.worker")
+
+
+class Pump:
+    """Ingests the stream, re-dispatches due events and, when the settings name a port, serves
+    the metrics; :meth:`start` and :meth:`stop` bracket the worker's life."""
+
+    def __init__(self, settings: Settings, dispatch: Dispatch, *,
+                 poll_interval: float = 1.0) -> None:
+        self.settings = settings
+        self.dispatch = dispatch
+        self.stop_event = threading.Event()
+        self.poll_interval = poll_interval
+        self.lease = settings.dokstamp_sync_visibility_timeout
+        self.sessions = make_sessionmaker(make_engine(settings.database_url))
+        self.ingester = StreamIngester(
+            redis.Redis.from_url(settings.redis_url), self.sessions,
+            settings.dokstamp_sync_stream, consumer=f"{socket.gethostname()}-{os.getpid()}",
+            dispatch=dispatch, lease=self.lease)
+        self.threads = [threading.Thread(target=self._ingest, name="dokstamp-ingest",
+                                         daemon=True),
+                        threading.Thread(target=self._schedule, name="dokstamp-scheduler",
+                                         daemon=True)]
+
+    def start(self) -> None:
+        self.ingester.ensure_group()
+        for thread in self.threads:
+            thread.start()
+        port = self.settings.dokstamp_sync_metrics_port
+        if port:
+            from dokstamp_sync.ops.metrics import serve
+
+            serve(self.sessions, self.ingester.redis, self.settings.dokstamp_sync_stream,
+                  address="0.0.0.0", port=port, background=True)  # noqa: S104
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+    def _ingest(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.ingester.poll(block_ms=int(self.poll_interval * 1000))
+            except Exception:  # Redis or the database away: log, wait, go on
+                log.exception("stream ingester: poll failed")
+                self.stop_event.wait(self.poll_interval)
+
+    def _schedule(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                dispatch_due(self.sessions, self.dispatch, lease=self.lease)
+            except Exception:
+                log.exception("retry scheduler: dispatch failed")
+            self.stop_event.wait(self.poll_interval)
