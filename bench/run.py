@@ -46,7 +46,7 @@ from dokstamp_sync.dokstamp import (
     build_http_client,
 )
 from dokstamp_sync.dokstamp.client import DokStampClient
-from dokstamp_sync.models import EventRecord
+from dokstamp_sync.models import InboxEvent
 from dokstamp_sync.sandbox import (
     Account,
     Faults,
@@ -116,10 +116,10 @@ def settled(sessions: Any, expected: int) -> bool:
     # The cheap question first (an index lookup): is any event still open? Only then count
     # them all. Polling must not take much CPU from what it measures.
     with session_scope(sessions) as s:
-        open_ = s.scalar(select(exists().where(EventRecord.state.in_(("pending", "waiting")))))
+        open_ = s.scalar(select(exists().where(InboxEvent.state.in_(("pending", "waiting")))))
         if open_:
             return False
-        total = s.scalar(select(func.count()).select_from(EventRecord)) or 0
+        total = s.scalar(select(func.count()).select_from(InboxEvent)) or 0
     return total >= expected
 
 
@@ -138,8 +138,8 @@ def wait_settled(sessions: Any, expected: int, worker: Worker, timeout: float) -
 
 def states(sessions: Any) -> dict[str, int]:
     with session_scope(sessions) as s:
-        return dict(s.execute(select(EventRecord.state, func.count())
-                              .group_by(EventRecord.state)).all())
+        return dict(s.execute(select(InboxEvent.state, func.count())
+                              .group_by(InboxEvent.state)).all())
 
 
 def latency(client: redis.Redis, sessions: Any, n: int) -> list[float]:
@@ -153,8 +153,8 @@ def latency(client: redis.Redis, sessions: Any, n: int) -> list[float]:
         client.xadd(STREAM, {"event": json.dumps(e)})
         while True:
             with session_scope(sessions) as s:
-                state = s.scalar(select(EventRecord.state).where(
-                    EventRecord.event_id == e["event_id"]))
+                state = s.scalar(select(InboxEvent.state).where(
+                    InboxEvent.event_id == e["event_id"]))
             if state in ("synced", "dead", "superseded"):
                 break
             time.sleep(0.002)

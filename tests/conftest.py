@@ -132,7 +132,7 @@ def sessions(db_engine):
     from dokstamp_sync.db import make_sessionmaker
 
     with db_engine.begin() as conn:
-        conn.execute(text("TRUNCATE dead_letters, events, mappings, natural_keys "
+        conn.execute(text("TRUNCATE dead_letters, inbox, mappings, natural_keys "
                           "RESTART IDENTITY CASCADE"))
     return make_sessionmaker(db_engine)
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import psycopg
+import pytest
 from alembic import command
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from dokstamp_sync.migrate import alembic_config, check
+from dokstamp_sync.testing import scratch_database
+from testenv import PG_ADMIN_URL
 
 
 def test_migrated_schema_matches_the_models(database_url):
@@ -20,3 +26,44 @@ def test_sqlite_upgrade_downgrade_upgrade(tmp_path):
     check(url)
     command.downgrade(cfg, "base")
     command.upgrade(cfg, "head")
+
+
+def test_postgres_downgrade_to_the_first_revision_and_up_again():
+    """0002 renames the inbox and adds CHECK constraints; its downgrade restores 0001's schema
+    on PostgreSQL (table ``events``) and the upgrade after it matches the models again."""
+    with scratch_database(PG_ADMIN_URL, "dokstamp_sync_migrations") as url:
+        cfg = alembic_config(url)
+        command.downgrade(cfg, "0001")
+        engine = create_engine(url)
+        tables = inspect(engine).get_table_names()
+        engine.dispose()
+        assert "events" in tables
+        assert "inbox" not in tables
+        command.upgrade(cfg, "head")
+        check(url)
+
+
+ROWS = {
+    "inbox": "INSERT INTO inbox (event_id, entity, op, erp_key, occurred_at, payload, state, "
+             "attempts, deliveries, next_attempt_at, received_at) VALUES ('ck-1', 'student', "
+             "'upsert', 'S-1', now(), '{}', :value, 0, 0, now(), now())",
+    "mappings": "INSERT INTO mappings (entity, erp_key, dokstamp_uuid, status, synced_at) "
+                "VALUES ('student', 'ck-S-1', 'u-1', :value, now())",
+    "dead_letters": "INSERT INTO dead_letters (reason, attempts, status, first_failed_at, "
+                    "last_failed_at) VALUES ('r', 1, :value, now(), now())",
+}
+
+
+@pytest.mark.parametrize("table", list(ROWS))
+def test_a_state_column_refuses_a_value_that_is_not_named(database_url, table):
+    """The CHECK constraints keep every state column to its StrEnum's values: the same row
+    goes in with a named value and is refused with another."""
+    engine = create_engine(database_url)
+    named = {"inbox": "pending", "mappings": "active", "dead_letters": "open"}[table]
+    with engine.connect() as conn:
+        conn.execute(text(ROWS[table]), {"value": named})  # accepted (rolled back below)
+        with pytest.raises(IntegrityError) as refused:
+            conn.execute(text(ROWS[table]).bindparams(value="bogus"))
+        assert isinstance(refused.value.orig, psycopg.errors.CheckViolation)
+        conn.rollback()
+    engine.dispose()

@@ -132,7 +132,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _dlq(args: argparse.Namespace) -> int:
     from dokstamp_sync.db import session_scope
-    from dokstamp_sync.models import DeadLetter, EventRecord
+    from dokstamp_sync.models import DeadLetter, InboxEvent
     from dokstamp_sync.ops import dlq
 
     _, sessions = _store()
@@ -153,7 +153,7 @@ def _dlq(args: argparse.Namespace) -> int:
             if letter is None:
                 print("no such dead letter", file=sys.stderr)
                 return 1
-            event = session.get(EventRecord, letter.event_pk) if letter.event_pk else None
+            event = session.get(InboxEvent, letter.event_pk) if letter.event_pk else None
             print(json.dumps(dlq.as_dict(letter, full=True, event=event), indent=2,
                              default=str))
             return 0

@@ -9,23 +9,33 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dokstamp_sync.db import Base
+from dokstamp_sync.states import EventState, LetterStatus, MappingStatus, check_in
 
 BigId = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements INTEGER only
-STATES = ("pending", "waiting", "synced", "superseded", "dead")
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class EventRecord(Base):
-    """One ERP event and where it stands (CONTRACT §3)."""
+class InboxEvent(Base):
+    """The inbox: one ERP event and where it stands (CONTRACT §3)."""
 
-    __tablename__ = "events"
+    __tablename__ = "inbox"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     event_id: Mapped[str] = mapped_column(String(255), unique=True)
@@ -34,7 +44,7 @@ class EventRecord(Base):
     erp_key: Mapped[str] = mapped_column(String(255))
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(12), default="pending")
+    state: Mapped[str] = mapped_column(String(12), default=EventState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # transient failures so far
     deliveries: Mapped[int] = mapped_column(Integer, default=0)  # times a task started on it
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -45,9 +55,10 @@ class EventRecord(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
-        Index("ix_events_entity_key", "entity", "erp_key", "occurred_at"),
-        Index("ix_events_due", "state", "next_attempt_at"),
-        Index("ix_events_waiting_for", "waiting_for"),
+        Index("ix_inbox_entity_key", "entity", "erp_key", "occurred_at"),
+        Index("ix_inbox_due", "state", "next_attempt_at"),
+        Index("ix_inbox_waiting_for", "waiting_for"),
+        CheckConstraint(check_in("state", EventState), name="state"),
     )
 
 
@@ -60,14 +71,15 @@ class Mapping(Base):
     entity: Mapped[str] = mapped_column(String(20))
     erp_key: Mapped[str] = mapped_column(String(255))
     dokstamp_uuid: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(12), default="active")  # deleted/archived/...
+    status: Mapped[str] = mapped_column(String(12), default=MappingStatus.ACTIVE)
     data_hash: Mapped[str | None] = mapped_column(String(64))
     sent: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # last payload sent
     occurred_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     event_id: Mapped[str | None] = mapped_column(String(255))
     synced_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    __table_args__ = (Index("uq_mappings_entity_erp_key", "entity", "erp_key", unique=True),)
+    __table_args__ = (Index("uq_mappings_entity_erp_key", "entity", "erp_key", unique=True),
+                      CheckConstraint(check_in("status", MappingStatus), name="status"))
 
 
 class NaturalKey(Base):
@@ -95,7 +107,7 @@ class DeadLetter(Base):
     __tablename__ = "dead_letters"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    event_pk: Mapped[int | None] = mapped_column(ForeignKey("events.id"), index=True)
+    event_pk: Mapped[int | None] = mapped_column(ForeignKey("inbox.id"), index=True)
     event_id: Mapped[str | None] = mapped_column(String(255))
     entity: Mapped[str | None] = mapped_column(String(20))
     erp_key: Mapped[str | None] = mapped_column(String(255))
@@ -107,9 +119,10 @@ class DeadLetter(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     raw: Mapped[str | None] = mapped_column(Text)
     stream_id: Mapped[str | None] = mapped_column(String(64), unique=True)  # malformed entries
-    status: Mapped[str] = mapped_column(String(12), default="open")  # replayed / discarded
+    status: Mapped[str] = mapped_column(String(12), default=LetterStatus.OPEN)
     first_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index("ix_dead_letters_status_entity", "status", "entity"),)
+    __table_args__ = (Index("ix_dead_letters_status_entity", "status", "entity"),
+                      CheckConstraint(check_in("status", LetterStatus), name="status"))

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.dokstamp import PasswordLogin, RedisTokenStore, TokenManager
 from dokstamp_sync.dokstamp.client import DokStampClient, build_http_client
-from dokstamp_sync.models import DeadLetter, EventRecord, Mapping
+from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping
 from dokstamp_sync.pipeline.ingest import StreamIngester
 from dokstamp_sync.ratelimit import RateLimiter, install
 from dokstamp_sync.sync import engine
@@ -69,22 +69,22 @@ class Harness:
         """Run every pending/waiting event until none is left to do (due or not)."""
         for _ in range(rounds):
             with session_scope(self.ctx.sessions) as s:
-                pks = list(s.scalars(select(EventRecord.id).where(
-                    EventRecord.state.in_(("pending", "waiting"))).order_by(EventRecord.id)))
+                pks = list(s.scalars(select(InboxEvent.id).where(
+                    InboxEvent.state.in_(("pending", "waiting"))).order_by(InboxEvent.id)))
             if not pks:
                 return
             self.run(pks)
 
     def states(self) -> dict[str, str]:
         with session_scope(self.ctx.sessions) as s:
-            return {r.event_id: r.state for r in s.scalars(select(EventRecord))}
+            return {r.event_id: r.state for r in s.scalars(select(InboxEvent))}
 
     def state(self, event_id: str) -> str:
         return self.states()[event_id]
 
-    def record(self, event_id: str) -> EventRecord:
+    def record(self, event_id: str) -> InboxEvent:
         with session_scope(self.ctx.sessions) as s:
-            rec = s.scalar(select(EventRecord).where(EventRecord.event_id == event_id))
+            rec = s.scalar(select(InboxEvent).where(InboxEvent.event_id == event_id))
             assert rec is not None
             s.expunge(rec)
             return rec

@@ -369,12 +369,12 @@ def test_draft_then_issue(h, sandbox):
 def test_worker_lost_too_many_times_is_dead_lettered(h, ctx, sandbox):
     """An event whose task started max_deliveries times without finishing is dead-lettered."""
     from dokstamp_sync.db import session_scope
-    from dokstamp_sync.models import EventRecord
+    from dokstamp_sync.models import InboxEvent
 
     e = student()
     pk = h.send(e)[0]
     with session_scope(ctx.sessions) as s:
-        s.get(EventRecord, pk).deliveries = ctx.max_deliveries  # as if killed that many times
+        s.get(InboxEvent, pk).deliveries = ctx.max_deliveries  # as if killed that many times
     assert h.run([pk]) == ["dead"]
     assert "worker was lost" in h.letters()[0].reason
     assert live(sandbox, "students") == []

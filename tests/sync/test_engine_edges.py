@@ -14,7 +14,7 @@ from test_engine import T0, live, student
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
-from dokstamp_sync.models import EventRecord
+from dokstamp_sync.models import InboxEvent
 from dokstamp_sync.pipeline.scheduler import dispatch_due
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 
@@ -91,7 +91,7 @@ def test_busy_runs_do_not_erase_lost_worker_deliveries(h, ctx):
     e = student()
     pk = h.send(e)[0]
     with session_scope(ctx.sessions) as s:
-        s.get(EventRecord, pk).deliveries = 3  # three runs were killed
+        s.get(InboxEvent, pk).deliveries = 3  # three runs were killed
     lock = ctx.redis.lock("dokstamp:lock:entity:student:S-1", timeout=60)
     assert lock.acquire()
     assert h.run([pk]) == ["busy"]
@@ -104,7 +104,7 @@ def test_a_run_holds_a_lease_so_the_scheduler_does_not_redispatch(h, ctx):
     """While an event runs, its next attempt time is a lease away; dispatch_due skips it."""
     pk = h.send(student())[0]
     with session_scope(ctx.sessions) as s:
-        s.get(EventRecord, pk).next_attempt_at = datetime.now(UTC) - timedelta(seconds=1)
+        s.get(InboxEvent, pk).next_attempt_at = datetime.now(UTC) - timedelta(seconds=1)
     got: list[int] = []
     assert dispatch_due(ctx.sessions, got.extend, lease=600) == 1
     assert dispatch_due(ctx.sessions, got.extend, lease=600) == 0  # leased now

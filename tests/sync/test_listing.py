@@ -8,7 +8,7 @@ from test_engine import live
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
-from dokstamp_sync.models import EventRecord
+from dokstamp_sync.models import InboxEvent
 
 
 def students(n: int, prefix: str = "S") -> list[dict]:
@@ -41,7 +41,7 @@ def test_a_retried_event_searches_even_after_a_listing(h, ctx, sandbox):
     pks = h.send(*students(60))
     h.run(pks[:1])  # lists, then creates S-0
     with session_scope(ctx.sessions) as s:
-        s.get(EventRecord, pks[1]).attempts = 1  # as if its first try had failed
+        s.get(InboxEvent, pks[1]).attempts = 1  # as if its first try had failed
     sandbox.sandbox.stats.reset()
     h.run(pks[1:2])
     assert sandbox.sandbox.stats.to_json()["by_route"]["GET /students"] == 1

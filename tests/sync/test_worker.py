@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
-from dokstamp_sync.models import EventRecord
+from dokstamp_sync.models import InboxEvent
 from dokstamp_sync.sandbox import Faults
 from testenv import TEST_WORKER_REDIS_URL as WORKER_REDIS_URL
 
@@ -80,8 +80,8 @@ def wait_settled(sessions, total, timeout=120.0, proc=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with session_scope(sessions) as s:
-            counts = dict(s.execute(select(EventRecord.state, func.count())
-                                    .group_by(EventRecord.state)).all())
+            counts = dict(s.execute(select(InboxEvent.state, func.count())
+                                    .group_by(InboxEvent.state)).all())
         if sum(counts.values()) >= total and not counts.get("pending") \
                 and not counts.get("waiting"):
             return counts
@@ -129,16 +129,16 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(start_worker, wredis
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         with session_scope(sessions) as s:
-            done = s.scalar(select(func.count()).select_from(EventRecord)
-                            .where(EventRecord.state == "synced"))
+            done = s.scalar(select(func.count()).select_from(InboxEvent)
+                            .where(InboxEvent.state == "synced"))
         if done >= 10:
             break
         time.sleep(0.1)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     with session_scope(sessions) as s:
-        unfinished = s.scalar(select(func.count()).select_from(EventRecord)
-                              .where(EventRecord.state.in_(("pending", "waiting"))))
+        unfinished = s.scalar(select(func.count()).select_from(InboxEvent)
+                              .where(InboxEvent.state.in_(("pending", "waiting"))))
     assert unfinished > 0, "the kill came too late to prove anything"
     second = start_worker()
     counts = wait_settled(sessions, len(events), proc=second)

@@ -16,12 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dokstamp_sync.events import InvalidEvent, parse_event
-from dokstamp_sync.models import DeadLetter, EventRecord, utcnow
+from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
 from dokstamp_sync.pipeline.ingest import record_entry
 
 
 def as_dict(letter: DeadLetter, *, full: bool = False,
-            event: EventRecord | None = None) -> dict[str, Any]:
+            event: InboxEvent | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": letter.id, "event_id": letter.event_id, "entity": letter.entity,
         "key": letter.erp_key, "reason": letter.reason, "http_status": letter.http_status,
@@ -83,7 +83,7 @@ def replay(session: Session, ids: Sequence[int] = (), *, entity: str | None = No
             record_entry(session, f"replay-{letter.id}", {b"event": (letter.raw or "").encode()},
                          lease=0)
         else:
-            event = session.get(EventRecord, letter.event_pk)
+            event = session.get(InboxEvent, letter.event_pk)
             if event is not None and event.state == "dead":
                 event.state, event.attempts, event.deliveries = "pending", 0, 0
                 event.first_failed_at, event.finished_at, event.waiting_for = None, None, None

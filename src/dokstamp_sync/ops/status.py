@@ -10,22 +10,23 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dokstamp_sync.events import utc
-from dokstamp_sync.models import STATES, DeadLetter, EventRecord, utcnow
+from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
 from dokstamp_sync.redis_keys import QUEUE
+from dokstamp_sync.states import EventState
 
 
 def report(session: Session, client: redis.Redis | None, stream: str) -> dict[str, Any]:
     """The status as a JSON-ready dict (CONTRACT §4: at least ``events`` by state)."""
-    counts = dict.fromkeys(STATES, 0)
-    for state, n in session.execute(select(EventRecord.state, func.count())
-                                    .group_by(EventRecord.state)):
+    counts = dict.fromkeys([s.value for s in EventState], 0)
+    for state, n in session.execute(select(InboxEvent.state, func.count())
+                                    .group_by(InboxEvent.state)):
         counts[state] = n
     # Malformed stream entries never became events; they are dead all the same.
     invalid = session.scalar(select(func.count()).select_from(DeadLetter).where(
         DeadLetter.event_pk.is_(None), DeadLetter.status == "open")) or 0
     counts["dead"] += invalid
-    oldest = session.scalar(select(func.min(EventRecord.received_at)).where(
-        EventRecord.state.in_(("pending", "waiting"))))
+    oldest = session.scalar(select(func.min(InboxEvent.received_at)).where(
+        InboxEvent.state.in_(("pending", "waiting"))))
     open_letters = session.scalar(select(func.count()).select_from(DeadLetter).where(
         DeadLetter.status == "open")) or 0
     out: dict[str, Any] = {

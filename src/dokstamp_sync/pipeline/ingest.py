@@ -27,7 +27,7 @@ from dokstamp_sync.db import (
     session_scope,
 )
 from dokstamp_sync.events import Event, InvalidEvent, parse_event
-from dokstamp_sync.models import DeadLetter, EventRecord, utcnow
+from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
 from dokstamp_sync.redis_keys import GROUP, HEARTBEAT
 
 log = logging.getLogger("dokstamp_sync.pipeline.ingest")
@@ -88,14 +88,14 @@ def record_entry(session: Session, stream_id: str, fields: dict[bytes, bytes],
     row = _row(parsed, lease)
     try:
         with session.begin_nested():
-            pk = insert_ignore(session, EventRecord.__table__,  # type: ignore[arg-type]
+            pk = insert_ignore(session, InboxEvent.__table__,  # type: ignore[arg-type]
                                row, ["event_id"])
     except DBAPIError as exc:
         _invalid(session, stream_id, raw, f"refused by the database: {exc.orig}",
                  parsed.event_id)
         return None
-    if pk is None and session.scalar(select(EventRecord.payload).where(
-            EventRecord.event_id == parsed.event_id)) != row["payload"]:
+    if pk is None and session.scalar(select(InboxEvent.payload).where(
+            InboxEvent.event_id == parsed.event_id)) != row["payload"]:
         _reused(session, stream_id, raw, parsed.event_id)
     return pk
 
@@ -138,15 +138,15 @@ def _record_bulk(session: Session, entries: Sequence[tuple[bytes, dict[bytes, by
             origin[parsed.event_id] = (stream_id, raw)
     if not rows:
         return []
-    table = EventRecord.__table__
+    table = InboxEvent.__table__
     stmt = dialect_insert(session.get_bind().dialect.name)(table).values(list(rows.values()))
     inserted: dict[str, int] = dict(session.execute(
         stmt.on_conflict_do_nothing(index_elements=["event_id"])
         .returning(table.c.event_id, table.c.id)).all())
     existed = [event_id for event_id in rows if event_id not in inserted]
     known: dict[str, Any] = dict(session.execute(
-        select(EventRecord.event_id, EventRecord.payload)
-        .where(EventRecord.event_id.in_(existed))).all()) if existed else {}
+        select(InboxEvent.event_id, InboxEvent.payload)
+        .where(InboxEvent.event_id.in_(existed))).all()) if existed else {}
     for event_id, row in rows.items():
         if event_id not in inserted and known.get(event_id) != row["payload"]:
             _reused(session, *origin[event_id], event_id)

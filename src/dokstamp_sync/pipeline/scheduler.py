@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.db import session_scope
-from dokstamp_sync.models import EventRecord, utcnow
+from dokstamp_sync.models import InboxEvent, utcnow
 
 
 def dispatch_due(sessions: sessionmaker[Session], dispatch: Callable[[Sequence[int]], None],
@@ -24,13 +24,13 @@ def dispatch_due(sessions: sessionmaker[Session], dispatch: Callable[[Sequence[i
     now = utcnow()
     with session_scope(sessions) as session:
         ids = list(session.scalars(
-            select(EventRecord.id)
-            .where(EventRecord.state.in_(("pending", "waiting")),
-                   EventRecord.next_attempt_at <= now)
-            .order_by(EventRecord.next_attempt_at).limit(limit)
+            select(InboxEvent.id)
+            .where(InboxEvent.state.in_(("pending", "waiting")),
+                   InboxEvent.next_attempt_at <= now)
+            .order_by(InboxEvent.next_attempt_at).limit(limit)
             .with_for_update(skip_locked=True)))
         if ids:
-            session.execute(update(EventRecord).where(EventRecord.id.in_(ids))
+            session.execute(update(InboxEvent).where(InboxEvent.id.in_(ids))
                             .values(next_attempt_at=now + timedelta(seconds=lease)))
     if ids:
         dispatch(ids)

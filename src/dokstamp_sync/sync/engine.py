@@ -34,7 +34,7 @@ from dokstamp_sync.dokstamp.errors import (
     TransientError,
 )
 from dokstamp_sync.events import Event, InvalidEvent, utc
-from dokstamp_sync.models import EventRecord, utcnow
+from dokstamp_sync.models import InboxEvent, utcnow
 from dokstamp_sync.redis_keys import HEARTBEAT
 from dokstamp_sync.sync import operations, references
 from dokstamp_sync.sync.context import Busy, Dead, SyncContext, Waiting
@@ -94,7 +94,7 @@ def _claim(ctx: SyncContext, pk: int) -> dict[str, Any] | str:
             return _final_state(session, pk)
         deliveries, payload = claimed
         if deliveries > ctx.max_deliveries:
-            record = session.get(EventRecord, pk)
+            record = session.get(InboxEvent, pk)
             assert record is not None
             dead_letter(session, record, f"the worker was lost {deliveries - 1} times "
                                          "while processing this event")
@@ -212,25 +212,25 @@ def _describe(exc: PermanentError) -> str:
         f" [{fields}]" if fields else "")
 
 
-def _open(session: Session, pk: int) -> EventRecord | None:
+def _open(session: Session, pk: int) -> InboxEvent | None:
     """The event, if it exists and is not final yet."""
-    record = session.get(EventRecord, pk)
+    record = session.get(InboxEvent, pk)
     return None if record is None or record.state in FINAL else record
 
 
 def _final_state(session: Session, pk: int) -> str:
-    record = session.get(EventRecord, pk)
+    record = session.get(InboxEvent, pk)
     return record.state if record is not None else "missing"
 
 
-def _completed(record: EventRecord, depth: int) -> None:
+def _completed(record: InboxEvent, depth: int) -> None:
     """This run ended normally: undo its delivery count (only task runs counted one)."""
     if depth == 0:
         record.deliveries = max(0, record.deliveries - 1)
 
 
 def _conclude(ctx: SyncContext, pk: int, depth: int,
-              decide: Callable[[Session, EventRecord], str]) -> str:
+              decide: Callable[[Session, InboxEvent], str]) -> str:
     """Record how this run ended, in one transaction: ``decide`` writes the outcome and
     returns the state. An event already final is left alone (its state is returned)."""
     with session_scope(ctx.sessions) as session:
@@ -255,7 +255,7 @@ def _record(ctx: SyncContext, pk: int, depth: int, outcome: Apply) -> str:
             log_outcome(done, "synced", outcome.note)
             return "synced"
 
-    def decide(session: Session, record: EventRecord) -> str:
+    def decide(session: Session, record: InboxEvent) -> str:
         finish(session, record, outcome.state, outcome.note)
         log_outcome(record, outcome.state, outcome.note)
         return outcome.state
@@ -265,7 +265,7 @@ def _record(ctx: SyncContext, pk: int, depth: int, outcome: Apply) -> str:
 
 def _dead(ctx: SyncContext, pk: int, depth: int, reason: str,
           error: PermanentError | None) -> str:
-    def decide(session: Session, record: EventRecord) -> str:
+    def decide(session: Session, record: InboxEvent) -> str:
         dead_letter(session, record, reason, error)
         log_outcome(record, "dead", reason)
         return "dead"
@@ -274,7 +274,7 @@ def _dead(ctx: SyncContext, pk: int, depth: int, reason: str,
 
 
 def _wait(ctx: SyncContext, pk: int, depth: int, w: Waiting) -> str:
-    def decide(session: Session, record: EventRecord) -> str:
+    def decide(session: Session, record: InboxEvent) -> str:
         waited = utcnow() - utc(record.received_at)
         if w.never_arrived and waited > timedelta(seconds=ctx.dependency_timeout):
             reason = w.reason.replace("has not arrived", "never arrived")
@@ -290,7 +290,7 @@ def _wait(ctx: SyncContext, pk: int, depth: int, w: Waiting) -> str:
 
 def _transient(ctx: SyncContext, pk: int, depth: int, error: str,
                retry_after: float | None) -> str:
-    def decide(session: Session, record: EventRecord) -> str:
+    def decide(session: Session, record: InboxEvent) -> str:
         now = utcnow()
         first = utc(record.first_failed_at) if record.first_failed_at else now
         if (now - first).total_seconds() > ctx.retry_budget:

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from dokstamp_sync.db import insert_ignore, session_scope
 from dokstamp_sync.dokstamp.client import MAX_PER_PAGE, Resource
-from dokstamp_sync.models import EventRecord, NaturalKey
+from dokstamp_sync.models import InboxEvent, NaturalKey
 from dokstamp_sync.redis_keys import LISTING
 from dokstamp_sync.sync.context import Busy, SyncContext
 from dokstamp_sync.sync.entities import Spec, natural_key, remote_value
@@ -29,9 +29,9 @@ FRESH_FOR = 900  # seconds a listing is trusted
 
 def _backlog(ctx: SyncContext, entity: str) -> int:
     with session_scope(ctx.sessions) as session:
-        return int(session.scalar(select(func.count()).select_from(EventRecord).where(
-            EventRecord.entity == entity, EventRecord.op == "upsert",
-            EventRecord.state.in_(("pending", "waiting")))) or 0)
+        return int(session.scalar(select(func.count()).select_from(InboxEvent).where(
+            InboxEvent.entity == entity, InboxEvent.op == "upsert",
+            InboxEvent.state.in_(("pending", "waiting")))) or 0)
 
 
 def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:

@@ -26,7 +26,7 @@ from dokstamp_sync.dokstamp.errors import (
     ValidationFailed,
 )
 from dokstamp_sync.events import Event
-from dokstamp_sync.models import EventRecord
+from dokstamp_sync.models import InboxEvent
 from dokstamp_sync.sync import files
 from dokstamp_sync.sync.context import Dead, SyncContext
 from dokstamp_sync.sync.entities import SPECS, Spec, natural_key, remote_value, same_value
@@ -245,11 +245,11 @@ def _companions(ctx: SyncContext, event: Event, used: int) -> list[_Pending]:
     out: list[_Pending] = []
     with session_scope(ctx.sessions) as session:
         rows = session.execute(
-            select(EventRecord.id, EventRecord.erp_key, EventRecord.payload)
-            .where(EventRecord.entity == "file", EventRecord.op == "upsert",
-                   EventRecord.state.in_(("pending", "waiting")), EventRecord.attempts == 0,
-                   EventRecord.event_id != event.event_id)
-            .order_by(EventRecord.id).limit(BATCH_FILES - 1)).all()
+            select(InboxEvent.id, InboxEvent.erp_key, InboxEvent.payload)
+            .where(InboxEvent.entity == "file", InboxEvent.op == "upsert",
+                   InboxEvent.state.in_(("pending", "waiting")), InboxEvent.attempts == 0,
+                   InboxEvent.event_id != event.event_id)
+            .order_by(InboxEvent.id).limit(BATCH_FILES - 1)).all()
     for pk, key, payload in rows:
         lock = ctx.redis.lock(f"{ctx.lock_prefix}entity:file:{key}",
                               timeout=ctx.lock_timeout)
@@ -276,7 +276,7 @@ def _record_batch(ctx: SyncContext, batch: list[_Pending], records: list[Entity]
                                    str(records[0]["uuid"]))
         for p, remote in zip(batch[1:], records[1:], strict=True):
             uuid = remember_natural_key(session, "file", f"sha256={p.sha}", str(remote["uuid"]))
-            record = session.get(EventRecord, p.pk)
+            record = session.get(InboxEvent, p.pk)
             if record is None or record.state in ("synced", "superseded", "dead") \
                     or newer_event_exists(session, record):
                 continue  # its own task decides

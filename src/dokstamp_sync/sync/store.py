@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from dokstamp_sync.db import dialect_insert
 from dokstamp_sync.dokstamp.errors import PermanentError
-from dokstamp_sync.models import DeadLetter, EventRecord, Mapping, NaturalKey, utcnow
+from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, NaturalKey, utcnow
 from dokstamp_sync.sync.entities import REFERENCES
 
 log = logging.getLogger("dokstamp_sync.sync")
@@ -45,7 +45,7 @@ def data_hash(payload: Any) -> str:
 
 # The hot path's statements are built once, on the tables (Core, not the ORM's unit of work),
 # with bound parameters: building and caching a statement per call cost more than running it.
-EVENTS = cast(Table, EventRecord.__table__)
+EVENTS = cast(Table, InboxEvent.__table__)
 MAPPINGS = cast(Table, Mapping.__table__)
 NATURAL_KEYS = cast(Table, NaturalKey.__table__)
 
@@ -80,13 +80,13 @@ def get_mapping(session: Session, entity: str, key: str) -> Mapping | None:
                                                 Mapping.erp_key == key))
 
 
-def latest_event(session: Session, entity: str, key: str) -> EventRecord | None:
+def latest_event(session: Session, entity: str, key: str) -> InboxEvent | None:
     """The newest event for an entity that has not been superseded."""
     return session.scalar(
-        select(EventRecord)
-        .where(EventRecord.entity == entity, EventRecord.erp_key == key,
-               EventRecord.state != "superseded")
-        .order_by(EventRecord.occurred_at.desc(), EventRecord.id.desc()).limit(1))
+        select(InboxEvent)
+        .where(InboxEvent.entity == entity, InboxEvent.erp_key == key,
+               InboxEvent.state != "superseded")
+        .order_by(InboxEvent.occurred_at.desc(), InboxEvent.id.desc()).limit(1))
 
 
 def _newer(other: Any, entity: Any, key: Any, occurred_at: Any, pk: Any) -> ColumnElement[bool]:
@@ -101,10 +101,10 @@ def _newer(other: Any, entity: Any, key: Any, occurred_at: Any, pk: Any) -> Colu
                 | ((other.occurred_at == occurred_at) & (other.id > pk)))
 
 
-def newer_event_exists(session: Session, record: EventRecord) -> bool:
+def newer_event_exists(session: Session, record: InboxEvent) -> bool:
     """Is there a newer event for the same entity (see :func:`_newer`)?"""
-    return session.scalar(select(EventRecord.id).where(_newer(
-        EventRecord, record.entity, record.erp_key, record.occurred_at, record.id)).limit(1)
+    return session.scalar(select(InboxEvent.id).where(_newer(
+        InboxEvent, record.entity, record.erp_key, record.occurred_at, record.id)).limit(1)
     ) is not None
 
 
@@ -236,7 +236,7 @@ def remember_natural_key(session: Session, entity: str, key: str, uuid: str) -> 
     return uuid if inserted is not None else (known_uuid(session, entity, key) or uuid)
 
 
-def save_mapping(session: Session, record: EventRecord | Finished, uuid: str, *,
+def save_mapping(session: Session, record: InboxEvent | Finished, uuid: str, *,
                  status: str = "active",
                  sent: dict[str, Any] | None = None, digest: str | None = None) -> None:
     """Insert or update the event's mapping in one statement (INSERT ... ON CONFLICT).
@@ -253,7 +253,7 @@ def save_mapping(session: Session, record: EventRecord | Finished, uuid: str, *,
     session.execute(_upsert_mapping(session.get_bind().dialect.name, sent is not None), values)
 
 
-def finish(session: Session, record: EventRecord, state: str, error: str | None = None) -> None:
+def finish(session: Session, record: InboxEvent, state: str, error: str | None = None) -> None:
     """Mark an event final; when synced, wake the events that waited for its entity."""
     record.state = state
     record.finished_at = utcnow()
@@ -264,7 +264,7 @@ def finish(session: Session, record: EventRecord, state: str, error: str | None 
         wake_waiting(session, record.entity, record.erp_key)
 
 
-def dead_letter(session: Session, record: EventRecord, reason: str,
+def dead_letter(session: Session, record: InboxEvent, reason: str,
                 error: PermanentError | None = None) -> DeadLetter:
     """Mark the event dead and file (or refresh) its open dead letter."""
     finish(session, record, "dead", reason)
@@ -286,7 +286,7 @@ def dead_letter(session: Session, record: EventRecord, reason: str,
     return letter
 
 
-def park(record: EventRecord, *, delay: float, error: str, waiting_for: str | None = None,
+def park(record: InboxEvent, *, delay: float, error: str, waiting_for: str | None = None,
          count: bool = True, now: datetime | None = None) -> None:
     """Put an event back to ``waiting`` until ``delay`` seconds from now.
 
@@ -302,7 +302,7 @@ def park(record: EventRecord, *, delay: float, error: str, waiting_for: str | No
         record.first_failed_at = record.first_failed_at or now
 
 
-def log_outcome(record: EventRecord | Finished, state: str, detail: str | None = None) -> None:
+def log_outcome(record: InboxEvent | Finished, state: str, detail: str | None = None) -> None:
     """The one log line per event outcome (fields for JSON logs; never a secret)."""
     log.info("event %s %s %s %s -> %s%s", record.event_id, record.entity, record.erp_key,
              record.op, state, f": {detail}" if detail else "",

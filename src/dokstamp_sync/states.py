@@ -1,0 +1,50 @@
+"""The named states of an inbox event, a mapping and a dead letter (CONTRACT §3).
+
+Each is a ``StrEnum``: stored as its plain value, compared equal to it, and checked by a CHECK
+constraint in the database. The groups the code asks about (open events, final events, mapped
+entities that still exist in DokStamp) are defined here once.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class EventState(StrEnum):
+    PENDING = "pending"  # received, not tried yet
+    WAITING = "waiting"  # parked: a dependency, or a retry after a transient failure
+    SYNCED = "synced"
+    SUPERSEDED = "superseded"  # a newer event for the same entity took its place
+    DEAD = "dead"  # a dead letter says why
+
+
+OPEN: tuple[EventState, ...] = (EventState.PENDING, EventState.WAITING)
+FINAL: tuple[EventState, ...] = (EventState.SYNCED, EventState.SUPERSEDED, EventState.DEAD)
+
+
+class MappingStatus(StrEnum):
+    """What the mapped DokStamp entity is, as far as dokstamp-sync knows."""
+
+    ACTIVE = "active"
+    ARCHIVED = "archived"  # a delete was refused (dependents), so it was archived instead
+    REVOKED = "revoked"  # a certificate
+    DELETED = "deleted"
+
+
+# Mapped entities that still exist in DokStamp (others may refer to them).
+EXISTING: tuple[MappingStatus, ...] = (MappingStatus.ACTIVE, MappingStatus.ARCHIVED,
+                                       MappingStatus.REVOKED)
+
+
+class LetterStatus(StrEnum):
+    """A dead letter: ``open`` needs someone; the others are resolved."""
+
+    OPEN = "open"
+    REPLAYED = "replayed"
+    DISCARDED = "discarded"
+    SUPERSEDED = "superseded"  # a newer event of the same entity synced
+
+
+def check_in(column: str, values: type[StrEnum]) -> str:
+    """The SQL of a CHECK constraint keeping ``column`` to the enum's values."""
+    return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
