@@ -173,17 +173,14 @@ def _dlq(args: argparse.Namespace) -> int:
 
 
 def _mapping(args: argparse.Namespace) -> int:
-    from dokstamp_sync.db import session_scope
-    from dokstamp_sync.sync.store import get_mapping
+    from dokstamp_sync.sync.store import Store
 
     _, sessions = _store()
-    with session_scope(sessions) as session:
-        mapping = get_mapping(session, args.entity, args.key)
-        if mapping is None:
-            print(f"{args.entity} {args.key} is not mapped", file=sys.stderr)
-            return 1
-        print(mapping.dokstamp_uuid if mapping.status == "active"
-              else f"{mapping.dokstamp_uuid} ({mapping.status})")
+    mapping = Store(sessions).mapping(args.entity, args.key)
+    if mapping is None:
+        print(f"{args.entity} {args.key} is not mapped", file=sys.stderr)
+        return 1
+    print(mapping.uuid if mapping.status == "active" else f"{mapping.uuid} ({mapping.status})")
     return 0
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 
 from dokstamp_sync import wiring
-from dokstamp_sync.db import session_scope
 from dokstamp_sync.sync import engine
-from dokstamp_sync.sync.store import lease
 from dokstamp_sync.worker import SYNC_EVENTS, app
 
 log = logging.getLogger("dokstamp_sync.worker")
@@ -24,8 +22,7 @@ def sync_events(event_pks: list[int]) -> list[str]:
     ctx = wiring.context()
     pks = [int(pk) for pk in event_pks]
     try:  # the whole batch is this task's from now on: the scheduler must not hand it out
-        with session_scope(ctx.sessions) as session:
-            lease(session, pks, ctx.lease)
+        ctx.store.lease(pks, ctx.lease)
     except Exception:  # each run below claims its own event anyway
         log.exception("events %s: could not lease the batch", pks)
     states = []

@@ -64,14 +64,12 @@ def test_a_task_leases_its_whole_batch(h):
     from dokstamp_sync.db import session_scope
     from dokstamp_sync.models import InboxEvent
     from dokstamp_sync.pipeline.scheduler import dispatch_due
-    from dokstamp_sync.sync.store import lease
 
     pks = h.send(*samples.graduating_class(1)[:3])
     with session_scope(h.ctx.sessions) as s:
         for pk in pks:
             s.get(InboxEvent, pk).next_attempt_at = datetime.now(UTC) - timedelta(seconds=1)
-    with session_scope(h.ctx.sessions) as s:
-        lease(s, pks[1:], 600)
+    h.ctx.store.lease(pks[1:], 600)
     due: list[int] = []
     dispatch_due(h.ctx.sessions, due.extend, lease=600)
     assert due == pks[:1]

@@ -1,8 +1,6 @@
-"""What the graph walk needs, passed down explicitly, and the outcomes that steer it.
-
-:class:`SyncContext` holds the DokStamp client, the session factory, Redis (locks, rate limit)
-and the engine's limits. :class:`Waiting`, :class:`Dead` and :class:`Busy` are raised inside the
-walk and turned into event states by :mod:`.engine` alone.
+"""What the graph walk needs, passed down explicitly: the DokStamp client, the mapping store,
+Redis (locks, counters) and the engine's limits. Built by
+:func:`dokstamp_sync.wiring.build_context`.
 """
 
 from __future__ import annotations
@@ -20,37 +18,13 @@ from redis.lock import Lock
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.dokstamp import DokStampClient
-from dokstamp_sync.dokstamp.errors import PermanentError
 from dokstamp_sync.ratelimit import RateLimiter
 from dokstamp_sync.redis_keys import COUNTERS, LOCK
 from dokstamp_sync.sync.files import FilePolicy
+from dokstamp_sync.sync.outcomes import Busy
+from dokstamp_sync.sync.store import Store
 
 LOCK_POLL = 0.01  # seconds between tries of a lock another worker holds
-
-
-class Waiting(Exception):
-    """The event cannot proceed yet: a dependency is missing or busy."""
-
-    def __init__(self, reason: str, *, waiting_for: str | None = None, delay: float = 60.0,
-                 never_arrived: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.waiting_for = waiting_for
-        self.delay = delay
-        self.never_arrived = never_arrived  # dead-letter once the dependency timeout passes
-
-
-class Dead(Exception):
-    """The event can never succeed as it is: dead-letter it with ``reason``."""
-
-    def __init__(self, reason: str, error: PermanentError | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.error = error
-
-
-class Busy(Exception):
-    """Another worker holds the lock this step needs; try again shortly."""
 
 
 @dataclass
@@ -69,13 +43,14 @@ class SyncContext:
     in_call_attempts: int = 3
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
-    metrics: Counter[str] = field(default_factory=Counter)  # this process, since start
     unflushed: Counter[str] = field(default_factory=Counter)  # not yet in Redis
     limiter: RateLimiter | None = None  # its response counters are flushed with ours
 
+    def __post_init__(self) -> None:
+        self.store = Store(self.sessions)
+
     def count(self, name: str, n: int = 1) -> None:
         """Count locally; :meth:`flush` adds it to the fleet-wide counters in Redis."""
-        self.metrics[name] += n
         self.unflushed[name] += n
 
     def flush(self, values: dict[str, str] | None = None) -> None:

@@ -14,24 +14,14 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import func, select
-
-from dokstamp_sync.db import insert_ignore, session_scope
 from dokstamp_sync.dokstamp.client import MAX_PER_PAGE, Resource
-from dokstamp_sync.models import InboxEvent, NaturalKey
 from dokstamp_sync.redis_keys import LISTING
-from dokstamp_sync.sync.context import Busy, SyncContext
+from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.entities import Spec, natural_key, remote_value
+from dokstamp_sync.sync.outcomes import Busy
 
 MIN_BACKLOG = 50  # below this, searching one by one is cheaper than listing
 FRESH_FOR = 900  # seconds a listing is trusted
-
-
-def _backlog(ctx: SyncContext, entity: str) -> int:
-    with session_scope(ctx.sessions) as session:
-        return int(session.scalar(select(func.count()).select_from(InboxEvent).where(
-            InboxEvent.entity == entity, InboxEvent.op == "upsert",
-            InboxEvent.state.in_(("pending", "waiting")))) or 0)
 
 
 def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
@@ -40,7 +30,7 @@ def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
     marker = f"{LISTING}{spec.entity}"
     if ctx.redis.exists(marker):
         return True
-    if not spec.natural_key or _backlog(ctx, spec.entity) < MIN_BACKLOG:
+    if not spec.natural_key or ctx.store.backlog(spec.entity) < MIN_BACKLOG:
         return False
     try:
         with ctx.lock(f"listing:{spec.entity}", wait=30):
@@ -48,17 +38,13 @@ def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
                 return True  # another worker listed while we waited
             total = resource.page(per_page=1).total
             ctx.count("listing_calls")
-            if total / MAX_PER_PAGE > _backlog(ctx, spec.entity) / 2:
+            if total / MAX_PER_PAGE > ctx.store.backlog(spec.entity) / 2:
                 return False  # too many existing entities: listing costs more than searching
-            pages = 0
-            with session_scope(ctx.sessions) as session:
-                for remote in resource.iterate(per_page=MAX_PER_PAGE):
-                    fields = {f: remote_value(remote, f) for f in spec.natural_key}
-                    insert_ignore(session, NaturalKey.__table__, {  # type: ignore[arg-type]
-                        "entity": spec.entity, "natural_key": natural_key(spec, fields),
-                        "dokstamp_uuid": str(remote["uuid"])}, ["entity", "natural_key"])
-                pages = -(-total // MAX_PER_PAGE)
-            ctx.count("listing_calls", pages)
+            # Read every page first: no transaction stays open across the listing's calls.
+            pairs = [(natural_key(spec, {f: remote_value(remote, f) for f in spec.natural_key}),
+                      str(remote["uuid"])) for remote in resource.iterate(per_page=MAX_PER_PAGE)]
+            ctx.store.remember_natural_keys(spec.entity, pairs)
+            ctx.count("listing_calls", -(-total // MAX_PER_PAGE))
             ctx.redis.set(marker, str(time.time()), ex=FRESH_FOR)
             return True
     except Busy:

@@ -1,6 +1,7 @@
 """What one event does in DokStamp: upsert (search before create, change detection), delete
-(or archive when refused), revoke. Each returns an :class:`Apply` that the engine records in one
-short transaction; no transaction is open during these HTTP calls.
+(or archive when refused), revoke. Each makes DokStamp calls and returns an
+:class:`~.outcomes.Outcome` for the engine to record; the natural keys behind search-before-create
+are read and written through :class:`~.store.Store`, never inside an open transaction.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from typing import Any
 
 from redis.exceptions import LockError
 from redis.lock import Lock
-from sqlalchemy import select
 
-from dokstamp_sync.db import session_scope
 from dokstamp_sync.dokstamp import Entity, Upload
 from dokstamp_sync.dokstamp.client import Resource
 from dokstamp_sync.dokstamp.errors import (
@@ -26,37 +25,16 @@ from dokstamp_sync.dokstamp.errors import (
     ValidationFailed,
 )
 from dokstamp_sync.events import Event
-from dokstamp_sync.models import InboxEvent
+from dokstamp_sync.states import MappingStatus
 from dokstamp_sync.sync import files
-from dokstamp_sync.sync.context import Dead, SyncContext
+from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.entities import SPECS, Spec, natural_key, remote_value, same_value
 from dokstamp_sync.sync.listing import listing_is_fresh
-from dokstamp_sync.sync.store import (
-    Snapshot,
-    data_hash,
-    finish,
-    forget_natural_keys,
-    known_uuid,
-    log_outcome,
-    newer_event_exists,
-    remember_natural_key,
-    save_mapping,
-)
+from dokstamp_sync.sync.outcomes import Companion, Dead, Outcome
+from dokstamp_sync.sync.store import Snapshot, data_hash
 
 BATCH_FILES = 50  # files per POST /files
 BATCH_BYTES = 20 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Apply:
-    """What to record: the final state and, when synced, the mapping's new values."""
-
-    state: str
-    uuid: str | None = None
-    status: str = "active"
-    sent: dict[str, Any] | None = None
-    digest: str | None = None
-    note: str | None = None
 
 
 def _resource(ctx: SyncContext, spec: Spec) -> Resource:
@@ -97,15 +75,13 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
         return str(adopted["uuid"]), adopted
     key = natural_key(spec, payload)
     with ctx.lock(f"nk:{spec.entity}:{sha256(key.encode()).hexdigest()}", wait=10):
-        with session_scope(ctx.sessions) as session:
-            known = known_uuid(session, spec.entity, key)
+        known = ctx.store.known_uuid(spec.entity, key)
         remote: Entity | None = None
         if known is not None:
             try:
                 remote = resource.get(known)
             except NotFound:  # deleted in DokStamp meanwhile: forget it, search again
-                with session_scope(ctx.sessions) as session:
-                    forget_natural_keys(session, spec.entity, known)
+                ctx.store.forget_natural_keys(spec.entity, known)
                 known = None
         where = {f: payload.get(f) for f in spec.natural_key}
         listed = known is None and fresh and listing_is_fresh(ctx, spec, resource)
@@ -129,8 +105,7 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
         else:
             assert created is not None
             uuid = str(created["uuid"])
-        with session_scope(ctx.sessions) as session:
-            held = remember_natural_key(session, spec.entity, key, uuid)
+        held = ctx.store.remember_natural_key(spec.entity, key, uuid)
         if held != uuid:
             raise Dead(f"duplicate: {spec.entity} with {key} is {held} in the mapping store, "
                        f"but DokStamp returned {uuid}")
@@ -138,19 +113,21 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
 
 
 def upsert(ctx: SyncContext, event: Event, payload: dict[str, Any], refs: dict[str, Any],
-           snapshot: Snapshot | None, digest: str, *, fresh: bool = False) -> Apply:
+           snapshot: Snapshot | None, digest: str, *, fresh: bool = False) -> Outcome:
     spec = SPECS[event.entity]
-    if snapshot is not None and snapshot.status == "active" and snapshot.digest == digest:
+    if snapshot is not None and snapshot.status == MappingStatus.ACTIVE \
+            and snapshot.digest == digest:
         ctx.count("unchanged")
-        return Apply("synced", snapshot.uuid, snapshot.status, snapshot.sent, digest,
-                     note="unchanged: no API call")
+        return Outcome.synced(uuid=snapshot.uuid, status=MappingStatus(snapshot.status),
+                              sent=snapshot.sent, digest=digest, note="unchanged: no API call")
     if event.entity == "file":
         return _upsert_file(ctx, event, snapshot, digest)
     if event.entity == "certificate":
         return _upsert_certificate(ctx, event, payload, snapshot, digest, fresh=fresh)
     resource = _resource(ctx, spec)
     created = False
-    if snapshot is not None and snapshot.status in ("active", "archived"):
+    if snapshot is not None and snapshot.status in (MappingStatus.ACTIVE,
+                                                    MappingStatus.ARCHIVED):
         uuid = snapshot.uuid
         moved = sorted(k for k in spec.fixed if k in snapshot.sent
                        and payload.get(k) != snapshot.sent[k])
@@ -159,7 +136,7 @@ def upsert(ctx: SyncContext, event: Event, payload: dict[str, Any], refs: dict[s
                        f"of an existing {event.entity} ({uuid}); delete it and send it anew")
         changes = {k: v for k, v in payload.items()
                    if k not in spec.fixed and snapshot.sent.get(k) != v}
-        if snapshot.status == "archived":  # upserted again after a refused delete: revive it
+        if snapshot.status == MappingStatus.ARCHIVED:  # upserted after a refused delete: revive
             changes["status"] = payload.get("status", "active")
         if changes:
             resource.update(uuid, changes)
@@ -174,7 +151,7 @@ def upsert(ctx: SyncContext, event: Event, payload: dict[str, Any], refs: dict[s
     if event.entity == "course" and refs.get("modules"):
         _attach_missing(ctx, uuid, refs["modules"], all_missing=created)
     sent = payload | ({"modules": refs["modules"]} if "modules" in refs else {})
-    return Apply("synced", uuid, "active", sent, digest)
+    return Outcome.synced(uuid=uuid, sent=sent, digest=digest)
 
 
 def _attach_missing(ctx: SyncContext, course_uuid: str, modules: list[dict[str, Any]], *,
@@ -210,31 +187,32 @@ class _Pending:
 
 
 def _upsert_file(ctx: SyncContext, event: Event, snapshot: Snapshot | None,
-                 digest: str) -> Apply:
+                 digest: str) -> Outcome:
     """Upload the file; DokStamp deduplicates by content, and so do we (sha256 natural key).
 
     Other file events still to do ride along in the same ``POST /files`` (up to
-    ``BATCH_FILES`` files or ``BATCH_BYTES``), each under its own entity lock; their tasks then
-    find them synced and make no call. A companion that cannot be read is left to its own task.
+    ``BATCH_FILES`` files or ``BATCH_BYTES``), each under its own entity lock; the outcome
+    carries them as companions for the engine to record, and their tasks then find them synced
+    and make no call. A companion that cannot be read is left to its own task.
     """
     data = event.data or {}
     content, mime = files.load(data, ctx.files, ctx.file_http)
     own = _Pending(data, content, mime)
-    with session_scope(ctx.sessions) as session:
-        uuid = known_uuid(session, "file", f"sha256={own.sha}")
+    uuid = ctx.store.known_uuid("file", f"sha256={own.sha}")
+    companions: tuple[Companion, ...] = ()
     if uuid is None:
         batch = [own, *_companions(ctx, event, len(content))]
         try:
             records = ctx.client.files.upload(
                 [Upload(str(p.data["filename"]), p.content, p.mime) for p in batch])
             ctx.count("uploads")
-            uuid = _record_batch(ctx, batch, records)
+            uuid, companions = _remember_batch(ctx, batch, records)
         finally:
             for p in batch:
                 if p.lock is not None:
                     with suppress(LockError):
                         p.lock.release()
-    return Apply("synced", uuid, "active", _sent(own), digest)
+    return Outcome.synced(uuid=uuid, sent=_sent(own), digest=digest, companions=companions)
 
 
 def _sent(p: _Pending) -> dict[str, Any]:
@@ -243,14 +221,7 @@ def _sent(p: _Pending) -> dict[str, Any]:
 
 def _companions(ctx: SyncContext, event: Event, used: int) -> list[_Pending]:
     out: list[_Pending] = []
-    with session_scope(ctx.sessions) as session:
-        rows = session.execute(
-            select(InboxEvent.id, InboxEvent.erp_key, InboxEvent.payload)
-            .where(InboxEvent.entity == "file", InboxEvent.op == "upsert",
-                   InboxEvent.state.in_(("pending", "waiting")), InboxEvent.attempts == 0,
-                   InboxEvent.event_id != event.event_id)
-            .order_by(InboxEvent.id).limit(BATCH_FILES - 1)).all()
-    for pk, key, payload in rows:
+    for pk, key, payload in ctx.store.file_companions(event.event_id, BATCH_FILES - 1):
         lock = ctx.redis.lock(f"{ctx.lock_prefix}entity:file:{key}",
                               timeout=ctx.lock_timeout)
         if not lock.acquire(blocking=False):
@@ -269,33 +240,29 @@ def _companions(ctx: SyncContext, event: Event, used: int) -> list[_Pending]:
     return out
 
 
-def _record_batch(ctx: SyncContext, batch: list[_Pending], records: list[Entity]) -> str:
-    """Remember every uploaded file; mark the companions synced. Returns the own file's UUID."""
-    with session_scope(ctx.sessions) as session:
-        own = remember_natural_key(session, "file", f"sha256={batch[0].sha}",
-                                   str(records[0]["uuid"]))
-        for p, remote in zip(batch[1:], records[1:], strict=True):
-            uuid = remember_natural_key(session, "file", f"sha256={p.sha}", str(remote["uuid"]))
-            record = session.get(InboxEvent, p.pk)
-            if record is None or record.state in ("synced", "superseded", "dead") \
-                    or newer_event_exists(session, record):
-                continue  # its own task decides
-            save_mapping(session, record, uuid, sent=_sent(p),
-                         digest=data_hash({"data": record.payload.get("data"), "refs": {}}))
-            finish(session, record, "synced", "uploaded in a batch")
-            log_outcome(record, "synced", "uploaded in a batch")
-    return own
+def _remember_batch(ctx: SyncContext, batch: list[_Pending],
+                    records: list[Entity]) -> tuple[str, tuple[Companion, ...]]:
+    """Record every uploaded file's natural key; the own file's UUID and the companions."""
+    own = ctx.store.remember_natural_key("file", f"sha256={batch[0].sha}",
+                                         str(records[0]["uuid"]))
+    companions = []
+    for p, remote in zip(batch[1:], records[1:], strict=True):
+        uuid = ctx.store.remember_natural_key("file", f"sha256={p.sha}", str(remote["uuid"]))
+        assert p.pk is not None
+        companions.append(Companion(pk=p.pk, uuid=uuid, sent=_sent(p),
+                                    digest=data_hash({"data": p.data, "refs": {}})))
+    return own, tuple(companions)
 
 
 def _upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
-                        snapshot: Snapshot | None, digest: str, *, fresh: bool) -> Apply:
+                        snapshot: Snapshot | None, digest: str, *, fresh: bool) -> Outcome:
     data = event.data or {}
     issue = bool(data.get("issue"))
     issued_at = data.get("issued_at")
     certs = ctx.client.certificates
     fields = {k: v for k, v in payload.items() if k not in ("issued_at", "status", "finish")}
     sent = fields | {"issue": issue}
-    if snapshot is not None and snapshot.status == "active":
+    if snapshot is not None and snapshot.status == MappingStatus.ACTIVE:
         was_issued = bool(snapshot.sent.get("issue"))
         changed = {k: v for k, v in fields.items() if snapshot.sent.get(k) != v}
         if was_issued and changed:
@@ -305,7 +272,7 @@ def _upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
         if not was_issued and (changed or issue):
             certs.update(snapshot.uuid, changed | (certs.issue_fields(issued_at) if issue
                                                    else {}))
-        return Apply("synced", snapshot.uuid, "active", sent, digest)
+        return Outcome.synced(uuid=snapshot.uuid, sent=sent, digest=digest)
     spec = SPECS["certificate"]
 
     def create(body: dict[str, Any]) -> Entity:
@@ -319,13 +286,13 @@ def _upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
                        f"{status}; a new certificate needs a new file")
         if status == "draft" and issue:
             certs.update(uuid, certs.issue_fields(issued_at))
-    return Apply("synced", uuid, "active", sent, digest)
+    return Outcome.synced(uuid=uuid, sent=sent, digest=digest)
 
 
-def delete(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> Apply:
+def delete(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> Outcome:
     """Delete when nothing depends on it; else archive where DokStamp has a status for it."""
-    if snapshot is None or snapshot.status == "deleted":
-        return Apply("synced", note="nothing to delete: not in DokStamp")
+    if snapshot is None or snapshot.status == MappingStatus.DELETED:
+        return Outcome.synced(note="nothing to delete: not in DokStamp")
     spec = SPECS[event.entity]
     resource = _resource(ctx, spec)
     try:
@@ -339,21 +306,22 @@ def delete(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> Apply:
             raise Dead(f"DokStamp refused to delete {event.entity} {event.key}: {exc.message}",
                        exc) from None
         resource.update(snapshot.uuid, {"status": spec.archive_status})
-        return Apply("synced", snapshot.uuid, "archived", snapshot.sent, None,
-                     note=f"archived ({spec.archive_status}): {exc.message}")
-    return Apply("synced", snapshot.uuid, "deleted", snapshot.sent, None)
+        return Outcome.synced(uuid=snapshot.uuid, status=MappingStatus.ARCHIVED,
+                              sent=snapshot.sent,
+                              note=f"archived ({spec.archive_status}): {exc.message}")
+    return Outcome.synced(uuid=snapshot.uuid, status=MappingStatus.DELETED, sent=snapshot.sent)
 
 
-def revoke(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> Apply:
+def revoke(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> Outcome:
     """Revoke an issued certificate (a draft is deleted instead: it was never issued)."""
-    if snapshot is None or snapshot.status in ("deleted", "revoked"):
-        return Apply("synced", note="nothing to revoke")
+    if snapshot is None or snapshot.status in (MappingStatus.DELETED, MappingStatus.REVOKED):
+        return Outcome.synced(note="nothing to revoke")
     reason = (event.data or {}).get("revocation_reason") or (
         "deleted in the ERP" if event.op == "delete" else None)
     if not snapshot.sent.get("issue"):
         with suppress(NotFound):
             ctx.client.certificates.delete(snapshot.uuid)
-        return Apply("synced", snapshot.uuid, "deleted", snapshot.sent, None,
-                     note="draft deleted")
+        return Outcome.synced(uuid=snapshot.uuid, status=MappingStatus.DELETED,
+                              sent=snapshot.sent, note="draft deleted")
     ctx.client.certificates.revoke(snapshot.uuid, reason)
-    return Apply("synced", snapshot.uuid, "revoked", snapshot.sent, None)
+    return Outcome.synced(uuid=snapshot.uuid, status=MappingStatus.REVOKED, sent=snapshot.sent)

@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dokstamp_sync.db import session_scope
 from dokstamp_sync.events import Event
-from dokstamp_sync.sync.context import Dead, SyncContext, Waiting
+from dokstamp_sync.states import EXISTING, EventState
+from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.entities import REFERENCES, SPECS
-from dokstamp_sync.sync.store import ACTIVE, Snapshot, get_mapping, latest_event
+from dokstamp_sync.sync.outcomes import Dead, Waiting
+from dokstamp_sync.sync.store import Snapshot
 
 # process(ctx, event_pk, depth) -> resulting state; injected by the engine (avoids a cycle)
 Process = Callable[[SyncContext, int, int], str]
@@ -20,38 +21,32 @@ MODULE_PIVOT = ("order", "is_required", "workload", "course_module_group_uuid")
 
 def dependency(ctx: SyncContext, entity: str, key: str, depth: int, process: Process) -> str:
     """The DokStamp UUID of (entity, key), syncing its latest known event first if needed."""
-    with session_scope(ctx.sessions) as session:
-        # The event first: a synced event's mapping was committed with its state, so the
-        # mapping read after it cannot miss it (READ COMMITTED: each statement sees the latest).
-        latest = latest_event(session, entity, key)
-        found = (latest.id, latest.state, latest.op) if latest else None
-        mapping = get_mapping(session, entity, key)
-        if mapping is not None and mapping.status in ACTIVE:
-            return mapping.dokstamp_uuid
-        status = mapping.status if mapping is not None else None
+    found, mapping = ctx.store.latest(entity, key)
+    if mapping is not None and mapping.status in EXISTING:
+        return mapping.uuid
+    status = mapping.status if mapping is not None else None
     tag = f"{entity}:{key}"
     if found is None:
         if status is not None:
             raise Dead(f"dependency {entity} {key} is {status} in DokStamp")
         raise Waiting(f"dependency {entity} {key} has not arrived", waiting_for=tag,
                       never_arrived=True)
-    pk, state, op = found
+    pk, state, op = found.pk, found.state, found.op
     if op != "upsert":  # the newest word on it is a delete
         raise Dead(f"dependency {entity} {key} was deleted in the ERP")
-    if state == "dead":
+    if state == EventState.DEAD:
         raise Waiting(f"dependency {entity} {key} is dead-lettered: fix and replay it",
                       waiting_for=tag, never_arrived=True)
     if depth >= MAX_DEPTH:
         raise Waiting(f"dependency chain too deep at {entity} {key}", waiting_for=tag, delay=5)
-    if state == "synced":  # its newest upsert is synced, yet it is not active in DokStamp
+    if state == EventState.SYNCED:  # its newest upsert is synced, yet it is not active in DokStamp
         raise Dead(f"dependency {entity} {key} is {status} in DokStamp")
     result = process(ctx, pk, depth + 1)
-    if result == "synced":
-        with session_scope(ctx.sessions) as session:
-            mapping = get_mapping(session, entity, key)
-            if mapping is not None and mapping.status in ACTIVE:
-                return mapping.dokstamp_uuid
-    delay = 2.0 if result in ("busy", "waiting") else 60.0
+    if result == EventState.SYNCED:
+        mapping = ctx.store.mapping(entity, key)
+        if mapping is not None and mapping.status in EXISTING:
+            return mapping.uuid
+    delay = 2.0 if result in ("busy", EventState.WAITING) else 60.0
     raise Waiting(f"dependency {entity} {key} is {result}", waiting_for=tag, delay=delay)
 
 
@@ -74,7 +69,7 @@ def resolve(ctx: SyncContext, event: Event, depth: int, process: Process,
     (:func:`dependency`: sync its event first, or wait).
     """
     data = event.data or {}
-    known = {k: (m.uuid, m.sent) for k, m in mappings.items() if m.status in ACTIVE}
+    known = {k: (m.uuid, m.sent) for k, m in mappings.items() if m.status in EXISTING}
 
     def uuid_of(entity: str, key: str) -> str:
         hit = known.get((entity, key))
@@ -93,9 +88,8 @@ def resolve(ctx: SyncContext, event: Event, depth: int, process: Process,
         # CONTRACT §2: the certificate's institution is its course's, unless given.
         course = known.get(("course", str(data["course_key"])))
         if course is None:
-            with session_scope(ctx.sessions) as session:
-                found = get_mapping(session, "course", str(data["course_key"]))
-                course = (found.dokstamp_uuid, dict(found.sent or {})) if found else None
+            found = ctx.store.mapping("course", str(data["course_key"]))
+            course = (found.uuid, found.sent) if found else None
         sent = course[1] if course else {}
         if not sent.get("institution_uuid"):
             raise Waiting(f"course {data['course_key']} has no known institution",

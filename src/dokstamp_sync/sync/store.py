@@ -1,11 +1,22 @@
-"""Queries and writes on the mapping store used by the graph walk. Functions take a session and
-never commit: the caller (the engine's short transactions) does."""
+"""The sync walk's one seam to the database: every method of :class:`Store` is one short
+transaction, and no other module of :mod:`dokstamp_sync.sync` opens a session or writes SQL.
+
+The walk never holds a transaction across an HTTP call: it reads what an attempt needs
+(:meth:`Store.claim`, :meth:`Store.attempt`), calls DokStamp, then records how the attempt ended
+(:meth:`Store.finish_synced`, :meth:`Store.conclude`). What the outcome is, the engine decides;
+the store applies it, guarded so that an event already final is never changed again.
+
+The hot path's statements are built once, on the tables (Core, not the ORM's unit of work), with
+bound parameters: building and caching a statement per call cost more than running it.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from hashlib import sha256
@@ -26,28 +37,26 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from dokstamp_sync.db import dialect_insert
+from dokstamp_sync.db import dialect_insert, insert_ignore, once_more_if_disconnected, session_scope
 from dokstamp_sync.dokstamp.errors import PermanentError
+from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, NaturalKey, utcnow
+from dokstamp_sync.states import FINAL, OPEN, EventState, LetterStatus, MappingStatus
 from dokstamp_sync.sync.entities import REFERENCES
+from dokstamp_sync.sync.outcomes import Companion, Outcome
 
 log = logging.getLogger("dokstamp_sync.sync")
-ACTIVE = ("active", "archived", "revoked")  # mapped entities that still exist in DokStamp
-FINAL = ("synced", "superseded", "dead")
 REFERENCED = {*REFERENCES.values(), "module"}  # entities other events can wait for
+
+EVENTS = cast(Table, InboxEvent.__table__)
+MAPPINGS = cast(Table, Mapping.__table__)
+NATURAL_KEYS = cast(Table, NaturalKey.__table__)
 
 
 def data_hash(payload: Any) -> str:
     return sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-# The hot path's statements are built once, on the tables (Core, not the ORM's unit of work),
-# with bound parameters: building and caching a statement per call cost more than running it.
-EVENTS = cast(Table, InboxEvent.__table__)
-MAPPINGS = cast(Table, Mapping.__table__)
-NATURAL_KEYS = cast(Table, NaturalKey.__table__)
 
 
 @dataclass(frozen=True)
@@ -60,80 +69,67 @@ class Snapshot:
     digest: str | None
 
 
-_GET_MAPPINGS = select(MAPPINGS.c.entity, MAPPINGS.c.erp_key, MAPPINGS.c.dokstamp_uuid,
-                       MAPPINGS.c.status, MAPPINGS.c.sent, MAPPINGS.c.data_hash).where(
-    tuple_(MAPPINGS.c.entity, MAPPINGS.c.erp_key).in_(bindparam("keys", expanding=True)))
+@dataclass(frozen=True)
+class Claimed:
+    """A task's run has started on an open event: its delivery count and payload."""
 
-
-def get_mappings(session: Session,
-                 keys: list[tuple[str, str]]) -> dict[tuple[str, str], Snapshot]:
-    """Several mappings in one query, by (entity, ERP key)."""
-    if not keys:
-        return {}
-    rows = session.execute(_GET_MAPPINGS, {"keys": keys})
-    return {(entity, key): Snapshot(uuid, status, dict(sent or {}), digest)
-            for entity, key, uuid, status, sent, digest in rows}
-
-
-def get_mapping(session: Session, entity: str, key: str) -> Mapping | None:
-    return session.scalar(select(Mapping).where(Mapping.entity == entity,
-                                                Mapping.erp_key == key))
-
-
-def latest_event(session: Session, entity: str, key: str) -> InboxEvent | None:
-    """The newest event for an entity that has not been superseded."""
-    return session.scalar(
-        select(InboxEvent)
-        .where(InboxEvent.entity == entity, InboxEvent.erp_key == key,
-               InboxEvent.state != "superseded")
-        .order_by(InboxEvent.occurred_at.desc(), InboxEvent.id.desc()).limit(1))
-
-
-def _newer(other: Any, entity: Any, key: Any, occurred_at: Any, pk: Any) -> ColumnElement[bool]:
-    """``other`` is a newer event for the same entity, already synced or still to be synced.
-
-    Newer means a later ``occurred_at``, or the same one received later (a higher id). A synced
-    delete counts too, so an older upsert arriving after it cannot bring the entity back.
-    """
-    return and_(other.entity == entity, other.erp_key == key,
-                other.state.in_(("pending", "waiting", "synced")), other.id != pk,
-                (other.occurred_at > occurred_at)
-                | ((other.occurred_at == occurred_at) & (other.id > pk)))
-
-
-def newer_event_exists(session: Session, record: InboxEvent) -> bool:
-    """Is there a newer event for the same entity (see :func:`_newer`)?"""
-    return session.scalar(select(InboxEvent.id).where(_newer(
-        InboxEvent, record.entity, record.erp_key, record.occurred_at, record.id)).limit(1)
-    ) is not None
+    deliveries: int
+    payload: dict[str, Any]
 
 
 @dataclass(frozen=True)
-class Open:
-    """What an attempt needs to know of its event, read in one statement."""
+class View:
+    """What one attempt needs to know, read in one transaction."""
 
     attempts: int
     deliveries: int
     superseded: bool  # a newer event for the same entity exists
-
-
-_OPEN = and_(EVENTS.c.id == bindparam("pk"), EVENTS.c.state.not_in(FINAL))
-_OTHER = EVENTS.alias("other")
-_READ_OPEN = select(
-    EVENTS.c.attempts, EVENTS.c.deliveries,
-    exists().where(_newer(_OTHER.c, EVENTS.c.entity, EVENTS.c.erp_key, EVENTS.c.occurred_at,
-                          EVENTS.c.id)),
-).where(_OPEN)
-
-
-def read_open(session: Session, pk: int) -> Open | None:
-    """The event, if it exists and is not final yet."""
-    row = session.execute(_READ_OPEN, {"pk": pk}).one_or_none()
-    return Open(row[0], row[1], bool(row[2])) if row is not None else None
+    own: Snapshot | None  # the entity's own mapping
+    refs: dict[tuple[str, str], Snapshot]  # the mappings of what it refers to
 
 
 @dataclass(frozen=True)
-class Finished:
+class Latest:
+    """The newest event for an entity that was not superseded."""
+
+    pk: int
+    state: str
+    op: str
+
+
+@dataclass(frozen=True)
+class Facts:
+    """An open event as :meth:`Store.conclude` hands it to the engine's decision."""
+
+    attempts: int
+    received_at: datetime
+    first_failed_at: datetime | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Park:
+    """Put the event back to ``waiting`` for ``delay`` seconds."""
+
+    delay: float
+    error: str
+    waiting_for: str | None = None
+    counted: bool = True  # a transient failure, counted against the retry budget
+    now: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Letter:
+    """Mark the event dead and file (or refresh) its open dead letter."""
+
+    reason: str
+    error: PermanentError | None = None
+
+
+Decision = Outcome | Park | Letter
+
+
+@dataclass(frozen=True)
+class _Finished:
     """An event just marked final: what the mapping and the log line need of it."""
 
     id: int
@@ -144,81 +140,54 @@ class Finished:
     occurred_at: datetime
 
 
+def _newer(other: Any, entity: Any, key: Any, occurred_at: Any, pk: Any) -> ColumnElement[bool]:
+    """``other`` is a newer event for the same entity, already synced or still to be synced.
+
+    Newer means a later ``occurred_at``, or the same one received later (a higher id). A synced
+    delete counts too, so an older upsert arriving after it cannot bring the entity back.
+    """
+    return and_(other.entity == entity, other.erp_key == key,
+                other.state.in_((*OPEN, EventState.SYNCED)), other.id != pk,
+                (other.occurred_at > occurred_at)
+                | ((other.occurred_at == occurred_at) & (other.id > pk)))
+
+
+_OPEN = and_(EVENTS.c.id == bindparam("pk"), EVENTS.c.state.in_(OPEN))
+_OTHER = EVENTS.alias("other")
+_READ_OPEN = select(
+    EVENTS.c.attempts, EVENTS.c.deliveries,
+    exists().where(_newer(_OTHER.c, EVENTS.c.entity, EVENTS.c.erp_key, EVENTS.c.occurred_at,
+                          EVENTS.c.id)),
+).where(_OPEN)
+_GET_MAPPINGS = select(MAPPINGS.c.entity, MAPPINGS.c.erp_key, MAPPINGS.c.dokstamp_uuid,
+                       MAPPINGS.c.status, MAPPINGS.c.sent, MAPPINGS.c.data_hash).where(
+    tuple_(MAPPINGS.c.entity, MAPPINGS.c.erp_key).in_(bindparam("keys", expanding=True)))
 _CLAIM = update(EVENTS).where(_OPEN).values(
     deliveries=EVENTS.c.deliveries + 1, next_attempt_at=bindparam("until"),
 ).returning(EVENTS.c.deliveries, EVENTS.c.payload)
 _LEASE = update(EVENTS).where(EVENTS.c.id.in_(bindparam("pks", expanding=True)),
-                              EVENTS.c.state.not_in(FINAL)).values(
+                              EVENTS.c.state.in_(OPEN)).values(
     next_attempt_at=bindparam("until"))
 _FINISH_SYNCED = update(EVENTS).where(_OPEN).values(
-    state="synced", finished_at=bindparam("now"), waiting_for=None,
+    state=EventState.SYNCED, finished_at=bindparam("now"), waiting_for=None,
     last_error=func.coalesce(bindparam("note", type_=String), EVENTS.c.last_error),
     deliveries=case((and_(bindparam("completed", type_=Boolean), EVENTS.c.deliveries > 0),
                      EVENTS.c.deliveries - 1), else_=EVENTS.c.deliveries),
 ).returning(EVENTS.c.id, EVENTS.c.event_id, EVENTS.c.entity, EVENTS.c.erp_key, EVENTS.c.op,
             EVENTS.c.occurred_at)
-_WAKE = update(EVENTS).where(EVENTS.c.state == "waiting",
+_WAKE = update(EVENTS).where(EVENTS.c.state == EventState.WAITING,
                              EVENTS.c.waiting_for == bindparam("tag")).values(
     next_attempt_at=bindparam("now"))
-
-
-def lease(session: Session, pks: list[int], seconds: float) -> None:
-    """Keep the scheduler off these open events for ``seconds`` (a task holds them)."""
-    session.execute(_LEASE, {"pks": pks, "until": utcnow() + timedelta(seconds=seconds)})
-
-
-def claim(session: Session, pk: int, lease: float) -> tuple[int, dict[str, Any]] | None:
-    """Count a delivery of an open event and lease it, in one statement.
-
-    Returns the delivery count and the payload; None when the event is final or missing.
-    """
-    row = session.execute(_CLAIM, {"pk": pk, "until": utcnow() + timedelta(seconds=lease)}
-                          ).one_or_none()
-    return (row[0], row[1]) if row is not None else None
-
-
-def finish_synced(session: Session, pk: int, *, note: str | None,
-                  completed: bool) -> Finished | None:
-    """Mark an open event synced in one statement, waking the events that waited for its
-    entity. ``completed``: a task's run ended, undo its delivery count. None: it was final."""
-    row = session.execute(_FINISH_SYNCED, {"pk": pk, "now": utcnow(), "note": note,
-                                           "completed": completed}).one_or_none()
-    if row is None:
-        return None
-    done = Finished(*row)
-    wake_waiting(session, done.entity, done.erp_key)
-    return done
-
-
-def wake_waiting(session: Session, entity: str, key: str) -> None:
-    """The events that wait for (entity, key) are due now (it has just been synced)."""
-    if entity in REFERENCED:  # nothing ever waits for the others (certificates)
-        session.execute(_WAKE, {"tag": f"{entity}:{key}", "now": utcnow()})
-
-
 _KNOWN_UUID = select(NATURAL_KEYS.c.dokstamp_uuid).where(
     NATURAL_KEYS.c.entity == bindparam("entity"), NATURAL_KEYS.c.natural_key == bindparam("key"))
-
-
-def known_uuid(session: Session, entity: str, key: str) -> str | None:
-    uuid: str | None = session.scalar(_KNOWN_UUID, {"entity": entity, "key": key})
-    return uuid
-
-
-def forget_natural_keys(session: Session, entity: str, uuid: str) -> None:
-    """A deleted entity's natural keys are free again: a later upsert searches and creates."""
-    session.execute(delete(NaturalKey).where(NaturalKey.entity == entity,
-                                             NaturalKey.dokstamp_uuid == uuid))
+_MAPPING_VALUES = ("dokstamp_uuid", "status", "data_hash", "occurred_at", "event_id",
+                   "synced_at")
 
 
 @functools.cache
 def _insert_natural_key(dialect: str) -> Any:
     return dialect_insert(dialect)(NATURAL_KEYS).on_conflict_do_nothing(
         index_elements=["entity", "natural_key"]).returning(NATURAL_KEYS.c.id)
-
-
-_MAPPING_VALUES = ("dokstamp_uuid", "status", "data_hash", "occurred_at", "event_id",
-                   "synced_at")
 
 
 @functools.cache
@@ -229,16 +198,233 @@ def _upsert_mapping(dialect: str, with_sent: bool) -> Any:
                                       set_={c: stmt.excluded[c] for c in updated})
 
 
-def remember_natural_key(session: Session, entity: str, key: str, uuid: str) -> str:
-    """Record natural key -> UUID; return the UUID the database holds for it (maybe another)."""
+class Store:
+    """The mapping store as the sync walk sees it; each method is one transaction."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with session_scope(self.sessions) as session:
+            yield session
+
+    # -- reading what an attempt needs ----------------------------------------------------
+
+    def claim(self, pk: int, lease: float) -> Claimed | str:
+        """Count a delivery of open event ``pk`` and lease it, in one statement; else return
+        the state it is in (``missing`` when there is no such event). The first transaction
+        of a run, so it is tried once more on a connection the database had dropped."""
+        def run() -> Claimed | str:
+            with self._tx() as session:
+                row = session.execute(_CLAIM, {
+                    "pk": pk, "until": utcnow() + timedelta(seconds=lease)}).one_or_none()
+                return Claimed(row[0], row[1]) if row is not None else _state(session, pk)
+
+        return once_more_if_disconnected(run)
+
+    def lease(self, pks: list[int], seconds: float) -> None:
+        """Keep the scheduler off these open events for ``seconds`` (a task holds them)."""
+        with self._tx() as session:
+            session.execute(_LEASE, {"pks": pks,
+                                     "until": utcnow() + timedelta(seconds=seconds)})
+
+    def payload(self, pk: int) -> dict[str, Any] | str:
+        """The open event's payload, or the state it is in."""
+        with self._tx() as session:
+            record = session.get(InboxEvent, pk)
+            if record is None or record.state in FINAL:
+                return _state(session, pk)
+            return record.payload
+
+    def attempt(self, pk: int, own: tuple[str, str],
+                refs: Iterable[tuple[str, str]]) -> View | str:
+        """The open event, whether a newer one exists, its own mapping and those of the
+        entities it refers to (in one query); or the state it is in."""
+        with self._tx() as session:
+            row = session.execute(_READ_OPEN, {"pk": pk}).one_or_none()
+            if row is None:
+                return _state(session, pk)
+            mappings = _mappings(session, [own, *refs])
+        return View(row[0], row[1], bool(row[2]), mappings.pop(own, None), mappings)
+
+    def mapping(self, entity: str, key: str) -> Snapshot | None:
+        with self._tx() as session:
+            return _mappings(session, [(entity, key)]).get((entity, key))
+
+    def latest(self, entity: str, key: str) -> tuple[Latest | None, Snapshot | None]:
+        """The newest event for the entity that was not superseded, and its mapping.
+
+        The event is read first: a synced event's mapping was committed with its state, so the
+        mapping read after it cannot miss it (READ COMMITTED: each statement sees the latest).
+        """
+        with self._tx() as session:
+            row = session.execute(
+                select(InboxEvent.id, InboxEvent.state, InboxEvent.op)
+                .where(InboxEvent.entity == entity, InboxEvent.erp_key == key,
+                       InboxEvent.state != EventState.SUPERSEDED)
+                .order_by(InboxEvent.occurred_at.desc(), InboxEvent.id.desc()).limit(1)
+            ).one_or_none()
+            mapping = _mappings(session, [(entity, key)]).get((entity, key))
+        return (Latest(row[0], row[1], row[2]) if row else None), mapping
+
+    def backlog(self, entity: str) -> int:
+        """Open upserts of one entity kind (the listing shortcut's threshold)."""
+        with self._tx() as session:
+            return int(session.scalar(select(func.count()).select_from(InboxEvent).where(
+                InboxEvent.entity == entity, InboxEvent.op == "upsert",
+                InboxEvent.state.in_(OPEN))) or 0)
+
+    def file_companions(self, event_id: str, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
+        """Other file upserts never tried yet: (pk, ERP key, payload), oldest first."""
+        with self._tx() as session:
+            rows = session.execute(
+                select(InboxEvent.id, InboxEvent.erp_key, InboxEvent.payload)
+                .where(InboxEvent.entity == "file", InboxEvent.op == "upsert",
+                       InboxEvent.state.in_(OPEN), InboxEvent.attempts == 0,
+                       InboxEvent.event_id != event_id)
+                .order_by(InboxEvent.id).limit(limit)).all()
+        return [(pk, key, payload) for pk, key, payload in rows]
+
+    # -- natural keys ---------------------------------------------------------------------
+
+    def known_uuid(self, entity: str, key: str) -> str | None:
+        with self._tx() as session:
+            return _known_uuid(session, entity, key)
+
+    def remember_natural_key(self, entity: str, key: str, uuid: str) -> str:
+        """Record natural key -> UUID; return the UUID the database holds for it (maybe
+        another: the constraint behind the natural-key lock)."""
+        with self._tx() as session:
+            return _remember(session, entity, key, uuid)
+
+    def remember_natural_keys(self, entity: str, pairs: Iterable[tuple[str, str]]) -> None:
+        """Record many (natural key, UUID) pairs, keeping what is recorded already."""
+        with self._tx() as session:
+            for key, uuid in pairs:
+                insert_ignore(session, NATURAL_KEYS, {
+                    "entity": entity, "natural_key": key, "dokstamp_uuid": uuid},
+                    ["entity", "natural_key"])
+
+    def forget_natural_keys(self, entity: str, uuid: str) -> None:
+        """A deleted entity's natural keys are free again: a later upsert searches and creates."""
+        with self._tx() as session:
+            _forget(session, entity, uuid)
+
+    # -- recording how a run ended --------------------------------------------------------
+
+    def finish_synced(self, pk: int, outcome: Outcome, *, completed: bool) -> str:
+        """Mark an open event synced with its mapping, in as few statements as it takes, and
+        wake the events that waited for its entity. ``completed``: a task's run ended, undo its
+        delivery count. Returns the state the event is in afterwards."""
+        with self._tx() as session:
+            row = session.execute(_FINISH_SYNCED, {
+                "pk": pk, "now": utcnow(), "note": outcome.note, "completed": completed,
+            }).one_or_none()
+            if row is None:
+                return _state(session, pk)
+            done = _Finished(*row)
+            _wake(session, done.entity, done.erp_key)
+            if outcome.uuid is not None:
+                _save_mapping(session, done, outcome.uuid, status=outcome.status,
+                              sent=outcome.sent, digest=outcome.digest)
+                if outcome.status == MappingStatus.DELETED:
+                    _forget(session, done.entity, outcome.uuid)
+            log_outcome(done, EventState.SYNCED, outcome.note)
+            return EventState.SYNCED
+
+    def finish_companion(self, companion: Companion, note: str) -> bool:
+        """Mark a file event uploaded along with another one synced, unless it is final
+        already or a newer event for its entity exists (then its own task decides)."""
+        with self._tx() as session:
+            record = session.get(InboxEvent, companion.pk)
+            if record is None or record.state in FINAL or _newer_exists(session, record):
+                return False
+            _save_mapping(session, record, companion.uuid, sent=companion.sent,
+                          digest=companion.digest)
+            _finish(session, record, EventState.SYNCED, note)
+            log_outcome(record, EventState.SYNCED, note)
+            return True
+
+    def conclude(self, pk: int, *, completed: bool,
+                 decide: Callable[[Facts], Decision]) -> str:
+        """Record how a run ended, in one transaction: ``decide`` (the engine's) chooses from
+        the event's facts; the choice is applied here. An event already final is left alone.
+        Returns the state the event is in afterwards."""
+        with self._tx() as session:
+            record = session.get(InboxEvent, pk)
+            if record is None or record.state in FINAL:
+                return _state(session, pk)
+            if completed:  # this run ended normally: undo its delivery count
+                record.deliveries = max(0, record.deliveries - 1)
+            decision = decide(Facts(record.attempts, utc(record.received_at),
+                                    utc(record.first_failed_at) if record.first_failed_at
+                                    else None))
+            if isinstance(decision, Letter):
+                _dead_letter(session, record, decision.reason, decision.error)
+                log_outcome(record, EventState.DEAD, decision.reason)
+                return EventState.DEAD
+            if isinstance(decision, Park):
+                _park(record, decision)
+                log_outcome(record, EventState.WAITING, decision.error)
+                return EventState.WAITING
+            _finish(session, record, decision.state, decision.note)
+            log_outcome(record, decision.state, decision.note)
+            return decision.state
+
+    def state(self, pk: int) -> str:
+        """The event's state (``missing`` when there is no such event)."""
+        with self._tx() as session:
+            return _state(session, pk)
+
+
+# -- statements shared by the methods above -------------------------------------------------
+
+def _state(session: Session, pk: int) -> str:
+    state = session.scalar(select(InboxEvent.state).where(InboxEvent.id == pk))
+    return str(state) if state is not None else "missing"
+
+
+def _mappings(session: Session,
+              keys: list[tuple[str, str]]) -> dict[tuple[str, str], Snapshot]:
+    if not keys:
+        return {}
+    rows = session.execute(_GET_MAPPINGS, {"keys": keys})
+    return {(entity, key): Snapshot(uuid, status, dict(sent or {}), digest)
+            for entity, key, uuid, status, sent, digest in rows}
+
+
+def _newer_exists(session: Session, record: InboxEvent) -> bool:
+    return session.scalar(select(InboxEvent.id).where(_newer(
+        InboxEvent, record.entity, record.erp_key, record.occurred_at, record.id)).limit(1)
+    ) is not None
+
+
+def _wake(session: Session, entity: str, key: str) -> None:
+    """The events that wait for (entity, key) are due now (it has just been synced)."""
+    if entity in REFERENCED:  # nothing ever waits for the others (certificates)
+        session.execute(_WAKE, {"tag": f"{entity}:{key}", "now": utcnow()})
+
+
+def _known_uuid(session: Session, entity: str, key: str) -> str | None:
+    uuid: str | None = session.scalar(_KNOWN_UUID, {"entity": entity, "key": key})
+    return uuid
+
+
+def _remember(session: Session, entity: str, key: str, uuid: str) -> str:
     inserted = session.scalar(_insert_natural_key(session.get_bind().dialect.name), {
         "entity": entity, "natural_key": key, "dokstamp_uuid": uuid, "created_at": utcnow()})
-    return uuid if inserted is not None else (known_uuid(session, entity, key) or uuid)
+    return uuid if inserted is not None else (_known_uuid(session, entity, key) or uuid)
 
 
-def save_mapping(session: Session, record: InboxEvent | Finished, uuid: str, *,
-                 status: str = "active",
-                 sent: dict[str, Any] | None = None, digest: str | None = None) -> None:
+def _forget(session: Session, entity: str, uuid: str) -> None:
+    session.execute(delete(NaturalKey).where(NaturalKey.entity == entity,
+                                             NaturalKey.dokstamp_uuid == uuid))
+
+
+def _save_mapping(session: Session, record: InboxEvent | _Finished, uuid: str, *,
+                  status: str = MappingStatus.ACTIVE, sent: dict[str, Any] | None = None,
+                  digest: str | None = None) -> None:
     """Insert or update the event's mapping in one statement (INSERT ... ON CONFLICT).
 
     ``sent`` None keeps the last payload sent; ``digest`` None (after a delete or archive)
@@ -253,23 +439,23 @@ def save_mapping(session: Session, record: InboxEvent | Finished, uuid: str, *,
     session.execute(_upsert_mapping(session.get_bind().dialect.name, sent is not None), values)
 
 
-def finish(session: Session, record: InboxEvent, state: str, error: str | None = None) -> None:
+def _finish(session: Session, record: InboxEvent, state: str, note: str | None) -> None:
     """Mark an event final; when synced, wake the events that waited for its entity."""
     record.state = state
     record.finished_at = utcnow()
     record.waiting_for = None
-    if error is not None:
-        record.last_error = error
-    if state == "synced":
-        wake_waiting(session, record.entity, record.erp_key)
+    if note is not None:
+        record.last_error = note
+    if state == EventState.SYNCED:
+        _wake(session, record.entity, record.erp_key)
 
 
-def dead_letter(session: Session, record: InboxEvent, reason: str,
-                error: PermanentError | None = None) -> DeadLetter:
+def _dead_letter(session: Session, record: InboxEvent, reason: str,
+                 error: PermanentError | None) -> None:
     """Mark the event dead and file (or refresh) its open dead letter."""
-    finish(session, record, "dead", reason)
+    _finish(session, record, EventState.DEAD, reason)
     letter = session.scalar(select(DeadLetter).where(DeadLetter.event_pk == record.id,
-                                                     DeadLetter.status == "open"))
+                                                     DeadLetter.status == LetterStatus.OPEN))
     if letter is None:
         letter = DeadLetter(event_pk=record.id, event_id=record.event_id,
                             entity=record.entity, erp_key=record.erp_key,
@@ -283,26 +469,20 @@ def dead_letter(session: Session, record: InboxEvent, reason: str,
         letter.response_body = error.body
         letter.request_method = error.method
         letter.request_path = error.path
-    return letter
 
 
-def park(record: InboxEvent, *, delay: float, error: str, waiting_for: str | None = None,
-         count: bool = True, now: datetime | None = None) -> None:
-    """Put an event back to ``waiting`` until ``delay`` seconds from now.
-
-    ``count``: a transient failure, counted against the retry budget.
-    """
-    now = now or utcnow()
-    record.state = "waiting"
-    record.last_error = error
-    record.waiting_for = waiting_for
-    record.next_attempt_at = now + timedelta(seconds=delay)
-    if count:
+def _park(record: InboxEvent, park: Park) -> None:
+    now = park.now or utcnow()
+    record.state = EventState.WAITING
+    record.last_error = park.error
+    record.waiting_for = park.waiting_for
+    record.next_attempt_at = now + timedelta(seconds=park.delay)
+    if park.counted:
         record.attempts += 1
         record.first_failed_at = record.first_failed_at or now
 
 
-def log_outcome(record: InboxEvent | Finished, state: str, detail: str | None = None) -> None:
+def log_outcome(record: InboxEvent | _Finished, state: str, detail: str | None = None) -> None:
     """The one log line per event outcome (fields for JSON logs; never a secret)."""
     log.info("event %s %s %s %s -> %s%s", record.event_id, record.entity, record.erp_key,
              record.op, state, f": {detail}" if detail else "",
