@@ -1,7 +1,8 @@
 """Shared fixtures: a real sandbox over HTTP on 127.0.0.1, clients for it, a real Redis.
 
 The sandbox server is started once per session; every test that asks for ``sandbox`` gets it
-with its data, tokens, faults and stats reset, so tests never see each other's state.
+with its data, tokens, faults, stats and configuration reset (generation a, lenient), so tests
+never see each other's state; ``sandbox_b`` is the same server following the newer docs.
 """
 
 from __future__ import annotations
@@ -38,11 +39,21 @@ def sandbox(sandbox_server: SandboxServer) -> SandboxServer:
     """The running sandbox, freshly reset."""
     sb = sandbox_server.sandbox
     sb.config.token_ttl = 3600.0
-    sb.config.error_style = "v-a"
+    sb.config.generation = "a"
+    sb.config.strict = False
+    sb.config.error_style = None
     sb.reset()
     sb.stats.reset()
     sb.faults.configure(Faults())
     return sandbox_server
+
+
+@pytest.fixture
+def sandbox_b(sandbox: SandboxServer) -> SandboxServer:
+    """The running sandbox, freshly reset, following the newer docs (generation b: client
+    credentials at /oauth/token, ``finish: true`` issues, ``success: false`` in errors)."""
+    sandbox.sandbox.config.generation = "b"
+    return sandbox
 
 
 ClientFactory = Callable[..., DokStampClient]
@@ -50,15 +61,19 @@ ClientFactory = Callable[..., DokStampClient]
 
 @pytest.fixture
 def make_client(sandbox: SandboxServer) -> Iterator[ClientFactory]:
-    """Build clients against the sandbox; every one is closed after the test."""
+    """Build clients against the sandbox; every one is closed after the test. The login
+    ``scheme`` defaults to the one the sandbox's generation has ("password" in a, "client" in
+    b), read when the client is built."""
     opened: list[httpx.Client] = []
 
-    def factory(*, account: Account = MAIN, scheme: str = "password",
+    def factory(*, account: Account = MAIN, scheme: str | None = None,
                 store: TokenStore | None = None, timeout: float = 10.0,
                 issue_style: str = "status", tenant: str | None = None,
                 clock: Callable[[], float] | None = None) -> DokStampClient:
         http = build_http_client(sandbox.url, timeout=timeout)
         opened.append(http)
+        if scheme is None:
+            scheme = "client" if sandbox.sandbox.config.generation == "b" else "password"
         credentials: Credentials = (
             PasswordLogin(account.email, account.password) if scheme == "password"
             else ClientCredentials(account.client_id, account.client_secret))

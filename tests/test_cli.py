@@ -53,6 +53,37 @@ def test_sandbox_command_serves_the_api(tmp_path):
         proc.wait(timeout=10)
 
 
+def test_sandbox_command_generation_strict_and_unkind_flags(tmp_path):
+    """`dokstamp-sync sandbox --generation b --strict --page-cap 2 --reorder-uploads
+    --conflict-409` serves the newer docs (no /auth/login) with those switches on."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([EXE, "sandbox", "--port", str(port), "--generation", "b",
+                             "--strict", "--page-cap", "2", "--reorder-uploads",
+                             "--conflict-409"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                config = httpx.get(f"{url}/_sandbox/config").json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "sandbox did not start"
+                time.sleep(0.1)
+        assert (config["generation"], config["strict"], config["error_style"]) == (
+            "b", True, None)
+        faults = httpx.get(f"{url}/_sandbox/faults").json()
+        assert (faults["page_cap"], faults["reorder_uploads"], faults["conflict_409"]) == (
+            2, True, True)
+        login = httpx.post(f"{url}/auth/login", json={
+            "email": "admin@demo-university.edu", "password": "sandbox-password"})
+        assert (login.status_code, login.json()["success"]) == (404, False)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_walkthrough_with_settings_but_no_tenant_fails_in_one_line(tmp_path):
     """Missing configuration: exit code 2 and a single clear line on stderr, no traceback."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP_")}

@@ -19,8 +19,11 @@ def _sandbox(args: argparse.Namespace) -> int:
                       client_id=args.client_id, client_secret=args.client_secret)
     faults = Faults(rate_limit=args.rate_limit, burst=args.burst, error_rate=args.error_rate,
                     lost_response_share=args.lost_response_share, latency_ms=args.latency_ms,
-                    slow_rate=args.slow_rate, slow_seconds=args.slow_seconds, seed=args.seed)
+                    slow_rate=args.slow_rate, slow_seconds=args.slow_seconds, seed=args.seed,
+                    reorder_uploads=args.reorder_uploads, page_cap=args.page_cap,
+                    conflict_409=args.conflict_409)
     config = SandboxConfig(accounts=[account], token_ttl=args.token_ttl,
+                           generation=args.generation, strict=args.strict,
                            error_style=args.error_style, faults=faults)
     print(f"DokStamp sandbox on http://{args.host}:{args.port} (tenant {args.tenant!r}); "
           "Ctrl-C stops it", file=sys.stderr)
@@ -253,8 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--client-id", default="sandbox-client")
     sb.add_argument("--client-secret", default="sandbox-secret")
     sb.add_argument("--token-ttl", type=float, default=3600.0, help="access token lifetime, s")
-    sb.add_argument("--error-style", choices=("v-a", "v-b"), default="v-a",
-                    help="v-b adds success:false to error bodies (newer docs)")
+    sb.add_argument("--generation", choices=("a", "b"), default="a",
+                    help="which docs to follow: a (older: /auth/login, status=issued) or b "
+                         "(newer: /oauth/token, finish=true, success:false in errors)")
+    sb.add_argument("--strict", action="store_true",
+                    help="apply only the documented where[...] filters, drop others silently")
+    sb.add_argument("--error-style", choices=("v-a", "v-b"), default=None,
+                    help="force error bodies without (v-a) or with (v-b) success:false; "
+                         "default: as the generation")
     sb.add_argument("--rate-limit", type=float, default=None, help="requests/s per tenant")
     sb.add_argument("--burst", type=float, default=None, help="token bucket size")
     sb.add_argument("--error-rate", type=float, default=0.0, help="share answered 5xx")
@@ -264,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--slow-rate", type=float, default=0.0, help="share of slow answers")
     sb.add_argument("--slow-seconds", type=float, default=0.0)
     sb.add_argument("--seed", type=int, default=None)
+    sb.add_argument("--reorder-uploads", action="store_true",
+                    help="POST /files answers its records in reverse order")
+    sb.add_argument("--page-cap", type=int, default=None,
+                    help="list pages hold at most N rows; meta.per_page echoes the asked size")
+    sb.add_argument("--conflict-409", action="store_true",
+                    help="a broken uniqueness rule answers 409 instead of 422")
     sb.set_defaults(func=_sandbox)
 
     wt = sub.add_parser("walkthrough", help="sync one certificate through the whole graph")

@@ -28,12 +28,12 @@ def test_password_login_then_calls_reuse_the_token(client, sandbox):
     assert sandbox.sandbox.stats.by_route["POST /auth/login"] == 1
 
 
-def test_client_credentials_login(make_client, sandbox):
+def test_client_credentials_login(sandbox_b, make_client):
     """The newer scheme logs in through /oauth/token and never through /auth/login."""
     c = make_client(scheme="client")
     assert c.me()["tenant"]["domain"] == MAIN.tenant
-    assert sandbox.sandbox.stats.by_route["POST /oauth/token"] == 1
-    assert sandbox.sandbox.stats.by_route["POST /auth/login"] == 0
+    assert sandbox_b.sandbox.stats.by_route["POST /oauth/token"] == 1
+    assert sandbox_b.sandbox.stats.by_route["POST /auth/login"] == 0
 
 
 def test_token_renewed_about_60s_before_expiry(make_client, sandbox):
@@ -51,15 +51,15 @@ def test_token_renewed_about_60s_before_expiry(make_client, sandbox):
     assert sandbox.sandbox.stats.by_route["POST /auth/login"] == 1
 
 
-def test_client_credentials_renewal_requests_a_new_token(make_client, sandbox):
+def test_client_credentials_renewal_requests_a_new_token(sandbox_b, make_client):
     """With no refresh token, renewal asks /oauth/token anew."""
     now = [time.time()]
     c = make_client(scheme="client", clock=lambda: now[0])
     c.institutions.page()
     now[0] += 3600
     c.institutions.page()
-    assert sandbox.sandbox.stats.by_route["POST /oauth/token"] == 2
-    assert sandbox.sandbox.stats.by_route["POST /auth/refresh"] == 0
+    assert sandbox_b.sandbox.stats.by_route["POST /oauth/token"] == 2
+    assert sandbox_b.sandbox.stats.by_route["POST /auth/refresh"] == 0
 
 
 def test_401_renews_once_and_replays_the_call(client, sandbox):

@@ -113,7 +113,7 @@ def test_issue_with_status_style(make_client, sandbox):
     assert c.files.get(g["file"]["uuid"])["used_at"] is not None
 
 
-def test_issue_with_finish_style(make_client, sandbox):
+def test_issue_with_finish_style(sandbox_b, make_client):
     """The newer style sends finish: true and no status; the certificate is issued."""
     c = make_client(issue_style="finish")
     seen: list[httpx.Request] = []
@@ -126,9 +126,11 @@ def test_issue_with_finish_style(make_client, sandbox):
     assert cert["status"] == "issued"
 
 
-@pytest.mark.parametrize("style", ["status", "finish"])
-def test_draft_then_issue_then_revoke(make_client, sandbox, style):
-    """A draft is issued by PATCH with the style's fields, then revoked with a reason."""
+@pytest.mark.parametrize(("style", "server"), [("status", "sandbox"), ("finish", "sandbox_b")])
+def test_draft_then_issue_then_revoke(make_client, request, style, server):
+    """A draft is issued by PATCH with the style's fields, then revoked with a reason (on a
+    sandbox of the generation that documents the style)."""
+    request.getfixturevalue(server)
     c = make_client(issue_style=style)
     g = graph.certificate_graph(c)
     draft = c.certificates.create(graph.certificate_fields(g))

@@ -138,9 +138,9 @@ def test_other_4xx_is_a_permanent_client_error(client, sandbox):
     assert "typo@example.edu" not in str(info.value)
 
 
-def test_newer_error_bodies_with_success_false_parse_the_same(client, sandbox):
+def test_newer_error_bodies_with_success_false_parse_the_same(sandbox_b, make_client):
     """The newer docs add success:false to error bodies; classification is unchanged."""
-    sandbox.sandbox.config.error_style = "v-b"
+    client = make_client()
     with pytest.raises(errors.ValidationFailed) as info:
         client.students.create({"name": "x"})
     assert info.value.body["success"] is False

@@ -38,8 +38,9 @@ def test_login_errors(raw):
         401, "These credentials do not match our records.")
 
 
-def test_oauth_token_is_form_encoded_without_refresh(raw):
-    """POST /oauth/token takes client credentials as a form and gives no refresh token."""
+def test_oauth_token_is_form_encoded_without_refresh(sandbox_b, raw):
+    """POST /oauth/token (generation b) takes client credentials as a form and gives no
+    refresh token."""
     r = raw.post("/oauth/token", data={"grant_type": "client_credentials",
                                        "client_id": MAIN.client_id,
                                        "client_secret": MAIN.client_secret})

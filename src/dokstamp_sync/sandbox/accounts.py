@@ -1,8 +1,10 @@
 """Sandbox accounts and tokens: both documented login schemes, expiring tokens, rotation.
 
-Each :class:`Account` belongs to one tenant and may log in by email/password (``/auth/login``,
-with a rotating refresh token) and by client credentials (``/oauth/token``, no refresh token).
-Access tokens expire after ``token_ttl`` seconds; a used refresh token is spent.
+Each :class:`Account` belongs to one tenant and has both kinds of credentials: email/password
+(``/auth/login``, with a rotating refresh token) and client credentials (``/oauth/token``, no
+refresh token). Which login route exists is the generation's choice (:mod:`.generations`), made
+by the HTTP layer. Access tokens expire after ``token_ttl`` seconds; a used refresh token is
+spent.
 """
 
 from __future__ import annotations

@@ -1,40 +1,59 @@
 """The sandbox's HTTP face: a Starlette (ASGI) app with DokStamp's routes and an admin API.
 
-Every API route goes through :meth:`Sandbox.handle`, which applies the injected faults, checks
-the Bearer token and ``X-Tenant``, runs the operation on :mod:`.store` and counts the request.
-Admin routes live under ``/_sandbox/`` (no auth: the sandbox binds to loopback).
+Every API route goes through :meth:`Sandbox.handle`, which answers 503 during an outage, applies
+the injected faults, checks the Bearer token and ``X-Tenant``, runs the operation on
+:mod:`.store` and counts the request. Admin routes (:mod:`.admin`) live under ``/_sandbox/``
+(no auth: the sandbox binds to loopback).
+
+:class:`SandboxConfig` chooses which docs the sandbox follows (``generation``, see
+:mod:`.generations`) and how strictly (``strict``: only the documented ``where[...]`` filters of
+:data:`.schema.DOCUMENTED_FILTERS` apply, others are dropped silently as a lenient query builder
+does; certificates show their file only as ``files: [{"type", "uuid"}]``, as in every mode).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from dokstamp_sync.sandbox.accounts import Account, Authority
-from dokstamp_sync.sandbox.faults import Decision, FaultInjector, Faults, Stats
-from dokstamp_sync.sandbox.store import DEFAULT_PER_PAGE, ApiError, Tenant
+from dokstamp_sync.sandbox.admin import admin_routes
+from dokstamp_sync.sandbox.faults import Decision, FaultInjector, Faults, MalformedBody, Stats
+from dokstamp_sync.sandbox.generations import Docs, Generation, check_login_route, docs_for
+from dokstamp_sync.sandbox.store import DEFAULT_PER_PAGE, ApiError, Tenant, UniqueViolation
 
 Handler = Callable[[Request, Tenant | None, Account | None], Awaitable[Any]]
 COLLECTIONS = ("institutions", "modules", "courses", "cohorts", "students", "enrollments",
                "certificates")
+# What a proxy or captive portal answers in place of the API (``body: "html"``).
+HTML_PAGE = ("<!DOCTYPE html><html><head><title>Sign in</title></head><body><h1>Sign in to "
+             "continue</h1><form method=\"post\"></form></body></html>")
 
 
 @dataclass
 class SandboxConfig:
-    """How a sandbox behaves; every field has a command-line flag (``sandbox --help``)."""
+    """How a sandbox behaves; every field has a command-line flag (``sandbox --help``).
+
+    ``generation``: which docs it follows (:mod:`.generations`). ``strict``: only documented
+    ``where[...]`` filters apply. ``error_style``: None follows the generation; ``"v-a"`` or
+    ``"v-b"`` forces error bodies without or with ``"success": false``.
+    """
 
     accounts: list[Account] = field(default_factory=lambda: [Account()])
     token_ttl: float = 3600.0
-    error_style: str = "v-a"  # "v-b" adds "success": false to error bodies (newer docs)
+    generation: Generation = "a"
+    strict: bool = False
+    error_style: Literal["v-a", "v-b"] | None = None
     max_file_bytes: int = 10 * 1024 * 1024
     faults: Faults = field(default_factory=Faults)
 
@@ -48,16 +67,31 @@ class Sandbox:
         self.stats = Stats()
         self.reset()
 
+    @property
+    def docs(self) -> Docs:
+        """What the configured generation of the docs promises."""
+        return docs_for(self.config.generation)
+
     def reset(self) -> None:
-        """Forget all data and tokens (faults and stats are reset separately)."""
+        """Forget all data and tokens and end any outage (faults and stats are reset
+        separately)."""
         self.authority = Authority(self.config.accounts, token_ttl=self.config.token_ttl)
         self.tenants = {a.tenant: Tenant(a.tenant, a.tenant_name) for a in self.config.accounts}
+        self.faults.end_outage()
 
     def error(self, status: int, body: dict[str, Any],
               headers: dict[str, str] | None = None) -> JSONResponse:
-        if self.config.error_style == "v-b":
+        """An error answer in the configured generation's body style."""
+        docs, style = self.docs, self.config.error_style
+        if status == 404 and docs.not_found is not None:
+            body = body | {"message": docs.not_found}
+        if docs.success_false if style is None else style == "v-b":
             body = {"success": False} | body
         return JSONResponse(body, status_code=status, headers=headers)
+
+    def _api_error(self, exc: ApiError) -> JSONResponse:
+        conflict = isinstance(exc, UniqueViolation) and self.faults.faults.conflict_409
+        return self.error(409 if conflict else exc.status, exc.body)
 
     def _tenant(self, request: Request, account: Account) -> Tenant:
         domain = request.headers.get("x-tenant")
@@ -73,17 +107,25 @@ class Sandbox:
     async def handle(self, request: Request, route: str, handler: Handler, *,
                      auth: bool, tenant: bool) -> Response:
         method = request.method
+        key = f"{method} {route}"
+        outage = self.faults.in_outage()
+        if outage is not None:
+            self.stats.record(key, 503, outage=True)
+            headers = {"Retry-After": str(outage.retry_after)} if outage.retry_after else None
+            return self.error(503, {"message": "Service Unavailable"}, headers)
         # Read the whole request first, as a real server has it before processing: a slow
         # answer must still apply the write after the client gave up waiting.
         await request.body()
         decision = self.faults.decide(method, route, request.headers.get("x-tenant", "-"))
-        key = f"{method} {route}"
         latency = self.faults.faults.latency_ms / 1000.0
         if latency:
             await asyncio.sleep(latency)
         if decision.status is not None and not decision.after_commit:
             self.stats.record(key, decision.status, injected=True)
             return self._fault(decision)
+        if decision.body == "html":  # something in front of the API answered
+            self.stats.record(key, 200, malformed=True)
+            return HTMLResponse(HTML_PAGE)
         if decision.delay_s:
             await asyncio.sleep(decision.delay_s)
         try:
@@ -95,20 +137,37 @@ class Sandbox:
             result = await handler(request, space, account)
             response = result if isinstance(result, Response) else JSONResponse(result)
         except ApiError as exc:
-            response = self.error(exc.status, exc.body)
+            response = self._api_error(exc)
         if decision.status is not None:  # the request was applied; its answer is lost
             lost = method != "GET" and response.status_code < 400
             self.stats.record(key, decision.status, injected=True, lost=lost)
             return self._fault(decision)
-        self.stats.record(key, response.status_code)
+        malformed = decision.body is not None and response.status_code < 400
+        if malformed:
+            assert decision.body is not None
+            response = _malformed(response, decision.body)
+        self.stats.record(key, response.status_code, malformed=malformed)
         return response
 
     def _fault(self, decision: Decision) -> JSONResponse:
         assert decision.status is not None
+        retry_after = decision.retry_after or (1 if decision.status == 429 else None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         if decision.status == 429:
-            return self.error(429, {"message": "Too Many Attempts."},
-                              {"Retry-After": str(decision.retry_after or 1)})
-        return self.error(decision.status, {"message": "Server Error"})
+            return self.error(429, {"message": "Too Many Attempts."}, headers)
+        return self.error(decision.status, {"message": "Server Error"}, headers)
+
+
+def _malformed(response: Response, body: MalformedBody) -> Response:
+    """``response`` (a success) with its body emptied or its ``data`` of the wrong shape."""
+    if body == "empty":
+        return Response(b"", status_code=response.status_code, media_type="application/json")
+    content = json.loads(bytes(response.body) or b"null")
+    data = content.get("data", content) if isinstance(content, dict) else content
+    # An object becomes a one-item list; a list becomes its first item (or an empty object).
+    wrong = [data] if isinstance(data, dict) else (data[0] if data else {})
+    rest = content if isinstance(content, dict) and "data" in content else {}
+    return JSONResponse(rest | {"data": wrong}, status_code=response.status_code)
 
 
 async def _json(request: Request) -> dict[str, Any]:
@@ -136,6 +195,10 @@ def _listing_args(request: Request) -> dict[str, Any]:
             "sort": q.get("sort[column]"), "order": q.get("sort[order]", "asc")}
 
 
+def _listing_mode(sb: Sandbox) -> dict[str, Any]:
+    return {"strict": sb.config.strict, "page_cap": sb.faults.faults.page_cap}
+
+
 def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
@@ -151,13 +214,16 @@ def _routes(sb: Sandbox) -> list[Route]:
 
     # -- auth -----------------------------------------------------------------------------
     async def login(r: Request, _t: Tenant | None, _a: Account | None) -> Any:
+        check_login_route(sb.docs, "/auth/login")
         body = await _json(r)
         return sb.authority.login(body.get("email"), body.get("password"))
 
     async def refresh(r: Request, _t: Tenant | None, _a: Account | None) -> Any:
+        check_login_route(sb.docs, "/auth/refresh")
         return sb.authority.refresh_token((await _json(r)).get("refresh_token"))
 
     async def oauth(r: Request, _t: Tenant | None, _a: Account | None) -> Any:
+        check_login_route(sb.docs, "/oauth/token")
         form = await r.form()
         return sb.authority.client_credentials(form.get("grant_type"), form.get("client_id"),
                                                form.get("client_secret"))
@@ -167,10 +233,17 @@ def _routes(sb: Sandbox) -> list[Route]:
         return {"message": "Successfully logged out"}
 
     async def me(r: Request, _t: Tenant | None, a: Account | None) -> Any:
+        """The user and its tenant, with integer ``id``s (generation a) or ``uuid``s (b)."""
         assert a is not None
         space = sb.tenants[a.tenant]
-        return {"data": {"uuid": a.email, "name": a.name, "email": a.email,
-                         "tenant": {"uuid": space.uuid, "name": space.name,
+        if sb.docs.id_key == "id":
+            user_id: object = sb.config.accounts.index(a) + 1
+            tenant_id: object = list(sb.tenants).index(a.tenant) + 1
+        else:
+            user_id, tenant_id = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, a.email)), space.uuid
+        key = sb.docs.id_key
+        return {"data": {key: user_id, "name": a.name, "email": a.email,
+                         "tenant": {key: tenant_id, "name": space.name,
                                     "domain": space.domain}}}
 
     api("POST", "/auth/login", login, auth=False, tenant=False)
@@ -183,13 +256,13 @@ def _routes(sb: Sandbox) -> list[Route]:
     def crud(c: str) -> None:
         async def listing(r: Request, t: Tenant | None, _a: Account | None) -> Any:
             assert t is not None
-            return t.listing(c, **_listing_args(r))
+            return t.listing(c, **_listing_args(r), **_listing_mode(sb))
 
         async def create(r: Request, t: Tenant | None, _a: Account | None) -> Any:
             assert t is not None
             body = await _json(r)
-            record = t.create_certificate(body, base_url=_base(r)) if c == "certificates" \
-                else t.create(c, body)
+            record = t.create_certificate(body, base_url=_base(r), issue_by=sb.docs.issue_by) \
+                if c == "certificates" else t.create(c, body)
             return JSONResponse({"data": t.show(record)}, status_code=201)
 
         async def show(r: Request, t: Tenant | None, _a: Account | None) -> Any:
@@ -199,7 +272,8 @@ def _routes(sb: Sandbox) -> list[Route]:
         async def update(r: Request, t: Tenant | None, _a: Account | None) -> Any:
             assert t is not None
             uuid, body = r.path_params["uuid"], await _json(r)
-            record = t.update_certificate(uuid, body, base_url=_base(r)) \
+            record = t.update_certificate(uuid, body, base_url=_base(r),
+                                          issue_by=sb.docs.issue_by) \
                 if c == "certificates" else t.update(c, uuid, body)
             return {"data": t.show(record)}
 
@@ -241,6 +315,8 @@ def _routes(sb: Sandbox) -> list[Route]:
             items.append((part.filename or "upload", part.content_type or
                           "application/octet-stream", await part.read()))
         records = t.upload(items, base_url=_base(r), max_bytes=sb.config.max_file_bytes)
+        if sb.faults.faults.reorder_uploads:  # the docs never promise the order
+            records.reverse()
         return JSONResponse({"data": [t.show(f) for f in records]}, status_code=201)
 
     async def download(r: Request, _t: Tenant | None, _a: Account | None) -> Any:
@@ -259,7 +335,7 @@ def _routes(sb: Sandbox) -> list[Route]:
         assert t is not None
         args = _listing_args(r)
         modules = t.attachable(r.path_params["uuid"])
-        return t.listing("modules", **args, records=modules)
+        return t.listing("modules", **args, records=modules, **_listing_mode(sb))
 
     async def attach(r: Request, t: Tenant | None, _a: Account | None) -> Any:
         assert t is not None
@@ -280,49 +356,12 @@ def _routes(sb: Sandbox) -> list[Route]:
     api("POST", "/courses/{uuid}/attach/modules", attach)
     api("DELETE", "/courses/{uuid}/detach/modules", detach)
     api("PUT", "/certificates/{uuid}/revoke", revoke)
-    return routes + _admin_routes(sb)
-
-
-def _admin_routes(sb: Sandbox) -> list[Route]:
-    async def stats(request: Request) -> Response:
-        if request.method == "DELETE":
-            sb.stats.reset()
-        return JSONResponse(sb.stats.to_json())
-
-    async def faults(request: Request) -> Response:
-        if request.method == "PUT":
-            try:
-                sb.faults.configure(Faults.from_json(await request.json()))
-            except (TypeError, ValueError) as exc:
-                return JSONResponse({"message": str(exc)}, status_code=422)
-        return JSONResponse(sb.faults.faults.to_json())
-
-    async def state(request: Request) -> Response:
-        return JSONResponse({d: t.dump() for d, t in sb.tenants.items()})
-
-    async def reset(request: Request) -> Response:
-        sb.reset()
-        sb.stats.reset()
-        sb.faults.configure(Faults())
-        return Response(status_code=204)
-
-    async def expire(request: Request) -> Response:
-        return JSONResponse({"expired": sb.authority.expire_all()})
-
-    async def tokens(request: Request) -> Response:
-        return JSONResponse({"issued": sb.authority.issued})
-
-    return [Route("/_sandbox/stats", stats, methods=["GET", "DELETE"]),
-            Route("/_sandbox/faults", faults, methods=["GET", "PUT"]),
-            Route("/_sandbox/state", state, methods=["GET"]),
-            Route("/_sandbox/reset", reset, methods=["POST"]),
-            Route("/_sandbox/tokens", tokens, methods=["GET"]),
-            Route("/_sandbox/tokens/expire", expire, methods=["POST"])]
+    return routes
 
 
 def create_app(sandbox: Sandbox | None = None) -> Starlette:
     """The ASGI app; ``app.state.sandbox`` is its :class:`Sandbox`."""
     sb = sandbox or Sandbox()
-    app = Starlette(routes=_routes(sb))
+    app = Starlette(routes=_routes(sb) + admin_routes(sb))
     app.state.sandbox = sb
     return app

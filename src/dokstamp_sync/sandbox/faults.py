@@ -10,10 +10,21 @@
   past a client's timeout (the write, if any, is applied after the hang);
 * ``script``: deterministic one-shot faults for tests, e.g.
   ``{"method": "POST", "route": "/students", "status": 500, "after_commit": true}``;
-  each matches the next request of that method and route, then is spent.
+  each matches the next request of that method and route, then is spent. A scripted fault may
+  also be slow (``delay_s``: the request is applied only after the delay, so a client that gave
+  up sees nothing yet), carry ``retry_after`` (sent as ``Retry-After`` with any status, 429 or
+  5xx), or replace a success answer's body (``body``, see :class:`ScriptedFault`);
+* unkind but documented-compatible behaviours: ``reorder_uploads`` (``POST /files`` answers
+  its records in reverse order), ``page_cap`` (list pages hold at most N rows while
+  ``meta.per_page`` echoes the asked size), ``conflict_409`` (a broken uniqueness rule is a 409,
+  not a 422).
 
-:class:`Stats` counts requests per ``METHOD /route/{template}``, per status, 429s and injected
-5xx, for ``GET /_sandbox/stats``.
+An :class:`Outage` (``POST /_sandbox/outage``) makes every API request, auth included, answer
+503 for a while; it is state of the injector, kept across :meth:`FaultInjector.configure`.
+
+:class:`Stats` counts requests per ``METHOD /route/{template}``, per status, 429s, injected
+5xx, lost responses, malformed bodies and requests answered by an outage, for
+``GET /_sandbox/stats``.
 """
 
 from __future__ import annotations
@@ -24,20 +35,38 @@ import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+# A scripted malformed success answer: "empty" (same status, no body), "wrong_shape" (``data``
+# a list where an object belongs or the reverse), "html" (a 200 HTML page instead of the API).
+MalformedBody = Literal["empty", "wrong_shape", "html"]
+MALFORMED_BODIES: tuple[str, ...] = ("empty", "wrong_shape", "html")
 
 
 @dataclass
 class ScriptedFault:
-    """One deterministic fault for the next request matching ``method`` and ``route``."""
+    """One deterministic fault for the next request matching ``method`` and ``route``.
+
+    ``status`` >= 400 answers that error (after applying the request when ``after_commit``);
+    below 400 it answers normally. ``retry_after`` is sent as ``Retry-After`` whatever the
+    error status. ``delay_s`` holds the request that long BEFORE applying it (a slow write: it
+    lands after a client's timeout). ``body`` (``status`` is then ignored) replaces a success
+    answer: ``"empty"`` and ``"wrong_shape"`` apply the request and keep its status,
+    ``"html"`` answers a 200 HTML page without reaching the API (as a proxy or portal would).
+    """
 
     method: str
     route: str
     status: int = 500
     after_commit: bool = False
-    retry_after: int | None = None  # for a scripted 429
+    retry_after: int | None = None
     times: int = 1
-    delay_s: float = 0.0  # a slow answer (e.g. past the client's timeout)
+    delay_s: float = 0.0
+    body: MalformedBody | None = None
+
+    def __post_init__(self) -> None:
+        if self.body is not None and self.body not in MALFORMED_BODIES:
+            raise ValueError(f"body must be one of {', '.join(MALFORMED_BODIES)}")
 
 
 @dataclass
@@ -53,6 +82,9 @@ class Faults:
     slow_seconds: float = 0.0
     seed: int | None = None
     script: list[ScriptedFault] = field(default_factory=list)
+    reorder_uploads: bool = False
+    page_cap: int | None = None
+    conflict_409: bool = False
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Faults:
@@ -64,6 +96,8 @@ class Faults:
                 raise ValueError(f"{name} must be between 0 and 1")
         if faults.rate_limit is not None and faults.rate_limit <= 0:
             raise ValueError("rate_limit must be positive")
+        if faults.page_cap is not None and faults.page_cap < 1:
+            raise ValueError("page_cap must be at least 1")
         return faults
 
     def to_json(self) -> dict[str, Any]:
@@ -78,6 +112,28 @@ class Decision:
     after_commit: bool = False  # apply the request first, then answer ``status``
     retry_after: int | None = None
     delay_s: float = 0.0
+    body: MalformedBody | None = None  # replace a success answer's body
+
+
+@dataclass
+class Outage:
+    """Every API request answers 503 until ``until`` (``time.monotonic()``; inf: until ended).
+
+    ``requests`` counts the requests it answered, also after it has ended (the last outage).
+    """
+
+    until: float
+    retry_after: int | None = None
+    requests: int = 0
+
+    def active(self) -> bool:
+        return time.monotonic() < self.until
+
+    def to_json(self) -> dict[str, Any]:
+        remaining = self.until - time.monotonic()
+        return {"active": remaining > 0, "requests": self.requests,
+                "retry_after": self.retry_after,
+                "remaining_s": None if math.isinf(remaining) else max(0.0, round(remaining, 3))}
 
 
 class TokenBucket:
@@ -103,7 +159,29 @@ class FaultInjector:
 
     def __init__(self, faults: Faults | None = None) -> None:
         self._lock = threading.Lock()
+        self.outage: Outage | None = None
         self.configure(faults or Faults())
+
+    def start_outage(self, seconds: float | None = None,
+                     retry_after: int | None = None) -> Outage:
+        """Answer every API request 503 for ``seconds`` (None: until :meth:`end_outage`)."""
+        until = math.inf if seconds is None else time.monotonic() + seconds
+        with self._lock:
+            self.outage = Outage(until, retry_after)
+            return self.outage
+
+    def end_outage(self) -> None:
+        with self._lock:
+            if self.outage is not None:
+                self.outage.until = 0.0
+
+    def in_outage(self) -> Outage | None:
+        """The outage answering this request (and counts it), or None."""
+        with self._lock:
+            if self.outage is None or not self.outage.active():
+                return None
+            self.outage.requests += 1
+            return self.outage
 
     def configure(self, faults: Faults) -> None:
         with self._lock:
@@ -119,9 +197,10 @@ class FaultInjector:
                     scripted.times -= 1
                     if scripted.times == 0:
                         f.script.remove(scripted)
-                    return Decision(scripted.status if scripted.status >= 400 else None,
+                    error = scripted.status >= 400 and scripted.body is None
+                    return Decision(scripted.status if error else None,
                                     scripted.after_commit, scripted.retry_after,
-                                    scripted.delay_s)
+                                    scripted.delay_s, scripted.body)
             if f.rate_limit:
                 bucket = self._buckets.get(tenant)
                 if bucket is None:
@@ -153,10 +232,15 @@ class Stats:
             self.http_429 = 0
             self.injected_5xx = 0
             self.lost_responses = 0
+            self.malformed_bodies = 0
+            self.outage_requests = 0
             self.started = time.time()
 
     def record(self, key: str, status: int, *, injected: bool = False,
-               lost: bool = False) -> None:
+               lost: bool = False, malformed: bool = False, outage: bool = False) -> None:
+        """Count one answered request. ``injected``: a 5xx came from fault injection;
+        ``lost``: it was applied but answered with an error; ``malformed``: its success body
+        was replaced; ``outage``: an outage answered it (not counted as injected)."""
         with self._lock:
             self.by_route[key] += 1
             self.by_status[status] += 1
@@ -166,6 +250,10 @@ class Stats:
                 self.injected_5xx += 1
             if lost:
                 self.lost_responses += 1
+            if malformed:
+                self.malformed_bodies += 1
+            if outage:
+                self.outage_requests += 1
 
     def to_json(self) -> dict[str, Any]:
         with self._lock:
@@ -173,4 +261,6 @@ class Stats:
                     "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
                     "http_429": self.http_429, "injected_5xx": self.injected_5xx,
                     "lost_responses": self.lost_responses,
+                    "malformed_bodies": self.malformed_bodies,
+                    "outage_requests": self.outage_requests,
                     "since_s": round(time.time() - self.started, 3)}

@@ -123,6 +123,24 @@ EXTRA_FILTERS: dict[str, tuple[str, ...]] = {
     "certificates": ("revoked_at",),
 }
 
+# The ``where[...]`` filters the docs show, per collection, and nothing else: a strict sandbox
+# (``SandboxConfig.strict``) silently drops every other filter, as a lenient query builder does.
+# Sources (docs reference notes): §5 (list examples on each reference page and the sync guide),
+# §8 (search before create: cohorts by ``code``), §19 (deletion rules: certificates by
+# ``<entity>_uuid`` for the entities a certificate can block: institution, course, cohort,
+# student). Institutions show no filter at all.
+DOCUMENTED_FILTERS: dict[str, frozenset[str]] = {
+    "institutions": frozenset(),
+    "modules": frozenset({"level", "code", "institution_uuid"}),
+    "courses": frozenset({"status", "code"}),
+    "cohorts": frozenset({"course_uuid", "code"}),
+    "students": frozenset({"email"}),
+    "enrollments": frozenset({"completion_status", "course_uuid"}),
+    "files": frozenset({"used_at"}),
+    "certificates": frozenset({"status", "course_uuid", "institution_uuid", "cohort_uuid",
+                               "student_uuid"}),
+}
+
 
 def _label(name: str) -> str:
     return name.replace("_", " ")

@@ -13,13 +13,23 @@ import uuid as uuidlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
-from dokstamp_sync.sandbox.schema import EXTRA_FILTERS, RESOURCES, Record, Resource, validate
+from dokstamp_sync.sandbox.schema import (
+    DOCUMENTED_FILTERS,
+    EXTRA_FILTERS,
+    RESOURCES,
+    Record,
+    Resource,
+    validate,
+)
 
 MAX_PER_PAGE = 200
 DEFAULT_PER_PAGE = 15
 INVALID = "The given data was invalid."
+
+# How a certificate is issued: ``"status": "issued"`` (older docs) or ``"finish": true`` (newer).
+IssueBy = Literal["status", "finish"]
 
 
 class ApiError(Exception):
@@ -32,6 +42,14 @@ class ApiError(Exception):
         self.body: dict[str, Any] = {"message": message}
         if errors is not None:
             self.body["errors"] = dict(errors)
+
+
+class UniqueViolation(ApiError):
+    """A 422 for a broken uniqueness rule (a taken email/code, a file already used); the HTTP
+    layer may answer it 409 instead (``Faults.conflict_409``)."""
+
+    def __init__(self, errors: Mapping[str, list[str]]) -> None:
+        super().__init__(422, INVALID, errors)
 
 
 def invalid(errors: Mapping[str, list[str]]) -> ApiError:
@@ -113,8 +131,17 @@ class Tenant:
 
     def listing(self, collection: str, where: Mapping[str, str], *, page: int, per_page: int,
                 sort: str | None = None, order: str = "asc",
-                records: Iterable[Record] | None = None) -> dict[str, Any]:
-        """``{data, meta}`` for ``where[field]=value`` filters (``null`` matches None)."""
+                records: Iterable[Record] | None = None, strict: bool = False,
+                page_cap: int | None = None) -> dict[str, Any]:
+        """``{data, meta}`` for ``where[field]=value`` filters (``null`` matches None).
+
+        Lenient (default): any field of the resource may be filtered on, an unknown one is a
+        400. ``strict``: only :data:`DOCUMENTED_FILTERS` apply, every other filter is dropped
+        silently. ``page_cap``: a page holds at most that many rows although ``meta`` still
+        tells the asked ``per_page`` (and the true ``total`` and ``last_page``).
+        """
+        if strict:
+            where = {k: v for k, v in where.items() if k in DOCUMENTED_FILTERS[collection]}
         allowed = set(RESOURCES[collection].fields) | set(EXTRA_FILTERS.get(collection, ()))
         allowed |= {"uuid", "status"}
         unknown = sorted(set(where) - allowed)
@@ -129,7 +156,8 @@ class Tenant:
         page = max(1, page)
         total = len(rows)
         last_page = max(1, -(-total // per_page))
-        chunk = rows[(page - 1) * per_page: page * per_page]
+        start = (page - 1) * per_page
+        chunk = rows[start: start + min(per_page, page_cap or per_page)]
         return {"data": [self.show(r) for r in chunk],
                 "meta": {"current_page": page, "per_page": per_page, "total": total,
                          "last_page": last_page}}
@@ -156,7 +184,7 @@ class Tenant:
                 found[group[0]] = [f"The {group[0].replace('_', ' ')} has already been "
                                    "taken."]
         if found:
-            raise invalid(found)
+            raise UniqueViolation(found)
 
     def _take(self, resource: Resource, record: Record) -> None:
         for group in resource.unique:
@@ -252,33 +280,40 @@ class Tenant:
     def _check_file_unused(self, file_uuid: Any) -> None:
         if isinstance(file_uuid, str) and self.exists("files", file_uuid) \
                 and self.records["files"][file_uuid].fields["used_at"]:
-            raise invalid({"file_uuid": ["The file uuid has already been used by another "
-                                         "certificate."]})
+            raise UniqueViolation({"file_uuid": ["The file uuid has already been used by "
+                                                 "another certificate."]})
 
-    def create_certificate(self, payload: Mapping[str, Any], *, base_url: str) -> Record:
+    def create_certificate(self, payload: Mapping[str, Any], *, base_url: str,
+                           issue_by: IssueBy = "status") -> Record:
+        """A draft, or an issued certificate when the payload asks it the ``issue_by`` way
+        (the other way's field is accepted and ignored)."""
         self._check_file_unused(payload.get("file_uuid"))
         record = self.create("certificates", payload)
         record.fields.update(revoked_at=None, revocation_reason=None,
                              public_verification_url=None)
         self.records["files"][record.fields["file_uuid"]].fields["used_at"] = now_iso()
-        if payload.get("finish") is True or payload.get("status") == "issued":
-            self._issue(record, payload.get("issued_at"), base_url)
+        record.fields.pop("finish", None)
+        if _asks_issue(payload, issue_by):
+            self._issue(record, payload, issue_by, base_url)
         else:
-            record.fields["status"] = "draft"
+            record.fields.update(status="draft", issued_at=None)
         return record
 
-    def _issue(self, record: Record, issued_at: Any, base_url: str) -> None:
+    def _issue(self, record: Record, payload: Mapping[str, Any], issue_by: IssueBy,
+               base_url: str) -> None:
+        # ``issued_at`` is documented only with ``status``; ``finish`` lets the platform stamp.
+        issued_at = payload.get("issued_at") if issue_by == "status" else None
         record.fields.update(status="issued", issued_at=issued_at or now_iso(),
                              public_verification_url=f"{base_url}/verify/{record.uuid[:8]}")
-        record.fields.pop("finish", None)
 
-    def update_certificate(self, uuid: str, payload: Mapping[str, Any], *,
-                           base_url: str) -> Record:
-        """A draft may be changed, and issued by ``status: issued`` or ``finish: true``."""
+    def update_certificate(self, uuid: str, payload: Mapping[str, Any], *, base_url: str,
+                           issue_by: IssueBy = "status") -> Record:
+        """A draft may be changed, and issued the ``issue_by`` way (``status: issued`` or
+        ``finish: true``; the other way's field is ignored)."""
         record = self.find("certificates", uuid)
         if record.fields["status"] != "draft":
             raise invalid({"status": ["Only draft certificates can be changed."]})
-        issue = payload.get("finish") is True or payload.get("status") == "issued"
+        issue = _asks_issue(payload, issue_by)
         rest = {k: v for k, v in payload.items() if k not in ("finish", "status", "issued_at")}
         old_file = record.fields["file_uuid"]
         if rest.get("file_uuid", old_file) != old_file:
@@ -288,7 +323,7 @@ class Tenant:
             self.records["files"][old_file].fields["used_at"] = None
             self.records["files"][record.fields["file_uuid"]].fields["used_at"] = now_iso()
         if issue:
-            self._issue(record, payload.get("issued_at"), base_url)
+            self._issue(record, payload, issue_by, base_url)
         return record
 
     def revoke(self, uuid: str, reason: Any) -> Record:
@@ -360,6 +395,12 @@ class Tenant:
                 for r in records.values()]
         out["course_modules"] = {c: dict(m) for c, m in self.course_modules.items()}
         return out
+
+
+def _asks_issue(payload: Mapping[str, Any], issue_by: IssueBy) -> bool:
+    if issue_by == "finish":
+        return payload.get("finish") is True
+    return payload.get("status") == "issued"
 
 
 def _hashable(values: tuple[Any, ...]) -> tuple[Any, ...]:
