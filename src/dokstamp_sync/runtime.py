@@ -13,8 +13,7 @@ import redis
 
 from dokstamp_sync.config import Settings, load_settings
 from dokstamp_sync.db import make_engine, make_sessionmaker
-from dokstamp_sync.dokstamp import RedisTokenStore, client_from_settings
-from dokstamp_sync.ratelimit import RateLimiter, install
+from dokstamp_sync.dokstamp import RateLimiter, RedisTokenStore, client_from_settings
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.files import FilePolicy
 
@@ -25,9 +24,8 @@ def build_context(settings: Settings) -> SyncContext:
     """A complete :class:`SyncContext`: DokStamp client with the shared token cache and rate
     limit, database sessions, Redis, file policy."""
     client_redis = redis.Redis.from_url(settings.redis_url)
-    api = client_from_settings(settings, store=RedisTokenStore(client_redis))
     limiter = RateLimiter(client_redis, settings.dokstamp_tenant, settings.dokstamp_rate_limit)
-    install(api.http, limiter)
+    api = client_from_settings(settings, store=RedisTokenStore(client_redis), limiter=limiter)
     root = settings.dokstamp_sync_file_root
     return SyncContext(
         client=api,

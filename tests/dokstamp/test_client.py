@@ -188,11 +188,15 @@ def test_walkthrough_syncs_one_certificate_and_is_idempotent(client, sandbox):
     assert cert["enrollment"]["uuid"] == first["enrollment"]["uuid"]
 
 
-def test_iterate_stops_at_total_when_the_api_ignores_page():
-    """An API that ignores `page` and has no last_page cannot make iteration loop forever."""
+def test_iterate_stops_when_the_api_ignores_page():
+    """An API that ignores `page` (same items every time) cannot make iteration loop or
+    repeat items: the repeated page ends it, and the listing says it is incomplete."""
+    calls = []
+
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/auth/login":
             return httpx.Response(200, json={"access_token": "t", "expires_in": 3600})
+        calls.append(request.url.params["page"])
         items = [{"uuid": str(i)} for i in range(15)]
         return httpx.Response(200, json={"data": items, "meta": {
             "current_page": 1, "per_page": 15, "total": 42}})
@@ -200,7 +204,10 @@ def test_iterate_stops_at_total_when_the_api_ignores_page():
     http = httpx.Client(base_url="https://api.example", transport=httpx.MockTransport(handler))
     c = DokStampClient(http, tenant="t", tokens=TokenManager(
         http, PasswordLogin("a@b.c", "pw"), MemoryTokenStore()))
-    assert len(list(c.students.iterate(per_page=15))) == 45  # 3 pages, then total reached
+    listing = c.students.listing(per_page=15)
+    assert len(list(listing)) == 15
+    assert calls == ["1", "2"]
+    assert listing.complete is False
 
 
 def test_multipart_upload_is_replayed_after_a_401(client, sandbox):

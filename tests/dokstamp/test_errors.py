@@ -155,14 +155,17 @@ def _response(status: int, headers: dict[str, str] | None = None, **body) -> htt
 
 @pytest.mark.parametrize(("status", "cls"), [
     (400, errors.ClientError), (401, errors.AuthenticationError),
-    (403, errors.PermissionDenied), (404, errors.NotFound), (409, errors.ClientError),
-    (422, errors.ValidationFailed), (429, errors.RateLimited), (500, errors.ServerError),
-    (502, errors.ServerError), (503, errors.ServerError)])
+    (403, errors.PermissionDenied), (404, errors.NotFound), (405, errors.ClientError),
+    (409, errors.Conflict), (422, errors.ValidationFailed), (429, errors.TooManyRequests),
+    (500, errors.ServerError), (502, errors.ServerError), (503, errors.ServerError)])
 def test_status_to_class_table(status, cls):
     """from_response maps each status to its class; none of them shows the token or query."""
     exc = errors.from_response(_response(status, message="boom"))
     assert type(exc) is cls
     assert isinstance(exc, errors.TransientError) == (status == 429 or status >= 500)
+    assert isinstance(exc, errors.PermanentError) == (400 <= status < 500 and status != 429)
+    assert isinstance(exc, errors.RateLimited) == (status == 429)
+    assert exc.status == status
     assert "SECRET-TOKEN" not in f"{exc} {exc!r} {exc.body}"
     assert "a@b.c" not in str(exc)
 

@@ -1,0 +1,115 @@
+"""One request-rate ceiling for all worker processes on all machines, kept in Redis.
+
+A token bucket per tenant (``rate`` tokens/s, ``burst`` at most), updated atomically by a Lua
+script that reads Redis's own clock, so machines with skewed clocks still share one pace. A 429
+from DokStamp pauses every process for that tenant (:meth:`RateLimiter.pause`) for the
+``Retry-After`` it carried, not just the task that received it.
+
+:class:`RateLimitedTransport` puts the limiter under an ``httpx.Client``, as httpx's own seam
+(``BaseTransport.handle_request``): every request the client sends (token requests and 401
+replays included) first takes a token, and every response is counted. Build it with
+:func:`~.client.build_http_client`'s ``limiter``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import httpx
+import redis
+
+from dokstamp_sync.dokstamp.errors import Paused, parse_retry_after
+
+# KEYS[1] bucket, KEYS[2] pause, ARGV: rate (tokens/s), burst. Returns ms to wait (0: a token
+# was taken); negative: the tenant is paused (after a 429) for that many ms.
+_TAKE = """
+local paused = redis.call('PTTL', KEYS[2])
+if paused > 0 then return -paused end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate = tonumber(ARGV[1]) / 1000
+local burst = tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(state[1]) or burst
+local stamp = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = math.ceil((1 - tokens) / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'stamp', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate) + 1000)
+return wait
+"""
+
+
+class RateLimiter:
+    """Blocks until the shared bucket grants a request (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis, tenant: str, rate: float, *,
+                 burst: float | None = None, prefix: str = "dokstamp:",
+                 sleep: Callable[[float], None] = time.sleep, max_wait: float = 20.0) -> None:
+        self._redis = client
+        self._bucket = f"{prefix}ratelimit:{tenant}"
+        self._pause = f"{prefix}pause:{tenant}"
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate / 10)
+        self._take = client.register_script(_TAKE)
+        self._sleep = sleep
+        self.max_wait = max_wait
+        self.unflushed: Counter[str] = Counter()  # responses, flushed by the sync context
+
+    def acquire(self, request: httpx.Request | None = None) -> None:
+        """Wait for a token. A tenant pause longer than ``max_wait`` raises :class:`Paused`
+        (naming ``request``, which is not sent) instead, so the caller parks its event rather
+        than sleep with its locks held."""
+        while True:
+            wait_ms = int(self._take(keys=[self._bucket, self._pause],
+                                     args=[self.rate, self.burst]))
+            if wait_ms == 0:
+                return
+            if wait_ms < 0 and -wait_ms / 1000 > self.max_wait:
+                raise Paused("paused after a 429 from DokStamp", retry_after=-wait_ms / 1000,
+                             method=request.method if request else "",
+                             path=request.url.path if request else "")
+            self._sleep(abs(wait_ms) / 1000)
+
+    def count_response(self, status: int) -> None:
+        """Count a response by status class (and 429s apart), for the sync context to flush."""
+        self.unflushed[f"api_{status // 100}xx"] += 1
+        if status == 429:
+            self.unflushed["api_429"] += 1
+
+    def pause(self, seconds: float) -> None:
+        """Hold every process's requests for ``seconds`` (a 429's Retry-After)."""
+        ms = max(1, int(seconds * 1000))
+        # Never shorten a longer pause another process already set.
+        current = self._redis.pttl(self._pause)
+        if not isinstance(current, int) or current < ms:
+            self._redis.set(self._pause, "1", px=ms)
+
+
+class RateLimitedTransport(httpx.BaseTransport):
+    """Wraps the transport that talks to DokStamp: every request waits for the shared bucket
+    (or raises :class:`Paused`), every response is counted, and a 429 pauses every process of
+    the tenant for its ``Retry-After`` (1 s when it sent none)."""
+
+    def __init__(self, transport: httpx.BaseTransport, limiter: RateLimiter) -> None:
+        self.transport = transport
+        self.limiter = limiter
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.limiter.acquire(request)
+        response = self.transport.handle_request(request)
+        self.limiter.count_response(response.status_code)
+        if response.status_code == 429:
+            seconds = parse_retry_after(response.headers.get("Retry-After"))
+            self.limiter.pause(seconds if seconds is not None else 1.0)
+        return response
+
+    def close(self) -> None:
+        self.transport.close()
