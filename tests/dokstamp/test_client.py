@@ -6,7 +6,13 @@ import httpx
 import pytest
 
 import graph
-from dokstamp_sync.dokstamp import MemoryTokenStore, PasswordLogin, TokenManager, Upload
+from dokstamp_sync.dokstamp import (
+    MemoryTokenStore,
+    PasswordLogin,
+    TokenManager,
+    Upload,
+    tenant_domain,
+)
 from dokstamp_sync.dokstamp.client import DokStampClient
 from dokstamp_sync.walkthrough import walk
 
@@ -49,8 +55,8 @@ def test_default_page_is_15_with_meta(client, sandbox):
     assert (len(page.items), page.total, page.last_page) == (5, 20, 2)
 
 
-def test_iterate_stops_on_a_short_page_when_meta_has_no_last_page():
-    """Against an API whose meta lacks last_page, a short page ends the iteration."""
+def test_iterate_stops_at_total_when_meta_has_no_last_page():
+    """Against an API whose meta lacks last_page, meta.total items end the iteration."""
     calls = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -218,3 +224,23 @@ def test_multipart_upload_is_replayed_after_a_401(client, sandbox):
     f = client.files.upload([up])[0]
     assert f["size"] == len(up.content)
     assert sandbox.sandbox.stats.by_route["POST /files"] == 2
+
+
+def test_me_returns_the_user_with_its_tenant_and_its_domain(client, sandbox):
+    """/auth/me gives the user with its tenant; tenant_domain reads the X-Tenant value."""
+    me = client.me()
+    assert {"name", "email", "tenant"} <= set(me)
+    assert set(me["tenant"]) >= {"name", "domain"}
+    assert tenant_domain(me) == client.tenant
+
+
+@pytest.mark.parametrize(("me", "domain"), [
+    ({"id": 1, "name": "João Silva", "tenant": {"id": 42, "name": "UFE",
+                                                "domain": "universidade-federal-example"}},
+     "universidade-federal-example"),
+    ({"uuid": "u", "tenant": {"uuid": "t", "name": "UFE"}}, None),
+    ({"uuid": "u", "tenant": {"domain": ""}}, None), ({"uuid": "u", "tenant": "x"}, None),
+    ({"uuid": "u"}, None)])
+def test_tenant_domain_of_either_docs_generation(me, domain):
+    """The older (id) and newer (uuid) /auth/me shapes give tenant.domain; no domain: None."""
+    assert tenant_domain(me) == domain
