@@ -40,8 +40,9 @@ def build_http_client(base_url: str, *, timeout: float = 30.0, connect_timeout: 
 
     ``transport`` replaces the network (an ``httpx.MockTransport`` in tests); ``limiter`` wraps
     it in a :class:`~.ratelimit.RateLimitedTransport`, so every request the client sends waits
-    for the fleet-wide bucket. (httpx uses no proxy from the environment with an explicit
-    transport; none is needed to reach DokStamp.)
+    for the fleet-wide bucket. The transport is always explicit, so httpx reads no proxy from
+    the environment (``HTTPS_PROXY``): to go through one, pass
+    ``transport=httpx.HTTPTransport(proxy=...)``.
     """
     limits = httpx.Limits(max_connections=max_connections,
                           max_keepalive_connections=max_connections)
