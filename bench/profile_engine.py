@@ -21,10 +21,9 @@ import redis
 
 from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.demo import samples
-from dokstamp_sync.dokstamp import PasswordLogin, RedisTokenStore, TokenManager
+from dokstamp_sync.dokstamp import PasswordLogin, RateLimiter, RedisTokenStore, TokenManager
 from dokstamp_sync.dokstamp.client import DokStampClient, build_http_client
 from dokstamp_sync.pipeline.ingest import StreamIngester
-from dokstamp_sync.ratelimit import RateLimiter, install
 from dokstamp_sync.sandbox import Account, Sandbox, SandboxConfig, SandboxServer
 from dokstamp_sync.sync import engine
 from dokstamp_sync.sync.context import SyncContext
@@ -48,9 +47,8 @@ def main() -> None:
     with scratch_database(PG_ADMIN, "dokstamp_sync_profile") as url, \
             SandboxServer(Sandbox(SandboxConfig(accounts=[account]))) as server:
         sessions = make_sessionmaker(make_engine(url))
-        http = build_http_client(server.url)
         limiter = RateLimiter(client, account.tenant, 10_000)
-        install(http, limiter)
+        http = build_http_client(server.url, limiter=limiter)
         ctx = SyncContext(
             client=DokStampClient(http, tenant=account.tenant, tokens=TokenManager(
                 http, PasswordLogin(account.email, account.password), RedisTokenStore(client))),

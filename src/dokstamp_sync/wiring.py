@@ -23,8 +23,7 @@ from dokstamp_sync.config import (
     load_store_settings,
 )
 from dokstamp_sync.db import make_engine, make_sessionmaker
-from dokstamp_sync.dokstamp import RedisTokenStore, client_from_settings
-from dokstamp_sync.ratelimit import RateLimiter, install
+from dokstamp_sync.dokstamp import RateLimiter, RedisTokenStore, client_from_settings
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.files import FilePolicy
 
@@ -62,9 +61,8 @@ def build_context(settings: Settings, **overrides: Any) -> SyncContext:
     rate limit, database sessions, Redis, the file policy and the engine's limits.
     ``overrides`` replace any of the context's fields (tests: ``sleep``, ``rng``...)."""
     client_redis = redis.Redis.from_url(settings.redis_url)
-    api = client_from_settings(settings, store=RedisTokenStore(client_redis))
     limiter = RateLimiter(client_redis, settings.dokstamp_tenant, settings.dokstamp_rate_limit)
-    install(api.http, limiter)
+    api = client_from_settings(settings, store=RedisTokenStore(client_redis), limiter=limiter)
     root = settings.dokstamp_sync_file_root
     ctx = SyncContext(
         client=api,

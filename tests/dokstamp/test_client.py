@@ -7,7 +7,13 @@ import pytest
 
 import graph
 from dokstamp_sync.demo.walkthrough import walk
-from dokstamp_sync.dokstamp import MemoryTokenStore, PasswordLogin, TokenManager, Upload
+from dokstamp_sync.dokstamp import (
+    MemoryTokenStore,
+    PasswordLogin,
+    TokenManager,
+    Upload,
+    tenant_domain,
+)
 from dokstamp_sync.dokstamp.client import DokStampClient
 
 
@@ -49,8 +55,8 @@ def test_default_page_is_15_with_meta(client, sandbox):
     assert (len(page.items), page.total, page.last_page) == (5, 20, 2)
 
 
-def test_iterate_stops_on_a_short_page_when_meta_has_no_last_page():
-    """Against an API whose meta lacks last_page, a short page ends the iteration."""
+def test_iterate_stops_at_total_when_meta_has_no_last_page():
+    """Against an API whose meta lacks last_page, meta.total items end the iteration."""
     calls = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -190,11 +196,15 @@ def test_walkthrough_syncs_one_certificate_and_is_idempotent(client, sandbox):
     assert cert["enrollment"]["uuid"] == first["enrollment"]["uuid"]
 
 
-def test_iterate_stops_at_total_when_the_api_ignores_page():
-    """An API that ignores `page` and has no last_page cannot make iteration loop forever."""
+def test_iterate_stops_when_the_api_ignores_page():
+    """An API that ignores `page` (same items every time) cannot make iteration loop or
+    repeat items: the repeated page ends it, and the listing says it is incomplete."""
+    calls = []
+
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/auth/login":
             return httpx.Response(200, json={"access_token": "t", "expires_in": 3600})
+        calls.append(request.url.params["page"])
         items = [{"uuid": str(i)} for i in range(15)]
         return httpx.Response(200, json={"data": items, "meta": {
             "current_page": 1, "per_page": 15, "total": 42}})
@@ -202,7 +212,10 @@ def test_iterate_stops_at_total_when_the_api_ignores_page():
     http = httpx.Client(base_url="https://api.example", transport=httpx.MockTransport(handler))
     c = DokStampClient(http, tenant="t", tokens=TokenManager(
         http, PasswordLogin("a@b.c", "pw"), MemoryTokenStore()))
-    assert len(list(c.students.iterate(per_page=15))) == 45  # 3 pages, then total reached
+    listing = c.students.listing(per_page=15)
+    assert len(list(listing)) == 15
+    assert calls == ["1", "2"]
+    assert listing.complete is False
 
 
 def test_multipart_upload_is_replayed_after_a_401(client, sandbox):
@@ -213,3 +226,23 @@ def test_multipart_upload_is_replayed_after_a_401(client, sandbox):
     f = client.files.upload([up])[0]
     assert f["size"] == len(up.content)
     assert sandbox.sandbox.stats.by_route["POST /files"] == 2
+
+
+def test_me_returns_the_user_with_its_tenant_and_its_domain(client, sandbox):
+    """/auth/me gives the user with its tenant; tenant_domain reads the X-Tenant value."""
+    me = client.me()
+    assert {"name", "email", "tenant"} <= set(me)
+    assert set(me["tenant"]) >= {"name", "domain"}
+    assert tenant_domain(me) == client.tenant
+
+
+@pytest.mark.parametrize(("me", "domain"), [
+    ({"id": 1, "name": "João Silva", "tenant": {"id": 42, "name": "UFE",
+                                                "domain": "universidade-federal-example"}},
+     "universidade-federal-example"),
+    ({"uuid": "u", "tenant": {"uuid": "t", "name": "UFE"}}, None),
+    ({"uuid": "u", "tenant": {"domain": ""}}, None), ({"uuid": "u", "tenant": "x"}, None),
+    ({"uuid": "u"}, None)])
+def test_tenant_domain_of_either_docs_generation(me, domain):
+    """The older (id) and newer (uuid) /auth/me shapes give tenant.domain; no domain: None."""
+    assert tenant_domain(me) == domain

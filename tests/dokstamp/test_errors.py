@@ -155,14 +155,17 @@ def _response(status: int, headers: dict[str, str] | None = None, **body) -> htt
 
 @pytest.mark.parametrize(("status", "cls"), [
     (400, errors.ClientError), (401, errors.AuthenticationError),
-    (403, errors.PermissionDenied), (404, errors.NotFound), (409, errors.ClientError),
-    (422, errors.ValidationFailed), (429, errors.RateLimited), (500, errors.ServerError),
-    (502, errors.ServerError), (503, errors.ServerError)])
+    (403, errors.PermissionDenied), (404, errors.NotFound), (405, errors.ClientError),
+    (409, errors.Conflict), (422, errors.ValidationFailed), (429, errors.TooManyRequests),
+    (500, errors.ServerError), (502, errors.ServerError), (503, errors.ServerError)])
 def test_status_to_class_table(status, cls):
     """from_response maps each status to its class; none of them shows the token or query."""
     exc = errors.from_response(_response(status, message="boom"))
     assert type(exc) is cls
     assert isinstance(exc, errors.TransientError) == (status == 429 or status >= 500)
+    assert isinstance(exc, errors.PermanentError) == (400 <= status < 500 and status != 429)
+    assert isinstance(exc, errors.RateLimited) == (status == 429)
+    assert exc.status == status
     assert "SECRET-TOKEN" not in f"{exc} {exc!r} {exc.body}"
     assert "a@b.c" not in str(exc)
 
@@ -173,3 +176,96 @@ def test_retry_after_absent_or_as_http_date():
     assert errors.parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
     assert errors.parse_retry_after("garbage") is None
     assert errors.parse_retry_after("-3") == 0.0
+
+
+@pytest.mark.parametrize(("status", "header", "seconds"), [
+    (503, "30", 30.0), (500, "Wed, 21 Oct 2015 07:28:40 GMT", None), (502, None, None)])
+def test_server_error_keeps_retry_after(mock_api, status, header, seconds):
+    """A 5xx's Retry-After (seconds, or an HTTP date) is kept on the ServerError, like a 429's;
+    without one, retry_after is None."""
+    headers = {"Retry-After": header} if header else {}
+    c = mock_api(lambda r: httpx.Response(status, json={"message": "down"}, headers=headers))
+    with pytest.raises(errors.ServerError) as info:
+        c.students.page()
+    exc = info.value
+    assert isinstance(exc, errors.TransientError)
+    if header and seconds is None:  # a date in the past: wait nothing more
+        assert exc.retry_after == 0.0
+    else:
+        assert exc.retry_after == seconds
+
+
+def test_every_transient_error_has_retry_after():
+    """retry_after exists on every transient class (None unless a server or the limiter said)."""
+    request = httpx.Request("GET", "https://a/b")
+    assert errors.from_httpx_error(httpx.ReadTimeout("x"), request).retry_after is None
+    assert errors.from_httpx_error(httpx.ConnectError("x"), request).retry_after is None
+    assert errors.Paused("held", retry_after=40.0).retry_after == 40.0
+    assert errors.malformed(httpx.Response(200, text="", request=request),
+                            "empty").retry_after is None
+
+
+def test_409_on_create_is_a_permanent_conflict(mock_api):
+    """A 409 (undocumented) is Conflict: permanent, not a generic ClientError, with the body."""
+    c = mock_api(lambda r: httpx.Response(409, json={"message": "Duplicate entry."}))
+    with pytest.raises(errors.Conflict) as info:
+        c.students.create({"name": "x", "email": "dup@example.edu"})
+    exc = info.value
+    assert isinstance(exc, errors.PermanentError)
+    assert not isinstance(exc, errors.ClientError)
+    assert (exc.status, exc.message, exc.method, exc.path) == (409, "Duplicate entry.", "POST",
+                                                              "/students")
+
+
+class _BrokenStream(httpx.SyncByteStream):
+    """A body that breaks after its first chunk (the connection dropped mid-download)."""
+
+    def __iter__(self):
+        yield b"%PDF-1.4 "
+        raise httpx.ReadError("connection reset")
+
+
+def _http(handler) -> httpx.Client:
+    return httpx.Client(base_url="https://docs.example", transport=httpx.MockTransport(handler))
+
+
+def test_exchange_translates_a_streamed_5xx_with_its_body():
+    """A streamed 503 is read and classified: ServerError with DokStamp-style body and
+    Retry-After (the old code called from_response on an unread stream and crashed)."""
+    with _http(lambda r: httpx.Response(503, json={"message": "busy"},
+                                        headers={"Retry-After": "12"})) as http:
+        request = http.build_request("GET", "/diploma.pdf")
+        with pytest.raises(errors.ServerError) as info, \
+                errors.exchange(http, request, stream=True):
+            pytest.fail("the block must not run for a failed status")
+    assert (info.value.message, info.value.retry_after) == ("busy", 12.0)
+
+
+def test_exchange_translates_a_read_error_inside_the_block():
+    """A transport error while the block reads a streamed body becomes TransportError."""
+    with _http(lambda r: httpx.Response(200, stream=_BrokenStream())) as http:
+        request = http.build_request("GET", "/diploma.pdf")
+        with pytest.raises(errors.TransportError) as info, \
+                errors.exchange(http, request, stream=True) as response:
+            b"".join(response.iter_bytes())
+    assert info.value.path == "/diploma.pdf"
+    assert "ReadError" in str(info.value)
+
+
+def test_exchange_passes_statuses_the_caller_handles_and_its_own_errors():
+    """With a custom ``failed``, a 404 reaches the block; the block's own exception passes
+    through untouched and the response is closed."""
+    seen: list[httpx.Response] = []
+
+    def fetch(http: httpx.Client) -> None:
+        request = http.build_request("GET", "/gone.pdf")
+        with errors.exchange(http, request, stream=True,
+                             failed=lambda s: s >= 500) as response:
+            seen.append(response)
+            raise LookupError("the caller's own verdict")
+
+    with _http(lambda r: httpx.Response(404, text="nope")) as http, \
+            pytest.raises(LookupError):
+        fetch(http)
+    assert seen[0].status_code == 404
+    assert seen[0].is_closed

@@ -10,11 +10,10 @@ import httpx
 from sqlalchemy import select
 
 from dokstamp_sync.db import session_scope
-from dokstamp_sync.dokstamp import PasswordLogin, RedisTokenStore, TokenManager
+from dokstamp_sync.dokstamp import PasswordLogin, RateLimiter, RedisTokenStore, TokenManager
 from dokstamp_sync.dokstamp.client import DokStampClient, build_http_client
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping
 from dokstamp_sync.pipeline.ingest import StreamIngester
-from dokstamp_sync.ratelimit import RateLimiter, install
 from dokstamp_sync.sync import engine
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.files import FilePolicy
@@ -26,12 +25,11 @@ def make_context(sandbox, sessions, redis_client, *, rate: float = 1000.0,
                  file_root: Path | None = None, hosts: Iterable[str] = (),
                  timeout: float = 10.0, password: str = "sandbox-password",
                  limiter_sleep: Any = None, **kw: Any) -> SyncContext:
-    http = build_http_client(sandbox.url, timeout=timeout)
-    tokens = TokenManager(http, PasswordLogin("admin@demo-university.edu", password),
-                          RedisTokenStore(redis_client))
     limiter = RateLimiter(redis_client, "demo-university", rate,
                           **({"sleep": limiter_sleep} if limiter_sleep else {}))
-    install(http, limiter)
+    http = build_http_client(sandbox.url, timeout=timeout, limiter=limiter)
+    tokens = TokenManager(http, PasswordLogin("admin@demo-university.edu", password),
+                          RedisTokenStore(redis_client))
     client = DokStampClient(http, tenant="demo-university", tokens=tokens)
     kw.setdefault("sleep", lambda s: None)
     return SyncContext(client=client, sessions=sessions, redis=redis_client, limiter=limiter,

@@ -16,6 +16,7 @@ from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.models import InboxEvent
 from dokstamp_sync.pipeline.scheduler import dispatch_due
+from dokstamp_sync.redis_keys import PAUSE
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 
 
@@ -158,7 +159,7 @@ def test_long_pause_parks_the_event_instead_of_sleeping(sandbox, sessions, engin
     locks held)."""
     ctx = make_context(sandbox, sessions, engine_redis)
     harness = Harness(ctx)
-    engine_redis.set("dokstamp:pause:demo-university", "1", px=60_000)
+    engine_redis.set(f"{PAUSE}demo-university", "1", px=60_000)
     e = student()
     assert harness.sync(e) == ["waiting"]
     rec = harness.record(e["event_id"])

@@ -6,19 +6,17 @@ import httpx
 
 from dokstamp_sync.config import ConfigError, Settings
 from dokstamp_sync.dokstamp.auth import ClientCredentials, Credentials, PasswordLogin, TokenManager
-from dokstamp_sync.dokstamp.client import (
-    DokStampClient,
-    Entity,
-    Page,
-    Upload,
-    build_http_client,
-)
+from dokstamp_sync.dokstamp.client import DokStampClient, Entity, build_http_client, tenant_domain
+from dokstamp_sync.dokstamp.pages import Listing, Page
+from dokstamp_sync.dokstamp.ratelimit import RateLimitedTransport, RateLimiter
 from dokstamp_sync.dokstamp.tokens import CachedToken, MemoryTokenStore, RedisTokenStore, TokenStore
+from dokstamp_sync.dokstamp.uploads import Upload, check_upload
 
 __all__ = [
-    "CachedToken", "ClientCredentials", "Credentials", "DokStampClient", "Entity",
-    "MemoryTokenStore", "Page", "PasswordLogin", "RedisTokenStore", "TokenManager", "TokenStore",
-    "Upload", "build_http_client", "client_from_settings", "credentials_from_settings",
+    "CachedToken", "ClientCredentials", "Credentials", "DokStampClient", "Entity", "Listing",
+    "MemoryTokenStore", "Page", "PasswordLogin", "RateLimitedTransport", "RateLimiter",
+    "RedisTokenStore", "TokenManager", "TokenStore", "Upload", "build_http_client",
+    "check_upload", "client_from_settings", "credentials_from_settings", "tenant_domain",
 ]
 
 
@@ -34,10 +32,15 @@ def credentials_from_settings(settings: Settings) -> Credentials:
 
 
 def client_from_settings(settings: Settings, store: TokenStore | None = None,
-                         http: httpx.Client | None = None) -> DokStampClient:
-    """A ready client for ``settings``; ``store`` shares tokens between processes (Redis)."""
+                         http: httpx.Client | None = None,
+                         limiter: RateLimiter | None = None) -> DokStampClient:
+    """A ready client for ``settings``; ``store`` shares tokens between processes (Redis);
+    ``limiter`` paces every request it sends (fleet-wide). A given ``http`` is used as it is,
+    so it cannot be combined with ``limiter``: build it with :func:`build_http_client`'s."""
+    if http is not None and limiter is not None:
+        raise TypeError("pass the limiter to build_http_client when giving your own http")
     client = http or build_http_client(settings.dokstamp_api_url,
-                                       timeout=settings.dokstamp_timeout)
+                                       timeout=settings.dokstamp_timeout, limiter=limiter)
     tokens = TokenManager(client, credentials_from_settings(settings),
                           store or MemoryTokenStore())
     return DokStampClient(client, tenant=settings.dokstamp_tenant, tokens=tokens,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import time
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
@@ -45,28 +46,42 @@ class Credentials(Protocol):
         ...
 
 
-def _post(http: httpx.Client, path: str, **kw: Any) -> dict[str, Any]:
-    """POST to an auth endpoint and return its JSON; errors translated, secrets never shown."""
+def _obtain(http: httpx.Client, path: str, now: float, **kw: Any) -> CachedToken:
+    """POST to a token endpoint and return the token it gave; errors translated, secrets never
+    shown. A success answer without a usable token (HTML, not an object, no ``access_token``,
+    an ``expires_in`` that is not a number of seconds) is :class:`~.errors.MalformedResponse`,
+    excerpted only when it is not JSON (JSON from here may hold a token)."""
     request = http.build_request("POST", path, headers={"Accept": "application/json"}, **kw)
+    with errors.exchange(http, request) as response:
+        try:
+            body = response.json()
+        except ValueError:
+            raise errors.malformed(response, "token endpoint answered with a body that is "
+                                   "not JSON", json_may_hold_secrets=True) from None
+        if not isinstance(body, dict):
+            body = {}
+        token, refresh = body.get("access_token"), body.get("refresh_token")
+        raw = body.get("expires_in")  # not sent: assume an hour, renewal fixes any mistake
+        lifetime = 3600.0 if raw is None else _seconds(raw)
+        if not isinstance(token, str) or not token:
+            raise errors.malformed(response, "token endpoint answered without an access_token",
+                                   json_may_hold_secrets=True)
+        if lifetime is None or not isinstance(refresh, str | None):
+            raise errors.malformed(response, "token endpoint answered with an unusable "
+                                   "expires_in or refresh_token", json_may_hold_secrets=True)
+        return CachedToken(access_token=token, expires_at=now + lifetime,
+                           refresh_token=refresh or None, obtained_at=now)
+
+
+def _seconds(value: Any) -> float | None:
+    """``expires_in`` as seconds (0 or more), or None when it is not a finite number."""
+    if isinstance(value, bool):
+        return None
     try:
-        response = http.send(request)
-    except httpx.HTTPError as exc:
-        raise errors.from_httpx_error(exc, request) from None
-    if response.status_code >= 400:
-        raise errors.from_response(response)
-    body = response.json()
-    if not isinstance(body, dict) or not body.get("access_token"):
-        raise errors.AuthenticationError(
-            "token endpoint answered without an access_token", status=response.status_code,
-            method="POST", path=path)
-    return body
-
-
-def _token_from(body: dict[str, Any], now: float) -> CachedToken:
-    lifetime = body.get("expires_in")
-    return CachedToken(access_token=str(body["access_token"]),
-                       expires_at=now + (3600.0 if lifetime is None else float(lifetime)),
-                       refresh_token=body.get("refresh_token"), obtained_at=now)
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _derive(identity: str, secret: str) -> bytes:
@@ -97,13 +112,12 @@ class PasswordLogin:
                now: float) -> CachedToken:
         if previous is not None and previous.refresh_token:
             try:
-                body = _post(http, "/auth/refresh",
-                             json={"refresh_token": previous.refresh_token})
-                return _token_from(body, now)
+                return _obtain(http, "/auth/refresh", now,
+                               json={"refresh_token": previous.refresh_token})
             except errors.PermanentError:
                 pass  # rotated away or revoked: a full login is the documented remedy
-        body = _post(http, "/auth/login", json={"email": self.email, "password": self._password})
-        return _token_from(body, now)
+        return _obtain(http, "/auth/login", now,
+                       json={"email": self.email, "password": self._password})
 
 
 class ClientCredentials:
@@ -125,10 +139,9 @@ class ClientCredentials:
 
     def obtain(self, http: httpx.Client, previous: CachedToken | None,
                now: float) -> CachedToken:
-        body = _post(http, "/oauth/token", data={
+        return _obtain(http, "/oauth/token", now, data={
             "grant_type": "client_credentials", "client_id": self.client_id,
             "client_secret": self._client_secret})
-        return _token_from(body, now)
 
 
 class TokenManager:

@@ -6,13 +6,15 @@ caller decides, from the exception's class, whether to retry or dead-letter.
 
 Entities are the plain JSON objects DokStamp returns (``Entity``): the sync engine sends and
 reads fields in DokStamp's own names, so a typed wrapper per field would only restate the docs.
+Their envelope is checked, though: a success answer that is not JSON, is empty where an entity is
+due, or has ``data`` of the wrong shape (or an entity without ``uuid``) raises
+:class:`~.errors.MalformedResponse` instead of failing later with a ``KeyError``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -20,6 +22,9 @@ import httpx
 
 from dokstamp_sync.dokstamp import errors
 from dokstamp_sync.dokstamp.auth import BearerAuth, TokenManager
+from dokstamp_sync.dokstamp.pages import MAX_PAGES, Listing, Page, parse_page
+from dokstamp_sync.dokstamp.ratelimit import RateLimitedTransport, RateLimiter
+from dokstamp_sync.dokstamp.uploads import Upload, check_upload
 
 log = logging.getLogger(__name__)
 
@@ -29,35 +34,34 @@ MAX_PER_PAGE = 200  # the largest page the docs' bulk example asks for
 
 
 def build_http_client(base_url: str, *, timeout: float = 30.0, connect_timeout: float = 5.0,
-                      max_connections: int = 20) -> httpx.Client:
-    """An ``httpx.Client`` with explicit timeouts and a keep-alive pool, for DokStamp."""
+                      max_connections: int = 20, limiter: RateLimiter | None = None,
+                      transport: httpx.BaseTransport | None = None) -> httpx.Client:
+    """An ``httpx.Client`` with explicit timeouts and a keep-alive pool, for DokStamp.
+
+    ``transport`` replaces the network (an ``httpx.MockTransport`` in tests); ``limiter`` wraps
+    it in a :class:`~.ratelimit.RateLimitedTransport`, so every request the client sends waits
+    for the fleet-wide bucket. The transport is always explicit, so httpx reads no proxy from
+    the environment (``HTTPS_PROXY``): to go through one, pass
+    ``transport=httpx.HTTPTransport(proxy=...)``.
+    """
+    limits = httpx.Limits(max_connections=max_connections,
+                          max_keepalive_connections=max_connections)
+    inner = transport or httpx.HTTPTransport(limits=limits)
     return httpx.Client(
         base_url=base_url,
         timeout=httpx.Timeout(timeout, connect=connect_timeout),
-        limits=httpx.Limits(max_connections=max_connections,
-                            max_keepalive_connections=max_connections),
+        transport=RateLimitedTransport(inner, limiter) if limiter else inner,
         headers={"User-Agent": "dokstamp-sync"},
     )
 
 
-@dataclass(frozen=True)
-class Page:
-    """One page of a list answer and its ``meta``."""
-
-    items: list[Entity]
-    current_page: int
-    per_page: int
-    total: int
-    last_page: int | None
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One file for ``POST /files``."""
-
-    filename: str
-    content: bytes
-    content_type: str = "application/pdf"
+def tenant_domain(me: Entity) -> str | None:
+    """The tenant's ``domain`` in a :meth:`DokStampClient.me` answer (``{..., "tenant":
+    {"uuid" or "id", "name", "domain"}}``): the value the docs say to send as ``X-Tenant``.
+    ``None`` when the answer has no such string."""
+    tenant = me.get("tenant")
+    domain = tenant.get("domain") if isinstance(tenant, dict) else None
+    return domain if isinstance(domain, str) and domain else None
 
 
 def _where(filters: Mapping[str, Any] | None) -> dict[str, str]:
@@ -96,58 +100,65 @@ class DokStampClient:
                 json: Any = None, files: Sequence[tuple[str, tuple[str, bytes, str]]] | None
                 = None) -> Any:
         """Send one authenticated request; return its decoded JSON (``None`` for 204)."""
+        return self.call(method, path, params=params, json=json, files=files)[1]
+
+    def call(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
+             json: Any = None, files: Sequence[tuple[str, tuple[str, bytes, str]]] | None
+             = None) -> tuple[httpx.Response, Any]:
+        """:meth:`request`, also returning the response (for classifying its body)."""
         request = self.http.build_request(
             method, path, params=params, json=json, files=files,
             headers={"Accept": "application/json", "X-Tenant": self.tenant})
-        try:
-            response = self.http.send(request, auth=self._auth)
-        except httpx.HTTPError as exc:
-            raise errors.from_httpx_error(exc, request) from None
-        log.debug("%s %s -> %s", method, request.url.path, response.status_code)
-        if response.status_code >= 400:
-            raise errors.from_response(response)
-        if response.status_code == 204 or not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            raise errors.ServerError("answer is not JSON", status=response.status_code,
-                                     method=method, path=request.url.path) from None
+        with errors.exchange(self.http, request, auth=self._auth) as response:
+            log.debug("%s %s -> %s", method, request.url.path, response.status_code)
+            if response.status_code == 204 or not response.content:
+                return response, None
+            try:
+                return response, response.json()
+            except ValueError:
+                raise errors.malformed(response, "the answer is not JSON") from None
+
+    def entity(self, method: str, path: str, **kw: Any) -> Entity:
+        """A call answered by one entity, ``{"data": {"uuid": ..., ...}}``; anything else (an
+        empty body, a list, an object without ``uuid``) is :class:`~.errors.MalformedResponse`."""
+        response, body = self.call(method, path, **kw)
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, dict) or not data.get("uuid"):
+            raise errors.malformed(response, "expected data: an object with a uuid")
+        return dict(data)
+
+    def listing(self, path: str, where: Mapping[str, Any] | None = None, *,
+                per_page: int = MAX_PER_PAGE, max_pages: int = MAX_PAGES) -> Listing:
+        """Every item of a list endpoint, read lazily; after iterating, ``complete`` says
+        whether it provably saw them all (see :mod:`.pages` for when it stops)."""
+        return Listing(lambda n: self.page(path, where, page=n, per_page=per_page),
+                       max_pages=max_pages)
 
     def paginate(self, path: str, where: Mapping[str, Any] | None = None, *,
                  per_page: int = MAX_PER_PAGE) -> Iterator[Entity]:
-        """Every item of a list endpoint, page by page. Stops at ``meta.last_page``, on a short
-        or empty page, or once ``meta.total`` items came (an API ignoring ``page`` cannot make
-        it loop forever)."""
-        number, seen = 1, 0
-        while True:
-            page = self.page(path, where, page=number, per_page=per_page)
-            yield from page.items
-            seen += len(page.items)
-            if (page.last_page is not None and number >= page.last_page) \
-                    or len(page.items) < page.per_page or not page.items or seen >= page.total:
-                return
-            number += 1
+        """Every item of a list endpoint, page by page: :meth:`listing` without the verdict."""
+        return iter(self.listing(path, where, per_page=per_page))
 
     def page(self, path: str, where: Mapping[str, Any] | None = None, *, page: int = 1,
              per_page: int = 15) -> Page:
         """One page of ``GET {path}?where[...]``."""
+        return self._page(path, where, page=page, per_page=per_page)[1]
+
+    def _page(self, path: str, where: Mapping[str, Any] | None, *, page: int,
+              per_page: int) -> tuple[httpx.Response, Page]:
         params = _where(where) | {"page": str(page), "per_page": str(per_page)}
-        body = self.request("GET", path, params=params)
-        meta = body.get("meta") or {}
-        items = [dict(i) for i in body.get("data") or []]
-        return Page(items=items, current_page=int(meta.get("current_page", page)),
-                    per_page=int(meta.get("per_page", per_page)),
-                    total=int(meta.get("total", len(items))),
-                    last_page=int(meta["last_page"]) if meta.get("last_page") else None)
+        response, body = self.call("GET", path, params=params)
+        return response, parse_page(response, body, page=page, per_page=per_page)
 
     def me(self) -> Entity:
-        """``GET /auth/me``: the current user and its tenant."""
-        return dict(_data(self.request("GET", "/auth/me")))
-
-
-def _data(body: Any) -> Any:
-    return body["data"] if isinstance(body, dict) and "data" in body else body
+        """``GET /auth/me``: the current user and its tenant, ``{"uuid" (or "id"), "name",
+        "email", "tenant": {"uuid" (or "id"), "name", "domain"}}`` (see :func:`tenant_domain`).
+        An answer without a ``tenant`` object is :class:`~.errors.MalformedResponse`."""
+        response, body = self.call("GET", "/auth/me")
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, dict) or not isinstance(data.get("tenant"), dict):
+            raise errors.malformed(response, "expected data: a user with a tenant object")
+        return dict(data)
 
 
 class Resource:
@@ -158,14 +169,13 @@ class Resource:
         self.path = path
 
     def create(self, fields: Mapping[str, Any]) -> Entity:
-        return dict(_data(self._client.request("POST", self.path, json=dict(fields))))
+        return self._client.entity("POST", self.path, json=dict(fields))
 
     def get(self, uuid: str) -> Entity:
-        return dict(_data(self._client.request("GET", f"{self.path}/{uuid}")))
+        return self._client.entity("GET", f"{self.path}/{uuid}")
 
     def update(self, uuid: str, fields: Mapping[str, Any]) -> Entity:
-        return dict(_data(self._client.request("PATCH", f"{self.path}/{uuid}",
-                                               json=dict(fields))))
+        return self._client.entity("PATCH", f"{self.path}/{uuid}", json=dict(fields))
 
     def delete(self, uuid: str) -> None:
         self._client.request("DELETE", f"{self.path}/{uuid}")
@@ -180,6 +190,12 @@ class Resource:
         """Every match, page by page (see :meth:`DokStampClient.paginate`)."""
         return self._client.paginate(self.path, where, per_page=per_page)
 
+    def listing(self, where: Mapping[str, Any] | None = None, *,
+                per_page: int = MAX_PER_PAGE) -> Listing:
+        """Every match, lazily, with a ``complete`` verdict once iterated (see
+        :meth:`DokStampClient.listing`): use it where "not listed" must mean "absent"."""
+        return self._client.listing(self.path, where, per_page=per_page)
+
     def find(self, **where: Any) -> list[Entity]:
         """All matches of the filters (the search half of search-before-create)."""
         return list(self.iterate(where))
@@ -190,8 +206,13 @@ class Resource:
         return items[0] if items else None
 
     def count(self, **where: Any) -> int:
-        """``meta.total`` of a one-item page, as the deletion-rules guide does."""
-        return self.page(where, per_page=1).total
+        """``meta.total`` of a one-item page, as the deletion-rules guide does; an answer
+        without ``meta.total`` is :class:`~.errors.MalformedResponse` (guessing would let a
+        delete through that the rules forbid)."""
+        response, page = self._client._page(self.path, where, page=1, per_page=1)
+        if page.meta_total is None:
+            raise errors.malformed(response, "a count needs meta.total")
+        return page.meta_total
 
 
 class Courses(Resource):
@@ -217,11 +238,17 @@ class Files(Resource):
     """Files: multipart upload (several per request), deduplicated by content."""
 
     def upload(self, uploads: Sequence[Upload]) -> list[Entity]:
-        """``POST /files`` with one ``files[]`` part per upload; records in the same order."""
+        """``POST /files`` with one ``files[]`` part per upload; one record per upload, in the
+        same order, each checked by :func:`~.uploads.check_upload` (its name and size): a
+        mismatch raises :class:`~.errors.UploadMismatch` (then upload one file per request)."""
         if not uploads:
             return []
         parts = [("files[]", (u.filename, u.content, u.content_type)) for u in uploads]
-        return [dict(f) for f in _data(self._client.request("POST", self.path, files=parts))]
+        response, body = self._client.call("POST", self.path, files=parts)
+        records = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(records, list):
+            raise errors.malformed(response, "expected data: a list of file records")
+        return check_upload(response, uploads, records)
 
 
 class Certificates(Resource):
@@ -252,5 +279,4 @@ class Certificates(Resource):
     def revoke(self, uuid: str, reason: str | None = None) -> Entity:
         """``PUT /certificates/{uuid}/revoke``, optionally with ``revocation_reason``."""
         body = {"revocation_reason": reason} if reason else None
-        return dict(_data(self._client.request("PUT", f"{self.path}/{uuid}/revoke",
-                                               json=body)))
+        return self._client.entity("PUT", f"{self.path}/{uuid}/revoke", json=body)

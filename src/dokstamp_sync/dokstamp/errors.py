@@ -3,32 +3,50 @@
 ::
 
     DokStampError
-    ├── TransientError           retry later, with backoff; the data is fine
+    ├── TransientError           retry later, with backoff (at least ``retry_after`` when set)
     │   ├── TransportError       connection refused/reset, DNS, protocol error
     │   │   └── Timeout          connect/read/write/pool timeout: the write MAY have happened
-    │   ├── RateLimited          HTTP 429; ``retry_after`` seconds from ``Retry-After`` (or None)
-    │   └── ServerError          HTTP 5xx: the write MAY have happened (a lost response)
+    │   ├── RateLimited          slow down: wait ``retry_after`` seconds (or back off if None)
+    │   │   ├── TooManyRequests  HTTP 429, ``retry_after`` from its ``Retry-After``
+    │   │   └── Paused           not sent: the fleet's limiter holds the tenant (after a 429)
+    │   │                        for longer than it may wait
+    │   ├── ServerError          HTTP 5xx (``Retry-After`` kept): the write MAY have happened
+    │   └── MalformedResponse    a 2xx whose body is not what the docs show (not JSON, empty,
+    │       │                    wrong shape): the write MAY have happened, search first
+    │       └── UploadMismatch   ``POST /files`` records do not match the files sent (count,
+    │                            size, name): upload them one per request instead
     └── PermanentError           do not retry: dead-letter with ``status``/``message``/``errors``
         ├── AuthenticationError  401 that survived one token renewal, or refused credentials
         ├── PermissionDenied     403
         ├── NotFound             404 (also: another tenant's resource)
+        ├── Conflict             409 (undocumented): e.g. a duplicate; search and adopt a match
         ├── ValidationFailed     422, with DokStamp's field ``errors``
-        └── ClientError          any other 4xx (400, 405, 409, ...)
+        └── ClientError          any other 4xx (400, 405, ...)
 
-Foreign exceptions (httpx) are translated in exactly one place: :func:`from_httpx_error` and
-:func:`from_response`. No exception here ever carries a token, a password or a client secret:
-only the method, the path (without query string), the status and DokStamp's own error body.
+Foreign exceptions (httpx) are translated in exactly one place, :func:`exchange`, which sends a
+request and turns transport failures (:func:`from_httpx_error`) and error statuses
+(:func:`from_response`) into this tree; :func:`malformed` classifies a success answer whose body
+is unusable. No exception here ever carries a token, a password or a client secret: only the
+method, the path (without query string), the status, DokStamp's own error body and, for a
+malformed answer, a short excerpt that is never taken from a body holding a secret.
 """
 
 from __future__ import annotations
 
 import email.utils
+import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
+
+EXCERPT_CHARS = 200  # of a malformed body, to recognise it (an HTML error page, a proxy's text)
+# Keys whose values are secrets: a JSON body holding any of them is never excerpted.
+SECRET_KEYS = frozenset({"access_token", "refresh_token", "token", "id_token", "password",
+                         "client_secret", "secret", "authorization"})
 
 
 class DokStampError(Exception):
@@ -46,7 +64,15 @@ class DokStampError(Exception):
 
 
 class TransientError(DokStampError):
-    """The call may succeed if retried later; nothing is wrong with the data."""
+    """The call may succeed if retried later; nothing is wrong with the data.
+
+    ``retry_after`` is how many seconds the server (its ``Retry-After``, on a 429 or a 5xx) or
+    our own rate limiter asked us to wait, or ``None`` when nobody said: back off as usual.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
 
 
 class TransportError(TransientError):
@@ -60,16 +86,9 @@ class Timeout(TransportError):
 class HTTPStatusError(DokStampError):
     """An error answer from DokStamp; ``body`` is its JSON error body (or ``{}``)."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int,
-        method: str,
-        path: str,
-        body: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message, method=method, path=path)
+    def __init__(self, message: str, *, status: int, body: Mapping[str, Any] | None = None,
+                 **kw: Any) -> None:
+        super().__init__(message, **kw)
         self.status = status
         self.body: dict[str, Any] = dict(body or {})
 
@@ -77,16 +96,48 @@ class HTTPStatusError(DokStampError):
         return f"{self.method} {self.path} -> {self.status}: {self.message}"
 
 
-class RateLimited(HTTPStatusError, TransientError):
+class RateLimited(TransientError):
+    """Too many requests for the tenant: wait ``retry_after`` seconds (or back off if None)."""
+
+
+class TooManyRequests(HTTPStatusError, RateLimited):
     """HTTP 429. ``retry_after`` is the server's ``Retry-After`` in seconds, when it sent one."""
 
-    def __init__(self, message: str, *, retry_after: float | None, **kw: Any) -> None:
-        super().__init__(message, **kw)
-        self.retry_after = retry_after
+
+class Paused(RateLimited):
+    """The request was not sent: after a 429 the shared limiter pauses every process of the
+    tenant, and the pause (``retry_after`` seconds left) is longer than this process may wait
+    with its locks held. Park the work for ``retry_after`` rather than sleep."""
 
 
 class ServerError(HTTPStatusError, TransientError):
-    """HTTP 5xx. The write may have been applied before the failure: search before re-creating."""
+    """HTTP 5xx. The write may have been applied before the failure: search before re-creating.
+    ``retry_after`` is the answer's ``Retry-After`` (a 503 may send one), else ``None``."""
+
+
+class MalformedResponse(TransientError):
+    """A success status whose body is unusable: not JSON (an HTML page), empty where an entity
+    was due, or ``data`` of the wrong shape. The server may be misbehaving for a while; the
+    write may have been applied, so search before re-creating.
+
+    ``excerpt`` is the body's first characters (for recognising, say, a proxy's HTML page); it is
+    empty when the body could hold a secret (a JSON body with a token, any token-endpoint JSON).
+    """
+
+    def __init__(self, message: str, *, status: int, excerpt: str = "", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.status = status
+        self.excerpt = excerpt
+
+    def __str__(self) -> str:
+        shown = f" [{self.excerpt!r}]" if self.excerpt else ""
+        return f"{self.method} {self.path} -> {self.status}: {self.message}{shown}"
+
+
+class UploadMismatch(MalformedResponse):
+    """``POST /files`` answered, but its records do not match the files sent (how many, their
+    sizes, their names): which UUID belongs to which file is unknown. The files may well be
+    stored (uploads are deduplicated by content), so upload them again one per request."""
 
 
 class PermanentError(HTTPStatusError):
@@ -117,6 +168,12 @@ class NotFound(PermanentError):
     """404: no such resource in this tenant (another tenant's resource looks the same)."""
 
 
+class Conflict(PermanentError):
+    """409, which the docs never list: most plausibly a duplicate (a unique key taken). Sending
+    the same request again will not help; search for the existing entity and adopt an exact
+    match."""
+
+
 class ValidationFailed(PermanentError):
     """422: DokStamp rejected the payload; see ``errors``."""
 
@@ -129,6 +186,7 @@ _PERMANENT_BY_STATUS: dict[int, type[PermanentError]] = {
     401: AuthenticationError,
     403: PermissionDenied,
     404: NotFound,
+    409: Conflict,
     422: ValidationFailed,
 }
 
@@ -168,11 +226,11 @@ def from_response(response: httpx.Response) -> HTTPStatusError:
     message = str(body.get("message") or body.get("error_description")
                   or response.reason_phrase or f"HTTP {status}")
     kw: dict[str, Any] = {"status": status, "method": method, "path": path, "body": body}
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
     if status == 429:
-        return RateLimited(message, retry_after=parse_retry_after(
-            response.headers.get("Retry-After")), **kw)
+        return TooManyRequests(message, retry_after=retry_after, **kw)
     if status >= 500:
-        return ServerError(message, **kw)
+        return ServerError(message, retry_after=retry_after, **kw)
     return _PERMANENT_BY_STATUS.get(status, ClientError)(message, **kw)
 
 
@@ -183,3 +241,65 @@ def from_httpx_error(exc: httpx.HTTPError, request: httpx.Request) -> TransportE
     if isinstance(exc, httpx.TimeoutException):
         return Timeout(f"{kind}: no answer in time", method=method, path=path)
     return TransportError(f"{kind}: {exc}", method=method, path=path)
+
+
+def _holds_secret(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(str(k).lower() in SECRET_KEYS or _holds_secret(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_secret(v) for v in value)
+    return False
+
+
+def excerpt(response: httpx.Response, *, json_may_hold_secrets: bool = False) -> str:
+    """The first :data:`EXCERPT_CHARS` characters of the body, on one line; empty when the body
+    is JSON holding a secret-named key, or is any JSON at all when ``json_may_hold_secrets``
+    (the token endpoints: their JSON is a token, malformed or not)."""
+    text = response.text
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    else:
+        if json_may_hold_secrets or _holds_secret(parsed):
+            return ""
+    return " ".join(text[:EXCERPT_CHARS].split())
+
+
+def malformed(response: httpx.Response, reason: str, *,
+              json_may_hold_secrets: bool = False) -> MalformedResponse:
+    """A success answer whose body is unusable (``reason`` says how), as an exception."""
+    return MalformedResponse(reason, status=response.status_code, method=response.request.method,
+               path=response.request.url.path,
+               excerpt=excerpt(response, json_may_hold_secrets=json_may_hold_secrets))
+
+
+def is_error(status: int) -> bool:
+    """Statuses :func:`exchange` raises for by default: every 4xx and 5xx."""
+    return status >= 400
+
+
+@contextmanager
+def exchange(http: httpx.Client, request: httpx.Request, *, auth: httpx.Auth | None = None,
+             stream: bool = False,
+             failed: Callable[[int], bool] = is_error) -> Iterator[httpx.Response]:
+    """Send ``request`` with ``http`` and hand over the response: the one place where httpx's
+    exceptions become ours.
+
+    A transport failure, during the send or while the block reads a streamed body, raises
+    :class:`TransportError` (or :class:`Timeout`); a status for which ``failed`` is true raises
+    :func:`from_response`'s class. Anything else raised in the block (our own errors, the
+    limiter's :class:`Paused`) passes through. The response is closed on leaving the block.
+    """
+    try:
+        response = http.send(request, stream=stream) if auth is None \
+            else http.send(request, auth=auth, stream=stream)
+        try:
+            if failed(response.status_code):
+                response.read()  # a streamed error body (an error page, bounded in practice)
+                raise from_response(response)
+            yield response
+        finally:
+            response.close()
+    except httpx.HTTPError as exc:
+        raise from_httpx_error(exc, request) from None

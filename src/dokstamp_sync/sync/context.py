@@ -17,8 +17,7 @@ import redis
 from redis.lock import Lock
 from sqlalchemy.orm import Session, sessionmaker
 
-from dokstamp_sync.dokstamp import DokStampClient
-from dokstamp_sync.ratelimit import RateLimiter
+from dokstamp_sync.dokstamp import DokStampClient, RateLimiter
 from dokstamp_sync.redis_keys import COUNTERS, LOCK
 from dokstamp_sync.sync.files import FilePolicy
 from dokstamp_sync.sync.outcomes import Busy

@@ -47,22 +47,18 @@ def _from_url(url: str, policy: FilePolicy, http: httpx.Client) -> bytes:
     if host not in policy.allowed_hosts:
         raise FileSourceError(f"host {host!r} is not in DOKSTAMP_SYNC_FILE_HOSTS")
     request = http.build_request("GET", url)
-    try:
-        with http.stream("GET", url) as response:
-            if response.status_code >= 500 or response.status_code == 429:
-                raise errors.from_response(response)
-            if response.status_code >= 300:  # redirects are not followed: never upload them
-                raise FileSourceError(f"document server answered {response.status_code} for "
-                                      f"{parts.path}")
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > policy.max_bytes:
-                    raise FileSourceError(
-                        f"file is larger than the limit of {policy.max_bytes} bytes")
-                chunks.append(chunk)
-    except httpx.HTTPError as exc:
-        raise errors.from_httpx_error(exc, request) from None
+    with errors.exchange(http, request, stream=True,
+                         failed=lambda status: status >= 500 or status == 429) as response:
+        if response.status_code >= 300:  # redirects are not followed: never upload them
+            raise FileSourceError(f"document server answered {response.status_code} for "
+                                  f"{parts.path}")
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > policy.max_bytes:
+                raise FileSourceError(
+                    f"file is larger than the limit of {policy.max_bytes} bytes")
+            chunks.append(chunk)
     return b"".join(chunks)
 
 

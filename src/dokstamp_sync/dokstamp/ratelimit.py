@@ -4,6 +4,11 @@ A token bucket per tenant (``rate`` tokens/s, ``burst`` at most), updated atomic
 script that reads Redis's own clock, so machines with skewed clocks still share one pace. A 429
 from DokStamp pauses every process for that tenant (:meth:`RateLimiter.pause`) for the
 ``Retry-After`` it carried, not just the task that received it.
+
+:class:`RateLimitedTransport` puts the limiter under an ``httpx.Client``, as httpx's own seam
+(``BaseTransport.handle_request``): every request the client sends (token requests and 401
+replays included) first takes a token, and every response is counted. Build it with
+:func:`~.client.build_http_client`'s ``limiter``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from collections.abc import Callable
 import httpx
 import redis
 
-from dokstamp_sync.dokstamp.errors import RateLimited, parse_retry_after
+from dokstamp_sync.dokstamp.errors import Paused, parse_retry_after
+from dokstamp_sync.redis_keys import PAUSE, RATE_LIMIT
 
 # KEYS[1] bucket, KEYS[2] pause, ARGV: rate (tokens/s), burst. Returns ms to wait (0: a token
 # was taken); negative: the tenant is paused (after a 429) for that many ms.
@@ -46,34 +52,35 @@ class RateLimiter:
     """Blocks until the shared bucket grants a request (see the module docstring)."""
 
     def __init__(self, client: redis.Redis, tenant: str, rate: float, *,
-                 burst: float | None = None, prefix: str = "dokstamp:",
+                 burst: float | None = None, prefix: str = "",
                  sleep: Callable[[float], None] = time.sleep, max_wait: float = 20.0) -> None:
         self._redis = client
-        self._bucket = f"{prefix}ratelimit:{tenant}"
-        self._pause = f"{prefix}pause:{tenant}"
+        self._bucket = f"{prefix}{RATE_LIMIT}{tenant}"  # prefix: tests keep their keys apart
+        self._pause = f"{prefix}{PAUSE}{tenant}"
         self.rate = rate
         self.burst = burst if burst is not None else max(1.0, rate / 10)
         self._take = client.register_script(_TAKE)
         self._sleep = sleep
         self.max_wait = max_wait
-        self.waited = 0.0  # seconds this process spent waiting (for metrics and tests)
         self.unflushed: Counter[str] = Counter()  # responses, flushed by the sync context
 
-    def acquire(self) -> None:
-        """Wait for a token. A tenant pause longer than ``max_wait`` raises
-        :class:`RateLimited` instead, so the caller parks its event rather than sleep with its
-        locks held."""
+    def acquire(self, request: httpx.Request | None = None) -> None:
+        """Wait for a token. A tenant pause longer than ``max_wait`` raises :class:`Paused`
+        (naming ``request``, which is not sent) instead, so the caller parks its event rather
+        than sleep with its locks held."""
         while True:
             wait_ms = int(self._take(keys=[self._bucket, self._pause],
                                      args=[self.rate, self.burst]))
             if wait_ms == 0:
                 return
             if wait_ms < 0 and -wait_ms / 1000 > self.max_wait:
-                raise RateLimited("paused after a 429 from DokStamp",
-                                  retry_after=-wait_ms / 1000, status=429, method="-", path="-")
-            self._wait(abs(wait_ms) / 1000)
+                raise Paused("paused after a 429 from DokStamp", retry_after=-wait_ms / 1000,
+                             method=request.method if request else "",
+                             path=request.url.path if request else "")
+            self._sleep(abs(wait_ms) / 1000)
 
     def count_response(self, status: int) -> None:
+        """Count a response by status class (and 429s apart), for the sync context to flush."""
         self.unflushed[f"api_{status // 100}xx"] += 1
         if status == 429:
             self.unflushed["api_429"] += 1
@@ -86,23 +93,24 @@ class RateLimiter:
         if not isinstance(current, int) or current < ms:
             self._redis.set(self._pause, "1", px=ms)
 
-    def _wait(self, seconds: float) -> None:
-        self.waited += seconds
-        self._sleep(seconds)
 
+class RateLimitedTransport(httpx.BaseTransport):
+    """Wraps the transport that talks to DokStamp: every request waits for the shared bucket
+    (or raises :class:`Paused`), every response is counted, and a 429 pauses every process of
+    the tenant for its ``Retry-After`` (1 s when it sent none)."""
 
-def install(http: httpx.Client, limiter: RateLimiter) -> None:
-    """Make every request of ``http`` wait for the shared bucket, and every 429 it receives
-    pause all processes for its ``Retry-After``."""
+    def __init__(self, transport: httpx.BaseTransport, limiter: RateLimiter) -> None:
+        self.transport = transport
+        self.limiter = limiter
 
-    def before(_request: httpx.Request) -> None:
-        limiter.acquire()
-
-    def after(response: httpx.Response) -> None:
-        limiter.count_response(response.status_code)  # flushed to Redis by the sync context
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.limiter.acquire(request)
+        response = self.transport.handle_request(request)
+        self.limiter.count_response(response.status_code)
         if response.status_code == 429:
             seconds = parse_retry_after(response.headers.get("Retry-After"))
-            limiter.pause(seconds if seconds is not None else 1.0)
+            self.limiter.pause(seconds if seconds is not None else 1.0)
+        return response
 
-    http.event_hooks["request"].append(before)
-    http.event_hooks["response"].append(after)
+    def close(self) -> None:
+        self.transport.close()
