@@ -16,19 +16,15 @@ import os
 import pstats
 import time
 
-import httpx
 import redis
 
 from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.demo import samples
-from dokstamp_sync.dokstamp import PasswordLogin, RateLimiter, RedisTokenStore, TokenManager
-from dokstamp_sync.dokstamp.client import DokStampClient, build_http_client
 from dokstamp_sync.pipeline.ingest import StreamIngester
 from dokstamp_sync.sandbox import Account, Sandbox, SandboxConfig, SandboxServer
 from dokstamp_sync.sync import engine
-from dokstamp_sync.sync.context import SyncContext
-from dokstamp_sync.sync.files import FilePolicy
-from dokstamp_sync.testing import scratch_database
+from dokstamp_sync.testing import sandbox_settings, scratch_database
+from dokstamp_sync.wiring import build_context
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_PROFILE_REDIS_URL", "redis://127.0.0.1:6379/8")
@@ -47,13 +43,9 @@ def main() -> None:
     with scratch_database(PG_ADMIN, "dokstamp_sync_profile") as url, \
             SandboxServer(Sandbox(SandboxConfig(accounts=[account]))) as server:
         sessions = make_sessionmaker(make_engine(url))
-        limiter = RateLimiter(client, account.tenant, 10_000)
-        http = build_http_client(server.url, limiter=limiter)
-        ctx = SyncContext(
-            client=DokStampClient(http, tenant=account.tenant, tokens=TokenManager(
-                http, PasswordLogin(account.email, account.password), RedisTokenStore(client))),
-            sessions=sessions, redis=client, files=FilePolicy(frozenset(), None, 10**7),
-            file_http=httpx.Client(), limiter=limiter)
+        settings = sandbox_settings(server.url, account=account, dokstamp_rate_limit=10_000,
+                                    dokstamp_sync_file_max_bytes=10**7)
+        ctx = build_context(settings, sessions=sessions, redis_client=client)
         pks: list[int] = []
         ingester = StreamIngester(client, sessions, "profile:events", consumer="profile",
                                   dispatch=pks.extend, lease=600)
@@ -71,7 +63,7 @@ def main() -> None:
             profile.runcall(lambda: [engine.run(ctx, pk) for pk in pks])
         elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
         calls = server.sandbox.stats.to_json()["requests"]
-        http.close()
+        ctx.client.http.close()
     client.flushdb()
     # thread_time: CPU of this thread alone (the sandbox answers from another thread)
     print(f"{len(pks)} events in {elapsed:.2f} s ({1000 * elapsed / len(pks):.1f} ms/event, "

@@ -25,6 +25,7 @@ from dokstamp_sync.dokstamp import (
     build_http_client,
 )
 from dokstamp_sync.sandbox import Account, Faults, Sandbox, SandboxConfig, SandboxServer
+from dokstamp_sync.testing import Harness, sandbox_context
 from testenv import MAIN, OTHER, PG_ADMIN_URL, TEST_ENGINE_REDIS_URL, TEST_REDIS_URL
 
 
@@ -160,3 +161,18 @@ def engine_redis() -> Iterator[redis.Redis]:
     yield client
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def ctx(sandbox, sessions, engine_redis):
+    """A sync context on the sandbox, the test database and Redis database 14."""
+    context = sandbox_context(sandbox, sessions, engine_redis)
+    yield context
+    context.client.http.close()
+    context.file_http.close()
+
+
+@pytest.fixture
+def h(ctx):
+    """Feeds events through a real stream and ingester and runs them in this process."""
+    return Harness(ctx)

@@ -8,12 +8,15 @@ benchmark build their context with :func:`build_context` too.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
+from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.config import (
     ConfigError,
@@ -56,17 +59,24 @@ def store_settings() -> StoreSettings:
     return _settings
 
 
-def build_context(settings: Settings, **overrides: Any) -> SyncContext:
+def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None = None,
+                  redis_client: redis.Redis | None = None,
+                  limiter_sleep: Callable[[float], None] = time.sleep,
+                  **overrides: Any) -> SyncContext:
     """A complete :class:`SyncContext`: the DokStamp client with the shared token cache and
     rate limit, database sessions, Redis, the file policy and the engine's limits.
-    ``overrides`` replace any of the context's fields (tests: ``sleep``, ``rng``...)."""
-    client_redis = redis.Redis.from_url(settings.redis_url)
-    limiter = RateLimiter(client_redis, settings.dokstamp_tenant, settings.dokstamp_rate_limit)
+
+    ``sessions`` and ``redis_client`` reuse connections the caller already has (tests, the
+    benchmark); ``overrides`` replace any of the context's fields (``sleep``, ``rng``...).
+    """
+    client_redis = redis_client or redis.Redis.from_url(settings.redis_url)
+    limiter = RateLimiter(client_redis, settings.dokstamp_tenant, settings.dokstamp_rate_limit,
+                          sleep=limiter_sleep)
     api = client_from_settings(settings, store=RedisTokenStore(client_redis), limiter=limiter)
     root = settings.dokstamp_sync_file_root
     ctx = SyncContext(
         client=api,
-        sessions=make_sessionmaker(make_engine(settings.database_url)),
+        sessions=sessions or make_sessionmaker(make_engine(settings.database_url)),
         redis=client_redis,
         files=FilePolicy(settings.file_hosts, Path(root) if root else None,
                          settings.dokstamp_sync_file_max_bytes),

@@ -14,25 +14,7 @@ from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.redis_keys import PAUSE
 from dokstamp_sync.sandbox import Faults, ScriptedFault
-
-T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
-
-
-def dump(sandbox):
-    return sandbox.sandbox.tenants["demo-university"].dump()
-
-
-def live(sandbox, kind):
-    return [e for e in dump(sandbox)[kind] if e["deleted_at"] is None]
-
-
-def calls(sandbox):
-    return sandbox.sandbox.stats.to_json()["by_route"]
-
-
-def student(key="S-1", email="maria@example.edu", name="Maria Silva", at=T0, **kw):
-    return event("student", key, {"name": name, "email": email,
-                                   "date_of_birth": "1998-05-20"}, at=at, **kw)
+from dokstamp_sync.testing import T0, Harness, calls, dump, live, sandbox_context, student
 
 
 def test_a_whole_class_in_order_syncs_every_entity_once(h, sandbox):
@@ -269,9 +251,8 @@ def test_two_workers_racing_on_the_same_student_create_one(h, ctx, sandbox):
     """Two ERP keys with the same email, processed at the same moment by two threads (each its
     own worker context), create one DokStamp student; both map to it."""
     sandbox.sandbox.faults.configure(Faults(latency_ms=100))  # widen the race window
-    from helpers import Harness, make_context
 
-    other = Harness(make_context(sandbox, ctx.sessions, ctx.redis))
+    other = Harness(sandbox_context(sandbox, ctx.sessions, ctx.redis))
     pk_a = h.send(student(key="S-A"))[0]
     pk_b = h.send(student(key="S-B"))[0]
     barrier = threading.Barrier(2)

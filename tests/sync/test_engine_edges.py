@@ -8,8 +8,6 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from helpers import STREAM, Harness, make_context
-from test_engine import T0, live, student
 
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
@@ -18,6 +16,7 @@ from dokstamp_sync.models import InboxEvent
 from dokstamp_sync.pipeline.scheduler import dispatch_due
 from dokstamp_sync.redis_keys import PAUSE
 from dokstamp_sync.sandbox import Faults, ScriptedFault
+from dokstamp_sync.testing import STREAM, T0, Harness, live, sandbox_context, student
 
 
 def test_older_upsert_after_a_synced_delete_does_not_resurrect(h, sandbox):
@@ -146,7 +145,7 @@ def test_backoff_grows_with_attempts_and_stays_jittered(h, ctx, sandbox):
 def test_429_pause_is_honoured_by_the_shared_limiter(sandbox, sessions, engine_redis):
     """After a 429 with Retry-After 1, the next request of any process waits for the pause."""
     waits: list[float] = []
-    ctx = make_context(sandbox, sessions, engine_redis, limiter_sleep=waits.append)
+    ctx = sandbox_context(sandbox, sessions, engine_redis, limiter_sleep=waits.append)
     harness = Harness(ctx)
     sandbox.sandbox.faults.configure(Faults(script=[
         ScriptedFault("GET", "/students", status=429, retry_after=1)]))
@@ -157,7 +156,7 @@ def test_429_pause_is_honoured_by_the_shared_limiter(sandbox, sessions, engine_r
 def test_long_pause_parks_the_event_instead_of_sleeping(sandbox, sessions, engine_redis):
     """A tenant pause longer than the limiter's max wait parks the event (no long sleep with
     locks held)."""
-    ctx = make_context(sandbox, sessions, engine_redis)
+    ctx = sandbox_context(sandbox, sessions, engine_redis)
     harness = Harness(ctx)
     engine_redis.set(f"{PAUSE}demo-university", "1", px=60_000)
     e = student()
@@ -213,7 +212,7 @@ def test_a_redirect_is_never_uploaded_as_the_file(sandbox, sessions, engine_redi
     """A 302 from the document server is refused, not uploaded as a PDF."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    ctx = make_context(sandbox, sessions, engine_redis, hosts=["127.0.0.1"])
+    ctx = sandbox_context(sandbox, sessions, engine_redis, hosts=["127.0.0.1"])
     e = event("file", "F-1", {"url": f"http://127.0.0.1:{server.server_address[1]}/d.pdf",
                               "filename": "d.pdf"})
     assert Harness(ctx).sync(e) == ["dead"]
@@ -225,7 +224,7 @@ def test_credentials_refused_is_dead_with_a_reason_that_says_so(sandbox, session
                                                                   engine_redis):
     """CONTRACT §3: a 401 is dead; the reason names the credentials, so an operator fixes
     them and replays."""
-    ctx = make_context(sandbox, sessions, engine_redis, password="wrong")
+    ctx = sandbox_context(sandbox, sessions, engine_redis, password="wrong")
     harness = Harness(ctx)
     assert harness.sync(student()) == ["dead"]
     (letter,) = harness.letters()

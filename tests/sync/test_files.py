@@ -7,9 +7,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from helpers import Harness, make_context
 
 from dokstamp_sync.demo.samples import diploma_pdf, event
+from dokstamp_sync.testing import Harness, sandbox_context
 
 PDF = diploma_pdf("Maria", "BSc")
 
@@ -43,7 +43,7 @@ def doc_server():
 
 @pytest.fixture
 def fh(sandbox, sessions, engine_redis, tmp_path):
-    ctx = make_context(sandbox, sessions, engine_redis, file_root=tmp_path,
+    ctx = sandbox_context(sandbox, sessions, engine_redis, file_root=tmp_path,
                        hosts=["127.0.0.1"])
     yield Harness(ctx)
     ctx.client.http.close()

@@ -3,12 +3,11 @@ diplomas uploaded many per request, with search-before-create kept for retries."
 
 from __future__ import annotations
 
-from test_engine import live
-
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.models import InboxEvent
+from dokstamp_sync.testing import live
 
 
 def students(n: int, prefix: str = "S") -> list[dict]:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from test_engine import T0, live
-
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.ops import dlq
+from dokstamp_sync.testing import T0, live
 
 
 def test_replay_succeeds_after_the_data_is_fixed_in_dokstamp(h, ctx, sandbox):

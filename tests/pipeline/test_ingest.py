@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import STREAM, Harness
 
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.pipeline.ingest import StreamIngester
+from dokstamp_sync.testing import STREAM, Harness
 
 GOOD = {"name": "Maria", "email": "m@example.edu", "date_of_birth": "1998-05-20"}
 BAD = [

@@ -10,8 +10,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-from helpers import STREAM
-from test_engine import student
 
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
@@ -21,6 +19,7 @@ from dokstamp_sync.ops.health import check
 from dokstamp_sync.ops.metrics import serve
 from dokstamp_sync.redis_keys import QUEUE
 from dokstamp_sync.sandbox import Faults, ScriptedFault
+from dokstamp_sync.testing import STREAM, student
 
 
 def health(ctx, **kw):
