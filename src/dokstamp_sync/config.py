@@ -13,6 +13,8 @@ from typing import Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dokstamp_sync.limits import FILE_MAX_BYTES
+
 S = TypeVar("S", bound="StoreSettings")
 
 
@@ -60,7 +62,7 @@ class Settings(StoreSettings):
     dokstamp_sync_lock_timeout: float = Field(default=60.0, gt=0)  # s, a dead worker's locks
     dokstamp_sync_file_hosts: str = ""  # comma-separated hosts files may be fetched from
     dokstamp_sync_file_root: str = ""  # folder `path` files must be under
-    dokstamp_sync_file_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    dokstamp_sync_file_max_bytes: int = Field(default=FILE_MAX_BYTES, gt=0)
 
     @property
     def file_hosts(self) -> frozenset[str]:

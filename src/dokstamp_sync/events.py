@@ -2,7 +2,9 @@
 
 :func:`parse_event` turns raw stream text into an :class:`Event` or raises :class:`InvalidEvent`
 with one clear reason ("not JSON: ...", "data.email is required for a student", ...). Bad input
-never raises anything else, so the consumer can dead-letter it and go on.
+never raises anything else, so the consumer can dead-letter it and go on. The limits of
+CONTRACT §2 (size, nesting, strings, the range of ``occurred_at``) are checked here too
+(:mod:`dokstamp_sync.limits`), before the JSON is decoded where they must be.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pydantic import (
     StringConstraints,
     ValidationError,
 )
+
+from dokstamp_sync import limits
 
 Entity = Literal["institution", "module", "course", "cohort", "student", "enrollment", "file",
                  "certificate"]
@@ -39,12 +43,15 @@ FILE_SOURCES = ("url", "path", "content_base64")
 
 
 class InvalidEvent(ValueError):
-    """An event that cannot be processed; ``reason`` says why, ``event_id`` if it had one."""
+    """An event that cannot be processed; ``reason`` says why. ``event_id``, ``entity`` and
+    ``key`` are what the entry said, as far as they are strings (as sent: they may hold what
+    the event is refused for), so that a dead letter can still be found by them."""
 
-    def __init__(self, reason: str, event_id: str | None = None) -> None:
+    def __init__(self, reason: str, event_id: str | None = None, *, entity: str | None = None,
+                 key: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.event_id = event_id
+        self.event_id, self.entity, self.key = event_id, entity, key
 
 
 class Event(BaseModel):
@@ -107,23 +114,67 @@ def _describe(error: ValidationError) -> str:
     return f"wrong value for {field}: {first['msg']}"
 
 
-def parse_event(raw: str | bytes | dict[str, Any]) -> Event:
-    """Validate one event (JSON text or an already-decoded dict)."""
-    if isinstance(raw, dict):
-        body: Any = raw
-    else:
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidEvent(f"not JSON: {exc}") from None
+def _refuse_nan(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _decode(raw: str | bytes, max_file_bytes: int) -> tuple[Any, int]:
+    """The decoded JSON and its size in bytes; the limits that protect the parser first."""
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"not JSON: not UTF-8 text ({exc.reason} at byte "
+                           f"{exc.start})") from None
+    problem = limits.size_problem(size, max_file_bytes)
+    if problem:  # what it says of itself, from its first MiB only
+        raise InvalidEvent(problem, **_scanned(text[:limits.MAX_JSON_BYTES]))
+    problem, fields = limits.scan(text)
+    if problem:
+        raise InvalidEvent(problem, **fields)
+    try:
+        return json.loads(text, parse_constant=_refuse_nan), size
+    except RecursionError:  # the scan makes this unreachable; a guard all the same
+        raise InvalidEvent(f"nested deeper than {limits.MAX_DEPTH} levels", **fields) from None
+    except ValueError as exc:
+        raise InvalidEvent(f"not JSON: {exc}", **fields) from None
+
+
+def _scanned(text: str) -> dict[str, str]:
+    return limits.scan(text)[1]
+
+
+def _identity(body: dict[str, Any]) -> dict[str, str | None]:
+    return {name: value if isinstance(value := body.get(name), str) else None
+            for name in ("event_id", "entity", "key")}
+
+
+def parse_event(raw: str | bytes | dict[str, Any], *,
+                max_file_bytes: int = limits.FILE_MAX_BYTES,
+                now: datetime | None = None) -> Event:
+    """Validate one event (JSON text or an already-decoded dict) within the limits of
+    CONTRACT §2: ``max_file_bytes`` is the file size limit (``DOKSTAMP_SYNC_FILE_MAX_BYTES``),
+    ``now`` the worker's clock (the current time if not given)."""
+    body, size = (raw, None) if isinstance(raw, dict) else _decode(raw, max_file_bytes)
     if not isinstance(body, dict):
         raise InvalidEvent(f"an event must be a JSON object, not {type(body).__name__}")
-    event_id = body.get("event_id") if isinstance(body.get("event_id"), str) else None
+    identity = _identity(body)
     try:
-        event = Event.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidEvent(_describe(exc), event_id) from None
-    _check_data(event)
+        problem = (limits.walk_problem(body)
+                   or limits.content_problem(body, size, max_file_bytes))
+        if problem:
+            raise InvalidEvent(problem)
+        try:
+            event = Event.model_validate(body)
+        except ValidationError as exc:
+            raise InvalidEvent(_describe(exc)) from None
+        problem = limits.time_problem(event.occurred_at, now)
+        if problem:
+            raise InvalidEvent(problem)
+        _check_data(event)
+    except InvalidEvent as exc:
+        raise InvalidEvent(exc.reason, identity["event_id"], entity=identity["entity"],
+                           key=identity["key"]) from None
     return event
 
 

@@ -8,6 +8,8 @@ QUEUE = "dokstamp-sync"  # the Celery queue (a Redis list) the tasks travel on
 GROUP = "dokstamp-sync"  # the stream's consumer group
 COUNTERS = "dokstamp:metrics"  # hash of fleet-wide counters (API responses, retries, outcomes)
 HEARTBEAT = "dokstamp:heartbeat:"  # + "task" or "ingest:<consumer>": epoch seconds
+# The stream ingester's last failed batch: JSON {"at": epoch s, "consumer", "reason"}.
+INGEST_FAILURE = "dokstamp:ingest:failure"
 LOCK = "dokstamp:lock:"  # + "entity:<entity>:<key>", "nk:<entity>:<sha256>", "listing:<entity>"
 LISTING = "dokstamp:listing:"  # + entity: a fresh full listing is in the natural-key table
 TOKEN = "dokstamp:token:"  # noqa: S105  # a key name, not a secret; + a digest of the credentials: the shared, encrypted access token

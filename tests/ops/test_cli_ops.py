@@ -72,6 +72,25 @@ def test_dlq_list_show_replay_discard(cli, h):
     assert cli("dlq", "list").stdout.strip() == "no open dead letters"
 
 
+def test_dlq_list_finds_invalid_events_by_entity_and_shows_an_excerpt(cli, h):
+    """An invalid event's dead letter keeps its event_id, entity and key, so `dlq list
+    --entity student` finds it; `dlq list --json` carries a short excerpt of a malformed
+    entry's raw text (the first 200 characters)."""
+    invalid = event("student", "S-BAD1", {"name": "No email"})
+    garbage = "not json " + "x" * 400
+    h.send(invalid, garbage)
+    out = cli("dlq", "list", "--entity", "student", "--json")
+    assert out.returncode == 0, out.stderr
+    (student,) = json.loads(out.stdout)
+    assert (student["event_id"], student["entity"], student["key"]) == (
+        invalid["event_id"], "student", "S-BAD1")
+    assert student["reason"] == "invalid event: data.email is required for a student"
+    assert json.loads(student["excerpt"]) == invalid
+    assert "S-BAD1" in cli("dlq", "list", "--entity", "student").stdout
+    listed = json.loads(cli("dlq", "list", "--json").stdout)
+    assert [d["excerpt"] for d in listed][1] == garbage[:200] + "…"
+
+
 def test_mapping_command(cli, h):
     """`mapping ENTITY KEY` prints the UUID, or fails clearly when unmapped."""
     h.sync(event("student", "S-1", {"name": "M", "email": "m@ex.edu",

@@ -17,15 +17,24 @@ from sqlalchemy.orm import Session
 
 from dokstamp_sync.events import InvalidEvent, parse_event
 from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
-from dokstamp_sync.pipeline.ingest import record_entry
+from dokstamp_sync.pipeline.inbox import EXCERPT, record_entry
+
+
+def excerpt(letter: DeadLetter) -> str | None:
+    """The first characters of a malformed stream entry's raw text (None for a valid event)."""
+    raw = letter.raw if letter.event_pk is None else None
+    if not raw:
+        return None
+    return raw if len(raw) <= EXCERPT else raw[:EXCERPT] + "…"
 
 
 def as_dict(letter: DeadLetter, *, full: bool = False,
             event: InboxEvent | None = None) -> dict[str, Any]:
+    """A dead letter as JSON-ready data: ``dlq list --json`` (``full``: ``dlq show``)."""
     out: dict[str, Any] = {
         "id": letter.id, "event_id": letter.event_id, "entity": letter.entity,
         "key": letter.erp_key, "reason": letter.reason, "http_status": letter.http_status,
-        "status": letter.status, "attempts": letter.attempts,
+        "status": letter.status, "attempts": letter.attempts, "excerpt": excerpt(letter),
         "first_failed_at": letter.first_failed_at.isoformat(),
         "last_failed_at": letter.last_failed_at.isoformat()}
     if full:

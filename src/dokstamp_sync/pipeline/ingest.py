@@ -1,161 +1,52 @@
 """Reading the ERP's Redis stream into the event inbox.
 
 Entries are read with a consumer group (``XREADGROUP``); entries a dead consumer left pending are
-taken over with ``XAUTOCLAIM``. An entry is acknowledged (and deleted from the stream) only after
-its event is committed to the database, once per ``event_id``: a redelivered entry changes
-nothing. A malformed entry becomes a dead letter holding its raw text and the reason, once per
-stream entry id; it never stops the consumer.
+taken over with ``XAUTOCLAIM``, following its cursor through the whole pending list. An entry is
+acknowledged (and deleted from the stream) only after its batch is committed to the database,
+once per ``event_id``: a redelivered entry changes nothing. A malformed entry, or one the
+database refuses, becomes a dead letter holding its raw text and the reason, once per stream
+entry id; it never holds up the entries read with it (:mod:`dokstamp_sync.pipeline.inbox`).
+
+A consumer group that is gone (the stream key deleted, Redis restarted empty) is created again
+from the start of the stream. The health check sees progress, not a process: the heartbeat is
+written only after a batch was recorded (or there was nothing to read), and a failing batch
+leaves its time and reason in Redis (``INGEST_FAILURE``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import Any
 
 import redis
-from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dokstamp_sync.db import (
-    dialect_insert,
-    insert_ignore,
-    once_more_if_disconnected,
-    session_scope,
+from dokstamp_sync.db import once_more_if_disconnected, session_scope
+from dokstamp_sync.limits import FILE_MAX_BYTES
+from dokstamp_sync.pipeline.inbox import (
+    Recorded,
+    StreamEntry,
+    describe_error,
+    record_entries,
+    record_entry,
 )
-from dokstamp_sync.events import Event, InvalidEvent, parse_event
-from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
-from dokstamp_sync.redis_keys import GROUP, HEARTBEAT
+from dokstamp_sync.redis_keys import GROUP, HEARTBEAT, INGEST_FAILURE
+
+__all__ = ["Dispatch", "StreamIngester", "record_entries", "record_entry"]
 
 log = logging.getLogger("dokstamp_sync.pipeline.ingest")
 
 Dispatch = Callable[[Sequence[int]], None]
+HEARTBEAT_TTL = 60  # s: a consumer that stops reading disappears from the health check
+FAILURE_TTL = 300  # s: a failure older than this no longer says ingestion "keeps" failing
+START = "0-0"
 
 
-def _invalid(session: Session, stream_id: str, raw: str, reason: str,
-             event_id: str | None) -> None:
-    now = utcnow()
-    clean = raw.replace("\x00", "\\u0000")  # PostgreSQL text cannot hold NUL
-    insert_ignore(session, DeadLetter.__table__, {  # type: ignore[arg-type]
-        "stream_id": stream_id, "event_id": (event_id or "")[:255] or None,
-        "reason": f"invalid event: {reason}", "raw": clean, "attempts": 1, "status": "open",
-        "first_failed_at": now, "last_failed_at": now}, ["stream_id"])
-    log.warning("stream entry %s is not a valid event: %s", stream_id, reason,
-                extra={"event_id": event_id, "state": "dead"})
-
-
-def _parse(stream_id: str, fields: dict[bytes, bytes]) -> tuple[str, Event | InvalidEvent]:
-    raw_bytes = fields.get(b"event")
-    raw = raw_bytes.decode("utf-8", "replace") if raw_bytes is not None else repr(fields)
-    try:
-        if raw_bytes is None:
-            raise InvalidEvent("stream entry has no 'event' field")
-        return raw, parse_event(raw)
-    except InvalidEvent as exc:
-        return raw, exc
-
-
-def _row(event: Event, lease: float) -> dict[str, Any]:
-    now = utcnow()
-    return {"event_id": event.event_id, "entity": event.entity, "op": event.op,
-            "erp_key": event.key, "occurred_at": event.occurred_at,
-            "payload": event.model_dump(mode="json"), "state": "pending", "attempts": 0,
-            "deliveries": 0, "received_at": now,
-            # Dispatched right away; the scheduler re-dispatches if this lease runs out.
-            "next_attempt_at": now + timedelta(seconds=lease)}
-
-
-def _reused(session: Session, stream_id: str, raw: str, event_id: str) -> None:
-    # An ERP bug: keep it visible, never drop it silently.
-    _invalid(session, stream_id, raw, f"event_id {event_id} was already used by a different "
-             "event; the first one is kept, this one is not applied", event_id)
-
-
-def record_entry(session: Session, stream_id: str, fields: dict[bytes, bytes],
-                 lease: float) -> int | None:
-    """Store one stream entry; return the new event's primary key (None: nothing new).
-
-    The entry is written in its own savepoint: an entry the database refuses becomes a dead
-    letter and cannot take the rest of its batch down with it.
-    """
-    raw, parsed = _parse(stream_id, fields)
-    if isinstance(parsed, InvalidEvent):
-        _invalid(session, stream_id, raw, parsed.reason, parsed.event_id)
-        return None
-    row = _row(parsed, lease)
-    try:
-        with session.begin_nested():
-            pk = insert_ignore(session, InboxEvent.__table__,  # type: ignore[arg-type]
-                               row, ["event_id"])
-    except DBAPIError as exc:
-        _invalid(session, stream_id, raw, f"refused by the database: {exc.orig}",
-                 parsed.event_id)
-        return None
-    if pk is None and session.scalar(select(InboxEvent.payload).where(
-            InboxEvent.event_id == parsed.event_id)) != row["payload"]:
-        _reused(session, stream_id, raw, parsed.event_id)
-    return pk
-
-
-def record_entries(session: Session, entries: Sequence[tuple[bytes, dict[bytes, bytes]]],
-                   lease: float) -> list[int]:
-    """Store a batch of stream entries; return the new events' primary keys.
-
-    The valid entries go in one multi-row INSERT (one round trip for the batch, not three per
-    entry). If the database refuses it, the batch is written again entry by entry
-    (:func:`record_entry`), so only the entry it refuses becomes a dead letter.
-    """
-    try:
-        with session.begin_nested():
-            return _record_bulk(session, entries, lease)
-    except DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise  # the connection, not the data: the caller tries the batch again
-        pks = (record_entry(session, entry_id.decode(), fields, lease)
-               for entry_id, fields in entries)
-        return [pk for pk in pks if pk is not None]
-
-
-def _record_bulk(session: Session, entries: Sequence[tuple[bytes, dict[bytes, bytes]]],
-                 lease: float) -> list[int]:
-    rows: dict[str, dict[str, Any]] = {}  # by event_id: the first entry with it is the one
-    origin: dict[str, tuple[str, str]] = {}  # event_id -> (stream id, raw text)
-    repeats: list[tuple[str, str, dict[str, Any]]] = []
-    for entry_id, fields in entries:
-        stream_id = entry_id.decode()
-        raw, parsed = _parse(stream_id, fields)
-        if isinstance(parsed, InvalidEvent):
-            _invalid(session, stream_id, raw, parsed.reason, parsed.event_id)
-            continue
-        row = _row(parsed, lease)
-        if parsed.event_id in rows:
-            repeats.append((stream_id, raw, row))
-        else:
-            rows[parsed.event_id] = row
-            origin[parsed.event_id] = (stream_id, raw)
-    if not rows:
-        return []
-    table = InboxEvent.__table__
-    stmt = dialect_insert(session.get_bind().dialect.name)(table).values(list(rows.values()))
-    inserted: dict[str, int] = dict(session.execute(
-        stmt.on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(table.c.event_id, table.c.id)).all())
-    existed = [event_id for event_id in rows if event_id not in inserted]
-    known: dict[str, Any] = dict(session.execute(
-        select(InboxEvent.event_id, InboxEvent.payload)
-        .where(InboxEvent.event_id.in_(existed))).all()) if existed else {}
-    for event_id, row in rows.items():
-        if event_id not in inserted and known.get(event_id) != row["payload"]:
-            _reused(session, *origin[event_id], event_id)
-    for stream_id, raw, row in repeats:  # compared with the copy that is kept
-        event_id = row["event_id"]
-        kept = rows[event_id]["payload"] if event_id in inserted else known.get(event_id)
-        if kept != row["payload"]:
-            _reused(session, stream_id, raw, event_id)
-    return sorted(inserted.values())
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class StreamIngester:
@@ -163,13 +54,20 @@ class StreamIngester:
 
     def __init__(self, client: redis.Redis, sessions: sessionmaker[Session], stream: str, *,
                  consumer: str, dispatch: Dispatch, lease: float, group: str = GROUP,
-                 claim_idle_ms: int = 60_000, batch: int = 200) -> None:
+                 claim_idle_ms: int = 60_000, batch: int = 200,
+                 max_file_bytes: int = FILE_MAX_BYTES) -> None:
         self.redis, self.sessions, self.stream = client, sessions, stream
         self.consumer, self.dispatch, self.lease, self.group = consumer, dispatch, lease, group
         self.claim_idle_ms, self.batch = claim_idle_ms, batch
-        self.last_read = 0.0  # time.time() of the last successful read (health)
+        self.max_file_bytes = max_file_bytes
+        self.cursor = START  # where XAUTOCLAIM goes on in the pending list
+        # Read this consumer's own pending entries first: at the start, and after a batch
+        # failed (it is tried again at once, and no heartbeat is written while it fails).
+        self.own_pending = True
+        self.last_read = 0.0  # time.time() of the last batch recorded (health)
 
     def ensure_group(self) -> None:
+        """Create the consumer group (from the stream's start) unless it exists."""
         try:
             self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except redis.ResponseError as exc:
@@ -177,34 +75,104 @@ class StreamIngester:
                 raise
 
     def poll(self, block_ms: int = 1000) -> int:
-        """Claim abandoned entries, read new ones, record, ack; return how many were handled."""
-        claimed = self.redis.xautoclaim(self.stream, self.group, self.consumer,
-                                        min_idle_time=self.claim_idle_ms, start_id="0-0",
-                                        count=self.batch)
-        entries = list(claimed[1]) if claimed else []
-        if not entries:
-            read = self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
-                                         count=self.batch, block=block_ms)
-            # redis-py's hints do not cover XREADGROUP's [[stream, [(id, fields)]]] answer
-            entries = [e for _, items in (read or []) for e in items]  # type: ignore[str-unpack,union-attr]
-        self.last_read = time.time()
-        # The health check's proof that this consumer is reading (expires if it stops).
-        self.redis.set(f"{HEARTBEAT}ingest:{self.consumer}", str(self.last_read), ex=60)
-        if entries:
-            self.handle(entries)
+        """Claim abandoned entries or read new ones, record, ack; return how many were read.
+
+        Raises what made the batch fail (after noting it for the health check)."""
+        try:
+            entries = self._read(block_ms)
+            recorded = self._handle(entries) if entries else Recorded()
+        except Exception as exc:
+            self.own_pending = True
+            self._note_failure(describe_error(exc))
+            raise
+        if recorded.failed:
+            first = next(iter(recorded.failed.values()))
+            self._note_failure(f"{len(recorded.failed)} stream entries could not be recorded "
+                               f"(they stay pending): {first}")
+        else:
+            self._beat()
         return len(entries)
 
-    def handle(self, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> list[int]:
-        def record() -> list[int]:
-            with session_scope(self.sessions) as session:
-                return record_entries(session, entries, self.lease)
+    def handle(self, entries: Sequence[StreamEntry]) -> list[int]:
+        """Record ``entries``, acknowledge them, dispatch the new events; return their keys."""
+        return self._handle(entries).new
 
-        new = once_more_if_disconnected(record)
-        ids = [entry_id for entry_id, _ in entries]
-        with self.redis.pipeline() as pipe:
-            pipe.xack(self.stream, self.group, *ids)
-            pipe.xdel(self.stream, *ids)  # durable in the database now; keep the stream short
-            pipe.execute()
-        if new:
-            self.dispatch(new)
-        return new
+    def _read(self, block_ms: int) -> list[StreamEntry]:
+        try:
+            return self._next(block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+        log.warning("stream %s has no consumer group %s (the key was deleted, or Redis "
+                    "restarted empty): creating it again", self.stream, self.group)
+        self.ensure_group()
+        self.cursor = START
+        return self._next(block_ms)
+
+    def _next(self, block_ms: int) -> list[StreamEntry]:
+        if self.own_pending:
+            entries = self._read_group("0", None)  # ours, delivered, not acknowledged
+            if entries:
+                return entries
+            self.own_pending = False
+        return self._claim() or self._read_group(">", block_ms)
+
+    def _claim(self) -> list[StreamEntry]:
+        """Entries idle in the pending list longer than ``claim_idle_ms``, up to a batch,
+        going on from where the last call stopped (the cursor is back at 0-0 at the end)."""
+        entries: list[StreamEntry] = []
+        while len(entries) < self.batch:
+            answer = self.redis.xautoclaim(self.stream, self.group, self.consumer,
+                                           min_idle_time=self.claim_idle_ms,
+                                           start_id=self.cursor, count=self.batch - len(entries))
+            self.cursor = _text(answer[0])
+            # Redis 7 drops entries deleted meanwhile from the pending list (answer[2]); 6.2
+            # answers them as nil: nothing is left to record either way.
+            entries += [(i, f) for i, f in answer[1] if i is not None and f]
+            if self.cursor == START:
+                break
+        return entries
+
+    def _read_group(self, since: str, block_ms: int | None) -> list[StreamEntry]:
+        # redis-py's hints do not cover XREADGROUP's [[stream, [(id, fields)]]] answer
+        read: Any = self.redis.xreadgroup(self.group, self.consumer, {self.stream: since},
+                                          count=self.batch, block=block_ms)
+        entries = [entry for _, items in read or [] for entry in items]
+        # An entry deleted from the stream while pending comes back without fields (an XADD
+        # always has one): nothing is left to record, it only leaves the pending list.
+        gone = [entry_id for entry_id, fields in entries if not fields]
+        if gone:
+            self.redis.xack(self.stream, self.group, *gone)
+        return [(entry_id, fields) for entry_id, fields in entries if fields]
+
+    def _handle(self, entries: Sequence[StreamEntry]) -> Recorded:
+        def record() -> Recorded:
+            with session_scope(self.sessions) as session:
+                return record_entries(session, entries, self.lease,
+                                      max_file_bytes=self.max_file_bytes)
+
+        recorded = once_more_if_disconnected(record)
+        done = [entry_id for entry_id, _ in entries if entry_id not in recorded.failed]
+        if done:  # committed: now, and only now, they may leave the stream
+            with self.redis.pipeline() as pipe:
+                pipe.xack(self.stream, self.group, *done)
+                pipe.xdel(self.stream, *done)  # durable in the database; keep the stream short
+                pipe.execute()
+        if recorded.new:
+            self.dispatch(recorded.new)
+        return recorded
+
+    def _beat(self) -> None:
+        # The health check's proof that this consumer makes progress (expires if it stops).
+        self.last_read = time.time()
+        self.redis.set(f"{HEARTBEAT}ingest:{self.consumer}", str(self.last_read),
+                       ex=HEARTBEAT_TTL)
+
+    def _note_failure(self, reason: str) -> None:
+        """Leave the failure where the health check looks (no secret: a short reason)."""
+        try:
+            self.redis.set(INGEST_FAILURE, json.dumps(
+                {"at": time.time(), "consumer": self.consumer, "reason": reason}),
+                ex=FAILURE_TTL)
+        except redis.RedisError:  # Redis itself is away: the health check says so already
+            log.warning("could not note the ingest failure in Redis: %s", reason)

@@ -34,7 +34,8 @@ class Pump:
         self.ingester = StreamIngester(
             redis.Redis.from_url(settings.redis_url), self.sessions,
             settings.dokstamp_sync_stream, consumer=f"{socket.gethostname()}-{os.getpid()}",
-            dispatch=dispatch, lease=self.lease)
+            dispatch=dispatch, lease=self.lease,
+            max_file_bytes=settings.dokstamp_sync_file_max_bytes)
         self.threads = [threading.Thread(target=self._ingest, name="dokstamp-ingest",
                                          daemon=True),
                         threading.Thread(target=self._schedule, name="dokstamp-scheduler",
