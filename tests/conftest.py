@@ -164,12 +164,24 @@ def engine_redis() -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def ctx(sandbox, sessions, engine_redis):
+def make_ctx(sandbox, sessions, engine_redis):
+    """Builds sync contexts on the sandbox, the test database and Redis database 14 (options
+    as :func:`~dokstamp_sync.testing.sandbox_context`); closes them after the test."""
+    made = []
+
+    def factory(**kw):
+        made.append(sandbox_context(sandbox, sessions, engine_redis, **kw))
+        return made[-1]
+
+    yield factory
+    for context in made:
+        context.close()
+
+
+@pytest.fixture
+def ctx(make_ctx):
     """A sync context on the sandbox, the test database and Redis database 14."""
-    context = sandbox_context(sandbox, sessions, engine_redis)
-    yield context
-    context.client.http.close()
-    context.file_http.close()
+    return make_ctx()
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def test_sandbox_command_serves_the_api(tmp_path):
         assert r.json()["expires_in"] == 120
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.communicate(timeout=10)  # also closes its pipes
 
 
 def test_sandbox_command_generation_strict_and_unkind_flags(tmp_path):
@@ -81,7 +81,7 @@ def test_sandbox_command_generation_strict_and_unkind_flags(tmp_path):
         assert (login.status_code, login.json()["success"]) == (404, False)
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.communicate(timeout=10)  # also closes its pipes
 
 
 def test_walkthrough_with_settings_but_no_tenant_fails_in_one_line(tmp_path):

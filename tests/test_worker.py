@@ -40,6 +40,7 @@ def wredis():
 def start_worker(sandbox, database_url, sessions, wredis, tmp_path):
     """Start `dokstamp-sync worker` subprocesses; all are killed (whole group) afterwards."""
     procs: list[subprocess.Popen] = []
+    logs = []
 
     def start(concurrency: int = 2, rate: float = 500, **env: str) -> subprocess.Popen:
         full = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")} | {
@@ -49,7 +50,8 @@ def start_worker(sandbox, database_url, sessions, wredis, tmp_path):
             "DATABASE_URL": database_url, "DOKSTAMP_SYNC_STREAM": STREAM,
             "DOKSTAMP_RATE_LIMIT": str(rate), "DOKSTAMP_SYNC_VISIBILITY_TIMEOUT": "8",
             "DOKSTAMP_SYNC_LOCK_TIMEOUT": "5"} | env
-        log = open(tmp_path / f"worker-{len(procs)}.log", "w")  # noqa: SIM115  # closed by the OS
+        log = open(tmp_path / f"worker-{len(procs)}.log", "w")  # noqa: SIM115  # closed below
+        logs.append(log)
         proc = subprocess.Popen([EXE, "worker", "--concurrency", str(concurrency)],
                                 env=full, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -66,6 +68,8 @@ def start_worker(sandbox, database_url, sessions, wredis, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    for log in logs:
+        log.close()
 
 
 def xadd(client, events):

@@ -45,6 +45,8 @@ def demo(tmp_path_factory):
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+    out.close()
+    err.close()
 
 
 def test_demo_syncs_a_graduating_class_and_shows_a_dead_letter(demo):
@@ -74,6 +76,7 @@ def test_flower_asks_for_its_password(demo):
     bare = re.sub(r"//demo:[^@]+@", "//", demo["flower"])
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(bare)
+    info.value.close()
     assert info.value.code == 401
 
 

@@ -86,9 +86,11 @@ def test_metrics_endpoint_reports_states_api_calls_429s_and_retries(h, ctx, sand
         ctx.redis.delete(*ctx.redis.keys("dokstamp:heartbeat:ingest:*"))
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz")
+        info.value.close()
         assert info.value.code == 503
     finally:
         server.shutdown()
+        server.server_close()
 
 
 def test_event_outcomes_log_as_json_lines_with_their_fields(h):

@@ -14,7 +14,7 @@ from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.redis_keys import PAUSE
 from dokstamp_sync.sandbox import Faults, ScriptedFault
-from dokstamp_sync.testing import T0, Harness, calls, dump, live, sandbox_context, student
+from dokstamp_sync.testing import T0, Harness, calls, dump, live, student
 
 
 def test_a_whole_class_in_order_syncs_every_entity_once(h, sandbox):
@@ -247,12 +247,12 @@ def test_token_expiry_mid_run(h, sandbox):
     assert sandbox.sandbox.stats.to_json()["by_route"].get("POST /auth/refresh", 0) == 1
 
 
-def test_two_workers_racing_on_the_same_student_create_one(h, ctx, sandbox):
+def test_two_workers_racing_on_the_same_student_create_one(h, ctx, sandbox, make_ctx):
     """Two ERP keys with the same email, processed at the same moment by two threads (each its
     own worker context), create one DokStamp student; both map to it."""
     sandbox.sandbox.faults.configure(Faults(latency_ms=100))  # widen the race window
 
-    other = Harness(sandbox_context(sandbox, ctx.sessions, ctx.redis))
+    other = Harness(make_ctx())
     pk_a = h.send(student(key="S-A"))[0]
     pk_b = h.send(student(key="S-B"))[0]
     barrier = threading.Barrier(2)

@@ -16,7 +16,7 @@ from dokstamp_sync.models import InboxEvent
 from dokstamp_sync.pipeline.scheduler import dispatch_due
 from dokstamp_sync.redis_keys import PAUSE
 from dokstamp_sync.sandbox import Faults, ScriptedFault
-from dokstamp_sync.testing import STREAM, T0, Harness, live, sandbox_context, student
+from dokstamp_sync.testing import STREAM, T0, Harness, live, student
 
 
 def test_older_upsert_after_a_synced_delete_does_not_resurrect(h, sandbox):
@@ -142,10 +142,10 @@ def test_backoff_grows_with_attempts_and_stays_jittered(h, ctx, sandbox):
     assert len({round(d, 3) for d in delays}) == 5  # jittered
 
 
-def test_429_pause_is_honoured_by_the_shared_limiter(sandbox, sessions, engine_redis):
+def test_429_pause_is_honoured_by_the_shared_limiter(sandbox, make_ctx):
     """After a 429 with Retry-After 1, the next request of any process waits for the pause."""
     waits: list[float] = []
-    ctx = sandbox_context(sandbox, sessions, engine_redis, limiter_sleep=waits.append)
+    ctx = make_ctx(limiter_sleep=waits.append)
     harness = Harness(ctx)
     sandbox.sandbox.faults.configure(Faults(script=[
         ScriptedFault("GET", "/students", status=429, retry_after=1)]))
@@ -153,10 +153,10 @@ def test_429_pause_is_honoured_by_the_shared_limiter(sandbox, sessions, engine_r
     assert sum(waits) >= 0.9  # the limiter slept out the tenant pause
 
 
-def test_long_pause_parks_the_event_instead_of_sleeping(sandbox, sessions, engine_redis):
+def test_long_pause_parks_the_event_instead_of_sleeping(engine_redis, make_ctx):
     """A tenant pause longer than the limiter's max wait parks the event (no long sleep with
     locks held)."""
-    ctx = sandbox_context(sandbox, sessions, engine_redis)
+    ctx = make_ctx()
     harness = Harness(ctx)
     engine_redis.set(f"{PAUSE}demo-university", "1", px=60_000)
     e = student()
@@ -208,23 +208,23 @@ class _Redirect(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_redirect_is_never_uploaded_as_the_file(sandbox, sessions, engine_redis):
+def test_a_redirect_is_never_uploaded_as_the_file(sandbox, make_ctx):
     """A 302 from the document server is refused, not uploaded as a PDF."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    ctx = sandbox_context(sandbox, sessions, engine_redis, hosts=["127.0.0.1"])
+    ctx = make_ctx(hosts=["127.0.0.1"])
     e = event("file", "F-1", {"url": f"http://127.0.0.1:{server.server_address[1]}/d.pdf",
                               "filename": "d.pdf"})
     assert Harness(ctx).sync(e) == ["dead"]
     assert sandbox.sandbox.tenants["demo-university"].dump()["files"] == []
     server.shutdown()
+    server.server_close()
 
 
-def test_credentials_refused_is_dead_with_a_reason_that_says_so(sandbox, sessions,
-                                                                  engine_redis):
+def test_credentials_refused_is_dead_with_a_reason_that_says_so(make_ctx):
     """CONTRACT §3: a 401 is dead; the reason names the credentials, so an operator fixes
     them and replays."""
-    ctx = sandbox_context(sandbox, sessions, engine_redis, password="wrong")
+    ctx = make_ctx(password="wrong")
     harness = Harness(ctx)
     assert harness.sync(student()) == ["dead"]
     (letter,) = harness.letters()

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from dokstamp_sync.demo.samples import diploma_pdf, event
-from dokstamp_sync.testing import Harness, sandbox_context
+from dokstamp_sync.testing import Harness
 
 PDF = diploma_pdf("Maria", "BSc")
 
@@ -39,14 +39,12 @@ def doc_server():
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture
-def fh(sandbox, sessions, engine_redis, tmp_path):
-    ctx = sandbox_context(sandbox, sessions, engine_redis, file_root=tmp_path,
-                       hosts=["127.0.0.1"])
-    yield Harness(ctx)
-    ctx.client.http.close()
+def fh(make_ctx, tmp_path):
+    return Harness(make_ctx(file_root=tmp_path, hosts=["127.0.0.1"]))
 
 
 def test_file_from_an_allowed_url_is_uploaded(fh, doc_server, sandbox):

@@ -224,9 +224,10 @@ def _routes(sb: Sandbox) -> list[Route]:
 
     async def oauth(r: Request, _t: Tenant | None, _a: Account | None) -> Any:
         check_login_route(sb.docs, "/oauth/token")
-        form = await r.form()
-        return sb.authority.client_credentials(form.get("grant_type"), form.get("client_id"),
-                                               form.get("client_secret"))
+        async with r.form() as form:
+            return sb.authority.client_credentials(form.get("grant_type"),
+                                                   form.get("client_id"),
+                                                   form.get("client_secret"))
 
     async def logout(r: Request, _t: Tenant | None, _a: Account | None) -> Any:
         sb.authority.logout(r.state.token)
@@ -306,14 +307,14 @@ def _routes(sb: Sandbox) -> list[Route]:
     # -- files ----------------------------------------------------------------------------
     async def upload(r: Request, t: Tenant | None, _a: Account | None) -> Any:
         assert t is not None
-        form = await r.form(max_files=10_000)
         items = []
-        for part in form.getlist("files[]"):
-            if not isinstance(part, UploadFile):
-                raise ApiError(422, "The given data was invalid.",
-                               {"files": ["The files must be files."]})
-            items.append((part.filename or "upload", part.content_type or
-                          "application/octet-stream", await part.read()))
+        async with r.form(max_files=10_000) as form:  # closes the parts' temporary files
+            for part in form.getlist("files[]"):
+                if not isinstance(part, UploadFile):
+                    raise ApiError(422, "The given data was invalid.",
+                                   {"files": ["The files must be files."]})
+                items.append((part.filename or "upload", part.content_type or
+                               "application/octet-stream", await part.read()))
         records = t.upload(items, base_url=_base(r), max_bytes=sb.config.max_file_bytes)
         if sb.faults.faults.reorder_uploads:  # the docs never promise the order
             records.reverse()

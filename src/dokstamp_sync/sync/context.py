@@ -48,6 +48,11 @@ class SyncContext:
     def __post_init__(self) -> None:
         self.store = Store(self.sessions)
 
+    def close(self) -> None:
+        """Close the HTTP connections (the process is done with this context)."""
+        self.client.http.close()
+        self.file_http.close()
+
     def count(self, name: str, n: int = 1) -> None:
         """Count locally; :meth:`flush` adds it to the fleet-wide counters in Redis."""
         self.unflushed[name] += n
