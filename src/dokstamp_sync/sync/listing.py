@@ -7,11 +7,14 @@ without searching. A retried or redelivered event always searches (a lost respon
 created it), and so does any event when there is no fresh listing. Entities we create are
 recorded under the natural-key lock, so our own workers never miss each other's; what another
 system creates in DokStamp during the freshness window is the accepted risk, bounded by the
-window (and a create refused as a duplicate falls back to a search).
+window (and a create refused as a duplicate falls back to a search). A listing is trusted only
+when it provably saw every row (``Listing.complete``: ``meta.total`` rows read, past pages a
+server capped below the size asked); otherwise no marker is set and events keep searching.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from dokstamp_sync.dokstamp.client import MAX_PER_PAGE, Resource
@@ -20,6 +23,7 @@ from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.entities import Spec, natural_key, remote_value
 from dokstamp_sync.sync.outcomes import Busy
 
+log = logging.getLogger("dokstamp_sync.sync")
 MIN_BACKLOG = 50  # below this, searching one by one is cheaper than listing
 FRESH_FOR = 900  # seconds a listing is trusted
 
@@ -41,10 +45,15 @@ def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
             if total / MAX_PER_PAGE > ctx.store.backlog(spec.entity) / 2:
                 return False  # too many existing entities: listing costs more than searching
             # Read every page first: no transaction stays open across the listing's calls.
+            listing = resource.listing(per_page=MAX_PER_PAGE)
             pairs = [(natural_key(spec, {f: remote_value(remote, f) for f in spec.natural_key}),
-                      str(remote["uuid"])) for remote in resource.iterate(per_page=MAX_PER_PAGE)]
+                      str(remote["uuid"])) for remote in listing]
             ctx.store.remember_natural_keys(spec.entity, pairs)
-            ctx.count("listing_calls", -(-total // MAX_PER_PAGE))
+            ctx.count("listing_calls", listing.pages)
+            if not listing.complete:  # "not listed" would not mean "absent": keep searching
+                log.warning("listing of %s incomplete (%d of %s rows in %d pages): not trusted",
+                            spec.entity, listing.seen, listing.total, listing.pages)
+                return False
             ctx.redis.set(marker, str(time.time()), ex=FRESH_FOR)
             return True
     except Busy:
