@@ -18,7 +18,7 @@ import logging
 import time
 
 from dokstamp_sync.dokstamp.client import MAX_PER_PAGE, Resource
-from dokstamp_sync.redis_keys import LISTING
+from dokstamp_sync.redis_keys import LISTING, LISTING_UNTRUSTED
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.entities import Spec, natural_key, remote_value
 from dokstamp_sync.sync.outcomes import Busy
@@ -34,7 +34,8 @@ def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
     marker = f"{LISTING}{spec.entity}"
     if ctx.redis.exists(marker):
         return True
-    if not spec.natural_key or ctx.store.backlog(spec.entity) < MIN_BACKLOG:
+    if not spec.natural_key or ctx.redis.exists(f"{LISTING_UNTRUSTED}{spec.entity}") \
+            or ctx.store.backlog(spec.entity) < MIN_BACKLOG:
         return False
     try:
         with ctx.lock(f"listing:{spec.entity}", wait=30):
@@ -53,6 +54,7 @@ def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
             if not listing.complete:  # "not listed" would not mean "absent": keep searching
                 log.warning("listing of %s incomplete (%d of %s rows in %d pages): not trusted",
                             spec.entity, listing.seen, listing.total, listing.pages)
+                ctx.redis.set(f"{LISTING_UNTRUSTED}{spec.entity}", "1", ex=FRESH_FOR)
                 return False
             ctx.redis.set(marker, str(time.time()), ex=FRESH_FOR)
             return True
