@@ -63,9 +63,9 @@ def test_strict_server_one_students_grade_never_lands_on_anothers_enrollment(h, 
     assert grades == {"a@example.edu": 8.0, "b@example.edu": 5.0}
 
 
-def test_a_search_hit_with_another_email_case_is_adopted(h, ctx, sandbox):
-    """Emails are matched case-insensitively: a student created with an upper-case email is
-    adopted, not duplicated."""
+def test_strict_server_dashboard_student_with_the_same_email_is_adopted(h, ctx, sandbox):
+    """The documented filter (students by email) still finds a student made on the dashboard:
+    it is adopted, not duplicated."""
     sandbox.sandbox.config.strict = True
     made = ctx.client.students.create({"name": "Maria", "email": "maria@example.edu",
                                        "date_of_birth": "1998-05-20"})
