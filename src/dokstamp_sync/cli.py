@@ -10,6 +10,7 @@ from typing import Any
 
 from dokstamp_sync.config import ConfigError, load_settings
 from dokstamp_sync.dokstamp.errors import DokStampError
+from dokstamp_sync.ops.check import StartRefused
 
 
 def _sandbox(args: argparse.Namespace) -> int:
@@ -86,6 +87,15 @@ def _worker(args: argparse.Namespace) -> int:
 
     run_worker(settings, concurrency=args.concurrency, loglevel=args.loglevel)
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from dokstamp_sync.ops.check import run_checks
+
+    lines = run_checks(load_settings())
+    for line in lines:
+        print(line)
+    return 0 if all(line.ok for line in lines) else 1
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -298,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also serve /metrics and /healthz on this port")
     wk.set_defaults(func=_worker)
 
+    ck = sub.add_parser("check", help="credentials, tenant, issue style, DokStamp, database "
+                                      "and Redis: one line each, exit 1 if any fails")
+    ck.set_defaults(func=_check)
+
     hc = sub.add_parser("health", help="exit 0 if the pipeline is making progress, else 1")
     hc.add_argument("--max-age", type=float, default=3600.0,
                     help="oldest unsynced event allowed, seconds")
@@ -367,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except DokStampError as exc:
         print(f"DokStamp error: {exc}", file=sys.stderr)
+        return 1
+    except StartRefused as exc:
+        print(exc, file=sys.stderr)
         return 1
 
 

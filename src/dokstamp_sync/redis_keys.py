@@ -12,6 +12,8 @@ HEARTBEAT = "dokstamp:heartbeat:"  # + "task" or "ingest:<consumer>": epoch seco
 INGEST_FAILURE = "dokstamp:ingest:failure"
 LOCK = "dokstamp:lock:"  # + "entity:<entity>:<key>", "nk:<entity>:<sha256>", "listing:<entity>"
 LISTING = "dokstamp:listing:"  # + entity: a fresh full listing is in the natural-key table
+# + entity: the last listing could not be read completely; do not list again for a while
+LISTING_UNTRUSTED = "dokstamp:listing-untrusted:"
 TOKEN = "dokstamp:token:"  # noqa: S105  # a key name, not a secret; + a digest of the credentials: the shared, encrypted access token
 RATE_LIMIT = "dokstamp:ratelimit:"  # + tenant: the shared token bucket
 PAUSE = "dokstamp:pause:"  # + tenant: every process holds its requests (after a 429)

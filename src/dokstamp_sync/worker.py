@@ -107,9 +107,31 @@ class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unty
 app.steps["worker"].add(PumpStep)
 
 
+def check_start(settings: Settings) -> None:
+    """Refuse to start (:class:`~.ops.check.StartRefused`, one line) when DokStamp refuses the
+    credentials or they belong to another tenant than ``DOKSTAMP_TENANT`` (``GET /auth/me``):
+    with the wrong tenant every lookup answers 404, which a delete takes for "already gone"."""
+    import redis
+
+    from dokstamp_sync.dokstamp import RedisTokenStore, client_from_settings
+    from dokstamp_sync.ops.check import StartRefused, refusal
+
+    store = redis.Redis.from_url(settings.redis_url)
+    client = client_from_settings(settings, store=RedisTokenStore(store))
+    try:
+        problem = refusal(client, settings)
+    finally:
+        client.http.close()
+        store.close()
+    if problem is not None:
+        raise StartRefused(problem)
+
+
 def run_worker(settings: Settings, *, concurrency: int, loglevel: str = "INFO") -> None:
     """Start the Celery worker (prefork, ``concurrency`` processes) with the pump; every process
-    of it uses ``settings`` (the children inherit them at the fork)."""
+    of it uses ``settings`` (the children inherit them at the fork). Checks the credentials and
+    the tenant first (:func:`check_start`)."""
+    check_start(settings)
     wiring.use(settings)
     configure(settings)
     app.worker_main(["worker", f"--concurrency={concurrency}", "--pool=prefork",

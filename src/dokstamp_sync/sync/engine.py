@@ -26,14 +26,14 @@ from redis.lock import Lock
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
-from dokstamp_sync.dokstamp.errors import RateLimited, TransientError
+from dokstamp_sync.dokstamp.errors import TransientError
 from dokstamp_sync.events import Event, InvalidEvent
 from dokstamp_sync.models import utcnow
 from dokstamp_sync.redis_keys import HEARTBEAT
 from dokstamp_sync.states import EventState
 from dokstamp_sync.sync import operations, references
 from dokstamp_sync.sync.context import SyncContext
-from dokstamp_sync.sync.outcomes import Busy, Next, Outcome, Verdict, classify
+from dokstamp_sync.sync.outcomes import Busy, Drifted, Next, Outcome, Verdict, classify
 from dokstamp_sync.sync.store import Claimed, Decision, Facts, Letter, Park, data_hash
 
 log = logging.getLogger("dokstamp_sync.sync")
@@ -135,14 +135,16 @@ def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int, *, retry: bool
 
 
 def _retry_now(exc: BaseException) -> bool:
-    if isinstance(exc, RateLimited):
-        return (exc.retry_after or 0) <= IN_CALL_RETRY_AFTER_MAX
-    return isinstance(exc, TransientError | Busy)
+    # Any server's Retry-After (a 429's, a 503's) is honoured: a short one is slept through
+    # here, a longer one parks the event for at least that long (see _decide).
+    if isinstance(exc, TransientError) and exc.retry_after:
+        return exc.retry_after <= IN_CALL_RETRY_AFTER_MAX
+    return isinstance(exc, TransientError | Busy | Drifted)
 
 
 def _retry_wait(state: RetryCallState) -> float:
     exc = state.outcome.exception() if state.outcome else None
-    if isinstance(exc, RateLimited) and exc.retry_after:
+    if isinstance(exc, TransientError) and exc.retry_after:
         return exc.retry_after
     return float(wait_random_exponential(multiplier=0.25, max=2.0)(state))
 

@@ -1,8 +1,11 @@
 """Per-entity rules of the graph walk (CONTRACT §2's table, in DokStamp's field names).
 
-For each entity: the client resource, the natural key it is searched by before a create, the
+For each entity: the client resource, the natural key that identifies it, the ``where[...]``
+filters the DokStamp docs show for that search (``search``: a server may ignore any other filter
+and answer with every row, so the rest of the natural key is matched here, on each hit), the
 references a search hit must agree on (else it is a conflict, never adopted), the fields never
-PATCHed, and the event fields that are ours and never sent.
+PATCHed, the event fields that are ours and never sent, and the dependents that block a delete
+and can be counted with a documented filter.
 """
 
 from __future__ import annotations
@@ -21,22 +24,41 @@ REFERENCES: dict[str, str] = {
 class Spec:
     entity: str
     resource: str  # attribute of DokStampClient
-    natural_key: tuple[str, ...]  # payload fields, searched with where[...]
+    natural_key: tuple[str, ...]  # payload fields every adopted search hit must match
     identity: tuple[str, ...] = ()  # payload fields a search hit must match
     fixed: tuple[str, ...] = ()  # never PATCHed
     local: tuple[str, ...] = ()  # event data that is not a DokStamp field
     archive_status: str | None = None  # status to set when a delete is refused
+    # The natural-key fields the docs show as where[...] filters (None: all of them); the
+    # others are matched on each hit, paging through every answer.
+    search: tuple[str, ...] | None = None
+    # (client resource, where[field]) of dependents that block a delete, as the docs' deletion
+    # rules count them (per_page=1, meta.total), with documented filters only.
+    dependents: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def search_filters(self) -> tuple[str, ...]:
+        return self.natural_key if self.search is None else self.search
 
 
 SPECS: dict[str, Spec] = {s.entity: s for s in (
-    Spec("institution", "institutions", ("name",), archive_status="inactive"),
-    Spec("module", "modules", ("code", "institution_uuid"), fixed=("institution_uuid",)),
+    # The docs show no filter for institutions: list them all, match the name here.
+    Spec("institution", "institutions", ("name",), archive_status="inactive", search=(),
+         dependents=(("certificates", "institution_uuid"), ("modules", "institution_uuid"))),
+    Spec("module", "modules", ("code", "institution_uuid"), fixed=("institution_uuid",),
+         search=("code", "institution_uuid")),
     Spec("course", "courses", ("code",), identity=("institution_uuid",),
-         fixed=("institution_uuid",), local=("modules",), archive_status="archived"),
-    Spec("cohort", "cohorts", ("code",), identity=("course_uuid",), fixed=("course_uuid",)),
-    Spec("student", "students", ("email",)),
+         fixed=("institution_uuid",), local=("modules",), archive_status="archived",
+         search=("code",), dependents=(("certificates", "course_uuid"),
+                                       ("cohorts", "course_uuid"),
+                                       ("enrollments", "course_uuid"))),
+    Spec("cohort", "cohorts", ("code",), identity=("course_uuid",), fixed=("course_uuid",),
+         search=("code",), dependents=(("certificates", "cohort_uuid"),)),
+    Spec("student", "students", ("email",), search=("email",),
+         dependents=(("certificates", "student_uuid"),)),
+    # Enrollments are filterable by course only: the course's enrollments are paged through.
     Spec("enrollment", "enrollments", ("student_uuid", "course_uuid"),
-         fixed=("student_uuid", "course_uuid")),
+         fixed=("student_uuid", "course_uuid"), search=("course_uuid",)),
     Spec("file", "files", (), local=("url", "path", "content_base64", "filename",
                                      "content_type")),
     Spec("certificate", "certificates", ("file_uuid",),
@@ -51,6 +73,22 @@ def natural_key(spec: Spec, payload: dict[str, Any]) -> str:
         value = str(payload.get(name, ""))
         parts.append(f"{name}={value.strip().lower() if name == 'email' else value}")
     return "|".join(parts)
+
+
+def same_key_value(field: str, ours: Any, theirs: Any) -> bool:
+    """One natural-key field of a search hit equals the event's (emails case-insensitively, as
+    DokStamp's uniqueness treats them; values compared as text, so ``12`` matches ``"12"``)."""
+    if ours is None or theirs is None:
+        return ours is None and theirs is None
+    if field == "email":
+        return str(ours).strip().lower() == str(theirs).strip().lower()
+    return str(ours) == str(theirs)
+
+
+def matches(spec: Spec, payload: dict[str, Any], remote: dict[str, Any]) -> bool:
+    """Whether a search hit is the event's entity: every natural-key field equal."""
+    return all(same_key_value(f, payload.get(f), remote_value(remote, f))
+               for f in spec.natural_key)
 
 
 def remote_value(entity: dict[str, Any], field: str) -> Any:

@@ -7,19 +7,23 @@ without searching. A retried or redelivered event always searches (a lost respon
 created it), and so does any event when there is no fresh listing. Entities we create are
 recorded under the natural-key lock, so our own workers never miss each other's; what another
 system creates in DokStamp during the freshness window is the accepted risk, bounded by the
-window (and a create refused as a duplicate falls back to a search).
+window (and a create refused as a duplicate falls back to a search). A listing is trusted only
+when it provably saw every row (``Listing.complete``: ``meta.total`` rows read, past pages a
+server capped below the size asked); otherwise no marker is set and events keep searching.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from dokstamp_sync.dokstamp.client import MAX_PER_PAGE, Resource
-from dokstamp_sync.redis_keys import LISTING
+from dokstamp_sync.redis_keys import LISTING, LISTING_UNTRUSTED
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.entities import Spec, natural_key, remote_value
 from dokstamp_sync.sync.outcomes import Busy
 
+log = logging.getLogger("dokstamp_sync.sync")
 MIN_BACKLOG = 50  # below this, searching one by one is cheaper than listing
 FRESH_FOR = 900  # seconds a listing is trusted
 
@@ -30,7 +34,8 @@ def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
     marker = f"{LISTING}{spec.entity}"
     if ctx.redis.exists(marker):
         return True
-    if not spec.natural_key or ctx.store.backlog(spec.entity) < MIN_BACKLOG:
+    if not spec.natural_key or ctx.redis.exists(f"{LISTING_UNTRUSTED}{spec.entity}") \
+            or ctx.store.backlog(spec.entity) < MIN_BACKLOG:
         return False
     try:
         with ctx.lock(f"listing:{spec.entity}", wait=30):
@@ -41,10 +46,16 @@ def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
             if total / MAX_PER_PAGE > ctx.store.backlog(spec.entity) / 2:
                 return False  # too many existing entities: listing costs more than searching
             # Read every page first: no transaction stays open across the listing's calls.
+            listing = resource.listing(per_page=MAX_PER_PAGE)
             pairs = [(natural_key(spec, {f: remote_value(remote, f) for f in spec.natural_key}),
-                      str(remote["uuid"])) for remote in resource.iterate(per_page=MAX_PER_PAGE)]
+                      str(remote["uuid"])) for remote in listing]
             ctx.store.remember_natural_keys(spec.entity, pairs)
-            ctx.count("listing_calls", -(-total // MAX_PER_PAGE))
+            ctx.count("listing_calls", listing.pages)
+            if not listing.complete:  # "not listed" would not mean "absent": keep searching
+                log.warning("listing of %s incomplete (%d of %s rows in %d pages): not trusted",
+                            spec.entity, listing.seen, listing.total, listing.pages)
+                ctx.redis.set(f"{LISTING_UNTRUSTED}{spec.entity}", "1", ex=FRESH_FOR)
+                return False
             ctx.redis.set(marker, str(time.time()), ex=FRESH_FOR)
             return True
     except Busy:

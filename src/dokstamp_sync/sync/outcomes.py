@@ -12,6 +12,8 @@ Anything raised while an event is processed is turned by :func:`classify` into o
     │   ├── dokstamp TransientError                          ``retry_after`` honoured), counted;
     │   │     (transport, timeout, 429, 5xx, the             dead when the retry budget is spent
     │   │      rate limiter's pause)
+    │   ├── Drifted (a referenced entity was deleted outside dokstamp-sync: its mapping
+    │   │     is forgotten and its latest upsert reopened; the next try recreates it)
     │   ├── Busy (a lock this step needs is held elsewhere)
     │   ├── redis LockError (a lock lost under us)
     │   └── anything unexpected ("internal error: ...", logged with its traceback)
@@ -72,6 +74,16 @@ class Busy(Exception):
     """Another worker holds the lock this step needs; try again shortly."""
 
 
+class Drifted(Exception):
+    """DokStamp no longer has an entity our mapping points at (deleted on the dashboard): the
+    mapping was forgotten and the entity's latest upsert reopened, so trying the event again
+    syncs (recreates) it first. Retried at once, like a transient failure."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Next(StrEnum):
     WAIT = "wait"
     RETRY = "retry"
@@ -118,6 +130,8 @@ def classify(exc: BaseException) -> Verdict:
     if isinstance(exc, TransientError):
         return Verdict(next=Next.RETRY, reason=str(exc),
                        retry_after=getattr(exc, "retry_after", None))
+    if isinstance(exc, Drifted):
+        return Verdict(next=Next.RETRY, reason=exc.reason)
     if isinstance(exc, Busy | LockError):
         return Verdict(next=Next.RETRY, reason=f"lock: {exc!r}")
     what = str(exc) if isinstance(exc, DokStampError) else f"{type(exc).__name__}: {exc}"

@@ -311,6 +311,30 @@ class Store:
         with self._tx() as session:
             _forget(session, entity, uuid)
 
+    def forget_mapping(self, entity: str, key: str, uuid: str, *, reopen: bool) -> bool:
+        """The entity ``uuid`` is gone from DokStamp (deleted outside dokstamp-sync): forget its
+        mapping (only while it still points at ``uuid``) and its natural keys. ``reopen``: make
+        the entity's latest event pending again when it is a synced upsert, so that it is synced
+        (recreated) anew; returns whether it was."""
+        with self._tx() as session:
+            session.execute(delete(Mapping).where(Mapping.entity == entity,
+                                                  Mapping.erp_key == key,
+                                                  Mapping.dokstamp_uuid == uuid))
+            _forget(session, entity, uuid)
+            if not reopen:
+                return False
+            record = session.scalar(
+                select(InboxEvent).where(InboxEvent.entity == entity, InboxEvent.erp_key == key,
+                                         InboxEvent.state != EventState.SUPERSEDED)
+                .order_by(InboxEvent.occurred_at.desc(), InboxEvent.id.desc()).limit(1))
+            if record is None or record.op != "upsert" or record.state != EventState.SYNCED:
+                return False
+            record.state = EventState.PENDING
+            record.finished_at = None
+            record.next_attempt_at = utcnow()
+            record.last_error = "recreating: deleted in DokStamp outside dokstamp-sync"
+            return True
+
     # -- recording how a run ended --------------------------------------------------------
 
     def finish_synced(self, pk: int, outcome: Outcome, *, completed: bool) -> str:
