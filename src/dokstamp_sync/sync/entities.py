@@ -26,6 +26,9 @@ class Spec:
     fixed: tuple[str, ...] = ()  # never PATCHed
     local: tuple[str, ...] = ()  # event data that is not a DokStamp field
     archive_status: str | None = None  # status to set when a delete is refused
+    # The documented where[...] filters a search sends, when the natural key is not one of
+    # them; every hit is then matched on the natural key (and these) here, never trusted.
+    search: tuple[str, ...] = ()
 
 
 SPECS: dict[str, Spec] = {s.entity: s for s in (
@@ -39,8 +42,11 @@ SPECS: dict[str, Spec] = {s.entity: s for s in (
          fixed=("student_uuid", "course_uuid")),
     Spec("file", "files", (), local=("url", "path", "content_base64", "filename",
                                      "content_type")),
+    # The docs show no file filter for certificates: search by student and course, then find
+    # our file among each hit's files[] (see `matches`).
     Spec("certificate", "certificates", ("file_uuid",),
-         identity=("student_uuid", "course_uuid"), local=("issue",)),
+         identity=("student_uuid", "course_uuid"), local=("issue",),
+         search=("student_uuid", "course_uuid")),
 )}
 
 
@@ -63,6 +69,22 @@ def remote_value(entity: dict[str, Any], field: str) -> Any:
         nested = entity.get(field.removesuffix("_uuid"))
         return nested.get("uuid") if isinstance(nested, dict) else None
     return None
+
+
+def matches(spec: Spec, payload: dict[str, Any], remote: dict[str, Any]) -> bool:
+    """Whether a search hit is the entity ``payload`` describes, on every natural-key and
+    search field (a server may ignore a filter and answer every row). A certificate's file
+    is any of its ``files[].uuid`` (or a ``file_uuid`` where a server sends one)."""
+    for field in (*spec.natural_key, *spec.search):
+        ours = payload.get(field)
+        if field == "file_uuid":
+            theirs = {f.get("uuid") for f in remote.get("files") or [] if isinstance(f, dict)}
+            theirs |= {remote["file_uuid"]} if remote.get("file_uuid") else set()
+            if ours not in theirs:
+                return False
+        elif remote_value(remote, field) != ours:
+            return False
+    return True
 
 
 def same_value(sent: Any, remote: Any) -> bool:
