@@ -194,6 +194,10 @@ def _mapping(args: argparse.Namespace) -> int:
         print(f"{args.entity} {args.key} is not mapped", file=sys.stderr)
         return 1
     print(mapping.uuid if mapping.status == "active" else f"{mapping.uuid} ({mapping.status})")
+    if mapping.remote_status is not None:  # a certificate: what DokStamp last said of it
+        print(f"status in DokStamp: {mapping.remote_status}")
+    if mapping.verification_url is not None:
+        print(f"verification URL: {mapping.verification_url}")
     return 0
 
 

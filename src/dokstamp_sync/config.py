@@ -53,7 +53,9 @@ class Settings(StoreSettings):
     dokstamp_rate_limit: float = Field(default=10.0, gt=0)
 
     # Extensions (README "Configuration"): how certificates are issued and HTTP timeouts.
-    dokstamp_issue_style: Literal["status", "finish"] = "status"
+    # "auto" follows the credential scheme (see `_resolve_issue_style`); after validation the
+    # field always holds the style in use, "status" or "finish".
+    dokstamp_issue_style: Literal["auto", "status", "finish"] = "auto"
     dokstamp_timeout: float = Field(default=30.0, gt=0)
     # The sync engine (README "Configuration"): waits, retries, files.
     dokstamp_sync_dependency_timeout: float = Field(default=86400.0, gt=0)  # s
@@ -88,6 +90,16 @@ class Settings(StoreSettings):
         if not all(password_pair) and not all(client_pair):
             raise ValueError("no DokStamp credentials: set DOKSTAMP_EMAIL and DOKSTAMP_PASSWORD, "
                              "or DOKSTAMP_CLIENT_ID and DOKSTAMP_CLIENT_SECRET")
+        return self
+
+    @model_validator(mode="after")
+    def _resolve_issue_style(self) -> Settings:
+        # The two generations of the docs pair a login with an issuing field: client
+        # credentials (newer) issue with "finish": true, the password login (older) with
+        # "status": "issued". Client credentials win when both pairs are set (as the login does).
+        if self.dokstamp_issue_style == "auto":
+            client = bool(self.dokstamp_client_id and self.dokstamp_client_secret)
+            self.dokstamp_issue_style = "finish" if client else "status"
         return self
 
 

@@ -77,6 +77,10 @@ class Mapping(Base):
     occurred_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     event_id: Mapped[str | None] = mapped_column(String(255))
     synced_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # A certificate's status in DokStamp (draft, issued, revoked...) and its public
+    # verification URL, as DokStamp last answered them (what the ERP prints on a diploma).
+    remote_status: Mapped[str | None] = mapped_column(String(20))
+    verification_url: Mapped[str | None] = mapped_column(String(500))
 
     __table_args__ = (Index("uq_mappings_entity_erp_key", "entity", "erp_key", unique=True),
                       CheckConstraint(check_in("status", MappingStatus), name="status"))

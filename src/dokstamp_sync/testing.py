@@ -67,14 +67,19 @@ def scratch_database(admin_url: str, prefix: str = "dokstamp_sync_scratch") -> I
 
 
 def sandbox_settings(url: str, *, account: Account | None = None, password: str | None = None,
-                     **overrides: Any) -> Settings:
-    """Settings for a sandbox at ``url``, with the account's password login; no ``.env`` is
-    read and the environment only fills what is not given."""
+                     scheme: str = "password", **overrides: Any) -> Settings:
+    """Settings for a sandbox at ``url``, with the account's password login (``scheme=
+    "client"``: its client credentials, as generation b wants); no ``.env`` is read and the
+    environment only fills what is not given."""
     account = account or Account()
-    values: dict[str, Any] = {
-        "dokstamp_api_url": url, "dokstamp_tenant": account.tenant,
+    login: dict[str, Any] = {
         "dokstamp_email": account.email,
         "dokstamp_password": password if password is not None else account.password,
+    } if scheme == "password" else {
+        "dokstamp_client_id": account.client_id, "dokstamp_client_secret": account.client_secret,
+        "dokstamp_email": "", "dokstamp_password": ""}
+    values: dict[str, Any] = {
+        "dokstamp_api_url": url, "dokstamp_tenant": account.tenant, **login,
         "dokstamp_rate_limit": 1000.0, "dokstamp_timeout": 10.0,
         "dokstamp_sync_file_max_bytes": 1_000_000} | overrides
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -85,11 +90,18 @@ def sandbox_context(sandbox: Served, sessions: sessionmaker[Session], redis_clie
                     hosts: Iterable[str] = (), timeout: float = 10.0,
                     password: str | None = None,
                     limiter_sleep: Callable[[float], None] | None = None,
+                    scheme: str | None = None, issue_style: str | None = None,
                     **kw: Any) -> SyncContext:
     """A context on the sandbox, the caller's database and Redis; in-call retries do not
-    sleep unless ``sleep`` is given."""
+    sleep unless ``sleep`` is given. ``scheme``: "password" or "client" login, by default the
+    one the sandbox's generation has (b: client credentials); ``issue_style``: the setting
+    (default: it follows the scheme)."""
+    if scheme is None:
+        scheme = "client" if sandbox.sandbox.config.generation == "b" else "password"
+    extra: dict[str, Any] = {"dokstamp_issue_style": issue_style} if issue_style else {}
     settings = sandbox_settings(
-        sandbox.url, password=password, dokstamp_rate_limit=rate, dokstamp_timeout=timeout,
+        sandbox.url, password=password, scheme=scheme, **extra,
+        dokstamp_rate_limit=rate, dokstamp_timeout=timeout,
         dokstamp_sync_file_root=str(file_root or ""),
         dokstamp_sync_file_hosts=",".join(hosts))
     kw.setdefault("sleep", lambda _s: None)

@@ -68,7 +68,9 @@ def test_demo_state_is_inspectable_with_the_commands_it_prints(demo):
     out = subprocess.run([EXE, "mapping", "certificate", "CERT-00050"], env=env,
                          capture_output=True, text=True, check=False, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert re.fullmatch(r"[0-9a-f-]{36}\n", out.stdout)
+    # A certificate also shows DokStamp's status and verification URL (CONTRACT §4, issue 10).
+    assert re.fullmatch(r"[0-9a-f-]{36}\nstatus in DokStamp: issued\n"
+                        r"verification URL: http\S+/verify/\S+\n", out.stdout)
 
 
 def test_flower_asks_for_its_password(demo):

@@ -102,6 +102,18 @@ def test_mapping_command(cli, h):
     assert (missing.returncode, missing.stderr.strip()) == (1, "student S-404 is not mapped")
 
 
+def test_mapping_command_shows_a_certificates_status_and_verification_url(cli, h):
+    """`mapping certificate KEY` prints the UUID, DokStamp's status and the public
+    verification URL (CONTRACT §4)."""
+    h.sync(*samples.graduating_class(1, courses=1, modules_per_course=1))
+    m = h.mapping("certificate", "CERT-00001")
+    out = cli("mapping", "certificate", "CERT-00001")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [m.dokstamp_uuid, "status in DokStamp: issued",
+                                       f"verification URL: {m.verification_url}"]
+    assert m.verification_url.startswith("http")
+
+
 def test_enqueue_command_from_stdin(cli, ctx):
     """`enqueue -` sends each line, reports a bad one (which is still sent)."""
     lines = [json.dumps(event("student", "S-1", {"name": "M", "email": "m@ex.edu"})), "{bad"]

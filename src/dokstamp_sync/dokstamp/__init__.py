@@ -6,7 +6,13 @@ import httpx
 
 from dokstamp_sync.config import ConfigError, Settings
 from dokstamp_sync.dokstamp.auth import ClientCredentials, Credentials, PasswordLogin, TokenManager
-from dokstamp_sync.dokstamp.client import DokStampClient, Entity, build_http_client, tenant_domain
+from dokstamp_sync.dokstamp.client import (
+    DokStampClient,
+    Entity,
+    IssueStyle,
+    build_http_client,
+    tenant_domain,
+)
 from dokstamp_sync.dokstamp.pages import Listing, Page
 from dokstamp_sync.dokstamp.ratelimit import RateLimitedTransport, RateLimiter
 from dokstamp_sync.dokstamp.tokens import CachedToken, MemoryTokenStore, RedisTokenStore, TokenStore
@@ -43,5 +49,7 @@ def client_from_settings(settings: Settings, store: TokenStore | None = None,
                                        timeout=settings.dokstamp_timeout, limiter=limiter)
     tokens = TokenManager(client, credentials_from_settings(settings),
                           store or MemoryTokenStore())
+    # Settings resolve "auto" (the credential scheme's style) when they are read.
+    style: IssueStyle = "finish" if settings.dokstamp_issue_style == "finish" else "status"
     return DokStampClient(client, tenant=settings.dokstamp_tenant, tokens=tokens,
-                          issue_style=settings.dokstamp_issue_style)
+                          issue_style=style)

@@ -30,11 +30,20 @@ from dokstamp_sync.dokstamp.errors import TransientError
 from dokstamp_sync.events import Event, InvalidEvent
 from dokstamp_sync.models import utcnow
 from dokstamp_sync.redis_keys import HEARTBEAT
-from dokstamp_sync.states import EventState
+from dokstamp_sync.states import OPEN, EventState
 from dokstamp_sync.sync import operations, references
 from dokstamp_sync.sync.context import SyncContext
-from dokstamp_sync.sync.outcomes import Busy, Drifted, Next, Outcome, Verdict, classify
-from dokstamp_sync.sync.store import Claimed, Decision, Facts, Letter, Park, data_hash
+from dokstamp_sync.sync.outcomes import (
+    Busy,
+    Dead,
+    Drifted,
+    Next,
+    Outcome,
+    Verdict,
+    Waiting,
+    classify,
+)
+from dokstamp_sync.sync.store import Claimed, Decision, Facts, Letter, Park, View, data_hash
 
 log = logging.getLogger("dokstamp_sync.sync")
 BACKOFF_BASE = 2.0  # seconds
@@ -124,14 +133,46 @@ def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int, *, retry: bool
         return Outcome(state=EventState.SUPERSEDED, note="a newer event for this entity came")
     # Never tried before, never delivered before: no lost response can have created it.
     fresh = not retry and view.attempts == 0 and view.deliveries <= 1
-    if event.op == "revoke" or (event.op == "delete" and event.entity == "certificate"):
-        return operations.revoke(ctx, event, view.own)
+    if event.entity == "certificate" and event.op != "upsert":
+        return _end_certificate(ctx, event, depth, view)
     if event.op == "delete":
         return operations.delete(ctx, event, view.own)
     uuids = references.resolve(ctx, event, depth, process, view.refs)
     body = references.payload(event, uuids)
     digest = data_hash({"data": event.data, "refs": uuids})
+    if event.entity == "certificate":
+        end = view.lifecycle.end if view.lifecycle else None
+        revocation = None if end is None else Event.model_validate(end.payload)
+        return operations.upsert_certificate(ctx, event, body, view.own, digest, fresh=fresh,
+                                             revocation=revocation)
     return operations.upsert(ctx, event, body, uuids, view.own, digest, fresh=fresh)
+
+
+def _end_certificate(ctx: SyncContext, event: Event, depth: int, view: View) -> Outcome:
+    """A certificate's revoke or delete, applied on top of its newest upsert (CONTRACT §2).
+
+    When that upsert is still open (waiting for its student, a retry parked), it is synced
+    here first, under this entity lock we hold, as a dependency would be: it sees this event
+    after it and revokes what it creates. Whatever stops it (a dependency missing) stops this
+    event too, so both wait for the same thing. Otherwise the certificate is found by its
+    mapping or, without one, searched for with the newest upsert's data: a missing mapping
+    is not proof of absence.
+    """
+    own = view.own
+    upsert = view.lifecycle.upsert if view.lifecycle else None
+    if upsert is not None and upsert.state in OPEN:
+        data = Event.model_validate(upsert.payload)
+        _record(ctx, upsert.pk, depth + 1,
+                _attempt(ctx, upsert.pk, data, depth + 1, retry=True))
+        own = ctx.store.mapping(event.entity, event.key)
+    fields = None
+    if own is None and upsert is not None:  # its upsert synced or dead, yet no mapping
+        data = Event.model_validate(upsert.payload)
+        try:
+            fields = references.payload(data, references.resolve(ctx, data, depth, process, {}))
+        except (Waiting, Dead):
+            fields = None  # what it names was never synced: neither can the certificate be
+    return operations.revoke(ctx, event, own, fields)
 
 
 def _retry_now(exc: BaseException) -> bool:

@@ -61,8 +61,11 @@ SPECS: dict[str, Spec] = {s.entity: s for s in (
          fixed=("student_uuid", "course_uuid"), search=("course_uuid",)),
     Spec("file", "files", (), local=("url", "path", "content_base64", "filename",
                                      "content_type")),
+    # The docs show no file filter for certificates: search by student and course, then find
+    # our file among each hit's files[] (see `matches`).
     Spec("certificate", "certificates", ("file_uuid",),
-         identity=("student_uuid", "course_uuid"), local=("issue",)),
+         identity=("student_uuid", "course_uuid"), local=("issue",),
+         search=("student_uuid", "course_uuid")),
 )}
 
 
@@ -85,12 +88,6 @@ def same_key_value(field: str, ours: Any, theirs: Any) -> bool:
     return str(ours) == str(theirs)
 
 
-def matches(spec: Spec, payload: dict[str, Any], remote: dict[str, Any]) -> bool:
-    """Whether a search hit is the event's entity: every natural-key field equal."""
-    return all(same_key_value(f, payload.get(f), remote_value(remote, f))
-               for f in spec.natural_key)
-
-
 def remote_value(entity: dict[str, Any], field: str) -> Any:
     """A payload field as DokStamp shows it: ``course_uuid`` is ``course.uuid`` there."""
     if field in entity:
@@ -101,6 +98,22 @@ def remote_value(entity: dict[str, Any], field: str) -> Any:
         nested = entity.get(field.removesuffix("_uuid"))
         return nested.get("uuid") if isinstance(nested, dict) else None
     return None
+
+
+def matches(spec: Spec, payload: dict[str, Any], remote: dict[str, Any]) -> bool:
+    """Whether a search hit is the entity ``payload`` describes, on every natural-key and
+    search field (a server may ignore a filter and answer every row). A certificate's file
+    is any of its ``files[].uuid`` (or a ``file_uuid`` where a server sends one)."""
+    for field in dict.fromkeys((*spec.natural_key, *spec.search_filters)):
+        ours = payload.get(field)
+        if field == "file_uuid":
+            theirs = {f.get("uuid") for f in remote.get("files") or [] if isinstance(f, dict)}
+            theirs |= {remote["file_uuid"]} if remote.get("file_uuid") else set()
+            if ours not in theirs:
+                return False
+        elif not same_key_value(field, ours, remote_value(remote, field)):
+            return False
+    return True
 
 
 def same_value(sent: Any, remote: Any) -> bool:

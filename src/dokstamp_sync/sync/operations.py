@@ -203,7 +203,7 @@ def _upsert(ctx: SyncContext, event: Event, payload: dict[str, Any], refs: dict[
     if event.entity == "file":
         return _upsert_file(ctx, event, snapshot, digest)
     if event.entity == "certificate":
-        return _upsert_certificate(ctx, event, payload, snapshot, digest, fresh=fresh)
+        return upsert_certificate(ctx, event, payload, snapshot, digest, fresh=fresh)
     resource = _resource(ctx, spec)
     created = False
     note = None
@@ -377,39 +377,193 @@ def _remember_batch(ctx: SyncContext, batch: list[_Pending],
     return own, tuple(companions)
 
 
-def _upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
-                        snapshot: Snapshot | None, digest: str, *, fresh: bool) -> Outcome:
+def _is_issued(cert: Entity) -> bool:
+    """What DokStamp answered says issued: ``status: issued``, or a verification URL on a
+    certificate that does not say it is something else."""
+    status = cert.get("status")
+    return status == "issued" or (status not in ("draft", "revoked", "expired")
+                                  and bool(cert.get("public_verification_url")))
+
+
+def _verify_issued(ctx: SyncContext, key: str, cert: Entity) -> Entity:
+    """A write meant to issue must have issued: trust the answer only if it says so, else
+    read the certificate once more; still not issued is a dead letter naming the style."""
+    if _is_issued(cert):
+        return cert
+    cert = ctx.client.certificates.get(str(cert["uuid"]))
+    if _is_issued(cert):
+        return cert
+    style = ctx.client.certificates.issue_style
+    other = "status" if style == "finish" else "finish"
+    fields = {"status": '"status": "issued"', "finish": '"finish": true'}
+    raise Dead(f"certificate {key}: DokStamp did not issue it: {cert['uuid']} is "
+               f"{cert.get('status') or 'without a status'} after a write meant to issue it "
+               f"with DOKSTAMP_ISSUE_STYLE={style} ({fields[style]}). This server may issue the "
+               f"other way: set DOKSTAMP_ISSUE_STYLE={other} (or leave it unset to follow the "
+               "credential scheme: client credentials -> finish, password login -> status) "
+               "and replay the dead letter")
+
+
+def _synced(cert: Entity | None, *, uuid: str, sent: dict[str, Any] | None,
+            digest: str | None = None, status: MappingStatus = MappingStatus.ACTIVE,
+            note: str | None = None) -> Outcome:
+    """A certificate's outcome, carrying DokStamp's status and verification URL when read."""
+    return Outcome.synced(
+        uuid=uuid, status=status, sent=sent, digest=digest, note=note,
+        remote_status=None if cert is None else str(cert.get("status") or "") or None,
+        verification_url=None if cert is None else cert.get("public_verification_url"))
+
+
+def _bring(ctx: SyncContext, key: str, cert: Entity, changes: dict[str, Any], *, issue: bool,
+           issued_at: Any, ending: bool) -> Entity:
+    """Make the certificate DokStamp holds (``cert``, just read) what the event asks, acting
+    on its real state: issued already (a lost answer, a replay) is left alone."""
+    uuid = str(cert["uuid"])
+    status = cert.get("status")
+    if status in ("revoked", "expired"):
+        if ending:  # a revoke follows: it is revoked already, which is where it ends
+            return cert
+        raise Dead(f"certificate {key}: DokStamp's certificate {uuid} for this file is "
+                   f"{status}; a new certificate needs a new file")
+    if _is_issued(cert):
+        if changes:
+            raise Dead(f"certificate {key} is already issued in DokStamp ({uuid}) and cannot be "
+                       f"changed ({', '.join(sorted(changes))}): revoke it and issue a new one")
+        return cert
+    certs = ctx.client.certificates
+    body = changes | (certs.issue_fields(issued_at) if issue else {})
+    if body:
+        cert = certs.update(uuid, body)
+    return _verify_issued(ctx, key, cert) if issue else cert
+
+
+def upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
+                       snapshot: Snapshot | None, digest: str, *, fresh: bool,
+                       revocation: Event | None = None) -> Outcome:
+    """Create, change or issue a certificate, verifying that an issue issued; with
+    ``revocation`` (a revoke or delete after this upsert, CONTRACT §2) it is then revoked on
+    top (a draft, never issued, ends deleted: it is not created at all)."""
     data = event.data or {}
     issue = bool(data.get("issue"))
     issued_at = data.get("issued_at")
     certs = ctx.client.certificates
     fields = {k: v for k, v in payload.items() if k not in ("issued_at", "status", "finish")}
     sent = fields | {"issue": issue}
+    reason = _revocation_reason(revocation)
+    if revocation is not None and not issue:
+        return _end(ctx, event.key, reason, snapshot, fields)
+    if revocation is None and snapshot is not None and snapshot.status == MappingStatus.ACTIVE \
+            and snapshot.digest == digest:
+        ctx.count("unchanged")
+        return Outcome.synced(uuid=snapshot.uuid, sent=snapshot.sent, digest=digest,
+                              note="unchanged: no API call")
+    cert: Entity | None = None
     if snapshot is not None and snapshot.status == MappingStatus.ACTIVE:
+        uuid = snapshot.uuid
         was_issued = bool(snapshot.sent.get("issue"))
         changed = {k: v for k, v in fields.items() if snapshot.sent.get(k) != v}
         if was_issued and changed:
             raise Dead(f"certificate {event.key} is already issued in DokStamp "
                        f"({snapshot.uuid}) and cannot be changed ({', '.join(sorted(changed))}):"
                        " revoke it and issue a new one")
-        if not was_issued and (changed or issue):
-            certs.update(snapshot.uuid, changed | (certs.issue_fields(issued_at) if issue
-                                                   else {}))
-        return Outcome.synced(uuid=snapshot.uuid, sent=sent, digest=digest)
+        if revocation is not None or changed or (issue and not was_issued):
+            # The mapping may be stale (a lost answer issued it already): read, then act.
+            cert = _bring(ctx, event.key, certs.get(uuid), changed, issue=issue,
+                          issued_at=issued_at, ending=revocation is not None)
+    else:
+        created: list[Entity] = []
+
+        def create(body: dict[str, Any]) -> Entity:
+            created.append(certs.create(body, issue=issue, issued_at=issued_at))
+            return created[-1]
+
+        try:
+            uuid, remote = _find_or_create(ctx, SPECS["certificate"], event, fields, create,
+                                           fresh=fresh)
+        except ValidationFailed as exc:
+            _explain_used_file(ctx, event, fields, exc)
+            raise
+        if remote is not None:
+            cert = _bring(ctx, event.key, remote, {}, issue=issue, issued_at=issued_at,
+                          ending=revocation is not None)
+        elif created:
+            cert = _verify_issued(ctx, event.key, created[-1]) if issue else created[-1]
+    if revocation is not None:
+        return _end_on(ctx, event.key, reason, cert or certs.get(uuid), sent)
+    return _synced(cert, uuid=uuid, sent=sent, digest=digest)
+
+
+def _explain_used_file(ctx: SyncContext, event: Event, fields: dict[str, Any],
+                       exc: ValidationFailed) -> None:
+    """A create refused because the file is used: by a certificate of another student (found
+    among the course's, a documented filter), that is a conflict, named with both sides."""
+    if "file_uuid" not in exc.errors or not fields.get("course_uuid"):
+        return
+    for other in ctx.client.certificates.listing({"course_uuid": fields["course_uuid"]}):
+        if matches(Spec("certificate", "certificates", ("file_uuid",)), fields, other):
+            theirs = remote_value(other, "student_uuid")
+            raise Dead(f"conflict: certificate {event.key} matches DokStamp certificate "
+                       f"{other.get('uuid')} by file_uuid, but there student_uuid={theirs} "
+                       f"while the event has student_uuid={fields.get('student_uuid')}",
+                       exc) from None
+
+
+def _revocation_reason(event: Event | None) -> str | None:
+    if event is None:
+        return None
+    return (event.data or {}).get("revocation_reason") or (
+        "deleted in the ERP" if event.op == "delete" else None)
+
+
+def _end(ctx: SyncContext, key: str, reason: str | None, snapshot: Snapshot | None,
+         fields: dict[str, Any] | None) -> Outcome:
+    """Revoke (or, a draft, delete) the certificate DokStamp really holds: found by its
+    mapping (read, never assumed) or, without one, by a search with the newest upsert's
+    data; "nothing to revoke" only once the search confirms it is absent."""
+    certs = ctx.client.certificates
+    cert: Entity | None = None
+    if snapshot is not None:
+        with suppress(NotFound):  # gone (a deleted draft), or a stale mapping: search
+            cert = certs.get(snapshot.uuid)
+    wanted = fields or (snapshot.sent if snapshot is not None else None)
     spec = SPECS["certificate"]
+    if cert is None and wanted and all(wanted.get(f) for f in (*spec.natural_key,
+                                                               *spec.search_filters)):
+        cert = _search(ctx, spec, ctx.client.certificates, wanted)
+        ctx.count("searches")
+        if cert is None:
+            return Outcome.synced(
+                uuid=snapshot.uuid if snapshot else None, status=MappingStatus.DELETED,
+                sent=snapshot.sent if snapshot else None,
+                note="nothing to revoke: not in DokStamp (searched by student and course)")
+    if cert is None:
+        return Outcome.synced(note="nothing to revoke: no upsert of this certificate is known "
+                                   "(one arriving later is created and revoked)")
+    return _end_on(ctx, key, reason, cert, snapshot.sent if snapshot else fields)
 
-    def create(body: dict[str, Any]) -> Entity:
-        return certs.create(body, issue=issue, issued_at=issued_at)
 
-    uuid, remote = _find_or_create(ctx, spec, event, fields, create, fresh=fresh)
-    if remote is not None:
-        status = remote.get("status")
-        if status in ("revoked", "expired"):
-            raise Dead(f"certificate {event.key}: DokStamp's certificate {uuid} for this file is "
-                       f"{status}; a new certificate needs a new file")
-        if status == "draft" and issue:
-            certs.update(uuid, certs.issue_fields(issued_at))
-    return Outcome.synced(uuid=uuid, sent=sent, digest=digest)
+def _end_on(ctx: SyncContext, key: str, reason: str | None, cert: Entity,
+            sent: dict[str, Any] | None) -> Outcome:
+    """Revoke ``cert`` (as just read) unless it is revoked already; a draft is deleted (it
+    was never issued); an issued certificate is never deleted."""
+    certs = ctx.client.certificates
+    uuid = str(cert["uuid"])
+    status = cert.get("status")
+    if status in ("revoked", "expired"):
+        return _synced(cert, uuid=uuid, sent=sent, status=MappingStatus.REVOKED,
+                       note=f"already {status}")
+    if status == "draft":
+        with suppress(NotFound):
+            certs.delete(uuid)
+        return _synced(cert | {"status": "deleted", "public_verification_url": None},
+                       uuid=uuid, sent=sent, status=MappingStatus.DELETED, note="draft deleted")
+    try:
+        cert = certs.revoke(uuid, reason)
+    except ValidationFailed:
+        cert = certs.get(uuid)  # revoked meanwhile (a lost answer, another worker)?
+        if cert.get("status") != "revoked":
+            raise
+    return _synced(cert, uuid=uuid, sent=sent, status=MappingStatus.REVOKED)
 
 
 def delete(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> Outcome:
@@ -466,16 +620,9 @@ def _refuse_delete(ctx: SyncContext, spec: Spec, event: Event, snapshot: Snapsho
                           sent=snapshot.sent, note=f"archived ({spec.archive_status}): {why}")
 
 
-def revoke(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> Outcome:
-    """Revoke an issued certificate (a draft is deleted instead: it was never issued)."""
-    if snapshot is None or snapshot.status in (MappingStatus.DELETED, MappingStatus.REVOKED):
-        return Outcome.synced(note="nothing to revoke")
-    reason = (event.data or {}).get("revocation_reason") or (
-        "deleted in the ERP" if event.op == "delete" else None)
-    if not snapshot.sent.get("issue"):
-        with suppress(NotFound):
-            ctx.client.certificates.delete(snapshot.uuid)
-        return Outcome.synced(uuid=snapshot.uuid, status=MappingStatus.DELETED,
-                              sent=snapshot.sent, note="draft deleted")
-    ctx.client.certificates.revoke(snapshot.uuid, reason)
-    return Outcome.synced(uuid=snapshot.uuid, status=MappingStatus.REVOKED, sent=snapshot.sent)
+def revoke(ctx: SyncContext, event: Event, snapshot: Snapshot | None,
+           fields: dict[str, Any] | None = None) -> Outcome:
+    """A certificate's revoke or delete (CONTRACT §2): revoke what DokStamp holds (a draft is
+    deleted instead). ``fields``: the newest upsert's payload, to search by when there is no
+    mapping; the engine syncs that upsert first when it is still open."""
+    return _end(ctx, event.key, _revocation_reason(event), snapshot, fields)

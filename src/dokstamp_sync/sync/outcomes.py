@@ -159,10 +159,17 @@ class Outcome:
     digest: str | None = None  # None makes the next upsert send again
     note: str | None = None
     companions: tuple[Companion, ...] = ()
+    # A certificate: DokStamp's status and public verification URL as it last answered
+    # (None keeps what the mapping holds).
+    remote_status: str | None = None
+    verification_url: str | None = None
 
     @classmethod
     def synced(cls, *, uuid: str | None = None, status: MappingStatus = MappingStatus.ACTIVE,
                sent: dict[str, Any] | None = None, digest: str | None = None,
-               note: str | None = None, companions: tuple[Companion, ...] = ()) -> Outcome:
+               note: str | None = None, companions: tuple[Companion, ...] = (),
+               remote_status: str | None = None,
+               verification_url: str | None = None) -> Outcome:
         return cls(state=EventState.SYNCED, uuid=uuid, status=status, sent=sent, digest=digest,
-                   note=note, companions=companions)
+                   note=note, companions=companions, remote_status=remote_status,
+                   verification_url=verification_url)

@@ -67,6 +67,8 @@ class Snapshot:
     status: str
     sent: dict[str, Any]
     digest: str | None
+    remote_status: str | None = None  # a certificate's status in DokStamp, as last read
+    verification_url: str | None = None  # a certificate's public_verification_url
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,32 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class Neighbour:
+    """Another event of the same certificate (see :class:`Lifecycle`)."""
+
+    pk: int
+    op: str
+    state: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """A certificate event among the other events of its certificate (CONTRACT §2).
+
+    Upserts decide the data, the newest of a run of upserts wins; a revoke (or delete) is
+    applied on top of the newest upsert before it, and neither kind supersedes the other:
+    an event is superseded only when the next one (by ``occurred_at``, then arrival) is of
+    its own kind. Dead events are not counted (as for every entity), except as the data a
+    revoke may search by.
+    """
+
+    superseded: bool
+    end: Neighbour | None = None  # an upsert's: the revoke or delete right after it
+    upsert: Neighbour | None = None  # a revoke's or delete's: the newest upsert before it
+
+
+@dataclass(frozen=True)
 class View:
     """What one attempt needs to know, read in one transaction."""
 
@@ -86,6 +114,7 @@ class View:
     superseded: bool  # a newer event for the same entity exists
     own: Snapshot | None  # the entity's own mapping
     refs: dict[tuple[str, str], Snapshot]  # the mappings of what it refers to
+    lifecycle: Lifecycle | None = None  # a certificate's: its neighbours
 
 
 @dataclass(frozen=True)
@@ -160,7 +189,8 @@ _READ_OPEN = select(
                           EVENTS.c.id)),
 ).where(_OPEN)
 _GET_MAPPINGS = select(MAPPINGS.c.entity, MAPPINGS.c.erp_key, MAPPINGS.c.dokstamp_uuid,
-                       MAPPINGS.c.status, MAPPINGS.c.sent, MAPPINGS.c.data_hash).where(
+                       MAPPINGS.c.status, MAPPINGS.c.sent, MAPPINGS.c.data_hash,
+                       MAPPINGS.c.remote_status, MAPPINGS.c.verification_url).where(
     tuple_(MAPPINGS.c.entity, MAPPINGS.c.erp_key).in_(bindparam("keys", expanding=True)))
 _CLAIM = update(EVENTS).where(_OPEN).values(
     deliveries=EVENTS.c.deliveries + 1, next_attempt_at=bindparam("until"),
@@ -191,9 +221,10 @@ def _insert_natural_key(dialect: str) -> Any:
 
 
 @functools.cache
-def _upsert_mapping(dialect: str, with_sent: bool) -> Any:
+def _upsert_mapping(dialect: str, with_sent: bool, with_remote: bool = False) -> Any:
     stmt = dialect_insert(dialect)(MAPPINGS)
-    updated = [*_MAPPING_VALUES, *(["sent"] if with_sent else [])]
+    updated = [*_MAPPING_VALUES, *(["sent"] if with_sent else []),
+               *(["remote_status", "verification_url"] if with_remote else [])]
     return stmt.on_conflict_do_update(index_elements=["entity", "erp_key"],
                                       set_={c: stmt.excluded[c] for c in updated})
 
@@ -246,7 +277,9 @@ class Store:
             if row is None:
                 return _state(session, pk)
             mappings = _mappings(session, [own, *refs])
-        return View(row[0], row[1], bool(row[2]), mappings.pop(own, None), mappings)
+            life = _lifecycle(session, pk, own[1]) if own[0] == "certificate" else None
+        superseded = life.superseded if life is not None else bool(row[2])
+        return View(row[0], row[1], superseded, mappings.pop(own, None), mappings, life)
 
     def mapping(self, entity: str, key: str) -> Snapshot | None:
         with self._tx() as session:
@@ -351,7 +384,8 @@ class Store:
             _wake(session, done.entity, done.erp_key)
             if outcome.uuid is not None:
                 _save_mapping(session, done, outcome.uuid, status=outcome.status,
-                              sent=outcome.sent, digest=outcome.digest)
+                              sent=outcome.sent, digest=outcome.digest,
+                              remote=(outcome.remote_status, outcome.verification_url))
                 if outcome.status == MappingStatus.DELETED:
                     _forget(session, done.entity, outcome.uuid)
             log_outcome(done, EventState.SYNCED, outcome.note)
@@ -414,8 +448,28 @@ def _mappings(session: Session,
     if not keys:
         return {}
     rows = session.execute(_GET_MAPPINGS, {"keys": keys})
-    return {(entity, key): Snapshot(uuid, status, dict(sent or {}), digest)
-            for entity, key, uuid, status, sent, digest in rows}
+    return {(entity, key): Snapshot(uuid, status, dict(sent or {}), digest, remote, url)
+            for entity, key, uuid, status, sent, digest, remote, url in rows}
+
+
+def _lifecycle(session: Session, pk: int, key: str) -> Lifecycle:
+    """Where certificate event ``pk`` stands among its certificate's events (one query)."""
+    rows = session.execute(
+        select(InboxEvent.id, InboxEvent.op, InboxEvent.state, InboxEvent.payload)
+        .where(InboxEvent.entity == "certificate", InboxEvent.erp_key == key,
+               InboxEvent.state != EventState.SUPERSEDED)
+        .order_by(InboxEvent.occurred_at, InboxEvent.id)).all()
+    events = [Neighbour(i, op, state, payload) for i, op, state, payload in rows]
+    at = next(n for n, e in enumerate(events) if e.pk == pk)
+    me = events[at]
+    counted = (*OPEN, EventState.SYNCED)
+    after = next((e for e in events[at + 1:] if e.state in counted), None)
+    if after is not None and (after.op == "upsert") == (me.op == "upsert"):
+        return Lifecycle(superseded=True)
+    if me.op == "upsert":
+        return Lifecycle(superseded=False, end=after)
+    before = next((e for e in reversed(events[:at]) if e.op == "upsert"), None)
+    return Lifecycle(superseded=False, upsert=before)
 
 
 def _newer_exists(session: Session, record: InboxEvent) -> bool:
@@ -448,11 +502,13 @@ def _forget(session: Session, entity: str, uuid: str) -> None:
 
 def _save_mapping(session: Session, record: InboxEvent | _Finished, uuid: str, *,
                   status: str = MappingStatus.ACTIVE, sent: dict[str, Any] | None = None,
-                  digest: str | None = None) -> None:
+                  digest: str | None = None,
+                  remote: tuple[str | None, str | None] = (None, None)) -> None:
     """Insert or update the event's mapping in one statement (INSERT ... ON CONFLICT).
 
     ``sent`` None keeps the last payload sent; ``digest`` None (after a delete or archive)
-    makes the next upsert send again.
+    makes the next upsert send again. ``remote``: a certificate's DokStamp status and
+    verification URL; (None, None) keeps what the mapping holds.
     """
     values: dict[str, Any] = {
         "entity": record.entity, "erp_key": record.erp_key, "dokstamp_uuid": uuid,
@@ -460,7 +516,11 @@ def _save_mapping(session: Session, record: InboxEvent | _Finished, uuid: str, *
         "event_id": record.event_id, "synced_at": utcnow()}
     if sent is not None:
         values["sent"] = sent
-    session.execute(_upsert_mapping(session.get_bind().dialect.name, sent is not None), values)
+    with_remote = remote != (None, None)
+    if with_remote:
+        values["remote_status"], values["verification_url"] = remote
+    session.execute(_upsert_mapping(session.get_bind().dialect.name, sent is not None,
+                                    with_remote), values)
 
 
 def _finish(session: Session, record: InboxEvent, state: str, note: str | None) -> None:

@@ -1,0 +1,28 @@
+"""Mappings keep DokStamp's status and public verification URL of a certificate.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-09
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = '0003'
+down_revision = '0002'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("mappings") as batch:
+        batch.add_column(sa.Column("remote_status", sa.String(20), nullable=True))
+        batch.add_column(sa.Column("verification_url", sa.String(500), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("mappings") as batch:
+        batch.drop_column("verification_url")
+        batch.drop_column("remote_status")
