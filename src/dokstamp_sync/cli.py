@@ -256,7 +256,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     result = run_demo(DemoOptions(students=args.students, data_dir=Path(args.data_dir),
                                   concurrency=args.concurrency, flower=not args.no_flower,
-                                  keep_running=args.keep_running))
+                                  keep_running=args.keep_running,
+                                  use_configured=args.use_configured))
     return 0 if result.states["pending"] == result.states["waiting"] == 0 else 1
 
 
@@ -373,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--no-flower", action="store_true")
     dm.add_argument("--keep-running", action="store_true",
                     help="leave the worker, Flower and the sandbox up until Ctrl-C")
+    dm.add_argument("--use-configured", action="store_true",
+                    help="use REDIS_URL and DATABASE_URL (else an embedded Redis and SQLite), "
+                         "with a stream, consumer group, Celery queue and keys of its own")
     dm.set_defaults(func=_demo)
     return parser
 
