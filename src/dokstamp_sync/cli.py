@@ -151,13 +151,15 @@ def _dlq(args: argparse.Namespace) -> int:
     _, sessions = _store()
     with session_scope(sessions) as session:
         if args.action == "list":
-            letters = [dlq.as_dict(d) for d in dlq.list_letters(session, entity=args.entity)]
+            letters = [dlq.as_dict(d) for d in dlq.list_letters(
+                session, entity=args.entity, include_resolved=args.include_resolved)]
             if args.json:
                 print(json.dumps(letters))
             for d in [] if args.json else letters:
                 status = f" {d['http_status']}" if d["http_status"] else ""
+                resolved = f" [{d['status']}]" if d["status"] != "open" else ""
                 print(f"#{d['id']:<5} {d['entity'] or '?':<11} {d['key'] or '-':<14}"
-                      f"{status} {d['reason']}")
+                      f"{status}{resolved} {d['reason']}")
             if not letters and not args.json:
                 print("no open dead letters")
             return 0
@@ -183,6 +185,23 @@ def _dlq(args: argparse.Namespace) -> int:
         done, other = dlq.discard(session, args.ids)
         print(f"discarded {len(done)}" + (f"; not open or not found {other}" if other else ""))
         return 1 if other else 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    import redis
+
+    from dokstamp_sync.pipeline import results
+
+    settings, _ = _store()
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        for entry_id, result in results.read(client, settings.dokstamp_sync_results_stream,
+                                             since=args.since, follow=args.follow):
+            print(json.dumps(result) if args.json else results.render(entry_id, result),
+                  flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _mapping(args: argparse.Namespace) -> int:
@@ -251,7 +270,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     result = run_demo(DemoOptions(students=args.students, data_dir=Path(args.data_dir),
                                   concurrency=args.concurrency, flower=not args.no_flower,
-                                  keep_running=args.keep_running))
+                                  keep_running=args.keep_running,
+                                  use_configured=args.use_configured))
     return 0 if result.states["pending"] == result.states["waiting"] == 0 else 1
 
 
@@ -339,7 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--entity")
     dl.add_argument("--all", action="store_true", help="replay every open dead letter")
     dl.add_argument("--json", action="store_true")
+    dl.add_argument("--include-resolved", action="store_true",
+                    help="list: also the replayed, discarded and superseded letters")
     dl.set_defaults(func=_dlq)
+
+    rs = sub.add_parser("results", help="the outcome stream (CONTRACT §5), readable")
+    rs.add_argument("--follow", action="store_true", help="wait for new outcomes (Ctrl-C)")
+    rs.add_argument("--json", action="store_true", help="one JSON result per line")
+    rs.add_argument("--since", default="0", help="a stream entry id; $ means only new ones")
+    rs.set_defaults(func=_results)
 
     mp = sub.add_parser("mapping", help="the DokStamp UUID of one ERP entity")
     mp.add_argument("entity")
@@ -364,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--no-flower", action="store_true")
     dm.add_argument("--keep-running", action="store_true",
                     help="leave the worker, Flower and the sandbox up until Ctrl-C")
+    dm.add_argument("--use-configured", action="store_true",
+                    help="use REDIS_URL and DATABASE_URL (else an embedded Redis and SQLite), "
+                         "with a stream, consumer group, Celery queue and keys of its own")
     dm.set_defaults(func=_demo)
     return parser
 

@@ -33,6 +33,11 @@ class StoreSettings(BaseSettings):
     database_url: str = Field(default="postgresql+psycopg://postgres@localhost/dokstamp_sync",
                               repr=False)
     dokstamp_sync_stream: str = "dokstamp:events"
+    # The outcome stream (CONTRACT §5) and its approximate length.
+    dokstamp_sync_results_stream: str = "dokstamp:results"
+    dokstamp_sync_results_maxlen: int = Field(default=100_000, gt=0)
+    # Prefixes every other Redis name (group, queue, locks...): read by `redis_keys` at import.
+    dokstamp_sync_namespace: str = ""
     dokstamp_sync_visibility_timeout: float = Field(default=600.0, gt=0)  # s
     dokstamp_sync_log_json: bool = False  # one JSON object per log line
     # The worker serves /metrics and /healthz on this port (`worker --metrics-port` sets it).

@@ -1,19 +1,40 @@
 """Every Redis name dokstamp-sync uses, in one place (as arq keeps its own in ``constants.py``).
 
-The event stream's name is a setting (``DOKSTAMP_SYNC_STREAM``, CONTRACT §1); everything else is
-fixed here so that no two modules can spell a key apart.
+The event stream's and the outcome stream's names are settings (``DOKSTAMP_SYNC_STREAM``,
+``DOKSTAMP_SYNC_RESULTS_STREAM``, CONTRACT §1); everything else is fixed here so that no two
+modules can spell a key apart.
+
+``DOKSTAMP_SYNC_NAMESPACE`` (environment or ``.env``, read once when this module is imported)
+prefixes every name below: two deployments, or the demo beside a deployment, can share one
+Redis database without sharing a consumer group, a Celery queue, locks, counters or tokens.
+Empty by default: the names are then those of earlier versions.
 """
 
-QUEUE = "dokstamp-sync"  # the Celery queue (a Redis list) the tasks travel on
-GROUP = "dokstamp-sync"  # the stream's consumer group
-COUNTERS = "dokstamp:metrics"  # hash of fleet-wide counters (API responses, retries, outcomes)
-HEARTBEAT = "dokstamp:heartbeat:"  # + "task" or "ingest:<consumer>": epoch seconds
+import os
+
+
+def _namespace() -> str:
+    value = os.environ.get("DOKSTAMP_SYNC_NAMESPACE")
+    if value is None:  # as the settings do: the environment first, then a .env file
+        from dotenv import dotenv_values
+
+        value = dotenv_values(".env").get("DOKSTAMP_SYNC_NAMESPACE") or ""
+    return value.strip()
+
+
+NAMESPACE = _namespace()
+QUEUE = f"{NAMESPACE}dokstamp-sync"  # the Celery queue (a Redis list) the tasks travel on
+GROUP = f"{NAMESPACE}dokstamp-sync"  # the stream's consumer group
+COUNTERS = f"{NAMESPACE}dokstamp:metrics"  # hash of fleet-wide counters (API, retries, outcomes)
+HEARTBEAT = f"{NAMESPACE}dokstamp:heartbeat:"  # + "task" or "ingest:<consumer>": epoch seconds
 # The stream ingester's last failed batch: JSON {"at": epoch s, "consumer", "reason"}.
-INGEST_FAILURE = "dokstamp:ingest:failure"
-LOCK = "dokstamp:lock:"  # + "entity:<entity>:<key>", "nk:<entity>:<sha256>", "listing:<entity>"
-LISTING = "dokstamp:listing:"  # + entity: a fresh full listing is in the natural-key table
+INGEST_FAILURE = f"{NAMESPACE}dokstamp:ingest:failure"
+# + "entity:<entity>:<key>", "nk:<entity>:<sha256>", "listing:<entity>"
+LOCK = f"{NAMESPACE}dokstamp:lock:"
+LISTING = f"{NAMESPACE}dokstamp:listing:"  # + entity: a fresh full listing is in the NK table
+# A key name, not a secret; + a digest of the credentials: the shared, encrypted access token.
+TOKEN = f"{NAMESPACE}dokstamp:token:"
+RATE_LIMIT = f"{NAMESPACE}dokstamp:ratelimit:"  # + tenant: the shared token bucket
+PAUSE = f"{NAMESPACE}dokstamp:pause:"  # + tenant: every process holds its requests (after a 429)
 # + entity: the last listing could not be read completely; do not list again for a while
-LISTING_UNTRUSTED = "dokstamp:listing-untrusted:"
-TOKEN = "dokstamp:token:"  # noqa: S105  # a key name, not a secret; + a digest of the credentials: the shared, encrypted access token
-RATE_LIMIT = "dokstamp:ratelimit:"  # + tenant: the shared token bucket
-PAUSE = "dokstamp:pause:"  # + tenant: every process holds its requests (after a 429)
+LISTING_UNTRUSTED = f"{NAMESPACE}dokstamp:listing-untrusted:"

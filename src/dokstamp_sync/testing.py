@@ -118,7 +118,8 @@ class Harness:
         self.stream = stream
         self.dispatched: list[int] = []
         self.ingester = StreamIngester(ctx.redis, ctx.sessions, stream, consumer="test",
-                                       dispatch=self.dispatched.extend, lease=600)
+                                       dispatch=self.dispatched.extend, lease=600,
+                                       report=ctx.store.report)
         self.ingester.ensure_group()
 
     def send(self, *events: dict[str, Any] | str) -> list[int]:

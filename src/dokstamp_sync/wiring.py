@@ -88,6 +88,8 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
         lock_timeout=settings.dokstamp_sync_lock_timeout,
         lease=settings.dokstamp_sync_visibility_timeout,
         limiter=limiter,
+        results_stream=settings.dokstamp_sync_results_stream,
+        results_maxlen=settings.dokstamp_sync_results_maxlen,
     )
     return replace(ctx, **overrides) if overrides else ctx
 

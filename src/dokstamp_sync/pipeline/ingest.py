@@ -33,6 +33,7 @@ from dokstamp_sync.pipeline.inbox import (
     record_entries,
     record_entry,
 )
+from dokstamp_sync.pipeline.results import Report
 from dokstamp_sync.redis_keys import GROUP, HEARTBEAT, INGEST_FAILURE
 
 __all__ = ["Dispatch", "StreamIngester", "record_entries", "record_entry"]
@@ -55,8 +56,9 @@ class StreamIngester:
     def __init__(self, client: redis.Redis, sessions: sessionmaker[Session], stream: str, *,
                  consumer: str, dispatch: Dispatch, lease: float, group: str = GROUP,
                  claim_idle_ms: int = 60_000, batch: int = 200,
-                 max_file_bytes: int = FILE_MAX_BYTES) -> None:
+                 max_file_bytes: int = FILE_MAX_BYTES, report: Report | None = None) -> None:
         self.redis, self.sessions, self.stream = client, sessions, stream
+        self.report = report  # told the dead letters of entries that are no valid event
         self.consumer, self.dispatch, self.lease, self.group = consumer, dispatch, lease, group
         self.claim_idle_ms, self.batch = claim_idle_ms, batch
         self.max_file_bytes = max_file_bytes
@@ -158,6 +160,8 @@ class StreamIngester:
                 pipe.xack(self.stream, self.group, *done)
                 pipe.xdel(self.stream, *done)  # durable in the database; keep the stream short
                 pipe.execute()
+        if recorded.letters and self.report is not None:  # committed: report them (§5)
+            self.report(recorded.letters)
         if recorded.new:
             self.dispatch(recorded.new)
         return recorded

@@ -14,6 +14,7 @@ import redis
 from dokstamp_sync.config import Settings
 from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.pipeline.ingest import Dispatch, StreamIngester
+from dokstamp_sync.pipeline.results import Publisher
 from dokstamp_sync.pipeline.scheduler import dispatch_due
 
 log = logging.getLogger("dokstamp_sync.worker")
@@ -31,11 +32,14 @@ class Pump:
         self.poll_interval = poll_interval
         self.lease = settings.dokstamp_sync_visibility_timeout
         self.sessions = make_sessionmaker(make_engine(settings.database_url))
+        client = redis.Redis.from_url(settings.redis_url)
         self.ingester = StreamIngester(
-            redis.Redis.from_url(settings.redis_url), self.sessions,
+            client, self.sessions,
             settings.dokstamp_sync_stream, consumer=f"{socket.gethostname()}-{os.getpid()}",
             dispatch=dispatch, lease=self.lease,
-            max_file_bytes=settings.dokstamp_sync_file_max_bytes)
+            max_file_bytes=settings.dokstamp_sync_file_max_bytes,
+            report=Publisher(client, settings.dokstamp_sync_results_stream,
+                             settings.dokstamp_sync_results_maxlen))
         self.threads = [threading.Thread(target=self._ingest, name="dokstamp-ingest",
                                          daemon=True),
                         threading.Thread(target=self._schedule, name="dokstamp-scheduler",

@@ -18,6 +18,7 @@ from redis.lock import Lock
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.dokstamp import DokStampClient, RateLimiter
+from dokstamp_sync.pipeline.results import RESULTS_MAXLEN, RESULTS_STREAM, Publisher
 from dokstamp_sync.redis_keys import COUNTERS, LOCK
 from dokstamp_sync.sync.files import FilePolicy
 from dokstamp_sync.sync.outcomes import Busy
@@ -44,9 +45,13 @@ class SyncContext:
     rng: random.Random = field(default_factory=random.Random)
     unflushed: Counter[str] = field(default_factory=Counter)  # not yet in Redis
     limiter: RateLimiter | None = None  # its response counters are flushed with ours
+    results_stream: str = RESULTS_STREAM  # the outcome stream (CONTRACT §5)
+    results_maxlen: int = RESULTS_MAXLEN
 
     def __post_init__(self) -> None:
-        self.store = Store(self.sessions)
+        # The store reports each final outcome after its commit; the publisher writes it.
+        self.store = Store(self.sessions, report=Publisher(self.redis, self.results_stream,
+                                                           self.results_maxlen))
 
     def close(self) -> None:
         """Close the HTTP connections (the process is done with this context)."""

@@ -10,7 +10,9 @@ and can be counted with a documented filter.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 # data field -> the entity it references
@@ -116,12 +118,34 @@ def matches(spec: Spec, payload: dict[str, Any], remote: dict[str, Any]) -> bool
     return True
 
 
+# An ISO 8601 date, or date and time (DokStamp answers dates as ``2024-02-01T00:00:00.000000Z``).
+_WHEN = re.compile(r"\d{4}-\d{2}-\d{2}"
+                   r"(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|z|[+-]\d{2}:?\d{2})?)?")
+
+
+def _when(value: str) -> datetime | None:
+    """``value`` as an aware datetime (a date is its midnight UTC), or None if it is none."""
+    if not _WHEN.fullmatch(value):
+        return None
+    text = value.replace("z", "Z")
+    if "." in text:  # fromisoformat takes at most 6 fractional digits
+        head, _, rest = text.partition(".")
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{head}.{rest[:digits][:6].ljust(6, '0')}{rest[digits:]}"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
 def same_value(sent: Any, remote: Any) -> bool:
-    """Equal, allowing for DokStamp's reformatting of dates (``2024-02-01`` vs
-    ``2024-02-01T00:00:00.000000Z``)."""
+    """Exactly equal; or two dates/timestamps that parse to the same instant (DokStamp
+    reformats ``2024-02-01`` as ``2024-02-01T00:00:00.000000Z``). Any other pair of different
+    strings differs, however long their common start."""
     if sent == remote:
         return True
-    if isinstance(sent, str) and isinstance(remote, str) and len(sent) >= 10:
-        return remote.startswith(sent.replace("Z", "")[:19]) or \
-            remote.replace(".000000Z", "Z") == sent
+    if isinstance(sent, str) and isinstance(remote, str):
+        ours, theirs = _when(sent), _when(remote)
+        return ours is not None and ours == theirs
     return False

@@ -33,6 +33,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    or_,
     select,
     tuple_,
     update,
@@ -43,6 +44,7 @@ from dokstamp_sync.db import dialect_insert, insert_ignore, once_more_if_disconn
 from dokstamp_sync.dokstamp.errors import PermanentError
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, NaturalKey, utcnow
+from dokstamp_sync.pipeline.results import Report, Result
 from dokstamp_sync.states import FINAL, OPEN, EventState, LetterStatus, MappingStatus
 from dokstamp_sync.sync.entities import REFERENCES
 from dokstamp_sync.sync.outcomes import Companion, Outcome
@@ -53,6 +55,7 @@ REFERENCED = {*REFERENCES.values(), "module"}  # entities other events can wait 
 EVENTS = cast(Table, InboxEvent.__table__)
 MAPPINGS = cast(Table, Mapping.__table__)
 NATURAL_KEYS = cast(Table, NaturalKey.__table__)
+LETTERS = cast(Table, DeadLetter.__table__)
 
 
 def data_hash(payload: Any) -> str:
@@ -167,6 +170,7 @@ class _Finished:
     erp_key: str
     op: str
     occurred_at: datetime
+    received_at: datetime
 
 
 def _newer(other: Any, entity: Any, key: Any, occurred_at: Any, pk: Any) -> ColumnElement[bool]:
@@ -204,12 +208,26 @@ _FINISH_SYNCED = update(EVENTS).where(_OPEN).values(
     deliveries=case((and_(bindparam("completed", type_=Boolean), EVENTS.c.deliveries > 0),
                      EVENTS.c.deliveries - 1), else_=EVENTS.c.deliveries),
 ).returning(EVENTS.c.id, EVENTS.c.event_id, EVENTS.c.entity, EVENTS.c.erp_key, EVENTS.c.op,
-            EVENTS.c.occurred_at)
+            EVENTS.c.occurred_at, EVENTS.c.received_at)
 _WAKE = update(EVENTS).where(EVENTS.c.state == EventState.WAITING,
                              EVENTS.c.waiting_for == bindparam("tag")).values(
     next_attempt_at=bindparam("now"))
 _KNOWN_UUID = select(NATURAL_KEYS.c.dokstamp_uuid).where(
     NATURAL_KEYS.c.entity == bindparam("entity"), NATURAL_KEYS.c.natural_key == bindparam("key"))
+# The open dead letters a newly synced event resolves (CONTRACT §3): those of the same entity
+# whose event is older (the order of :func:`_newer`), and those of malformed stream entries that
+# named the entity and were filed before the synced event was received.
+_LETTER_EVENT = EVENTS.alias("lettered")
+_SUPERSEDE_LETTERS = update(LETTERS).where(
+    LETTERS.c.status == LetterStatus.OPEN, LETTERS.c.entity == bindparam("l_entity"),
+    LETTERS.c.erp_key == bindparam("l_key"),
+    or_(exists().where(_LETTER_EVENT.c.id == LETTERS.c.event_pk,
+                       (_LETTER_EVENT.c.occurred_at < bindparam("occurred_at"))
+                       | ((_LETTER_EVENT.c.occurred_at == bindparam("occurred_at"))
+                          & (_LETTER_EVENT.c.id < bindparam("pk")))),
+        and_(LETTERS.c.event_pk.is_(None), LETTERS.c.first_failed_at <= bindparam("received")))
+).values(status=LetterStatus.SUPERSEDED, resolved_at=bindparam("l_now")).returning(
+    LETTERS.c.id, LETTERS.c.event_id, LETTERS.c.event_pk)
 _MAPPING_VALUES = ("dokstamp_uuid", "status", "data_hash", "occurred_at", "event_id",
                    "synced_at")
 
@@ -232,13 +250,24 @@ def _upsert_mapping(dialect: str, with_sent: bool, with_remote: bool = False) ->
 class Store:
     """The mapping store as the sync walk sees it; each method is one transaction."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], report: Report | None = None) -> None:
         self.sessions = sessions
+        self.report = report  # told the final outcomes a transaction recorded, after its commit
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
         with session_scope(self.sessions) as session:
             yield session
+
+    @contextmanager
+    def _recording(self) -> Iterator[tuple[Session, list[Result]]]:
+        """A transaction that records final outcomes: they are reported once it committed
+        (never when it failed; see :mod:`dokstamp_sync.pipeline.results` for the guarantee)."""
+        results: list[Result] = []
+        with session_scope(self.sessions) as session:
+            yield session, results
+        if results and self.report is not None:
+            self.report(results)
 
     # -- reading what an attempt needs ----------------------------------------------------
 
@@ -374,7 +403,7 @@ class Store:
         """Mark an open event synced with its mapping, in as few statements as it takes, and
         wake the events that waited for its entity. ``completed``: a task's run ended, undo its
         delivery count. Returns the state the event is in afterwards."""
-        with self._tx() as session:
+        with self._recording() as (session, results):
             row = session.execute(_FINISH_SYNCED, {
                 "pk": pk, "now": utcnow(), "note": outcome.note, "completed": completed,
             }).one_or_none()
@@ -389,12 +418,14 @@ class Store:
                 if outcome.status == MappingStatus.DELETED:
                     _forget(session, done.entity, outcome.uuid)
             log_outcome(done, EventState.SYNCED, outcome.note)
-            return EventState.SYNCED
+            results.append(_synced(done, outcome.uuid, outcome.status, outcome))
+            results += _supersede_letters(session, done)
+        return EventState.SYNCED
 
     def finish_companion(self, companion: Companion, note: str) -> bool:
         """Mark a file event uploaded along with another one synced, unless it is final
         already or a newer event for its entity exists (then its own task decides)."""
-        with self._tx() as session:
+        with self._recording() as (session, results):
             record = session.get(InboxEvent, companion.pk)
             if record is None or record.state in FINAL or _newer_exists(session, record):
                 return False
@@ -402,14 +433,16 @@ class Store:
                           digest=companion.digest)
             _finish(session, record, EventState.SYNCED, note)
             log_outcome(record, EventState.SYNCED, note)
-            return True
+            results.append(_synced(record, companion.uuid, MappingStatus.ACTIVE, companion))
+            results += _supersede_letters(session, record)
+        return True
 
     def conclude(self, pk: int, *, completed: bool,
                  decide: Callable[[Facts], Decision]) -> str:
         """Record how a run ended, in one transaction: ``decide`` (the engine's) chooses from
         the event's facts; the choice is applied here. An event already final is left alone.
         Returns the state the event is in afterwards."""
-        with self._tx() as session:
+        with self._recording() as (session, results):
             record = session.get(InboxEvent, pk)
             if record is None or record.state in FINAL:
                 return _state(session, pk)
@@ -419,16 +452,26 @@ class Store:
                                     utc(record.first_failed_at) if record.first_failed_at
                                     else None))
             if isinstance(decision, Letter):
-                _dead_letter(session, record, decision.reason, decision.error)
+                letter = _dead_letter(session, record, decision.reason, decision.error)
                 log_outcome(record, EventState.DEAD, decision.reason)
-                return EventState.DEAD
-            if isinstance(decision, Park):
+                results.append(_result(record, EventState.DEAD, reason=decision.reason,
+                                       dead_letter_id=letter.id,
+                                       http_status=letter.http_status))
+                state: str = EventState.DEAD
+            elif isinstance(decision, Park):
                 _park(record, decision)
                 log_outcome(record, EventState.WAITING, decision.error)
                 return EventState.WAITING
-            _finish(session, record, decision.state, decision.note)
-            log_outcome(record, decision.state, decision.note)
-            return decision.state
+            else:
+                _finish(session, record, decision.state, decision.note)
+                log_outcome(record, decision.state, decision.note)
+                if decision.state == EventState.SYNCED:
+                    results.append(_synced(record, decision.uuid, decision.status, decision))
+                    results += _supersede_letters(session, record)
+                else:
+                    results.append(_result(record, decision.state, reason=decision.note))
+                state = decision.state
+        return state
 
     def state(self, pk: int) -> str:
         """The event's state (``missing`` when there is no such event)."""
@@ -535,7 +578,7 @@ def _finish(session: Session, record: InboxEvent, state: str, note: str | None) 
 
 
 def _dead_letter(session: Session, record: InboxEvent, reason: str,
-                 error: PermanentError | None) -> None:
+                 error: PermanentError | None) -> DeadLetter:
     """Mark the event dead and file (or refresh) its open dead letter."""
     _finish(session, record, EventState.DEAD, reason)
     letter = session.scalar(select(DeadLetter).where(DeadLetter.event_pk == record.id,
@@ -553,6 +596,43 @@ def _dead_letter(session: Session, record: InboxEvent, reason: str,
         letter.response_body = error.body
         letter.request_method = error.method
         letter.request_path = error.path
+    session.flush()  # its id, for the outcome stream
+    return letter
+
+
+def _result(record: InboxEvent | _Finished, state: str, **fields: Any) -> Result:
+    return Result(event_id=record.event_id, entity=record.entity, key=record.erp_key,
+                  op=record.op, state=state, at=utcnow(), **fields)
+
+
+def _synced(record: InboxEvent | _Finished, uuid: str | None, status: str,
+            source: object) -> Result:
+    # A verification URL is reported once the outcome (or companion) carries one.
+    url = getattr(source, "public_verification_url", None) or \
+        getattr(source, "verification_url", None)
+    return _result(record, EventState.SYNCED, dokstamp_uuid=uuid,
+                   mapping_status=status if uuid is not None else None,
+                   public_verification_url=url)
+
+
+def _supersede_letters(session: Session, record: InboxEvent | _Finished) -> list[Result]:
+    """Resolve the open dead letters this synced event makes stale (one UPDATE); each is
+    reported again as ``superseded``."""
+    rows = session.execute(_SUPERSEDE_LETTERS, {
+        "l_entity": record.entity, "l_key": record.erp_key, "occurred_at": record.occurred_at,
+        "pk": record.id, "received": record.received_at, "l_now": utcnow()}).all()
+    if not rows:
+        return []
+    pks = [event_pk for _, _, event_pk in rows if event_pk is not None]
+    ops = dict(session.execute(select(InboxEvent.id, InboxEvent.op)
+                               .where(InboxEvent.id.in_(pks))).all()) if pks else {}
+    reason = f"resolved: a newer event of this entity synced ({record.event_id})"
+    log.info("%s %s: %d dead letter(s) resolved by event %s", record.entity, record.erp_key,
+             len(rows), record.event_id)
+    return [Result(event_id=event_id, entity=record.entity, key=record.erp_key,
+                   op=ops.get(event_pk), state=EventState.SUPERSEDED, at=utcnow(),
+                   reason=reason, dead_letter_id=letter_id)
+            for letter_id, event_id, event_pk in rows]
 
 
 def _park(record: InboxEvent, park: Park) -> None:

@@ -1,0 +1,130 @@
+"""The outcome stream of CONTRACT §5: one entry per final outcome, back to the ERP.
+
+An outcome is written with ``XADD <stream> MAXLEN ~ <maxlen> * result <json>`` right after the
+database transaction that recorded it has committed (the store hands its results to a
+:class:`Publisher` then; the ingester does the same for stream entries that are no valid event).
+
+The guarantee, honestly: an outcome is written once per recorded final state while Redis answers.
+A process killed between the commit and the XADD, or a Redis that is away at that moment, loses
+that one entry (it is logged as a warning); the inbox and the dead letters in the database stay
+the record of truth (``dokstamp-sync status``, ``dlq list``). An event that is replayed, or a
+dead letter that a newer event resolves, is reported again: a consumer keeps the last outcome
+per ``event_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+log = logging.getLogger("dokstamp_sync.results")
+
+RESULTS_STREAM = "dokstamp:results"
+RESULTS_MAXLEN = 100_000
+FIELD = "result"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result:
+    """One outcome as CONTRACT §5 shows it (field names and order are the contract's)."""
+
+    event_id: str | None
+    entity: str | None
+    key: str | None
+    op: str | None
+    state: str  # synced, superseded or dead
+    at: datetime
+    dokstamp_uuid: str | None = None
+    mapping_status: str | None = None
+    public_verification_url: str | None = None
+    reason: str | None = None
+    dead_letter_id: int | None = None
+    http_status: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["at"] = self.at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        out["state"] = str(self.state)
+        if self.mapping_status is not None:
+            out["mapping_status"] = str(self.mapping_status)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), ensure_ascii=False)
+
+
+Report = Callable[[Sequence[Result]], None]
+
+
+class Publisher:
+    """Writes results to the outcome stream; never raises (the outcome is committed already)."""
+
+    def __init__(self, client: redis.Redis, stream: str = RESULTS_STREAM,
+                 maxlen: int = RESULTS_MAXLEN) -> None:
+        self.redis, self.stream, self.maxlen = client, stream, maxlen
+
+    def __call__(self, results: Sequence[Result]) -> None:
+        publish(self.redis, results, stream=self.stream, maxlen=self.maxlen)
+
+
+def publish(client: redis.Redis, results: Sequence[Result], *, stream: str = RESULTS_STREAM,
+            maxlen: int = RESULTS_MAXLEN) -> None:
+    """XADD each result (approximate MAXLEN trim), in one round trip; a failure is logged."""
+    if not results:
+        return
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for result in results:
+                pipe.xadd(stream, {FIELD: result.to_json()}, maxlen=maxlen, approximate=True)
+            pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("could not write %d outcome(s) to %s (%s): %s", len(results), stream,
+                    type(exc).__name__, ", ".join(str(r.event_id) for r in results[:5]))
+
+
+def read(client: redis.Redis, stream: str = RESULTS_STREAM, *, since: str = "0",
+         follow: bool = False, block_ms: int = 5000,
+         count: int = 100) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(entry id, result) from the stream after ``since``; with ``follow``, wait for more."""
+    last = since
+    while True:
+        answer: Any = client.xread({stream: last}, count=count,
+                                   block=block_ms if follow else None)
+        entries = [entry for _, items in answer or [] for entry in items]
+        for entry_id, fields in entries:
+            last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            raw = fields.get(FIELD.encode(), fields.get(FIELD, b"{}"))
+            try:
+                yield last, json.loads(raw)
+            except ValueError:
+                yield last, {"unreadable": raw.decode("utf-8", "replace")
+                             if isinstance(raw, bytes) else str(raw)}
+        if not entries and not follow:
+            return
+
+
+def render(entry_id: str, result: dict[str, Any]) -> str:
+    """One readable line per outcome (``dokstamp-sync results``)."""
+    head = (f"{result.get('at', '?')}  {result.get('state', '?'):<10} "
+            f"{result.get('entity') or '-'} {result.get('key') or '-'} "
+            f"({result.get('op') or '-'}, event {result.get('event_id') or '-'})")
+    tail = []
+    if result.get("dokstamp_uuid"):
+        tail.append(f"uuid {result['dokstamp_uuid']}")
+    if result.get("mapping_status"):
+        tail.append(str(result["mapping_status"]))
+    if result.get("public_verification_url"):
+        tail.append(result["public_verification_url"])
+    if result.get("dead_letter_id") is not None:
+        tail.append(f"dead letter #{result['dead_letter_id']}")
+    if result.get("http_status") is not None:
+        tail.append(f"HTTP {result['http_status']}")
+    if result.get("reason"):
+        tail.append(str(result["reason"]))
+    return head + (": " + "; ".join(tail) if tail else "") + f"  [{entry_id}]"
