@@ -37,7 +37,7 @@ class SyncContext:
     retry_budget: float = 86400.0
     max_deliveries: int = 5
     lock_timeout: float = 60.0
-    lease: float = 600.0  # the scheduler's lease on a running event (the visibility timeout)
+    lease: float = 30.0  # the scheduler's lease on a running event, renewed by a heartbeat
     lock_prefix: str = LOCK
     in_call_attempts: int = 3
     sleep: Callable[[float], None] = time.sleep

@@ -168,6 +168,13 @@ _CLAIM = update(EVENTS).where(_OPEN).values(
 _LEASE = update(EVENTS).where(EVENTS.c.id.in_(bindparam("pks", expanding=True)),
                               EVENTS.c.state.in_(OPEN)).values(
     next_attempt_at=bindparam("until"))
+# A heartbeat's renewal: only events still under the lease it set (or a later claim's), never an
+# event a run has just parked for less than that (``floor``), never shortening a longer wait.
+_RENEW = update(EVENTS).where(EVENTS.c.id.in_(bindparam("pks", expanding=True)),
+                              EVENTS.c.state.in_(OPEN),
+                              EVENTS.c.next_attempt_at >= bindparam("floor"),
+                              EVENTS.c.next_attempt_at < bindparam("until")).values(
+    next_attempt_at=bindparam("until"))
 _FINISH_SYNCED = update(EVENTS).where(_OPEN).values(
     state=EventState.SYNCED, finished_at=bindparam("now"), waiting_for=None,
     last_error=func.coalesce(bindparam("note", type_=String), EVENTS.c.last_error),
@@ -223,11 +230,22 @@ class Store:
 
         return once_more_if_disconnected(run)
 
-    def lease(self, pks: list[int], seconds: float) -> None:
-        """Keep the scheduler off these open events for ``seconds`` (a task holds them)."""
+    def lease(self, pks: list[int], seconds: float) -> datetime:
+        """Keep the scheduler off these open events for ``seconds`` (a task holds them);
+        returns the lease's end (a heartbeat's first ``floor``, see :meth:`renew`)."""
+        until = utcnow() + timedelta(seconds=seconds)
         with self._tx() as session:
-            session.execute(_LEASE, {"pks": pks,
-                                     "until": utcnow() + timedelta(seconds=seconds)})
+            session.execute(_LEASE, {"pks": pks, "until": until})
+        return until
+
+    def renew(self, pks: list[int], seconds: float, floor: datetime) -> datetime:
+        """A heartbeat: extend to ``seconds`` from now the lease of those open events whose
+        next attempt time is still at least ``floor`` (the previous renewal's end: an event
+        parked meanwhile for a shorter wait keeps it). Returns the new lease's end."""
+        until = utcnow() + timedelta(seconds=seconds)
+        with self._tx() as session:
+            session.execute(_RENEW, {"pks": pks, "floor": floor, "until": until})
+        return until
 
     def payload(self, pk: int) -> dict[str, Any] | str:
         """The open event's payload, or the state it is in."""
