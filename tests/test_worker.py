@@ -237,3 +237,23 @@ def test_events_whose_task_messages_were_lost_are_dispatched_again(start_worker,
     assert counts == {"synced": len(events)}
     assert time.monotonic() - gone < 30
     assert len(no_duplicates(sandbox)["certificates"]) == 12
+
+
+def test_an_outage_costs_few_requests_and_sync_resumes_after_it(start_worker, wredis, sessions,
+                                                                sandbox):
+    """A 6 s total outage mid-run (every request 503): the fleet's breaker opens after 5
+    failures and probes once every 1 s, so the dead API gets a handful of requests instead of
+    hundreds; every event settles within seconds after the API is back, none dead."""
+    sandbox.sandbox.faults.configure(Faults(latency_ms=20))
+    proc = start_worker(concurrency=2, DOKSTAMP_SYNC_BREAKER_INTERVAL="1")
+    events = samples.graduating_class(10)
+    xadd(wredis, events)
+    wait_synced(sessions, 3)
+    outage = sandbox.sandbox.faults.start_outage(seconds=6)
+    time.sleep(6)
+    back = time.monotonic()
+    counts = wait_settled(sessions, len(events), timeout=20, proc=proc)
+    assert counts == {"synced": len(events)}
+    assert time.monotonic() - back < 15
+    assert outage.requests <= 5 + 6 + 4  # threshold + one probe a second + those in flight
+    assert len(no_duplicates(sandbox)["certificates"]) == 10

@@ -15,3 +15,4 @@ LISTING = "dokstamp:listing:"  # + entity: a fresh full listing is in the natura
 TOKEN = "dokstamp:token:"  # noqa: S105  # a key name, not a secret; + a digest of the credentials: the shared, encrypted access token
 RATE_LIMIT = "dokstamp:ratelimit:"  # + tenant: the shared token bucket
 PAUSE = "dokstamp:pause:"  # + tenant: every process holds its requests (after a 429)
+BREAKER = "dokstamp:breaker:"  # + tenant: the fleet's circuit breaker (failures, open_until)

@@ -27,6 +27,7 @@ from dokstamp_sync.config import (
 )
 from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.dokstamp import RateLimiter, RedisTokenStore, client_from_settings
+from dokstamp_sync.dokstamp.breaker import CircuitBreaker
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.files import FilePolicy
 
@@ -72,7 +73,12 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
     client_redis = redis_client or redis.Redis.from_url(settings.redis_url)
     limiter = RateLimiter(client_redis, settings.dokstamp_tenant, settings.dokstamp_rate_limit,
                           sleep=limiter_sleep)
-    api = client_from_settings(settings, store=RedisTokenStore(client_redis), limiter=limiter)
+    breaker = CircuitBreaker(client_redis, settings.dokstamp_tenant,
+                             threshold=settings.dokstamp_sync_breaker_failures,
+                             interval=settings.dokstamp_sync_breaker_interval,
+                             probe_timeout=settings.dokstamp_timeout + 5)
+    api = client_from_settings(settings, store=RedisTokenStore(client_redis), limiter=limiter,
+                               breaker=breaker)
     root = settings.dokstamp_sync_file_root
     ctx = SyncContext(
         client=api,
@@ -88,6 +94,7 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
         lock_timeout=settings.dokstamp_sync_lock_timeout,
         lease=settings.dokstamp_sync_lease,
         limiter=limiter,
+        breaker=breaker,
     )
     return replace(ctx, **overrides) if overrides else ctx
 

@@ -197,6 +197,7 @@ def test_5xx_that_persists_parks_the_event_with_backoff(h, sandbox):
 def test_retries_exhausted_after_the_budget(h, ctx, sandbox):
     """Once the retry budget is spent, a transient failure dead-letters 'retries exhausted'."""
     ctx.retry_budget = 0.0
+    ctx.breaker.threshold = 1000  # failures of one event, not an outage (see test_breaker)
     sandbox.sandbox.faults.configure(Faults(error_rate=1.0, lost_response_share=0.0))
     e = student()
     assert h.sync(e) == ["waiting"]  # the first failure starts the clock

@@ -22,6 +22,7 @@ import httpx
 
 from dokstamp_sync.dokstamp import errors
 from dokstamp_sync.dokstamp.auth import BearerAuth, TokenManager
+from dokstamp_sync.dokstamp.breaker import BreakerTransport, CircuitBreaker
 from dokstamp_sync.dokstamp.pages import MAX_PAGES, Listing, Page, parse_page
 from dokstamp_sync.dokstamp.ratelimit import RateLimitedTransport, RateLimiter
 from dokstamp_sync.dokstamp.uploads import Upload, check_upload
@@ -35,22 +36,28 @@ MAX_PER_PAGE = 200  # the largest page the docs' bulk example asks for
 
 def build_http_client(base_url: str, *, timeout: float = 30.0, connect_timeout: float = 5.0,
                       max_connections: int = 20, limiter: RateLimiter | None = None,
+                      breaker: CircuitBreaker | None = None,
                       transport: httpx.BaseTransport | None = None) -> httpx.Client:
     """An ``httpx.Client`` with explicit timeouts and a keep-alive pool, for DokStamp.
 
     ``transport`` replaces the network (an ``httpx.MockTransport`` in tests); ``limiter`` wraps
     it in a :class:`~.ratelimit.RateLimitedTransport`, so every request the client sends waits
-    for the fleet-wide bucket. The transport is always explicit, so httpx reads no proxy from
-    the environment (``HTTPS_PROXY``): to go through one, pass
+    for the fleet-wide bucket; ``breaker`` wraps that in a :class:`~.breaker.BreakerTransport`
+    (outermost: an open breaker spends no token). The transport is always explicit, so httpx
+    reads no proxy from the environment (``HTTPS_PROXY``): to go through one, pass
     ``transport=httpx.HTTPTransport(proxy=...)``.
     """
     limits = httpx.Limits(max_connections=max_connections,
                           max_keepalive_connections=max_connections)
     inner = transport or httpx.HTTPTransport(limits=limits)
+    if limiter:
+        inner = RateLimitedTransport(inner, limiter)
+    if breaker:
+        inner = BreakerTransport(inner, breaker)
     return httpx.Client(
         base_url=base_url,
         timeout=httpx.Timeout(timeout, connect=connect_timeout),
-        transport=RateLimitedTransport(inner, limiter) if limiter else inner,
+        transport=inner,
         headers={"User-Agent": "dokstamp-sync"},
     )
 

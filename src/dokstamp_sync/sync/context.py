@@ -18,6 +18,7 @@ from redis.lock import Lock
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.dokstamp import DokStampClient, RateLimiter
+from dokstamp_sync.dokstamp.breaker import CircuitBreaker
 from dokstamp_sync.redis_keys import COUNTERS, LOCK
 from dokstamp_sync.sync.files import FilePolicy
 from dokstamp_sync.sync.outcomes import Busy
@@ -44,6 +45,7 @@ class SyncContext:
     rng: random.Random = field(default_factory=random.Random)
     unflushed: Counter[str] = field(default_factory=Counter)  # not yet in Redis
     limiter: RateLimiter | None = None  # its response counters are flushed with ours
+    breaker: CircuitBreaker | None = None  # the fleet's, on the client's transport
 
     def __post_init__(self) -> None:
         self.store = Store(self.sessions)

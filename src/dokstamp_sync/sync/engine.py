@@ -19,21 +19,23 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import timedelta
 from typing import Any
 
+import redis
 from redis.lock import Lock
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
-from dokstamp_sync.dokstamp.errors import RateLimited, TransientError
+from dokstamp_sync.dokstamp.errors import CircuitOpen, RateLimited, TransientError
 from dokstamp_sync.events import Event, InvalidEvent
 from dokstamp_sync.models import utcnow
 from dokstamp_sync.redis_keys import HEARTBEAT
 from dokstamp_sync.states import EventState
 from dokstamp_sync.sync import operations, references
 from dokstamp_sync.sync.context import SyncContext
-from dokstamp_sync.sync.outcomes import Busy, Next, Outcome, Verdict, classify
+from dokstamp_sync.sync.outcomes import BREAKER_SLACK, Busy, Next, Outcome, Verdict, classify
 from dokstamp_sync.sync.store import Claimed, Decision, Facts, Letter, Park, data_hash
 
 log = logging.getLogger("dokstamp_sync.sync")
@@ -135,6 +137,8 @@ def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int, *, retry: bool
 
 
 def _retry_now(exc: BaseException) -> bool:
+    if isinstance(exc, CircuitOpen):
+        return False  # park (and free the locks) until the breaker's next probe
     if isinstance(exc, RateLimited):
         return (exc.retry_after or 0) <= IN_CALL_RETRY_AFTER_MAX
     return isinstance(exc, TransientError | Busy)
@@ -165,6 +169,14 @@ def _record(ctx: SyncContext, pk: int, depth: int, outcome: Outcome) -> str:
 
 def _settle(ctx: SyncContext, pk: int, depth: int, verdict: Verdict) -> str:
     """Record what a verdict means for the event (see the tree in :mod:`.outcomes`)."""
+    if verdict.next == Next.RETRY and not verdict.unexpected and ctx.breaker is not None:
+        # The failure opened the fleet's breaker (or it was open by then): DokStamp's, not the
+        # event's. Wait for the probe rather than spend the retry budget and back off long.
+        with suppress(redis.RedisError):
+            if (opened := ctx.breaker.open_for()) is not None:
+                verdict = Verdict(next=Next.WAIT, delay=opened + BREAKER_SLACK,
+                                  reason=f"DokStamp is failing (circuit breaker open): "
+                                         f"{verdict.reason}")
     return ctx.store.conclude(pk, completed=depth == 0,
                               decide=lambda facts: _decide(ctx, verdict, facts))
 

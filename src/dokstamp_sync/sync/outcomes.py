@@ -8,10 +8,14 @@ Anything raised while an event is processed is turned by :func:`classify` into o
     │                                                        the retry budget; dead once the
     │                                                        dependency timeout passed, if it
     │                                                        never arrived
+    ├── dokstamp CircuitOpen (the fleet's breaker   WAIT     parks until the breaker's next
+    │   holds requests: DokStamp keeps failing)              probe, not counted
     ├── retry later                                 RETRY    parks with backoff (full jitter,
     │   ├── dokstamp TransientError                          ``retry_after`` honoured), counted;
-    │   │     (transport, timeout, 429, 5xx, the             dead when the retry budget is spent
-    │   │      rate limiter's pause)
+    │   │     (transport, timeout, 429, 5xx, the             dead when the retry budget is spent;
+    │   │      rate limiter's pause)                         but a WAIT until the next probe when
+    │   │                                                    the breaker is open by then (the
+    │   │                                                    API's failure, not the event's)
     │   ├── Busy (a lock this step needs is held elsewhere)
     │   ├── redis LockError (a lock lost under us)
     │   └── anything unexpected ("internal error: ...", logged with its traceback)
@@ -37,6 +41,7 @@ from redis.exceptions import LockError
 
 from dokstamp_sync.dokstamp.errors import (
     AuthenticationError,
+    CircuitOpen,
     DokStampError,
     PermanentError,
     PermissionDenied,
@@ -45,6 +50,8 @@ from dokstamp_sync.dokstamp.errors import (
 from dokstamp_sync.events import InvalidEvent
 from dokstamp_sync.states import EventState, MappingStatus
 from dokstamp_sync.sync.files import FileSourceError
+
+BREAKER_SLACK = 0.5  # s after the breaker's next probe time: the probe's answer is in by then
 
 
 class Waiting(Exception):
@@ -115,6 +122,9 @@ def classify(exc: BaseException) -> Verdict:
         return Verdict(next=Next.DEAD, reason=describe(exc), error=exc)
     if isinstance(exc, FileSourceError | InvalidEvent):
         return Verdict(next=Next.DEAD, reason=str(exc))
+    if isinstance(exc, CircuitOpen):
+        return Verdict(next=Next.WAIT, reason=str(exc),
+                       delay=(exc.retry_after or 0.0) + BREAKER_SLACK)
     if isinstance(exc, TransientError):
         return Verdict(next=Next.RETRY, reason=str(exc),
                        retry_after=getattr(exc, "retry_after", None))
