@@ -96,7 +96,9 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
         limiter=limiter,
         breaker=breaker,
     )
-    return replace(ctx, **overrides) if overrides else ctx
+    ctx = replace(ctx, **overrides) if overrides else ctx
+    api.before_write = ctx.check_locks  # a run that lost a lock never writes
+    return ctx
 
 
 def context() -> SyncContext:

@@ -14,7 +14,7 @@ due, or has ``data`` of the wrong shape (or an entity without ``uuid``) raises
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 Entity = dict[str, Any]
 IssueStyle = Literal["status", "finish"]
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_PER_PAGE = 200  # the largest page the docs' bulk example asks for
 
 
@@ -93,6 +94,9 @@ class DokStampClient:
         self.http = http
         self.tenant = tenant
         self.tokens = tokens
+        # Called with (method, path) just before every write is sent; what it raises aborts
+        # the write unsent (the sync engine checks its locks are still its own).
+        self.before_write: Callable[[str, str], None] | None = None
         self._auth = BearerAuth(tokens)
         self.institutions = Resource(self, "/institutions")
         self.modules = Resource(self, "/modules")
@@ -113,6 +117,8 @@ class DokStampClient:
              json: Any = None, files: Sequence[tuple[str, tuple[str, bytes, str]]] | None
              = None) -> tuple[httpx.Response, Any]:
         """:meth:`request`, also returning the response (for classifying its body)."""
+        if self.before_write is not None and method.upper() in WRITES:
+            self.before_write(method, path)
         request = self.http.build_request(
             method, path, params=params, json=json, files=files,
             headers={"Accept": "application/json", "X-Tenant": self.tenant})

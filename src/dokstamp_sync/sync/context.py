@@ -6,6 +6,7 @@ Redis (locks, counters) and the engine's limits. Built by
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import redis
+from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,8 +49,12 @@ class SyncContext:
     limiter: RateLimiter | None = None  # its response counters are flushed with ours
     breaker: CircuitBreaker | None = None  # the fleet's, on the client's transport
 
+    held: list[Lock] = field(default_factory=list)  # the locks this process's run holds
+
     def __post_init__(self) -> None:
         self.store = Store(self.sessions)
+        self._renewer: threading.Thread | None = None
+        self._guard = threading.Lock()
 
     def count(self, name: str, n: int = 1) -> None:
         """Count locally; :meth:`flush` adds it to the fleet-wide counters in Redis."""
@@ -69,15 +75,60 @@ class SyncContext:
 
     @contextmanager
     def lock(self, name: str, *, wait: float) -> Iterator[Lock]:
-        """A Redis lock that expires (``lock_timeout``) so a dead worker cannot hold it."""
+        """A Redis lock that expires (``lock_timeout``) so a dead worker cannot hold it, and is
+        renewed in the background while its holder works (see :meth:`hold`)."""
         # Poll every 10 ms while it is held elsewhere (redis-py's default is 100 ms): an
         # enrollment waiting for its student's create would otherwise idle most of that.
-        lock = self.redis.lock(f"{self.lock_prefix}{name}", timeout=self.lock_timeout,
-                               blocking_timeout=wait, sleep=LOCK_POLL)
+        lock = self.new_lock(name, wait=wait)
         if not lock.acquire():
             raise Busy(name)
+        self.hold(lock)
         try:
             yield lock
         finally:
+            self.drop(lock)
             with suppress(redis.RedisError):
                 lock.release()
+
+    def new_lock(self, name: str, *, wait: float | None = None) -> Lock:
+        """A lock of ours, not yet acquired; its token is shared by this process's threads so
+        the renewer can extend it (redis-py keeps it thread-local by default)."""
+        lock: Lock = self.redis.lock(f"{self.lock_prefix}{name}", timeout=self.lock_timeout,
+                                     blocking_timeout=wait, sleep=LOCK_POLL, thread_local=False)
+        return lock
+
+    def hold(self, lock: Lock) -> None:
+        """Keep ``lock`` ours while we work: renewed every third of ``lock_timeout``, and
+        checked before every DokStamp write (:meth:`check_locks`)."""
+        with self._guard:
+            self.held.append(lock)
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(target=self._renew, name="dokstamp-locks",
+                                                 daemon=True)
+                self._renewer.start()
+
+    def drop(self, lock: Lock) -> None:
+        with self._guard:
+            if lock in self.held:
+                self.held.remove(lock)
+
+    def check_locks(self, method: str = "", path: str = "") -> None:
+        """Raise :class:`LockNotOwnedError` unless every lock we hold is still ours: called
+        just before each DokStamp write, so a run that lost its lock (expired, taken over)
+        stops before it writes, never after."""
+        with self._guard:
+            held = list(self.held)
+        for lock in held:
+            if not lock.owned():
+                raise LockNotOwnedError(f"lock {lock.name!r} lost before {method} {path}")
+
+    def _renew(self) -> None:
+        while True:
+            time.sleep(self.lock_timeout / 3)
+            with self._guard:
+                held = list(self.held)
+            for lock in held:
+                # reacquire: back to the full timeout if still ours; a lost one is left for
+                # check_locks to report before the next write
+                with suppress(redis.RedisError):
+                    lock.reacquire()

@@ -210,6 +210,7 @@ def _upsert_file(ctx: SyncContext, event: Event, snapshot: Snapshot | None,
         finally:
             for p in batch:
                 if p.lock is not None:
+                    ctx.drop(p.lock)
                     with suppress(LockError):
                         p.lock.release()
     return Outcome.synced(uuid=uuid, sent=_sent(own), digest=digest, companions=companions)
@@ -222,17 +223,19 @@ def _sent(p: _Pending) -> dict[str, Any]:
 def _companions(ctx: SyncContext, event: Event, used: int) -> list[_Pending]:
     out: list[_Pending] = []
     for pk, key, payload in ctx.store.file_companions(event.event_id, BATCH_FILES - 1):
-        lock = ctx.redis.lock(f"{ctx.lock_prefix}entity:file:{key}",
-                              timeout=ctx.lock_timeout)
+        lock = ctx.new_lock(f"entity:file:{key}")
         if not lock.acquire(blocking=False):
             continue  # its own task is on it
+        ctx.hold(lock)
         try:
             data = dict(payload.get("data") or {})
             content, mime = files.load(data, ctx.files, ctx.file_http)
         except (files.FileSourceError, DokStampError):
+            ctx.drop(lock)
             lock.release()
             continue
         if used + len(content) > BATCH_BYTES:
+            ctx.drop(lock)
             lock.release()
             break
         used += len(content)
