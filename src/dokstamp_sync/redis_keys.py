@@ -16,3 +16,4 @@ TOKEN = "dokstamp:token:"  # noqa: S105  # a key name, not a secret; + a digest 
 RATE_LIMIT = "dokstamp:ratelimit:"  # + tenant: the shared token bucket
 PAUSE = "dokstamp:pause:"  # + tenant: every process holds its requests (after a 429)
 BREAKER = "dokstamp:breaker:"  # + tenant: the fleet's circuit breaker (failures, open_until)
+INFLIGHT = "dokstamp:inflight:"  # + "<entity>:<sha256 of natural key>": a failed create may land

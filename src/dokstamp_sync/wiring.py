@@ -92,6 +92,7 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
         retry_budget=settings.dokstamp_sync_retry_budget,
         max_deliveries=settings.dokstamp_sync_max_deliveries,
         lock_timeout=settings.dokstamp_sync_lock_timeout,
+        create_window=2 * settings.dokstamp_timeout,
         lease=settings.dokstamp_sync_lease,
         limiter=limiter,
         breaker=breaker,

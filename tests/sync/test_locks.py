@@ -43,3 +43,27 @@ def test_a_slow_attempt_keeps_its_lock_and_syncs(h, ctx, sandbox):
     sandbox.sandbox.faults.configure(Faults(latency_ms=300))
     assert h.sync(student()) == ["synced"]
     assert len(live(sandbox, "students")) == 1
+
+
+def test_a_timed_out_create_is_not_posted_again_before_the_late_write_lands(h, ctx, sandbox):
+    """POST /students answers after the client's 0.5 s timeout and lands 1 s after it was
+    sent. The event is parked for the create window (twice the timeout) with no second POST;
+    the next attempt searches, finds the late write, and maps it: one student, one POST."""
+    from dokstamp_sync.sandbox import ScriptedFault
+    from dokstamp_sync.testing import calls, sandbox_context
+
+    slow = sandbox_context(sandbox, ctx.sessions, ctx.redis, timeout=0.5)
+    slow.create_window = 1.0
+    sandbox.sandbox.faults.configure(Faults(script=[
+        ScriptedFault("POST", "/students", status=201, delay_s=1.0)]))
+    h.ctx = slow
+    e = student()
+    pk = h.send(e)[0]
+    assert h.run([pk]) == ["waiting"]
+    rec = h.record(e["event_id"])
+    assert (rec.next_attempt_at.timestamp() - time.time()) > 0.5
+    assert h.run([pk]) == ["waiting"]  # still within the window: no search, no POST
+    time.sleep(1.1)
+    assert h.run([pk]) == ["synced"]
+    assert len(live(sandbox, "students")) == 1
+    assert calls(sandbox).get("POST /students") == 1

@@ -35,7 +35,15 @@ from dokstamp_sync.redis_keys import HEARTBEAT
 from dokstamp_sync.states import EventState
 from dokstamp_sync.sync import operations, references
 from dokstamp_sync.sync.context import SyncContext
-from dokstamp_sync.sync.outcomes import BREAKER_SLACK, Busy, Next, Outcome, Verdict, classify
+from dokstamp_sync.sync.outcomes import (
+    BREAKER_SLACK,
+    Busy,
+    InFlight,
+    Next,
+    Outcome,
+    Verdict,
+    classify,
+)
 from dokstamp_sync.sync.store import Claimed, Decision, Facts, Letter, Park, data_hash
 
 log = logging.getLogger("dokstamp_sync.sync")
@@ -137,8 +145,8 @@ def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int, *, retry: bool
 
 
 def _retry_now(exc: BaseException) -> bool:
-    if isinstance(exc, CircuitOpen):
-        return False  # park (and free the locks) until the breaker's next probe
+    if isinstance(exc, CircuitOpen | InFlight):
+        return False  # park (and free the locks) until the breaker's probe / the window ends
     if isinstance(exc, RateLimited):
         return (exc.retry_after or 0) <= IN_CALL_RETRY_AFTER_MAX
     return isinstance(exc, TransientError | Busy)
@@ -174,7 +182,8 @@ def _settle(ctx: SyncContext, pk: int, depth: int, verdict: Verdict) -> str:
         # event's. Wait for the probe rather than spend the retry budget and back off long.
         with suppress(redis.RedisError):
             if (opened := ctx.breaker.open_for()) is not None:
-                verdict = Verdict(next=Next.WAIT, delay=opened + BREAKER_SLACK,
+                verdict = Verdict(next=Next.WAIT,
+                                  delay=max(opened + BREAKER_SLACK, verdict.retry_after or 0),
                                   reason=f"DokStamp is failing (circuit breaker open): "
                                          f"{verdict.reason}")
     return ctx.store.conclude(pk, completed=depth == 0,

@@ -19,18 +19,22 @@ from dokstamp_sync.dokstamp.client import Resource
 from dokstamp_sync.dokstamp.errors import (
     AuthenticationError,
     DokStampError,
+    MalformedResponse,
     NotFound,
     PermanentError,
     PermissionDenied,
+    ServerError,
+    TransportError,
     ValidationFailed,
 )
 from dokstamp_sync.events import Event
+from dokstamp_sync.redis_keys import INFLIGHT
 from dokstamp_sync.states import MappingStatus
 from dokstamp_sync.sync import files
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.entities import SPECS, Spec, natural_key, remote_value, same_value
 from dokstamp_sync.sync.listing import listing_is_fresh
-from dokstamp_sync.sync.outcomes import Companion, Dead, Outcome
+from dokstamp_sync.sync.outcomes import Companion, Dead, InFlight, Outcome
 from dokstamp_sync.sync.store import Snapshot, data_hash
 
 BATCH_FILES = 50  # files per POST /files
@@ -74,7 +78,14 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
         _check_identity(spec, event, payload, adopted)
         return str(adopted["uuid"]), adopted
     key = natural_key(spec, payload)
-    with ctx.lock(f"nk:{spec.entity}:{sha256(key.encode()).hexdigest()}", wait=10):
+    digest = sha256(key.encode()).hexdigest()
+    inflight = f"{INFLIGHT}{spec.entity}:{digest}"
+    with ctx.lock(f"nk:{spec.entity}:{digest}", wait=10):
+        # A create of this key failed in a way that may still land: never search (and create)
+        # before it had time to, or a late write and ours would both stay.
+        if (left := ctx.redis.pttl(inflight)) > 0:
+            raise InFlight(f"a failed create of {spec.entity} {key} may still land in DokStamp",
+                           retry_after=left / 1000)
         known = ctx.store.known_uuid(spec.entity, key)
         remote: Entity | None = None
         if known is not None:
@@ -92,6 +103,12 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
             try:
                 created: Entity | None = create(payload)
                 ctx.count("creates")
+            except (TransportError, ServerError, MalformedResponse) as exc:
+                # The write may have happened, or may still happen (a slow write lands after
+                # the client gave up): wait twice the HTTP timeout, then search first.
+                ctx.redis.set(inflight, "1", px=max(1, int(ctx.create_window * 1000)))
+                raise InFlight(f"{exc} (the create may still land: searching after "
+                               f"{ctx.create_window:g} s)", retry_after=ctx.create_window) from exc
             except ValidationFailed:
                 if not listed:
                     raise

@@ -16,6 +16,9 @@ Anything raised while an event is processed is turned by :func:`classify` into o
     │   │      rate limiter's pause)                         but a WAIT until the next probe when
     │   │                                                    the breaker is open by then (the
     │   │                                                    API's failure, not the event's)
+    │   ├── InFlight (a create that failed may still land:   parked for the whole window (twice the
+    │   │     timeout, 5xx, malformed answer)                HTTP timeout), never retried in call;
+    │   │                                                    the next attempt searches first
     │   ├── Busy (a lock this step needs is held elsewhere)
     │   ├── redis LockError (a lock lost under us)
     │   └── anything unexpected ("internal error: ...", logged with its traceback)
@@ -75,6 +78,16 @@ class Dead(Exception):
         self.error = error
 
 
+class InFlight(Exception):
+    """A create that failed may still land in DokStamp (a timeout, a 5xx, a malformed answer):
+    no attempt may create that natural key again for ``retry_after`` seconds; then it
+    searches first and finds the late write."""
+
+    def __init__(self, reason: str, *, retry_after: float) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
 class Busy(Exception):
     """Another worker holds the lock this step needs; try again shortly."""
 
@@ -122,6 +135,8 @@ def classify(exc: BaseException) -> Verdict:
         return Verdict(next=Next.DEAD, reason=describe(exc), error=exc)
     if isinstance(exc, FileSourceError | InvalidEvent):
         return Verdict(next=Next.DEAD, reason=str(exc))
+    if isinstance(exc, InFlight):
+        return Verdict(next=Next.RETRY, reason=str(exc), retry_after=exc.retry_after)
     if isinstance(exc, CircuitOpen):
         return Verdict(next=Next.WAIT, reason=str(exc),
                        delay=(exc.retry_after or 0.0) + BREAKER_SLACK)
