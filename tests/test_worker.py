@@ -245,7 +245,9 @@ def test_an_outage_costs_few_requests_and_sync_resumes_after_it(start_worker, wr
     failures and probes once every 1 s, so the dead API gets a handful of requests instead of
     hundreds; every event settles within seconds after the API is back, none dead."""
     sandbox.sandbox.faults.configure(Faults(latency_ms=20))
-    proc = start_worker(concurrency=2, DOKSTAMP_SYNC_BREAKER_INTERVAL="1")
+    # A create refused 503 waits twice the HTTP timeout before it searches (no blind retry):
+    # a 2 s timeout keeps that window short here.
+    proc = start_worker(concurrency=2, DOKSTAMP_SYNC_BREAKER_INTERVAL="1", DOKSTAMP_TIMEOUT="2")
     events = samples.graduating_class(10)
     xadd(wredis, events)
     wait_synced(sessions, 3)

@@ -102,7 +102,11 @@ def process(ctx: SyncContext, pk: int, depth: int = 0, *,
     try:
         with ctx.lock(f"entity:{event.entity}:{event.key}",
                       wait=5.0 if depth == 0 else 1.0) as held:
-            return _process_locked(ctx, pk, event, depth, held)
+            ctx.walk.append((event.entity, event.key))  # a dependency leading back: a cycle
+            try:
+                return _process_locked(ctx, pk, event, depth, held)
+            finally:
+                ctx.walk.pop()
     except Busy:
         if depth == 0:
             ctx.store.conclude(pk, completed=True, decide=lambda _facts: Park(

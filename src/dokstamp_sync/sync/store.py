@@ -95,6 +95,7 @@ class Latest:
     pk: int
     state: str
     op: str
+    next_attempt_at: datetime | None = None  # when it is parked: its next attempt time
 
 
 @dataclass(frozen=True)
@@ -278,13 +279,15 @@ class Store:
         """
         with self._tx() as session:
             row = session.execute(
-                select(InboxEvent.id, InboxEvent.state, InboxEvent.op)
+                select(InboxEvent.id, InboxEvent.state, InboxEvent.op,
+                       InboxEvent.next_attempt_at)
                 .where(InboxEvent.entity == entity, InboxEvent.erp_key == key,
                        InboxEvent.state != EventState.SUPERSEDED)
                 .order_by(InboxEvent.occurred_at.desc(), InboxEvent.id.desc()).limit(1)
             ).one_or_none()
             mapping = _mappings(session, [(entity, key)]).get((entity, key))
-        return (Latest(row[0], row[1], row[2]) if row else None), mapping
+        return (Latest(row[0], row[1], row[2], utc(row[3]) if row[3] else None)
+                if row else None), mapping
 
     def backlog(self, entity: str) -> int:
         """Open upserts of one entity kind (the listing shortcut's threshold)."""
