@@ -181,3 +181,85 @@ def test_shared_rate_limit_prevents_429s_across_processes(start_worker, wredis, 
     counts = wait_settled(sessions, len(events), proc=proc)
     assert counts == {"synced": len(events)}
     assert sandbox.sandbox.stats.http_429 == 0
+
+
+def synced_count(sessions):
+    with session_scope(sessions) as s:
+        return s.scalar(select(func.count()).select_from(InboxEvent)
+                        .where(InboxEvent.state == "synced"))
+
+
+def wait_synced(sessions, n, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while synced_count(sessions) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} synced in {timeout}s"
+        time.sleep(0.05)
+
+
+def test_events_of_a_killed_worker_come_back_within_a_lease(start_worker, wredis, sessions,
+                                                            sandbox):
+    """kill -9 of every worker process mid-run, with Celery's visibility timeout long (600 s)
+    and a 2 s lease: a new worker settles everything within seconds (the killed worker's
+    leases are no longer renewed, the scheduler hands its events out again), no duplicate."""
+    sandbox.sandbox.faults.configure(Faults(latency_ms=40))
+    env = {"DOKSTAMP_SYNC_VISIBILITY_TIMEOUT": "600", "DOKSTAMP_SYNC_LEASE": "2"}
+    first = start_worker(**env)
+    events = samples.graduating_class(12)
+    xadd(wredis, events)
+    wait_synced(sessions, 8)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed = time.monotonic()
+    with session_scope(sessions) as s:
+        unfinished = s.scalar(select(func.count()).select_from(InboxEvent)
+                              .where(InboxEvent.state.in_(("pending", "waiting"))))
+    assert unfinished > 0, "the kill came too late to prove anything"
+    second = start_worker(**env)
+    counts = wait_settled(sessions, len(events), timeout=30, proc=second)
+    assert counts == {"synced": len(events)}
+    assert time.monotonic() - killed < 30
+    assert len(no_duplicates(sandbox)["certificates"]) == 12
+
+
+def test_events_whose_task_messages_were_lost_are_dispatched_again(start_worker, wredis,
+                                                                   sessions, sandbox):
+    """Every Celery key deleted from the broker mid-run (a failover without persistence):
+    the events whose messages were lost are dispatched again once their 2 s lease runs out,
+    and everything settles within seconds, with no duplicate in DokStamp."""
+    sandbox.sandbox.faults.configure(Faults(latency_ms=40))
+    proc = start_worker(concurrency=1, DOKSTAMP_SYNC_VISIBILITY_TIMEOUT="600",
+                        DOKSTAMP_SYNC_LEASE="2")
+    events = samples.graduating_class(12)
+    xadd(wredis, events)
+    wait_synced(sessions, 4)
+    ours = (b"dokstamp:", STREAM.encode())
+    lost = [k for k in wredis.scan_iter() if not k.startswith(ours)]
+    assert lost, "no broker keys to delete"
+    wredis.delete(*lost)
+    gone = time.monotonic()
+    counts = wait_settled(sessions, len(events), timeout=30, proc=proc)
+    assert counts == {"synced": len(events)}
+    assert time.monotonic() - gone < 30
+    assert len(no_duplicates(sandbox)["certificates"]) == 12
+
+
+def test_an_outage_costs_few_requests_and_sync_resumes_after_it(start_worker, wredis, sessions,
+                                                                sandbox):
+    """A 6 s total outage mid-run (every request 503): the fleet's breaker opens after 5
+    failures and probes once every 1 s, so the dead API gets a handful of requests instead of
+    hundreds; every event settles within seconds after the API is back, none dead."""
+    sandbox.sandbox.faults.configure(Faults(latency_ms=20))
+    # A create refused 503 waits twice the HTTP timeout before it searches (no blind retry):
+    # a 2 s timeout keeps that window short here.
+    proc = start_worker(concurrency=2, DOKSTAMP_SYNC_BREAKER_INTERVAL="1", DOKSTAMP_TIMEOUT="2")
+    events = samples.graduating_class(10)
+    xadd(wredis, events)
+    wait_synced(sessions, 3)
+    outage = sandbox.sandbox.faults.start_outage(seconds=6)
+    time.sleep(6)
+    back = time.monotonic()
+    counts = wait_settled(sessions, len(events), timeout=20, proc=proc)
+    assert counts == {"synced": len(events)}
+    assert time.monotonic() - back < 15
+    assert outage.requests <= 5 + 6 + 4  # threshold + one probe a second + those in flight
+    assert len(no_duplicates(sandbox)["certificates"]) == 10

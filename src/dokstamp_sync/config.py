@@ -67,6 +67,13 @@ class Settings(StoreSettings):
     dokstamp_sync_retry_budget: float = Field(default=86400.0, gt=0)  # s
     dokstamp_sync_max_deliveries: int = Field(default=5, ge=1)
     dokstamp_sync_lock_timeout: float = Field(default=60.0, gt=0)  # s, a dead worker's locks
+    # Fault safety (README "Fault safety"): a running event's lease, renewed by a heartbeat
+    # every third of it, so a lost worker's events are handed out again within seconds.
+    dokstamp_sync_lease: float = Field(default=30.0, gt=0)  # s
+    # The fleet's circuit breaker: open after this many consecutive failures (5xx, timeouts,
+    # connection errors), then one probe every interval.
+    dokstamp_sync_breaker_failures: int = Field(default=5, ge=1)
+    dokstamp_sync_breaker_interval: float = Field(default=3.0, gt=0)  # s
     dokstamp_sync_file_hosts: str = ""  # comma-separated hosts files may be fetched from
     dokstamp_sync_file_root: str = ""  # folder `path` files must be under
     dokstamp_sync_file_max_bytes: int = Field(default=FILE_MAX_BYTES, gt=0)

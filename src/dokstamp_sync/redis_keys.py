@@ -38,3 +38,6 @@ RATE_LIMIT = f"{NAMESPACE}dokstamp:ratelimit:"  # + tenant: the shared token buc
 PAUSE = f"{NAMESPACE}dokstamp:pause:"  # + tenant: every process holds its requests (after a 429)
 # + entity: the last listing could not be read completely; do not list again for a while
 LISTING_UNTRUSTED = f"{NAMESPACE}dokstamp:listing-untrusted:"
+BREAKER = f"{NAMESPACE}dokstamp:breaker:"  # + tenant: the fleet's circuit breaker
+# + "<entity>:<sha256 of natural key>": a failed create may still land
+INFLIGHT = f"{NAMESPACE}dokstamp:inflight:"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from dokstamp_sync import wiring
+from dokstamp_sync.models import utcnow
 from dokstamp_sync.sync import engine
+from dokstamp_sync.sync.lease import Heartbeat
 from dokstamp_sync.worker import SYNC_EVENTS, app
 
 log = logging.getLogger("dokstamp_sync.worker")
@@ -22,16 +24,20 @@ def sync_events(event_pks: list[int]) -> list[str]:
     ctx = wiring.context()
     pks = [int(pk) for pk in event_pks]
     try:  # the whole batch is this task's from now on: the scheduler must not hand it out
-        ctx.store.lease(pks, ctx.lease)
+        floor = ctx.store.lease(pks, ctx.lease)
     except Exception:  # each run below claims its own event anyway
         log.exception("events %s: could not lease the batch", pks)
+        floor = utcnow()
     states = []
-    for pk in pks:
-        try:
-            states.append(engine.run(ctx, pk, flush=False))
-        except Exception:  # e.g. the database away: this event waits for the scheduler,
-            log.exception("event %s: not run", pk)  # the next ones are still tried
-            states.append("error")
+    # The lease is short (a lost worker's events come back within it): renewed while we work.
+    with Heartbeat(ctx.store, pks, ctx.lease, floor) as heartbeat:
+        for pk in pks:
+            try:
+                states.append(engine.run(ctx, pk, flush=False))
+            except Exception:  # e.g. the database away: this event waits for the scheduler,
+                log.exception("event %s: not run", pk)  # the next ones are still tried
+                states.append("error")
+            heartbeat.done(pk)
     engine.flush_counters(ctx)  # one Redis round trip for the batch
     return states
 
@@ -40,4 +46,6 @@ def sync_events(event_pks: list[int]) -> list[str]:
 def sync_event(event_pk: int) -> str:
     """Sync inbox event ``event_pk``; returns the state it ended in (messages queued by
     versions before ``sync_events`` still run)."""
-    return engine.run(wiring.context(), event_pk)
+    ctx = wiring.context()
+    with Heartbeat(ctx.store, [event_pk], ctx.lease, utcnow()):
+        return engine.run(ctx, event_pk)

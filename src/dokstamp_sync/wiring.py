@@ -27,6 +27,7 @@ from dokstamp_sync.config import (
 )
 from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.dokstamp import RateLimiter, RedisTokenStore, client_from_settings
+from dokstamp_sync.dokstamp.breaker import CircuitBreaker
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.files import FilePolicy
 
@@ -72,7 +73,12 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
     client_redis = redis_client or redis.Redis.from_url(settings.redis_url)
     limiter = RateLimiter(client_redis, settings.dokstamp_tenant, settings.dokstamp_rate_limit,
                           sleep=limiter_sleep)
-    api = client_from_settings(settings, store=RedisTokenStore(client_redis), limiter=limiter)
+    breaker = CircuitBreaker(client_redis, settings.dokstamp_tenant,
+                             threshold=settings.dokstamp_sync_breaker_failures,
+                             interval=settings.dokstamp_sync_breaker_interval,
+                             probe_timeout=settings.dokstamp_timeout + 5)
+    api = client_from_settings(settings, store=RedisTokenStore(client_redis), limiter=limiter,
+                               breaker=breaker)
     root = settings.dokstamp_sync_file_root
     ctx = SyncContext(
         client=api,
@@ -86,12 +92,16 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
         retry_budget=settings.dokstamp_sync_retry_budget,
         max_deliveries=settings.dokstamp_sync_max_deliveries,
         lock_timeout=settings.dokstamp_sync_lock_timeout,
-        lease=settings.dokstamp_sync_visibility_timeout,
+        create_window=2 * settings.dokstamp_timeout,
+        lease=settings.dokstamp_sync_lease,
         limiter=limiter,
         results_stream=settings.dokstamp_sync_results_stream,
         results_maxlen=settings.dokstamp_sync_results_maxlen,
+        breaker=breaker,
     )
-    return replace(ctx, **overrides) if overrides else ctx
+    ctx = replace(ctx, **overrides) if overrides else ctx
+    api.before_write = ctx.check_locks  # a run that lost a lock never writes
+    return ctx
 
 
 def context() -> SyncContext:

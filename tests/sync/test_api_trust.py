@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 from dokstamp_sync.demo import samples
@@ -233,6 +234,7 @@ def test_malformed_success_body_is_retried_with_status_and_excerpt(h, ctx, sandb
     """An empty 201 to a create (the student was created): the event waits with the status
     and reason in its error, no traceback is logged, and the retry adopts the student."""
     ctx.in_call_attempts = 1
+    ctx.create_window = 0.2  # a malformed answer to a create may hide a write: wait, then search
     sandbox.sandbox.faults.configure(Faults(script=[
         ScriptedFault("POST", "/students", body="empty")]))
     e = student()
@@ -242,6 +244,7 @@ def test_malformed_success_body_is_retried_with_status_and_excerpt(h, ctx, sandb
     assert "POST /students -> 201" in error
     assert "internal error" not in error
     assert not any(r.exc_info for r in caplog.records)
+    time.sleep(0.25)
     h.drain()
     assert h.state(e["event_id"]) == "synced"
     assert len(live(sandbox, "students")) == 1

@@ -8,6 +8,7 @@ real Celery worker are in test_worker.py.
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 from dokstamp_sync.demo import samples
@@ -170,11 +171,17 @@ def test_conflicting_search_hit_is_dead_lettered_with_both_sides(h, ctx, sandbox
 
 
 def test_5xx_after_the_write_creates_no_duplicate(h, sandbox):
-    """POST /students fails with a 500 after the student was created: the retry searches,
-    finds it and maps it. One student in DokStamp."""
+    """POST /students fails with a 500 after the student was created: the event waits out the
+    create window (no in-call re-POST), then the retry searches, finds it and maps it. One
+    student in DokStamp."""
+    h.ctx.create_window = 0.2
     sandbox.sandbox.faults.configure(Faults(script=[
         ScriptedFault("POST", "/students", status=500, after_commit=True)]))
-    assert h.sync(student()) == ["synced"]
+    e = student()
+    assert h.sync(e) == ["waiting"]
+    time.sleep(0.25)
+    h.drain()
+    assert h.state(e["event_id"]) == "synced"
     assert len(live(sandbox, "students")) == 1
     assert sandbox.sandbox.stats.lost_responses == 1
     assert h.mapping("student", "S-1").dokstamp_uuid == live(sandbox, "students")[0]["uuid"]
@@ -197,6 +204,7 @@ def test_5xx_that_persists_parks_the_event_with_backoff(h, sandbox):
 def test_retries_exhausted_after_the_budget(h, ctx, sandbox):
     """Once the retry budget is spent, a transient failure dead-letters 'retries exhausted'."""
     ctx.retry_budget = 0.0
+    ctx.breaker.threshold = 1000  # failures of one event, not an outage (see test_breaker)
     sandbox.sandbox.faults.configure(Faults(error_rate=1.0, lost_response_share=0.0))
     e = student()
     assert h.sync(e) == ["waiting"]  # the first failure starts the clock

@@ -126,6 +126,7 @@ def test_backoff_grows_with_attempts_and_stays_jittered(h, ctx, sandbox):
     import random
 
     ctx.rng = random.Random(1)
+    ctx.breaker.threshold = 1000  # failures of one event, not an outage (see test_breaker)
     sandbox.sandbox.faults.configure(Faults(error_rate=1.0, lost_response_share=0.0))
     e = student()
     pk = h.send(e)[0]

@@ -10,6 +10,9 @@
     │   │   ├── TooManyRequests  HTTP 429, ``retry_after`` from its ``Retry-After``
     │   │   └── Paused           not sent: the fleet's limiter holds the tenant (after a 429)
     │   │                        for longer than it may wait
+    │   ├── CircuitOpen          not sent: the fleet's circuit breaker is open (DokStamp kept
+    │   │                        failing); ``retry_after`` until its next probe. A wait, not a
+    │   │                        failed try
     │   ├── ServerError          HTTP 5xx (``Retry-After`` kept): the write MAY have happened
     │   └── MalformedResponse    a 2xx whose body is not what the docs show (not JSON, empty,
     │       │                    wrong shape): the write MAY have happened, search first
@@ -108,6 +111,11 @@ class Paused(RateLimited):
     """The request was not sent: after a 429 the shared limiter pauses every process of the
     tenant, and the pause (``retry_after`` seconds left) is longer than this process may wait
     with its locks held. Park the work for ``retry_after`` rather than sleep."""
+
+
+class CircuitOpen(TransientError):
+    """Not sent: DokStamp kept failing and the fleet's circuit breaker holds every request
+    (see :mod:`.breaker`); ``retry_after`` is when its next probe may go out."""
 
 
 class ServerError(HTTPStatusError, TransientError):

@@ -16,6 +16,7 @@ from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.pipeline.ingest import Dispatch, StreamIngester
 from dokstamp_sync.pipeline.results import Publisher
 from dokstamp_sync.pipeline.scheduler import dispatch_due
+from dokstamp_sync.redis_keys import QUEUE
 
 log = logging.getLogger("dokstamp_sync.worker")
 
@@ -30,7 +31,7 @@ class Pump:
         self.dispatch = dispatch
         self.stop_event = threading.Event()
         self.poll_interval = poll_interval
-        self.lease = settings.dokstamp_sync_visibility_timeout
+        self.lease = settings.dokstamp_sync_lease
         self.sessions = make_sessionmaker(make_engine(settings.database_url))
         client = redis.Redis.from_url(settings.redis_url)
         self.ingester = StreamIngester(
@@ -69,10 +70,15 @@ class Pump:
                 log.exception("stream ingester: poll failed")
                 self.stop_event.wait(self.poll_interval)
 
+    def _queued(self) -> int:
+        """Tasks waiting in Celery's queue (a Redis list on the same Redis)."""
+        return int(self.ingester.redis.llen(QUEUE))
+
     def _schedule(self) -> None:
         while not self.stop_event.is_set():
             try:
-                dispatch_due(self.sessions, self.dispatch, lease=self.lease)
+                dispatch_due(self.sessions, self.dispatch, lease=self.lease,
+                             queued=self._queued)
             except Exception:
                 log.exception("retry scheduler: dispatch failed")
             self.stop_event.wait(self.poll_interval)

@@ -19,14 +19,16 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import timedelta
 from typing import Any
 
+import redis
 from redis.lock import Lock
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
-from dokstamp_sync.dokstamp.errors import TransientError
+from dokstamp_sync.dokstamp.errors import CircuitOpen, TransientError
 from dokstamp_sync.events import Event, InvalidEvent
 from dokstamp_sync.models import utcnow
 from dokstamp_sync.redis_keys import HEARTBEAT
@@ -34,9 +36,11 @@ from dokstamp_sync.states import OPEN, EventState
 from dokstamp_sync.sync import operations, references
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.outcomes import (
+    BREAKER_SLACK,
     Busy,
     Dead,
     Drifted,
+    InFlight,
     Next,
     Outcome,
     Verdict,
@@ -101,7 +105,11 @@ def process(ctx: SyncContext, pk: int, depth: int = 0, *,
     try:
         with ctx.lock(f"entity:{event.entity}:{event.key}",
                       wait=5.0 if depth == 0 else 1.0) as held:
-            return _process_locked(ctx, pk, event, depth, held)
+            ctx.walk.append((event.entity, event.key))  # a dependency leading back: a cycle
+            try:
+                return _process_locked(ctx, pk, event, depth, held)
+            finally:
+                ctx.walk.pop()
     except Busy:
         if depth == 0:
             ctx.store.conclude(pk, completed=True, decide=lambda _facts: Park(
@@ -176,6 +184,8 @@ def _end_certificate(ctx: SyncContext, event: Event, depth: int, view: View) -> 
 
 
 def _retry_now(exc: BaseException) -> bool:
+    if isinstance(exc, CircuitOpen | InFlight):
+        return False  # park (and free the locks) until the breaker's probe / the window ends
     # Any server's Retry-After (a 429's, a 503's) is honoured: a short one is slept through
     # here, a longer one parks the event for at least that long (see _decide).
     if isinstance(exc, TransientError) and exc.retry_after:
@@ -208,6 +218,15 @@ def _record(ctx: SyncContext, pk: int, depth: int, outcome: Outcome) -> str:
 
 def _settle(ctx: SyncContext, pk: int, depth: int, verdict: Verdict) -> str:
     """Record what a verdict means for the event (see the tree in :mod:`.outcomes`)."""
+    if verdict.next == Next.RETRY and not verdict.unexpected and ctx.breaker is not None:
+        # The failure opened the fleet's breaker (or it was open by then): DokStamp's, not the
+        # event's. Wait for the probe rather than spend the retry budget and back off long.
+        with suppress(redis.RedisError):
+            if (opened := ctx.breaker.open_for()) is not None:
+                verdict = Verdict(next=Next.WAIT,
+                                  delay=max(opened + BREAKER_SLACK, verdict.retry_after or 0),
+                                  reason=f"DokStamp is failing (circuit breaker open): "
+                                         f"{verdict.reason}")
     return ctx.store.conclude(pk, completed=depth == 0,
                               decide=lambda facts: _decide(ctx, verdict, facts))
 

@@ -21,14 +21,18 @@ from dokstamp_sync.dokstamp.errors import (
     AuthenticationError,
     Conflict,
     DokStampError,
+    MalformedResponse,
     NotFound,
     PermanentError,
     PermissionDenied,
+    ServerError,
     TransientError,
+    TransportError,
     UploadMismatch,
     ValidationFailed,
 )
 from dokstamp_sync.events import Event
+from dokstamp_sync.redis_keys import INFLIGHT
 from dokstamp_sync.states import MappingStatus
 from dokstamp_sync.sync import files
 from dokstamp_sync.sync.context import SyncContext
@@ -42,7 +46,7 @@ from dokstamp_sync.sync.entities import (
     same_value,
 )
 from dokstamp_sync.sync.listing import listing_is_fresh
-from dokstamp_sync.sync.outcomes import Companion, Dead, Drifted, Outcome
+from dokstamp_sync.sync.outcomes import Companion, Dead, Drifted, InFlight, Outcome
 from dokstamp_sync.sync.store import Snapshot, data_hash
 
 log = logging.getLogger("dokstamp_sync.sync")
@@ -114,7 +118,14 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
         _check_identity(spec, event, payload, adopted)
         return str(adopted["uuid"]), adopted
     key = natural_key(spec, payload)
-    with ctx.lock(f"nk:{spec.entity}:{sha256(key.encode()).hexdigest()}", wait=10):
+    digest = sha256(key.encode()).hexdigest()
+    inflight = f"{INFLIGHT}{spec.entity}:{digest}"
+    with ctx.lock(f"nk:{spec.entity}:{digest}", wait=10):
+        # A create of this key failed in a way that may still land: never search (and create)
+        # before it had time to, or a late write and ours would both stay.
+        if (left := ctx.redis.pttl(inflight)) > 0:
+            raise InFlight(f"a failed create of {spec.entity} {key} may still land in DokStamp",
+                           retry_after=left / 1000)
         known = ctx.store.known_uuid(spec.entity, key)
         remote: Entity | None = None
         if known is not None:
@@ -130,6 +141,12 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
             try:
                 created: Entity | None = create(payload)
                 ctx.count("creates")
+            except (TransportError, ServerError, MalformedResponse) as exc:
+                # The write may have happened, or may still happen (a slow write lands after
+                # the client gave up): wait twice the HTTP timeout, then search first.
+                ctx.redis.set(inflight, "1", px=max(1, int(ctx.create_window * 1000)))
+                raise InFlight(f"{exc} (the create may still land: searching after "
+                               f"{ctx.create_window:g} s)", retry_after=ctx.create_window) from exc
             except (Conflict, ValidationFailed) as exc:
                 if isinstance(exc, ValidationFailed) and not listed:
                     raise
@@ -302,6 +319,7 @@ def _upsert_file(ctx: SyncContext, event: Event, snapshot: Snapshot | None,
         finally:
             for p in batch:
                 if p.lock is not None:
+                    ctx.drop(p.lock)
                     with suppress(LockError):
                         p.lock.release()
     return Outcome.synced(uuid=uuid, sent=_sent(own), digest=digest, companions=companions)
@@ -344,17 +362,19 @@ def _sent(p: _Pending) -> dict[str, Any]:
 def _companions(ctx: SyncContext, event: Event, used: int) -> list[_Pending]:
     out: list[_Pending] = []
     for pk, key, payload in ctx.store.file_companions(event.event_id, BATCH_FILES - 1):
-        lock = ctx.redis.lock(f"{ctx.lock_prefix}entity:file:{key}",
-                              timeout=ctx.lock_timeout)
+        lock = ctx.new_lock(f"entity:file:{key}")
         if not lock.acquire(blocking=False):
             continue  # its own task is on it
+        ctx.hold(lock)
         try:
             data = dict(payload.get("data") or {})
             content, mime = files.load(data, ctx.files, ctx.file_http)
         except (files.FileSourceError, DokStampError):
+            ctx.drop(lock)
             lock.release()
             continue
         if used + len(content) > BATCH_BYTES:
+            ctx.drop(lock)
             lock.release()
             break
         used += len(content)

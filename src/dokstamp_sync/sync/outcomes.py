@@ -8,10 +8,17 @@ Anything raised while an event is processed is turned by :func:`classify` into o
     │                                                        the retry budget; dead once the
     │                                                        dependency timeout passed, if it
     │                                                        never arrived
+    ├── dokstamp CircuitOpen (the fleet's breaker   WAIT     parks until the breaker's next
+    │   holds requests: DokStamp keeps failing)              probe, not counted
     ├── retry later                                 RETRY    parks with backoff (full jitter,
     │   ├── dokstamp TransientError                          ``retry_after`` honoured), counted;
-    │   │     (transport, timeout, 429, 5xx, the             dead when the retry budget is spent
-    │   │      rate limiter's pause)
+    │   │     (transport, timeout, 429, 5xx, the             dead when the retry budget is spent;
+    │   │      rate limiter's pause)                         but a WAIT until the next probe when
+    │   │                                                    the breaker is open by then (the
+    │   │                                                    API's failure, not the event's)
+    │   ├── InFlight (a create that failed may still land:   parked for the whole window (twice the
+    │   │     timeout, 5xx, malformed answer)                HTTP timeout), never retried in call;
+    │   │                                                    the next attempt searches first
     │   ├── Drifted (a referenced entity was deleted outside dokstamp-sync: its mapping
     │   │     is forgotten and its latest upsert reopened; the next try recreates it)
     │   ├── Busy (a lock this step needs is held elsewhere)
@@ -39,6 +46,7 @@ from redis.exceptions import LockError
 
 from dokstamp_sync.dokstamp.errors import (
     AuthenticationError,
+    CircuitOpen,
     DokStampError,
     PermanentError,
     PermissionDenied,
@@ -47,6 +55,8 @@ from dokstamp_sync.dokstamp.errors import (
 from dokstamp_sync.events import InvalidEvent
 from dokstamp_sync.states import EventState, MappingStatus
 from dokstamp_sync.sync.files import FileSourceError
+
+BREAKER_SLACK = 0.5  # s after the breaker's next probe time: the probe's answer is in by then
 
 
 class Waiting(Exception):
@@ -68,6 +78,16 @@ class Dead(Exception):
         super().__init__(reason)
         self.reason = reason
         self.error = error
+
+
+class InFlight(Exception):
+    """A create that failed may still land in DokStamp (a timeout, a 5xx, a malformed answer):
+    no attempt may create that natural key again for ``retry_after`` seconds; then it
+    searches first and finds the late write."""
+
+    def __init__(self, reason: str, *, retry_after: float) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 class Busy(Exception):
@@ -127,6 +147,11 @@ def classify(exc: BaseException) -> Verdict:
         return Verdict(next=Next.DEAD, reason=describe(exc), error=exc)
     if isinstance(exc, FileSourceError | InvalidEvent):
         return Verdict(next=Next.DEAD, reason=str(exc))
+    if isinstance(exc, InFlight):
+        return Verdict(next=Next.RETRY, reason=str(exc), retry_after=exc.retry_after)
+    if isinstance(exc, CircuitOpen):
+        return Verdict(next=Next.WAIT, reason=str(exc),
+                       delay=(exc.retry_after or 0.0) + BREAKER_SLACK)
     if isinstance(exc, TransientError):
         return Verdict(next=Next.RETRY, reason=str(exc),
                        retry_after=getattr(exc, "retry_after", None))

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dokstamp_sync.events import Event
+from dokstamp_sync.models import utcnow
 from dokstamp_sync.states import EXISTING, EventState
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.entities import REFERENCES, SPECS
@@ -37,10 +38,19 @@ def dependency(ctx: SyncContext, entity: str, key: str, depth: int, process: Pro
     if state == EventState.DEAD:
         raise Waiting(f"dependency {entity} {key} is dead-lettered: fix and replay it",
                       waiting_for=tag, never_arrived=True)
+    if (entity, key) in ctx.walk:  # it waits, directly or not, for the event we came from
+        chain = " -> ".join(f"{e} {k}" for e, k in [*ctx.walk, (entity, key)])
+        raise Dead(f"reference cycle: {chain}")
     if depth >= MAX_DEPTH:
-        raise Waiting(f"dependency chain too deep at {entity} {key}", waiting_for=tag, delay=5)
+        raise Dead(f"dependency chain too deep at {entity} {key} "
+                   f"({' -> '.join(f'{e} {k}' for e, k in ctx.walk)})")
     if state == EventState.SYNCED:  # its newest upsert is synced, yet it is not active in DokStamp
         raise Dead(f"dependency {entity} {key} is {status} in DokStamp")
+    backoff = (found.next_attempt_at - utcnow()).total_seconds() \
+        if state == EventState.WAITING and found.next_attempt_at else 0.0
+    if backoff > 0:  # parked with a backoff: wait for its next attempt, never run it sooner
+        raise Waiting(f"dependency {entity} {key} is waiting for its next attempt",
+                      waiting_for=tag, delay=backoff, never_arrived=True)
     result = process(ctx, pk, depth + 1)
     if result == EventState.SYNCED:
         mapping = ctx.store.mapping(entity, key)

@@ -127,6 +127,7 @@ class Latest:
     pk: int
     state: str
     op: str
+    next_attempt_at: datetime | None = None  # when it is parked: its next attempt time
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,13 @@ _CLAIM = update(EVENTS).where(_OPEN).values(
 ).returning(EVENTS.c.deliveries, EVENTS.c.payload)
 _LEASE = update(EVENTS).where(EVENTS.c.id.in_(bindparam("pks", expanding=True)),
                               EVENTS.c.state.in_(OPEN)).values(
+    next_attempt_at=bindparam("until"))
+# A heartbeat's renewal: only events still under the lease it set (or a later claim's), never an
+# event a run has just parked for less than that (``floor``), never shortening a longer wait.
+_RENEW = update(EVENTS).where(EVENTS.c.id.in_(bindparam("pks", expanding=True)),
+                              EVENTS.c.state.in_(OPEN),
+                              EVENTS.c.next_attempt_at >= bindparam("floor"),
+                              EVENTS.c.next_attempt_at < bindparam("until")).values(
     next_attempt_at=bindparam("until"))
 _FINISH_SYNCED = update(EVENTS).where(_OPEN).values(
     state=EventState.SYNCED, finished_at=bindparam("now"), waiting_for=None,
@@ -283,11 +291,22 @@ class Store:
 
         return once_more_if_disconnected(run)
 
-    def lease(self, pks: list[int], seconds: float) -> None:
-        """Keep the scheduler off these open events for ``seconds`` (a task holds them)."""
+    def lease(self, pks: list[int], seconds: float) -> datetime:
+        """Keep the scheduler off these open events for ``seconds`` (a task holds them);
+        returns the lease's end (a heartbeat's first ``floor``, see :meth:`renew`)."""
+        until = utcnow() + timedelta(seconds=seconds)
         with self._tx() as session:
-            session.execute(_LEASE, {"pks": pks,
-                                     "until": utcnow() + timedelta(seconds=seconds)})
+            session.execute(_LEASE, {"pks": pks, "until": until})
+        return until
+
+    def renew(self, pks: list[int], seconds: float, floor: datetime) -> datetime:
+        """A heartbeat: extend to ``seconds`` from now the lease of those open events whose
+        next attempt time is still at least ``floor`` (the previous renewal's end: an event
+        parked meanwhile for a shorter wait keeps it). Returns the new lease's end."""
+        until = utcnow() + timedelta(seconds=seconds)
+        with self._tx() as session:
+            session.execute(_RENEW, {"pks": pks, "floor": floor, "until": until})
+        return until
 
     def payload(self, pk: int) -> dict[str, Any] | str:
         """The open event's payload, or the state it is in."""
@@ -322,13 +341,15 @@ class Store:
         """
         with self._tx() as session:
             row = session.execute(
-                select(InboxEvent.id, InboxEvent.state, InboxEvent.op)
+                select(InboxEvent.id, InboxEvent.state, InboxEvent.op,
+                       InboxEvent.next_attempt_at)
                 .where(InboxEvent.entity == entity, InboxEvent.erp_key == key,
                        InboxEvent.state != EventState.SUPERSEDED)
                 .order_by(InboxEvent.occurred_at.desc(), InboxEvent.id.desc()).limit(1)
             ).one_or_none()
             mapping = _mappings(session, [(entity, key)]).get((entity, key))
-        return (Latest(row[0], row[1], row[2]) if row else None), mapping
+        return (Latest(row[0], row[1], row[2], utc(row[3]) if row[3] else None)
+                if row else None), mapping
 
     def backlog(self, entity: str) -> int:
         """Open upserts of one entity kind (the listing shortcut's threshold)."""
