@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -78,7 +79,7 @@ def make_client(sandbox: SandboxServer) -> Iterator[ClientFactory]:
         credentials: Credentials = (
             PasswordLogin(account.email, account.password) if scheme == "password"
             else ClientCredentials(account.client_id, account.client_secret))
-        kw = {"clock": clock} if clock else {}
+        kw: dict[str, Any] = {"clock": clock} if clock else {}
         tokens = TokenManager(http, credentials, store or MemoryTokenStore(), **kw)
         return DokStampClient(http, tenant=tenant or account.tenant, tokens=tokens,
                               issue_style=issue_style)  # type: ignore[arg-type]

@@ -26,8 +26,6 @@ from dokstamp_sync import limits
 
 Entity = Literal["institution", "module", "course", "cohort", "student", "enrollment", "file",
                  "certificate"]
-ENTITIES: tuple[str, ...] = Entity.__args__  # type: ignore[attr-defined]
-
 # CONTRACT §2: the fields an upsert's data must carry, per entity.
 REQUIRED: dict[str, tuple[str, ...]] = {
     "institution": ("name", "country"),
@@ -176,11 +174,6 @@ def parse_event(raw: str | bytes | dict[str, Any], *,
         raise InvalidEvent(exc.reason, identity["event_id"], entity=identity["entity"],
                            key=identity["key"]) from None
     return event
-
-
-def to_json(event: Event) -> str:
-    """The event as JSON text (what the stream carries)."""
-    return event.model_dump_json()
 
 
 def utc(dt: datetime) -> datetime:

@@ -27,6 +27,7 @@ def test_429_is_transient_and_carries_retry_after(client, sandbox):
         client.institutions.page()
     assert isinstance(info.value, errors.TransientError)
     assert info.value.retry_after == 7
+    assert isinstance(info.value, errors.TooManyRequests)
     assert info.value.status == 429
 
 
@@ -172,7 +173,9 @@ def test_status_to_class_table(status, cls):
 
 def test_retry_after_absent_or_as_http_date():
     """A 429 without Retry-After has retry_after None; an HTTP-date is turned into seconds."""
-    assert errors.from_response(_response(429)).retry_after is None
+    too_many = errors.from_response(_response(429))
+    assert isinstance(too_many, errors.TooManyRequests)
+    assert too_many.retry_after is None
     assert errors.parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
     assert errors.parse_retry_after("garbage") is None
     assert errors.parse_retry_after("-3") == 0.0

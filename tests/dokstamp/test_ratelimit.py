@@ -99,8 +99,11 @@ def test_client_from_settings_paces_through_the_limiter(sandbox, redis_client, k
     """client_from_settings(limiter=...) puts the limiter under the client: a scripted 429
     from the sandbox pauses the tenant, so the next call waits out the Retry-After."""
     waits: list[float] = []
-    limiter = RateLimiter(redis_client, MAIN.tenant, 1000, prefix=key_prefix,
-                          sleep=lambda s: (waits.append(s), time.sleep(s)))
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)
+
+    limiter = RateLimiter(redis_client, MAIN.tenant, 1000, prefix=key_prefix, sleep=sleep)
     settings = load_settings(dokstamp_api_url=sandbox.url, dokstamp_tenant=MAIN.tenant,
                              dokstamp_email=MAIN.email, dokstamp_password=MAIN.password,
                              dokstamp_client_id=None, dokstamp_client_secret=None)
