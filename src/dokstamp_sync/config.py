@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dokstamp_sync.limits import FILE_MAX_BYTES
+from dokstamp_sync.redis_keys import EVENTS_STREAM, RESULTS_STREAM
 
 S = TypeVar("S", bound="StoreSettings")
 
@@ -32,9 +33,9 @@ class StoreSettings(BaseSettings):
     redis_url: str = Field(default="redis://localhost:6379/0", repr=False)
     database_url: str = Field(default="postgresql+psycopg://postgres@localhost/dokstamp_sync",
                               repr=False)
-    dokstamp_sync_stream: str = "dokstamp:events"
+    dokstamp_sync_stream: str = EVENTS_STREAM
     # The outcome stream (CONTRACT §5) and its approximate length.
-    dokstamp_sync_results_stream: str = "dokstamp:results"
+    dokstamp_sync_results_stream: str = RESULTS_STREAM
     dokstamp_sync_results_maxlen: int = Field(default=100_000, gt=0)
     # Prefixes every other Redis name (group, queue, locks...): read by `redis_keys` at import.
     dokstamp_sync_namespace: str = ""

@@ -10,7 +10,7 @@ from typing import Any
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.ops import dlq
-from dokstamp_sync.pipeline.results import RESULTS_STREAM
+from dokstamp_sync.redis_keys import RESULTS_STREAM
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.testing import T0, live, student
 

@@ -38,6 +38,7 @@ from dokstamp_sync.migrate import upgrade
 from dokstamp_sync.models import DeadLetter, InboxEvent
 from dokstamp_sync.ops import dlq
 from dokstamp_sync.pipeline.producer import enqueue
+from dokstamp_sync.redis_keys import EVENTS_STREAM, RESULTS_STREAM
 from dokstamp_sync.sandbox import Account, Sandbox, SandboxConfig, SandboxServer
 from dokstamp_sync.states import EventState, LetterStatus
 
@@ -67,7 +68,7 @@ class DemoResult:
     flower_url: str | None
     database_url: str
     redis_url: str = ""
-    results_stream: str = "dokstamp:results"
+    results_stream: str = RESULTS_STREAM
 
 
 def bad_event() -> dict[str, Any]:
@@ -93,8 +94,8 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     # With --use-configured, every Redis name is the demo's own (a deployment's stream, group,
     # queue and keys stay untouched) and the ERP keys carry a prefix in the shared database.
     tag = f"dokstamp-demo-{secrets.token_hex(3)}"
-    stream = f"{tag}:events" if given else "dokstamp:events"
-    results_stream = f"{tag}:results" if given else "dokstamp:results"
+    stream = f"{tag}:events" if given else EVENTS_STREAM
+    results_stream = f"{tag}:results" if given else RESULTS_STREAM
     namespace = f"{tag}:" if given else ""
     with ExitStack() as stack:
         if given:

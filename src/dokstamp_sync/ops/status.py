@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
 from dokstamp_sync.redis_keys import QUEUE
-from dokstamp_sync.states import EventState
+from dokstamp_sync.states import OPEN, EventState
 
 
 def report(session: Session, client: redis.Redis | None, stream: str) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def report(session: Session, client: redis.Redis | None, stream: str) -> dict[st
         DeadLetter.event_pk.is_(None), DeadLetter.status == "open")) or 0
     counts["dead"] += invalid
     oldest = session.scalar(select(func.min(InboxEvent.received_at)).where(
-        InboxEvent.state.in_(("pending", "waiting"))))
+        InboxEvent.state.in_(OPEN)))
     open_letters = session.scalar(select(func.count()).select_from(DeadLetter).where(
         DeadLetter.status == "open")) or 0
     out: dict[str, Any] = {

@@ -23,9 +23,10 @@ from typing import Any
 
 import redis
 
+from dokstamp_sync.redis_keys import RESULTS_STREAM
+
 log = logging.getLogger("dokstamp_sync.results")
 
-RESULTS_STREAM = "dokstamp:results"
 RESULTS_MAXLEN = 100_000
 FIELD = "result"
 

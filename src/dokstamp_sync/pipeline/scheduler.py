@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.models import InboxEvent, utcnow
+from dokstamp_sync.states import OPEN
 
 MAX_QUEUED = 100  # tasks in Celery's queue above which nothing more is re-dispatched
 
@@ -37,7 +38,7 @@ def dispatch_due(sessions: sessionmaker[Session], dispatch: Callable[[Sequence[i
     with session_scope(sessions) as session:
         ids = list(session.scalars(
             select(InboxEvent.id)
-            .where(InboxEvent.state.in_(("pending", "waiting")),
+            .where(InboxEvent.state.in_(OPEN),
                    InboxEvent.next_attempt_at <= now)
             .order_by(InboxEvent.next_attempt_at).limit(limit)
             .with_for_update(skip_locked=True)))

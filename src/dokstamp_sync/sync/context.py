@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.dokstamp import DokStampClient, RateLimiter
 from dokstamp_sync.dokstamp.breaker import CircuitBreaker
-from dokstamp_sync.pipeline.results import RESULTS_MAXLEN, RESULTS_STREAM, Publisher
-from dokstamp_sync.redis_keys import COUNTERS, LOCK
+from dokstamp_sync.pipeline.results import RESULTS_MAXLEN, Publisher
+from dokstamp_sync.redis_keys import COUNTERS, LOCK, RESULTS_STREAM
 from dokstamp_sync.sync.files import FilePolicy
 from dokstamp_sync.sync.outcomes import Busy
 from dokstamp_sync.sync.store import Store
