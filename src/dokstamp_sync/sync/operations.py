@@ -593,6 +593,7 @@ def delete(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> Outcome
     ``per_page=1``, ``meta.total``), so a blocked delete is never sent: how DokStamp answers one
     is undocumented (it might be a 5xx, which would be retried for a day). A delete still
     refused (a dependent no documented filter can count) archives or dead-letters as well.
+    Without a mapping to trust, the entity is first searched for (:func:`_locate`).
     """
     spec = SPECS[event.entity]
     if snapshot is None or snapshot.status == MappingStatus.DELETED:
