@@ -34,7 +34,7 @@ from dokstamp_sync.dokstamp.errors import (
 from dokstamp_sync.events import Event
 from dokstamp_sync.redis_keys import INFLIGHT
 from dokstamp_sync.states import MappingStatus
-from dokstamp_sync.sync import files
+from dokstamp_sync.sync import files, references
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.entities import (
     REFERENCES,
@@ -593,10 +593,21 @@ def delete(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> Outcome
     ``per_page=1``, ``meta.total``), so a blocked delete is never sent: how DokStamp answers one
     is undocumented (it might be a 5xx, which would be retried for a day). A delete still
     refused (a dependent no documented filter can count) archives or dead-letters as well.
+    Without a mapping to trust, the entity is first searched for (:func:`_locate`).
     """
-    if snapshot is None or snapshot.status == MappingStatus.DELETED:
-        return Outcome.synced(note="nothing to delete: not in DokStamp")
     spec = SPECS[event.entity]
+    if snapshot is None or snapshot.status == MappingStatus.DELETED:
+        # No mapping, or one a later create (its answer lost) may have made stale: a
+        # missing mapping is not proof of absence, a search is.
+        if event.entity == "file":  # the docs show no search of files by content
+            return Outcome.synced(note="nothing to delete: no file mapped to this key (DokStamp "
+                                       "documents no search of files by content)")
+        found = _locate(ctx, event.entity, event.key)
+        if isinstance(found, str):
+            return Outcome.synced(
+                uuid=snapshot.uuid if snapshot else None, status=MappingStatus.DELETED,
+                sent=snapshot.sent if snapshot else None, note=f"nothing to delete: {found}")
+        snapshot = found
     resource = _resource(ctx, spec)
     blockers = _count_dependents(ctx, spec, snapshot.uuid)
     if blockers:
@@ -613,6 +624,94 @@ def delete(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> Outcome
     except PermanentError as exc:
         return _refuse_delete(ctx, spec, event, snapshot, exc.message, exc)
     return Outcome.synced(uuid=snapshot.uuid, status=MappingStatus.DELETED, sent=snapshot.sent)
+
+
+LOCATE_DEPTH = 3  # enrollment -> course -> institution is the longest chain of references
+
+
+def _locate(ctx: SyncContext, entity: str, key: str, depth: int = 0) -> Snapshot | str:
+    """(entity, key) as DokStamp holds it, found without a mapping to trust; or why it provably
+    is not there (``"a search by email=... found none"``, ``"never sent by the ERP"``).
+
+    Searched by the natural key of each of its recent upserts known in the inbox (newest
+    first; an older one may be what a lost create wrote), with the same verified search as an
+    upsert's. References are taken from their mappings, else located the same way; one that
+    provably is not in DokStamp means nothing of ours exists under that key. Whatever cannot
+    be concluded raises (an incomplete listing, a create that may still land): absence is
+    only ever concluded from a complete search. A hit mapped to another ERP key is not this
+    entity.
+    """
+    if depth > LOCATE_DEPTH:
+        raise Dead(f"cannot locate {entity} {key}: its references go deeper than {LOCATE_DEPTH}")
+    spec = SPECS[entity]
+    resource = _resource(ctx, spec)
+    upserts = ctx.store.upserts(entity, key)
+    if not upserts:
+        return "never sent by the ERP"
+    searched: list[str] = []  # natural keys a complete search found nothing under
+    reasons: list[str] = []  # upserts nothing of ours can exist under
+    for raw in upserts:
+        try:
+            event = Event.model_validate(raw)
+        except ValueError:
+            reasons.append("an upsert that is not a valid event")
+            continue
+        data = event.data or {}
+        if data.get("uuid"):  # adopted (data.uuid): that entity or nothing
+            try:
+                adopted = resource.get(str(data["uuid"]))
+            except NotFound:
+                searched.append(f"uuid={data['uuid']}")
+                continue
+            return Snapshot(str(adopted["uuid"]), MappingStatus.ACTIVE,
+                            references.payload(event, {}), None)
+        refs: dict[str, Any] = {}
+        for field, other in REFERENCES.items():
+            ref = data.get(field)
+            if isinstance(ref, str) and ref:
+                if (uuid := _reference(ctx, other, ref, depth)) is None:
+                    reasons.append(f"its {other} {ref} is not in DokStamp")
+                    break
+                refs[field.removesuffix("_key") + "_uuid"] = uuid
+        else:
+            body = references.payload(event, refs)
+            if not all(body.get(f) for f in (*spec.natural_key, *spec.search_filters)):
+                reasons.append(f"an upsert without {', '.join(spec.natural_key)}")
+                continue
+            nk = natural_key(spec, body)
+            if nk in searched:
+                continue
+            inflight = f"{INFLIGHT}{entity}:{sha256(nk.encode()).hexdigest()}"
+            if (left := ctx.redis.pttl(inflight)) > 0:
+                raise InFlight(f"a failed create of {entity} {nk} may still land in DokStamp: "
+                               "searching once it had time to", retry_after=left / 1000)
+            found = _search(ctx, spec, resource, body)
+            searched.append(nk)
+            if found is None:
+                continue
+            uuid = str(found["uuid"])
+            owner = ctx.store.mapped_key(entity, uuid)
+            if owner is not None and owner != key:
+                continue  # another ERP key's (it took this natural key over): not this one
+            _check_identity(spec, event, body, found)
+            return Snapshot(uuid, MappingStatus.ACTIVE, body, None)
+    if not searched:
+        return "; ".join(dict.fromkeys(reasons))
+    why = f" ({'; '.join(dict.fromkeys(reasons))})" if reasons else ""
+    return f"a search by {' / '.join(searched)} found none{why}"
+
+
+def _reference(ctx: SyncContext, entity: str, key: str, depth: int) -> str | None:
+    """The UUID a reference was (or would have been) created with: its mapping's, whatever its
+    status, else the one a search finds; ``None`` when provably it is not in DokStamp."""
+    mapping = ctx.store.mapping(entity, key)
+    if mapping is not None:
+        return mapping.uuid
+    if entity == "file":
+        raise Dead(f"cannot locate file {key} without its mapping: DokStamp documents no "
+                   "search of files by content")
+    found = _locate(ctx, entity, key, depth=depth + 1)
+    return None if isinstance(found, str) else found.uuid
 
 
 def _count_dependents(ctx: SyncContext, spec: Spec, uuid: str) -> str:

@@ -17,8 +17,9 @@ Anything raised while an event is processed is turned by :func:`classify` into o
     │   │                                                    the breaker is open by then (the
     │   │                                                    API's failure, not the event's)
     │   ├── InFlight (a create that failed may still land:   parked for the whole window (twice the
-    │   │     timeout, 5xx, malformed answer)                HTTP timeout), never retried in call;
-    │   │                                                    the next attempt searches first
+    │   │     timeout, 5xx, malformed answer; raised by      HTTP timeout), never retried in call;
+    │   │     that create's retry, or by a delete that       the next attempt searches first
+    │   │     must search for it)
     │   ├── Drifted (a referenced entity was deleted outside dokstamp-sync: its mapping
     │   │     is forgotten and its latest upsert reopened; the next try recreates it)
     │   ├── Busy (a lock this step needs is held elsewhere)

@@ -351,6 +351,27 @@ class Store:
         return (Latest(row[0], row[1], row[2], utc(row[3]) if row[3] else None)
                 if row else None), mapping
 
+    def upserts(self, entity: str, key: str, limit: int = 5) -> list[dict[str, Any]]:
+        """The payloads of the entity's newest upserts known in the inbox, newest first, in
+        any state (open, synced, dead, superseded): what a delete without a mapping to trust
+        searches DokStamp by."""
+        with self._tx() as session:
+            return list(session.scalars(
+                select(InboxEvent.payload)
+                .where(InboxEvent.entity == entity, InboxEvent.erp_key == key,
+                       InboxEvent.op == "upsert")
+                .order_by(InboxEvent.occurred_at.desc(), InboxEvent.id.desc()).limit(limit)))
+
+    def mapped_key(self, entity: str, uuid: str) -> str | None:
+        """The ERP key whose mapping (in any status but deleted) holds DokStamp's ``uuid``."""
+        with self._tx() as session:
+            key: str | None = session.scalar(
+                select(Mapping.erp_key).where(Mapping.entity == entity,
+                                              Mapping.dokstamp_uuid == uuid,
+                                              Mapping.status != MappingStatus.DELETED)
+                .limit(1))
+            return key
+
     def backlog(self, entity: str) -> int:
         """Open upserts of one entity kind (the listing shortcut's threshold)."""
         with self._tx() as session:
