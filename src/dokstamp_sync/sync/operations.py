@@ -106,10 +106,12 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
                     create: Any, *, fresh: bool = False) -> tuple[str, Entity | None]:
     """Search before create, under a lock per natural key, with the database behind it.
 
-    ``fresh``: the event's first attempt; then a fresh listing (see :mod:`.listing`) may stand in
-    for the search. A create refused as a duplicate (a 409, or a 422 after the listing
-    shortcut) searches and adopts an exact match. Returns the UUID and, when an existing entity
-    was found, what DokStamp holds for it.
+    ``fresh``: the event's first delivery and attempt, at the top level; then a fresh listing
+    (see :mod:`.listing`) may stand in for the search, unless another event for the same ERP key
+    is open (its attempt, maybe a lost one, may have created the entity after the listing). A
+    create refused as a duplicate (a 409, or a 422 after the listing shortcut) searches and
+    adopts an exact match. Returns the UUID and, when an existing entity was found, what
+    DokStamp holds for it.
     """
     resource = _resource(ctx, spec)
     adopt = (event.data or {}).get("uuid")
@@ -134,7 +136,8 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
             except NotFound:  # deleted in DokStamp meanwhile: forget it, search again
                 ctx.store.forget_natural_keys(spec.entity, known)
                 known = None
-        listed = known is None and fresh and listing_is_fresh(ctx, spec, resource)
+        listed = known is None and fresh and listing_is_fresh(ctx, spec, resource) \
+            and not ctx.store.others_open(spec.entity, event.key, event.event_id)
         if known is None and not listed:
             remote = _search(ctx, spec, resource, payload)
         if remote is None:
