@@ -4,25 +4,38 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo.samples import diploma_pdf, event
-from dokstamp_sync.testing import Harness
+from dokstamp_sync.models import InboxEvent
+from dokstamp_sync.testing import Harness, calls, live
 
 PDF = diploma_pdf("Maria", "BSc")
+OTHER = diploma_pdf("João", "MSc")
+SLOW_S = 1.5  # /slow.pdf answers after this long
 
 
 class _Docs(BaseHTTPRequestHandler):
     def do_GET(self):  # the stdlib's handler method name
-        if self.path == "/diploma.pdf":
+        if self.path in ("/diploma.pdf", "/other.pdf", "/slow.pdf"):
+            if self.path == "/slow.pdf":
+                time.sleep(SLOW_S)
+            body = OTHER if self.path == "/other.pdf" else PDF
             self.send_response(200)
-            self.send_header("Content-Length", str(len(PDF)))
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(PDF)
+            self.wfile.write(body)
         elif self.path == "/down.pdf":
             self.send_response(503)
+            self.end_headers()
+        elif self.path == "/busy.pdf":
+            self.send_response(429)
+            self.send_header("Retry-After", "120")
             self.end_headers()
         else:
             self.send_response(404)
@@ -110,3 +123,55 @@ def test_same_content_twice_uploads_once(fh, sandbox):
     fh.sync(event("file", "F-1", data), event("file", "F-2", data))
     assert sandbox.sandbox.stats.by_route["POST /files"] == 1
     assert fh.mapping("file", "F-1").dokstamp_uuid == fh.mapping("file", "F-2").dokstamp_uuid
+
+
+def _inbox(h: Harness, pk: int) -> InboxEvent:
+    with session_scope(h.ctx.sessions) as s:
+        row = s.get(InboxEvent, pk)
+        assert row is not None
+        s.expunge(row)
+        return row
+
+
+def test_one_failing_document_never_fails_the_others_of_its_upload(fh, doc_server, sandbox):
+    """One upload batch: the event's own file and a healthy companion are uploaded in one
+    POST /files and synced; companions whose source fails (a 503, a 404, a URL that does not
+    parse) are left to their own tasks, which classify them per file: the 503 waits to be
+    retried, the 404 and the malformed URL are dead letters. DokStamp holds the two files."""
+    pks = fh.send(
+        event("file", "F-own", {"url": f"{doc_server}/diploma.pdf", "filename": "own.pdf"}),
+        event("file", "F-down", {"url": f"{doc_server}/down.pdf", "filename": "down.pdf"}),
+        event("file", "F-bad", {"url": "http://[::1/x.pdf", "filename": "bad.pdf"}),
+        event("file", "F-gone", {"url": f"{doc_server}/nope.pdf", "filename": "gone.pdf"}),
+        event("file", "F-ok", {"url": f"{doc_server}/other.pdf", "filename": "ok.pdf"}))
+    assert fh.run(pks[:1]) == ["synced"]
+    assert calls(sandbox)["POST /files"] == 1
+    states = {e.split("-")[-1]: s for e, s in fh.states().items()}
+    assert states == {"own": "synced", "ok": "synced", "down": "pending", "bad": "pending",
+                      "gone": "pending"}
+    assert sorted(f["size"] for f in live(sandbox, "files")) == sorted([len(PDF), len(OTHER)])
+    assert fh.run(pks[1:]) == ["waiting", "dead", "dead", "synced"]
+    assert "document server" in (_inbox(fh, pks[1]).last_error or "")
+    bad, gone = (d.reason for d in fh.letters())
+    assert "not a valid URL" in bad
+    assert "404" in gone
+    assert calls(sandbox)["POST /files"] == 1  # nothing else was uploaded
+    assert len(live(sandbox, "files")) == 2
+
+
+def test_document_server_rate_limit_waits_for_its_retry_after(fh, doc_server):
+    """A 429 from the document server is transient and its Retry-After is honoured: the event
+    waits at least that long, then is retried."""
+    pk, = fh.send(event("file", "F-1", {"url": f"{doc_server}/busy.pdf", "filename": "d.pdf"}))
+    assert fh.run([pk]) == ["waiting"]
+    row = _inbox(fh, pk)
+    assert (row.next_attempt_at - datetime.now(UTC)).total_seconds() > 100
+    assert "document server" in (row.last_error or "")
+
+
+def test_document_server_timeout_is_retried_not_dead(make_ctx, doc_server, tmp_path):
+    """A document server that does not answer in time is transient: the event waits."""
+    slow = Harness(make_ctx(file_root=tmp_path, hosts=["127.0.0.1"], timeout=SLOW_S / 3))
+    pk, = slow.send(event("file", "F-1", {"url": f"{doc_server}/slow.pdf", "filename": "d.pdf"}))
+    assert slow.run([pk]) == ["waiting"]
+    assert "document server" in (_inbox(slow, pk).last_error or "")

@@ -7,7 +7,7 @@ from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.models import InboxEvent
-from dokstamp_sync.testing import live
+from dokstamp_sync.testing import calls, live
 
 
 def students(n: int, prefix: str = "S") -> list[dict]:
@@ -69,3 +69,82 @@ def test_diplomas_are_uploaded_many_per_request(h, sandbox):
     assert set(h.states().values()) == {"synced"}
     assert len(live(sandbox, "certificates")) == 12
     assert len({c["files"][0]["uuid"] for c in live(sandbox, "certificates")}) == 12
+
+
+def _killed(ctx, pk: int) -> None:
+    """What a kill -9 mid-delivery leaves in the inbox: a delivery counted, never undone."""
+    with session_scope(ctx.sessions) as s:
+        s.get(InboxEvent, pk).deliveries = 1
+
+
+def _course_with_enrollments(h, ctx, n: int = 60) -> tuple[list[int], dict[str, str]]:
+    """An institution, a course and ``n`` students synced; ``n`` enrollment events sent (a
+    backlog large enough for the listing shortcut). Their pks, and the students' UUIDs."""
+    h.sync(event("institution", "INST", {"name": "Listing University", "country": "Brazil",
+                                             "status": "active"}),
+           event("course", "CRS", {"name": "Course", "code": "CRS-L", "status": "active",
+                                   "institution_key": "INST"}))
+    assert set(h.run(h.send(*students(n)))) == {"synced"}
+    pks = h.send(*[event("enrollment", f"ENR-{i}", {"student_key": f"S-{i}", "course_key": "CRS",
+                                                     "enrolled_at": "2024-02-01"})
+                   for i in range(n)])
+    return pks, {f"S-{i}": h.mapping("student", f"S-{i}").dokstamp_uuid for i in range(n)}
+
+
+def _enrollments_of(sandbox, student_uuid: str) -> int:
+    return sum(1 for e in live(sandbox, "enrollments")
+               if e["student"]["uuid"] == student_uuid)
+
+
+def test_a_dependency_run_inline_searches_even_after_a_listing(h, ctx, sandbox):
+    """A dependency synced inline from another event's run never trusts the listing: a killed
+    delivery of it may have created it after the listing (no claim counts the inline run, so
+    its first-delivery look would lie). It searches and adopts; no create is sent."""
+    pks = h.send(*students(60))
+    h.run(pks[:1])  # lists the students, creates S-0
+    course = [event("institution", "INST", {"name": "Dep University", "country": "Brazil",
+                                                "status": "active"}),
+              event("course", "CRS", {"name": "Course", "code": "CRS-D", "status": "active",
+                                      "institution_key": "INST"})]
+    h.sync(*course)
+    # S-5's delivery created it in DokStamp, then its worker was killed.
+    ctx.client.students.create({"name": "Student 5", "email": "s5@example.edu",
+                                "date_of_birth": "2000-01-01"})
+    _killed(ctx, pks[5])
+    sandbox.sandbox.stats.reset()
+    enrollment = event("enrollment", "ENR-5", {"student_key": "S-5", "course_key": "CRS",
+                                               "enrolled_at": "2024-02-01"})
+    assert h.sync(enrollment) == ["synced"]
+    by_route = calls(sandbox)
+    assert by_route.get("POST /students", 0) == 0
+    assert by_route["GET /students"] == 1
+    assert sum(1 for s in live(sandbox, "students") if s["email"] == "s5@example.edu") == 1
+
+
+def test_a_redelivered_event_searches_even_after_a_listing(h, ctx, sandbox):
+    """An enrollment whose first delivery created it and was killed: the redelivery searches
+    and adopts it; DokStamp (no uniqueness for enrollments) keeps one."""
+    pks, uuids = _course_with_enrollments(h, ctx)
+    h.run(pks[:1])  # lists the enrollments, creates ENR-0
+    course_uuid = h.mapping("course", "CRS").dokstamp_uuid
+    ctx.client.enrollments.create({"student_uuid": uuids["S-1"], "course_uuid": course_uuid,
+                                   "enrolled_at": "2024-02-01"})  # the killed delivery's write
+    _killed(ctx, pks[1])
+    assert h.run(pks[1:2]) == ["synced"]
+    assert _enrollments_of(sandbox, uuids["S-1"]) == 1
+
+
+def test_an_erp_key_with_two_open_events_searches_even_after_a_listing(h, ctx, sandbox):
+    """A newer event for an ERP key whose older event is still open (its delivery created the
+    enrollment, then was killed) searches rather than trusting the listing made before that
+    create: one enrollment in DokStamp, not two."""
+    pks, uuids = _course_with_enrollments(h, ctx)
+    h.run(pks[:1])  # lists the enrollments
+    course_uuid = h.mapping("course", "CRS").dokstamp_uuid
+    ctx.client.enrollments.create({"student_uuid": uuids["S-1"], "course_uuid": course_uuid,
+                                   "enrolled_at": "2024-02-01"})  # ENR-1's first event's write
+    _killed(ctx, pks[1])
+    newer = h.send(event("enrollment", "ENR-1", {"student_key": "S-1", "course_key": "CRS",
+                                                 "enrolled_at": "2024-02-01", "grade": 9}))
+    assert h.run(newer) == ["synced"]
+    assert _enrollments_of(sandbox, uuids["S-1"]) == 1

@@ -139,8 +139,9 @@ def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int, *, retry: bool
         return Outcome(state=EventState.SUPERSEDED, note=f"already {view}")
     if view.superseded:
         return Outcome(state=EventState.SUPERSEDED, note="a newer event for this entity came")
-    # Never tried before, never delivered before: no lost response can have created it.
-    fresh = not retry and view.attempts == 0 and view.deliveries <= 1
+    # Never tried before, never delivered before: no lost response can have created it. Only
+    # at the top level: a dependency run inline may be another task's killed delivery.
+    fresh = depth == 0 and not retry and view.attempts == 0 and view.deliveries <= 1
     if event.entity == "certificate" and event.op != "upsert":
         return _end_certificate(ctx, event, depth, view)
     if event.op == "delete":

@@ -1,8 +1,11 @@
 """Where a file event's bytes come from: ``url`` (allow-listed hosts only), ``path`` (under the
 configured folder, no escapes) or ``content_base64``; never more than the size limit.
 
-A source that is forbidden or broken raises :class:`FileSourceError` (permanent: dead letter);
-a document server that is down raises a transient DokStamp-style error so the event is retried.
+Failures are classified per file, like DokStamp's: a source that is forbidden or broken (a 4xx,
+a malformed URL, a missing or unreadable path) raises :class:`FileSourceError` (permanent: dead
+letter); a document server that fails for now (a 5xx, a 429, a timeout, a refused connection)
+raises :class:`SourceUnavailable`, a :class:`~dokstamp_sync.dokstamp.errors.TransientError`, so
+the event is retried later (``Retry-After`` kept). Nothing else escapes :func:`load`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,16 @@ class FileSourceError(ValueError):
     """The file cannot be obtained, and retrying will not change that."""
 
 
+class SourceUnavailable(errors.TransientError):
+    """The document server (or the file system) failed for now: retry the event later. Not
+    DokStamp's failure: the fleet's circuit breaker never sees it. ``unreachable``: no answer
+    at all (a timeout, a refused connection), not an error answer about this one file."""
+
+    def __init__(self, message: str, *, unreachable: bool = False, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.unreachable = unreachable
+
+
 @dataclass(frozen=True)
 class FilePolicy:
     allowed_hosts: frozenset[str]
@@ -40,25 +53,36 @@ def _check_size(content: bytes, policy: FilePolicy) -> bytes:
 
 
 def _from_url(url: str, policy: FilePolicy, http: httpx.Client) -> bytes:
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+    except ValueError:  # e.g. "http://[::1/x": no retry will parse it
+        raise FileSourceError("data.url is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not host:
         raise FileSourceError(f"data.url must be an http(s) URL, got scheme {parts.scheme!r}")
     if host not in policy.allowed_hosts:
         raise FileSourceError(f"host {host!r} is not in DOKSTAMP_SYNC_FILE_HOSTS")
-    request = http.build_request("GET", url)
-    with errors.exchange(http, request, stream=True,
-                         failed=lambda status: status >= 500 or status == 429) as response:
-        if response.status_code >= 300:  # redirects are not followed: never upload them
-            raise FileSourceError(f"document server answered {response.status_code} for "
-                                  f"{parts.path}")
-        chunks, size = [], 0
-        for chunk in response.iter_bytes():
-            size += len(chunk)
-            if size > policy.max_bytes:
-                raise FileSourceError(
-                    f"file is larger than the limit of {policy.max_bytes} bytes")
-            chunks.append(chunk)
+    try:
+        request = http.build_request("GET", url)
+    except httpx.InvalidURL:  # not an httpx.HTTPError: exchange would not translate it
+        raise FileSourceError("data.url is not a valid URL") from None
+    try:
+        with errors.exchange(http, request, stream=True,
+                             failed=lambda status: status >= 500 or status == 429) as response:
+            if response.status_code >= 300:  # redirects are not followed: never upload them
+                raise FileSourceError(f"document server answered {response.status_code} for "
+                                      f"{parts.path}")
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > policy.max_bytes:
+                    raise FileSourceError(
+                        f"file is larger than the limit of {policy.max_bytes} bytes")
+                chunks.append(chunk)
+    except errors.TransientError as exc:  # 5xx, 429, timeout, connection: the server's, for now
+        raise SourceUnavailable(f"document server {host}: {exc}", retry_after=exc.retry_after,
+                                unreachable=isinstance(exc, errors.TransportError),
+                                method="GET", path=parts.path) from None
     return b"".join(chunks)
 
 
@@ -69,11 +93,18 @@ def _from_path(path: str, policy: FilePolicy) -> bytes:
     target = (root / path).resolve()
     if not target.is_relative_to(root):
         raise FileSourceError("data.path escapes DOKSTAMP_SYNC_FILE_ROOT")
-    if not target.is_file():
-        raise FileSourceError(f"no such file under DOKSTAMP_SYNC_FILE_ROOT: {path}")
-    if target.stat().st_size > policy.max_bytes:
-        raise FileSourceError(f"file is larger than the limit of {policy.max_bytes} bytes")
-    return target.read_bytes()
+    try:
+        if not target.is_file():
+            raise FileSourceError(f"no such file under DOKSTAMP_SYNC_FILE_ROOT: {path}")
+        if target.stat().st_size > policy.max_bytes:
+            raise FileSourceError(f"file is larger than the limit of {policy.max_bytes} bytes")
+        return target.read_bytes()
+    except PermissionError:
+        raise FileSourceError(f"cannot read {path} under DOKSTAMP_SYNC_FILE_ROOT: permission "
+                              "denied") from None
+    except OSError as exc:  # an I/O error, a network file system away: may pass
+        raise SourceUnavailable(f"cannot read {path} under DOKSTAMP_SYNC_FILE_ROOT: "
+                                f"{exc.strerror or type(exc).__name__}") from None
 
 
 def _from_base64(text: str) -> bytes:
@@ -84,7 +115,8 @@ def _from_base64(text: str) -> bytes:
 
 
 def load(data: dict[str, Any], policy: FilePolicy, http: httpx.Client) -> tuple[bytes, str]:
-    """The file's bytes and MIME type."""
+    """The file's bytes and MIME type; :class:`FileSourceError` or :class:`SourceUnavailable`
+    when they cannot be had."""
     if data.get("url"):
         content = _from_url(str(data["url"]), policy, http)
     elif data.get("path"):

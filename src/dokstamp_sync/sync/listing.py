@@ -2,14 +2,17 @@
 
 When many events of one kind wait (a large backlog), one worker lists every DokStamp entity of
 that kind in pages of 200 and records their natural keys; a marker in Redis says the listing is
-fresh. While it is, a FIRST attempt of an event whose natural key is not in the table may create
-without searching. A retried or redelivered event always searches (a lost response may have
-created it), and so does any event when there is no fresh listing. Entities we create are
-recorded under the natural-key lock, so our own workers never miss each other's; what another
-system creates in DokStamp during the freshness window is the accepted risk, bounded by the
-window (and a create refused as a duplicate falls back to a search). A listing is trusted only
-when it provably saw every row (``Listing.complete``: ``meta.total`` rows read, past pages a
-server capped below the size asked); otherwise no marker is set and events keep searching.
+fresh. While it is, the FIRST attempt of an event's FIRST delivery, run at the top level (never
+as another event's dependency) and with no other open event for its ERP key, may create without
+searching when its natural key is not in the table. A retried or redelivered event, a dependency
+and an event sharing its key with another open one always search (a lost response or a killed
+delivery may have created it), and so does any event when there is no fresh listing. Entities
+we create are recorded under the natural-key lock, so our own workers never miss each other's;
+what another system creates in DokStamp during the freshness window is the accepted risk,
+bounded by the window (and a create refused as a duplicate falls back to a search). A listing
+is trusted only when it provably saw every row (``Listing.complete`` with a ``meta.total``: that
+many rows read, past pages a server capped below the size asked); otherwise no marker is set
+and events keep searching.
 """
 
 from __future__ import annotations
@@ -41,7 +44,11 @@ def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
         with ctx.lock(f"listing:{spec.entity}", wait=30):
             if ctx.redis.exists(marker):
                 return True  # another worker listed while we waited
-            total = resource.page(per_page=1).total
+            first = resource.page(per_page=1)
+            if first.meta_total is None:  # no meta.total: no listing can prove it saw all
+                ctx.redis.set(f"{LISTING_UNTRUSTED}{spec.entity}", "1", ex=FRESH_FOR)
+                return False
+            total = first.meta_total
             ctx.count("listing_calls")
             if total / MAX_PER_PAGE > ctx.store.backlog(spec.entity) / 2:
                 return False  # too many existing entities: listing costs more than searching
@@ -51,7 +58,9 @@ def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
                       str(remote["uuid"])) for remote in listing]
             ctx.store.remember_natural_keys(spec.entity, pairs)
             ctx.count("listing_calls", listing.pages)
-            if not listing.complete:  # "not listed" would not mean "absent": keep searching
+            # "Not listed" means "absent" only when the listing saw meta.total rows: a server
+            # sending no total proves nothing (a last page or an empty page may be a cap).
+            if not listing.complete or listing.total is None:
                 log.warning("listing of %s incomplete (%d of %s rows in %d pages): not trusted",
                             spec.entity, listing.seen, listing.total, listing.pages)
                 ctx.redis.set(f"{LISTING_UNTRUSTED}{spec.entity}", "1", ex=FRESH_FOR)

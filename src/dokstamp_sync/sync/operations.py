@@ -11,6 +11,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.exceptions import LockError
 from redis.lock import Lock
@@ -106,10 +107,12 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
                     create: Any, *, fresh: bool = False) -> tuple[str, Entity | None]:
     """Search before create, under a lock per natural key, with the database behind it.
 
-    ``fresh``: the event's first attempt; then a fresh listing (see :mod:`.listing`) may stand in
-    for the search. A create refused as a duplicate (a 409, or a 422 after the listing
-    shortcut) searches and adopts an exact match. Returns the UUID and, when an existing entity
-    was found, what DokStamp holds for it.
+    ``fresh``: the event's first delivery and attempt, at the top level; then a fresh listing
+    (see :mod:`.listing`) may stand in for the search, unless another event for the same ERP key
+    is open (its attempt, maybe a lost one, may have created the entity after the listing). A
+    create refused as a duplicate (a 409, or a 422 after the listing shortcut) searches and
+    adopts an exact match. Returns the UUID and, when an existing entity was found, what
+    DokStamp holds for it.
     """
     resource = _resource(ctx, spec)
     adopt = (event.data or {}).get("uuid")
@@ -134,7 +137,8 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
             except NotFound:  # deleted in DokStamp meanwhile: forget it, search again
                 ctx.store.forget_natural_keys(spec.entity, known)
                 known = None
-        listed = known is None and fresh and listing_is_fresh(ctx, spec, resource)
+        listed = known is None and fresh and listing_is_fresh(ctx, spec, resource) \
+            and not ctx.store.others_open(spec.entity, event.key, event.event_id)
         if known is None and not listed:
             remote = _search(ctx, spec, resource, payload)
         if remote is None:
@@ -360,26 +364,58 @@ def _sent(p: _Pending) -> dict[str, Any]:
 
 
 def _companions(ctx: SyncContext, event: Event, used: int) -> list[_Pending]:
+    """Other file events to upload along, each under its entity lock (held by the caller until
+    the upload is recorded). A companion whose source fails in any way is left to its own task,
+    which classifies the failure for that file alone; a document server that did not answer
+    (a timeout, a refused connection) is not asked for more companions in this batch: each
+    would wait for its timeout while this upload waits. An error answer (a 503 for one file)
+    is about that file: the others of the same server are still taken."""
     out: list[_Pending] = []
-    for pk, key, payload in ctx.store.file_companions(event.event_id, BATCH_FILES - 1):
-        lock = ctx.new_lock(f"entity:file:{key}")
-        if not lock.acquire(blocking=False):
-            continue  # its own task is on it
-        ctx.hold(lock)
-        try:
+    failing: set[str] = set()  # hosts that did not answer
+    try:
+        for pk, key, payload in ctx.store.file_companions(event.event_id, BATCH_FILES - 1):
             data = dict(payload.get("data") or {})
-            content, mime = files.load(data, ctx.files, ctx.file_http)
-        except (files.FileSourceError, DokStampError):
-            ctx.drop(lock)
-            lock.release()
-            continue
-        if used + len(content) > BATCH_BYTES:
-            ctx.drop(lock)
-            lock.release()
-            break
-        used += len(content)
-        out.append(_Pending(data, content, mime, pk, key, lock))
+            if data.get("url") and _host(data["url"]) in failing:
+                continue
+            lock = ctx.new_lock(f"entity:file:{key}")
+            if not lock.acquire(blocking=False):
+                continue  # its own task is on it
+            ctx.hold(lock)
+            try:
+                content, mime = files.load(data, ctx.files, ctx.file_http)
+            except Exception as exc:  # whatever it is, the companion's own task will say it
+                log.info("file %s not taken along in the upload of %s: %s", key, event.key,
+                         exc if isinstance(exc, files.FileSourceError | DokStampError)
+                         else type(exc).__name__)
+                if isinstance(exc, files.SourceUnavailable) and exc.unreachable \
+                        and data.get("url"):
+                    failing.add(_host(data["url"]))
+                _let_go(ctx, lock)
+                continue
+            if used + len(content) > BATCH_BYTES:
+                _let_go(ctx, lock)
+                break
+            used += len(content)
+            out.append(_Pending(data, content, mime, pk, key, lock))
+    except BaseException:  # never keep (and renew) a companion's lock past this call
+        for p in out:
+            if p.lock is not None:
+                _let_go(ctx, p.lock)
+        raise
     return out
+
+
+def _host(url: Any) -> str:
+    try:
+        return (urlsplit(str(url)).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def _let_go(ctx: SyncContext, lock: Lock) -> None:
+    ctx.drop(lock)
+    with suppress(LockError):
+        lock.release()
 
 
 def _remember_batch(ctx: SyncContext, batch: list[_Pending],

@@ -16,6 +16,9 @@ Anything raised while an event is processed is turned by :func:`classify` into o
     │   │      rate limiter's pause)                         but a WAIT until the next probe when
     │   │                                                    the breaker is open by then (the
     │   │                                                    API's failure, not the event's)
+    │   ├── files SourceUnavailable (a TransientError: the document server's 5xx, 429,
+    │   │     timeout or refused connection, for this event's own file; a companion's
+    │   │     failure is never raised here, its own task meets it)
     │   ├── InFlight (a create that failed may still land:   parked for the whole window (twice the
     │   │     timeout, 5xx, malformed answer; raised by      HTTP timeout), never retried in call;
     │   │     that create's retry, or by a delete that       the next attempt searches first
@@ -29,7 +32,8 @@ Anything raised while an event is processed is turned by :func:`classify` into o
         ├── Dead (raised by the walk, with its reason)
         ├── dokstamp AuthenticationError / PermissionDenied ("credentials refused ...")
         ├── dokstamp PermanentError (another 4xx: method, path, status, DokStamp's message)
-        ├── FileSourceError (the file cannot be obtained)
+        ├── FileSourceError (the file cannot be obtained: the document server's 4xx, a URL
+        │     that does not parse, a host not allowed, a path missing or escaping the root)
         └── InvalidEvent
 
 An attempt that returns ends with an :class:`Outcome`, built with keyword arguments: synced (with
