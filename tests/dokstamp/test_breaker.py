@@ -89,3 +89,32 @@ def test_an_open_breaker_parks_the_event_without_spending_its_budget(h, ctx, san
     sandbox.sandbox.faults.end_outage()
     time.sleep(0.6)
     assert h.run([pk]) == ["synced"]
+
+
+def test_a_write_is_never_the_probe(fast, sandbox):
+    """When a create is due to probe an open breaker, a GET of its URL probes instead: during
+    the outage the POST is never sent (no create that may still land keeps its event waiting);
+    once the API is back the GET closes the breaker and the one POST goes out."""
+    fast.client.students.find()  # a token first
+    outage = sandbox.sandbox.faults.start_outage()
+    for _ in range(3):
+        with pytest.raises(ServerError):
+            fast.client.students.find()
+    sandbox.sandbox.stats.reset()
+    body = {"name": "Maria", "email": "probe@example.edu", "date_of_birth": "1998-05-20"}
+    time.sleep(0.35)
+    with pytest.raises(CircuitOpen):  # the GET probe failed: the POST stayed here
+        fast.client.students.create(body)
+    routes = sandbox.sandbox.stats.to_json()["by_route"]
+    assert routes.get("GET /students") == 1
+    assert "POST /students" not in routes
+    assert outage.requests == 4
+    sandbox.sandbox.faults.end_outage()
+    time.sleep(0.35)
+    created = fast.client.students.create(body)  # probe GET answers: closed, the POST goes
+    routes = sandbox.sandbox.stats.to_json()["by_route"]
+    assert routes.get("GET /students") == 2
+    assert routes.get("POST /students") == 1
+    assert fast.breaker.open_for() is None
+    assert [s["uuid"] for s in sandbox.sandbox.tenants["demo-university"].dump()["students"]
+            if s["deleted_at"] is None] == [created["uuid"]]

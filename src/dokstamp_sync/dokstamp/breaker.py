@@ -8,6 +8,12 @@ its success closes the breaker for everyone, its failure opens it for another ``
 40 s outage costs the fleet about ``threshold`` requests plus one every ``interval`` (plus those
 already in flight when it opened), and sending resumes within ``interval`` of the API answering.
 
+A write is never the probe: when a POST/PUT/PATCH/DELETE is due to probe, a GET of the same URL
+(same headers, no body) goes first, and the write follows only once that GET got an answer that
+is not a failure. A create that failed during the outage must wait twice the HTTP timeout
+before it is searched for (it may still land), so probing with writes would keep their events
+waiting long after the API is back; a GET costs nothing to repeat.
+
 The state is one Redis hash per tenant, changed only by two Lua scripts that read Redis's own
 clock (machines with skewed clocks agree). pybreaker's Redis storage keeps a counter and a state
 but lets every process probe at once when the timeout passes; the single fleet-wide probe is the
@@ -105,6 +111,9 @@ class CircuitBreaker:
         return None if (ms := int(self._peek(keys=[self.key]))) < 0 else ms / 1000
 
 
+SAFE = ("GET", "HEAD", "OPTIONS")  # requests a probe may be: they change nothing
+
+
 def failed(status: int) -> bool:
     """Statuses that count as the API failing (not our request's fault)."""
     return status >= 500
@@ -120,6 +129,9 @@ class BreakerTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         probe = self.breaker.allow(request)
+        if probe and request.method not in SAFE:
+            self._probe_with_a_read(request)
+            probe = False  # closed now: the write goes out as an ordinary request
         try:
             response = self.transport.handle_request(request)
         except httpx.TransportError:
@@ -131,6 +143,31 @@ class BreakerTransport(httpx.BaseTransport):
             raise
         self.breaker.record("failed" if failed(response.status_code) else "ok")
         return response
+
+    def _probe_with_a_read(self, write: httpx.Request) -> None:
+        """Probe with a GET of the write's URL; raise :class:`CircuitOpen` (the write unsent)
+        when DokStamp still fails."""
+        headers = [(k, v) for k, v in write.headers.multi_items()
+                   if k.lower() not in ("content-type", "content-length", "transfer-encoding")]
+        read = httpx.Request("GET", write.url, headers=headers, extensions=write.extensions)
+        try:
+            response = self.transport.handle_request(read)
+            response.read()
+            response.close()
+        except httpx.TransportError:
+            self.breaker.record("failed")
+            raise CircuitOpen("DokStamp is failing: the breaker's probe got no answer",
+                              retry_after=self.breaker.interval, method=write.method,
+                              path=write.url.path) from None
+        except BaseException:
+            self.breaker.record("none")
+            raise
+        if failed(response.status_code):
+            self.breaker.record("failed")
+            raise CircuitOpen(f"DokStamp is failing: the breaker's probe got "
+                              f"{response.status_code}", retry_after=self.breaker.interval,
+                              method=write.method, path=write.url.path)
+        self.breaker.record("ok")
 
     def close(self) -> None:
         self.transport.close()
