@@ -67,10 +67,11 @@ class Settings(StoreSettings):
     dokstamp_sync_dependency_timeout: float = Field(default=86400.0, gt=0)  # s
     dokstamp_sync_retry_budget: float = Field(default=86400.0, gt=0)  # s
     dokstamp_sync_max_deliveries: int = Field(default=5, ge=1)
-    dokstamp_sync_lock_timeout: float = Field(default=60.0, gt=0)  # s, a dead worker's locks
+    # s; renewed every third of it while held, so short: a killed worker's locks free soon
+    dokstamp_sync_lock_timeout: float = Field(default=15.0, gt=0)
     # Fault safety (README "Fault safety"): a running event's lease, renewed by a heartbeat
     # every third of it, so a lost worker's events are handed out again within seconds.
-    dokstamp_sync_lease: float = Field(default=30.0, gt=0)  # s
+    dokstamp_sync_lease: float = Field(default=20.0, gt=0)  # s
     # The fleet's circuit breaker: open after this many consecutive failures (5xx, timeouts,
     # connection errors), then one probe every interval.
     dokstamp_sync_breaker_failures: int = Field(default=5, ge=1)

@@ -40,8 +40,8 @@ class SyncContext:
     dependency_timeout: float = 86400.0
     retry_budget: float = 86400.0
     max_deliveries: int = 5
-    lock_timeout: float = 60.0
-    lease: float = 30.0  # the scheduler's lease on a running event, renewed by a heartbeat
+    lock_timeout: float = 15.0
+    lease: float = 20.0  # the scheduler's lease on a running event, renewed by a heartbeat
     lock_prefix: str = LOCK
     in_call_attempts: int = 3
     sleep: Callable[[float], None] = time.sleep
