@@ -67,3 +67,45 @@ def test_a_state_column_refuses_a_value_that_is_not_named(database_url, table):
         assert isinstance(refused.value.orig, psycopg.errors.CheckViolation)
         conn.rollback()
     engine.dispose()
+
+
+def _history_is_marked_reported(url: str) -> None:
+    cfg = alembic_config(url)
+    command.downgrade(cfg, "0003")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for event_id, state, finished in [("old-done", "synced", True),
+                                          ("old-open", "pending", False)]:
+            conn.execute(text(
+                "INSERT INTO inbox (event_id, entity, op, erp_key, occurred_at, payload, state, "
+                "attempts, deliveries, next_attempt_at, received_at, finished_at) VALUES "
+                "(:e, 'student', 'upsert', 'S-1', CURRENT_TIMESTAMP, '{}', :s, 0, 0, "
+                "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, "
+                "CASE WHEN :f THEN CURRENT_TIMESTAMP END)"),
+                {"e": event_id, "s": state, "f": finished})
+        conn.execute(text("INSERT INTO dead_letters (reason, attempts, status, first_failed_at, "
+                          "last_failed_at) VALUES ('r', 1, 'open', CURRENT_TIMESTAMP, "
+                          "CURRENT_TIMESTAMP)"))
+    command.upgrade(cfg, "head")
+    with engine.connect() as conn:
+        events = dict(conn.execute(text("SELECT event_id, reported_at FROM inbox")).all())
+        letters = conn.execute(text("SELECT reported_at FROM dead_letters")).scalars().all()
+    engine.dispose()
+    assert events["old-done"] is not None
+    assert events["old-open"] is None
+    assert letters
+    assert all(at is not None for at in letters)
+
+
+def test_0004_marks_the_history_reported_on_postgres():
+    """Upgrading to 0004 marks the outcomes recorded before it reported (no flood of history
+    on the outcome stream); an event still open stays unreported until it is final."""
+    with scratch_database(PG_ADMIN_URL, "dokstamp_sync_migrations") as url:
+        _history_is_marked_reported(url)
+
+
+def test_0004_marks_the_history_reported_on_sqlite(tmp_path):
+    """The same on SQLite (the demo's store)."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    command.upgrade(alembic_config(url), "head")
+    _history_is_marked_reported(url)

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -53,11 +54,16 @@ class InboxEvent(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     first_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When its final outcome was written to the outcome stream (CONTRACT §5); NULL until then
+    # (the outbox: see :mod:`dokstamp_sync.pipeline.outbox`).
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_inbox_entity_key", "entity", "erp_key", "occurred_at"),
         Index("ix_inbox_due", "state", "next_attempt_at"),
         Index("ix_inbox_waiting_for", "waiting_for"),
+        Index("ix_inbox_unreported", "finished_at", postgresql_where=text("reported_at IS NULL"),
+              sqlite_where=text("reported_at IS NULL")),
         CheckConstraint(check_in("state", EventState), name="state"),
     )
 
@@ -127,6 +133,10 @@ class DeadLetter(Base):
     first_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # as inbox's
 
     __table_args__ = (Index("ix_dead_letters_status_entity", "status", "entity"),
+                      Index("ix_dead_letters_unreported", "last_failed_at",
+                            postgresql_where=text("reported_at IS NULL"),
+                            sqlite_where=text("reported_at IS NULL")),
                       CheckConstraint(check_in("status", LetterStatus), name="status"))

@@ -29,7 +29,7 @@ COUNTERS = f"{NAMESPACE}dokstamp:metrics"  # hash of fleet-wide counters (API, r
 HEARTBEAT = f"{NAMESPACE}dokstamp:heartbeat:"  # + "task" or "ingest:<consumer>": epoch seconds
 # The stream ingester's last failed batch: JSON {"at": epoch s, "consumer", "reason"}.
 INGEST_FAILURE = f"{NAMESPACE}dokstamp:ingest:failure"
-# + "entity:<entity>:<key>", "nk:<entity>:<sha256>", "listing:<entity>"
+# + "entity:<entity>:<key>", "nk:<entity>:<sha256>", "listing:<entity>", "outbox" (one sweeper)
 LOCK = f"{NAMESPACE}dokstamp:lock:"
 LISTING = f"{NAMESPACE}dokstamp:listing:"  # + entity: a fresh full listing is in the NK table
 # A key name, not a secret; + a digest of the credentials: the shared, encrypted access token.

@@ -96,9 +96,11 @@ def replay(session: Session, ids: Sequence[int] = (), *, entity: str | None = No
             if event is not None and event.state == "dead":
                 event.state, event.attempts, event.deliveries = "pending", 0, 0
                 event.first_failed_at, event.finished_at, event.waiting_for = None, None, None
+                event.reported_at = None  # its next final outcome is reported (CONTRACT §5)
                 event.next_attempt_at = now
                 event.received_at = now  # a fresh dependency timeout
         letter.status, letter.resolved_at = "replayed", now
+        letter.reported_at = letter.reported_at or now  # not reported: its event's is
         report.replayed.append(letter.id)
     return report
 

@@ -33,7 +33,8 @@ from dokstamp_sync.pipeline.inbox import (
     record_entries,
     record_entry,
 )
-from dokstamp_sync.pipeline.results import Report
+from dokstamp_sync.pipeline.outbox import mark_reported
+from dokstamp_sync.pipeline.results import Report, Result
 from dokstamp_sync.redis_keys import GROUP, HEARTBEAT, INGEST_FAILURE
 
 __all__ = ["Dispatch", "StreamIngester", "record_entries", "record_entry"]
@@ -160,11 +161,19 @@ class StreamIngester:
                 pipe.xack(self.stream, self.group, *done)
                 pipe.xdel(self.stream, *done)  # durable in the database; keep the stream short
                 pipe.execute()
-        if recorded.letters and self.report is not None:  # committed: report them (§5)
-            self.report(recorded.letters)
+        if recorded.letters and self.report is not None and self.report(recorded.letters):
+            self._mark_reported(recorded.letters)  # committed, then written (§5)
         if recorded.new:
             self.dispatch(recorded.new)
         return recorded
+
+    def _mark_reported(self, letters: list[Result]) -> None:
+        try:
+            with session_scope(self.sessions) as session:
+                mark_reported(session, letters)
+        except Exception as exc:  # the pump's sweeper writes them again
+            log.warning("could not mark %d dead letter(s) reported (%s)", len(letters),
+                        type(exc).__name__)
 
     def _beat(self) -> None:
         # The health check's proof that this consumer makes progress (expires if it stops).

@@ -1,5 +1,6 @@
 """The pump: the stream ingester and the retry scheduler, each in a thread of the worker's main
-process, feeding Celery through a ``dispatch`` callable (so this module never imports the app).
+process, feeding Celery through a ``dispatch`` callable (so this module never imports the app);
+and the outbox's sweeper, writing the outcomes the normal path could not (CONTRACT §5).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import redis
 
 from dokstamp_sync.config import Settings
 from dokstamp_sync.db import make_engine, make_sessionmaker
+from dokstamp_sync.pipeline import outbox
 from dokstamp_sync.pipeline.ingest import Dispatch, StreamIngester
 from dokstamp_sync.pipeline.results import Publisher
 from dokstamp_sync.pipeline.scheduler import dispatch_due
-from dokstamp_sync.redis_keys import QUEUE
+from dokstamp_sync.redis_keys import LOCK, QUEUE
 
 log = logging.getLogger("dokstamp_sync.worker")
 
@@ -34,16 +36,19 @@ class Pump:
         self.lease = settings.dokstamp_sync_lease
         self.sessions = make_sessionmaker(make_engine(settings.database_url))
         client = redis.Redis.from_url(settings.redis_url)
+        self.publisher = Publisher(client, settings.dokstamp_sync_results_stream,
+                                   settings.dokstamp_sync_results_maxlen)
         self.ingester = StreamIngester(
             client, self.sessions,
             settings.dokstamp_sync_stream, consumer=f"{socket.gethostname()}-{os.getpid()}",
             dispatch=dispatch, lease=self.lease,
             max_file_bytes=settings.dokstamp_sync_file_max_bytes,
-            report=Publisher(client, settings.dokstamp_sync_results_stream,
-                             settings.dokstamp_sync_results_maxlen))
+            report=self.publisher)
         self.threads = [threading.Thread(target=self._ingest, name="dokstamp-ingest",
                                          daemon=True),
                         threading.Thread(target=self._schedule, name="dokstamp-scheduler",
+                                         daemon=True),
+                        threading.Thread(target=self._sweep, name="dokstamp-outbox",
                                          daemon=True)]
 
     def start(self) -> None:
@@ -82,3 +87,18 @@ class Pump:
             except Exception:
                 log.exception("retry scheduler: dispatch failed")
             self.stop_event.wait(self.poll_interval)
+
+    def _sweep(self) -> None:
+        """Every few seconds, write the outcomes left unreported (a process killed between a
+        commit and its XADD, Redis away at that moment). Every worker's pump runs one: two
+        sweepers would both write the same rows, so one sweeps at a time (a Redis lock)."""
+        while not self.stop_event.wait(outbox.INTERVAL):
+            try:
+                lock = self.ingester.redis.lock(f"{LOCK}outbox", timeout=120, blocking=False)
+                if lock.acquire():
+                    try:
+                        outbox.sweep(self.sessions, self.publisher)
+                    finally:
+                        lock.release()
+            except Exception:
+                log.exception("outbox sweeper: sweep failed")

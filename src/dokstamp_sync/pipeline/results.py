@@ -1,14 +1,17 @@
-"""The outcome stream of CONTRACT §5: one entry per final outcome, back to the ERP.
+"""The outcome stream of CONTRACT §5: one entry per final outcome, back to the ERP, at least once.
 
 An outcome is written with ``XADD <stream> MAXLEN ~ <maxlen> * result <json>`` right after the
 database transaction that recorded it has committed (the store hands its results to a
 :class:`Publisher` then; the ingester does the same for stream entries that are no valid event).
 
-The guarantee, honestly: an outcome is written once per recorded final state while Redis answers.
-A process killed between the commit and the XADD, or a Redis that is away at that moment, loses
-that one entry (it is logged as a warning); the inbox and the dead letters in the database stay
-the record of truth (``dokstamp-sync status``, ``dlq list``). An event that is replayed, or a
-dead letter that a newer event resolves, is reported again: a consumer keeps the last outcome
+The guarantee: every final outcome is written at least once. The database is the outbox: an
+outcome is recorded with ``reported_at`` NULL on its inbox row (or dead letter), and only once
+its XADD succeeded does one short UPDATE set it (never a transaction across the Redis call).
+A process killed between the commit and the XADD, or a Redis that is away at that moment,
+leaves the row unreported; the pump's sweeper (:mod:`dokstamp_sync.pipeline.outbox`) writes
+such rows, rebuilt from the database, once they are some seconds old. So an entry may come
+twice (a kill between the XADD and the UPDATE), never not at all. An event that is replayed, or
+a dead letter that a newer event resolves, is reported again: a consumer keeps the last outcome
 per ``event_id``.
 """
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,9 +50,13 @@ class Result:
     reason: str | None = None
     dead_letter_id: int | None = None
     http_status: int | None = None
+    # Not on the stream: the inbox row whose final state this is (None for a dead letter's
+    # own outcome), so that it can be marked reported after the XADD.
+    event_pk: int | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        del out["event_pk"]
         out["at"] = self.at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         out["state"] = str(self.state)
         if self.mapping_status is not None:
@@ -60,33 +67,38 @@ class Result:
         return json.dumps(self.as_dict(), ensure_ascii=False)
 
 
-Report = Callable[[Sequence[Result]], None]
+Report = Callable[[Sequence[Result]], bool]  # True: written (the rows may be marked reported)
 
 
 class Publisher:
-    """Writes results to the outcome stream; never raises (the outcome is committed already)."""
+    """Writes results to the outcome stream; never raises (the outcome is committed already):
+    answers whether they were written."""
 
     def __init__(self, client: redis.Redis, stream: str = RESULTS_STREAM,
                  maxlen: int = RESULTS_MAXLEN) -> None:
         self.redis, self.stream, self.maxlen = client, stream, maxlen
 
-    def __call__(self, results: Sequence[Result]) -> None:
-        publish(self.redis, results, stream=self.stream, maxlen=self.maxlen)
+    def __call__(self, results: Sequence[Result]) -> bool:
+        return publish(self.redis, results, stream=self.stream, maxlen=self.maxlen)
 
 
 def publish(client: redis.Redis, results: Sequence[Result], *, stream: str = RESULTS_STREAM,
-            maxlen: int = RESULTS_MAXLEN) -> None:
-    """XADD each result (approximate MAXLEN trim), in one round trip; a failure is logged."""
+            maxlen: int = RESULTS_MAXLEN) -> bool:
+    """XADD each result (approximate MAXLEN trim), in one round trip; a failure is logged (the
+    rows stay unreported, the sweeper writes them later). Returns whether they were written."""
     if not results:
-        return
+        return True
     try:
         with client.pipeline(transaction=False) as pipe:
             for result in results:
                 pipe.xadd(stream, {FIELD: result.to_json()}, maxlen=maxlen, approximate=True)
             pipe.execute()
     except redis.RedisError as exc:
-        log.warning("could not write %d outcome(s) to %s (%s): %s", len(results), stream,
-                    type(exc).__name__, ", ".join(str(r.event_id) for r in results[:5]))
+        log.warning("could not write %d outcome(s) to %s (%s), the sweeper will: %s",
+                    len(results), stream, type(exc).__name__,
+                    ", ".join(str(r.event_id) for r in results[:5]))
+        return False
+    return True
 
 
 def read(client: redis.Redis, stream: str = RESULTS_STREAM, *, since: str = "0",

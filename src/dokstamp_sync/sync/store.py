@@ -44,6 +44,7 @@ from dokstamp_sync.db import dialect_insert, insert_ignore, once_more_if_disconn
 from dokstamp_sync.dokstamp.errors import PermanentError
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, NaturalKey, utcnow
+from dokstamp_sync.pipeline.outbox import mark_reported
 from dokstamp_sync.pipeline.results import Report, Result
 from dokstamp_sync.states import FINAL, OPEN, EventState, LetterStatus, MappingStatus
 from dokstamp_sync.sync.entities import REFERENCES
@@ -211,7 +212,7 @@ _RENEW = update(EVENTS).where(EVENTS.c.id.in_(bindparam("pks", expanding=True)),
                               EVENTS.c.next_attempt_at < bindparam("until")).values(
     next_attempt_at=bindparam("until"))
 _FINISH_SYNCED = update(EVENTS).where(_OPEN).values(
-    state=EventState.SYNCED, finished_at=bindparam("now"), waiting_for=None,
+    state=EventState.SYNCED, finished_at=bindparam("now"), waiting_for=None, reported_at=None,
     last_error=func.coalesce(bindparam("note", type_=String), EVENTS.c.last_error),
     deliveries=case((and_(bindparam("completed", type_=Boolean), EVENTS.c.deliveries > 0),
                      EVENTS.c.deliveries - 1), else_=EVENTS.c.deliveries),
@@ -234,7 +235,8 @@ _SUPERSEDE_LETTERS = update(LETTERS).where(
                        | ((_LETTER_EVENT.c.occurred_at == bindparam("occurred_at"))
                           & (_LETTER_EVENT.c.id < bindparam("pk")))),
         and_(LETTERS.c.event_pk.is_(None), LETTERS.c.first_failed_at <= bindparam("received")))
-).values(status=LetterStatus.SUPERSEDED, resolved_at=bindparam("l_now")).returning(
+).values(status=LetterStatus.SUPERSEDED, resolved_at=bindparam("l_now"),
+         reported_at=None).returning(
     LETTERS.c.id, LETTERS.c.event_id, LETTERS.c.event_pk)
 _MAPPING_VALUES = ("dokstamp_uuid", "status", "data_hash", "occurred_at", "event_id",
                    "synced_at")
@@ -270,12 +272,23 @@ class Store:
     @contextmanager
     def _recording(self) -> Iterator[tuple[Session, list[Result]]]:
         """A transaction that records final outcomes: they are reported once it committed
-        (never when it failed; see :mod:`dokstamp_sync.pipeline.results` for the guarantee)."""
+        (never when it failed), then marked reported (see :mod:`dokstamp_sync.pipeline.results`
+        for the guarantee)."""
         results: list[Result] = []
         with session_scope(self.sessions) as session:
             yield session, results
-        if results and self.report is not None:
-            self.report(results)
+        if results and self.report is not None and self.report(results):
+            self.mark_reported(results)
+
+    def mark_reported(self, results: list[Result]) -> None:
+        """The outcomes were written to the stream: mark their rows reported (one short
+        transaction; a failure leaves them to the sweeper, which writes them again)."""
+        try:
+            with self._tx() as session:
+                mark_reported(session, results)
+        except Exception as exc:
+            log.warning("could not mark %d outcome(s) reported (%s); they will be written "
+                        "again", len(results), type(exc).__name__)
 
     # -- reading what an attempt needs ----------------------------------------------------
 
@@ -621,6 +634,7 @@ def _finish(session: Session, record: InboxEvent, state: str, note: str | None) 
     record.state = state
     record.finished_at = utcnow()
     record.waiting_for = None
+    record.reported_at = None  # until its outcome is written (the outbox)
     if note is not None:
         record.last_error = note
     if state == EventState.SYNCED:
@@ -639,6 +653,7 @@ def _dead_letter(session: Session, record: InboxEvent, reason: str,
                             first_failed_at=record.first_failed_at or utcnow())
         session.add(letter)
     letter.reason = reason
+    letter.reported_at = None  # reported with its event's outcome
     letter.attempts = record.attempts + 1
     letter.last_failed_at = utcnow()
     if error is not None:
@@ -652,7 +667,7 @@ def _dead_letter(session: Session, record: InboxEvent, reason: str,
 
 def _result(record: InboxEvent | _Finished, state: str, **fields: Any) -> Result:
     return Result(event_id=record.event_id, entity=record.entity, key=record.erp_key,
-                  op=record.op, state=state, at=utcnow(), **fields)
+                  op=record.op, state=state, at=utcnow(), event_pk=record.id, **fields)
 
 
 def _synced(record: InboxEvent | _Finished, uuid: str | None, status: str,
