@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -16,6 +17,7 @@ from dokstamp_sync.models import InboxEvent
 from dokstamp_sync.pipeline.scheduler import dispatch_due
 from dokstamp_sync.redis_keys import PAUSE
 from dokstamp_sync.sandbox import Faults, ScriptedFault
+from dokstamp_sync.sync import engine
 from dokstamp_sync.testing import STREAM, T0, Harness, live, student
 
 
@@ -296,3 +298,34 @@ def test_a_synced_run_gives_back_its_delivery_and_keeps_the_last_error(h):
     after = h.record(module["event_id"])
     assert after.deliveries == 0
     assert "has not arrived" in after.last_error
+
+
+def test_a_create_whose_worker_died_before_recording_it_is_waited_for_then_found(h, sandbox,
+                                                                              monkeypatch):
+    """The in-flight mark is set before the POST: when the run dies after the create landed
+    but before its natural key was recorded (as a kill -9 would leave it), the next event of
+    that entity waits out the create window and then finds the student: no second one."""
+    h.ctx.create_window = 0.3
+    real = h.ctx.store.remember_natural_key
+    calls = []
+
+    def dies_once(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise SystemExit("killed after the POST")  # nothing of ours catches it
+        return real(*args)
+
+    monkeypatch.setattr(h.ctx.store, "remember_natural_key", dies_once)
+    first = student()
+    pk = h.send(first)[0]
+    with pytest.raises(SystemExit):
+        engine.run(h.ctx, pk)
+    assert len(live(sandbox, "students")) == 1
+    newer = student(name="Maria F. Silva", at=T0 + timedelta(minutes=1))
+    assert h.sync(newer) == ["waiting"]  # the mark: a late write may land, not created again
+    assert "may still land" in h.record(newer["event_id"]).last_error
+    time.sleep(0.35)
+    h.drain()
+    assert h.state(newer["event_id"]) == "synced"
+    (held,) = live(sandbox, "students")
+    assert held["name"] == "Maria F. Silva"

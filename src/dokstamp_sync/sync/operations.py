@@ -142,16 +142,21 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
         if known is None and not listed:
             remote = _search(ctx, spec, resource, payload)
         if remote is None:
+            window = max(1, int(ctx.create_window * 1000))
+            # Marked before the POST: a worker killed after sending it leaves the mark, so the
+            # next attempt (even a "fresh" one) waits for a late write and then searches.
+            ctx.redis.set(inflight, "1", px=window)
             try:
                 created: Entity | None = create(payload)
                 ctx.count("creates")
             except (TransportError, ServerError, MalformedResponse) as exc:
                 # The write may have happened, or may still happen (a slow write lands after
                 # the client gave up): wait twice the HTTP timeout, then search first.
-                ctx.redis.set(inflight, "1", px=max(1, int(ctx.create_window * 1000)))
+                ctx.redis.set(inflight, "1", px=window)
                 raise InFlight(f"{exc} (the create may still land: searching after "
                                f"{ctx.create_window:g} s)", retry_after=ctx.create_window) from exc
             except (Conflict, ValidationFailed) as exc:
+                ctx.redis.delete(inflight)  # refused: nothing was created
                 if isinstance(exc, ValidationFailed) and not listed:
                     raise
                 # Refused, maybe as a duplicate (409: a unique key taken; 422 after the
@@ -164,6 +169,9 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
                                f"{key} exists to adopt", exc) from None
                 if remote is None:
                     raise
+            except BaseException:
+                ctx.redis.delete(inflight)  # not sent (a lock lost, the breaker, a pause)
+                raise
         if remote is not None:
             _check_identity(spec, event, payload, remote)
             uuid = str(remote["uuid"])
@@ -171,6 +179,7 @@ def _find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[st
             assert created is not None
             uuid = str(created["uuid"])
         held = ctx.store.remember_natural_key(spec.entity, key, uuid)
+        ctx.redis.delete(inflight)  # recorded: the natural key now answers for it
         if held != uuid:
             raise Dead(f"duplicate: {spec.entity} with {key} is {held} in the mapping store, "
                        f"but DokStamp returned {uuid}")
