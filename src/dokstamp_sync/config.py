@@ -62,7 +62,8 @@ class Settings(StoreSettings):
     # "auto" follows the credential scheme (see `_resolve_issue_style`); after validation the
     # field always holds the style in use, "status" or "finish".
     dokstamp_issue_style: Literal["auto", "status", "finish"] = "auto"
-    dokstamp_timeout: float = Field(default=30.0, gt=0)
+    # s without a byte; short, since a create that timed out is waited for twice this long
+    dokstamp_timeout: float = Field(default=10.0, gt=0)
     # The sync engine (README "Configuration"): waits, retries, files.
     dokstamp_sync_dependency_timeout: float = Field(default=86400.0, gt=0)  # s
     dokstamp_sync_retry_budget: float = Field(default=86400.0, gt=0)  # s

@@ -35,7 +35,7 @@ WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_PER_PAGE = 200  # the largest page the docs' bulk example asks for
 
 
-def build_http_client(base_url: str, *, timeout: float = 30.0, connect_timeout: float = 5.0,
+def build_http_client(base_url: str, *, timeout: float = 10.0, connect_timeout: float = 5.0,
                       max_connections: int = 20, limiter: RateLimiter | None = None,
                       breaker: CircuitBreaker | None = None,
                       transport: httpx.BaseTransport | None = None) -> httpx.Client:

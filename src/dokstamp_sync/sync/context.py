@@ -54,7 +54,7 @@ class SyncContext:
 
     held: list[Lock] = field(default_factory=list)  # the locks this process's run holds
     walk: list[tuple[str, str]] = field(default_factory=list)  # (entity, key) being synced
-    create_window: float = 60.0  # s a failed create may still land (twice the HTTP timeout)
+    create_window: float = 20.0  # s a failed create may still land (twice the HTTP timeout)
 
     def __post_init__(self) -> None:
         # The store reports each final outcome after its commit; the publisher writes it.
