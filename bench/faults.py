@@ -43,6 +43,7 @@ import httpx
 import psutil
 import psycopg
 import redis
+import run  # bench/ is a folder of scripts, not a package: its worker harness
 
 from dokstamp_sync.demo import samples
 from dokstamp_sync.sandbox import Account, Faults, Sandbox, SandboxConfig, SandboxServer
@@ -54,31 +55,14 @@ ACCOUNT = Account()
 OPEN = ("pending", "waiting")
 
 
-class Worker:
-    """``dokstamp-sync worker`` from ``bin_dir`` as a subprocess in its own process group."""
+class Worker(run.Worker):
+    """``dokstamp-sync worker`` from ``bin_dir`` (see :class:`run.Worker`), which can be killed."""
 
     def __init__(self, bin_dir: Path, sandbox_url: str, database_url: str, *, concurrency: int,
                  rate: float, log: Path, extra: dict[str, str] | None = None) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")} | {
-            "DOKSTAMP_API_URL": sandbox_url, "DOKSTAMP_TENANT": ACCOUNT.tenant,
-            "DOKSTAMP_EMAIL": ACCOUNT.email, "DOKSTAMP_PASSWORD": ACCOUNT.password,
-            "REDIS_URL": REDIS_URL, "DATABASE_URL": database_url,
-            "DOKSTAMP_SYNC_STREAM": STREAM, "DOKSTAMP_RATE_LIMIT": str(rate)} | (extra or {})
-        self.exe = str(bin_dir / "dokstamp-sync")
-        self.log = log.open("a")
-        self.concurrency = concurrency
-        self.proc = subprocess.Popen(  # noqa: S603  # our own command
-            [self.exe, "worker", "--concurrency", str(concurrency), "--loglevel",
-             os.environ.get("BENCH_LOGLEVEL", "WARNING")], env=self.env,
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, client: redis.Redis, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while not list(client.scan_iter("*dokstamp:heartbeat:ingest:*")) or \
-                len(psutil.Process(self.proc.pid).children()) < self.concurrency:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the worker did not start")
-            time.sleep(0.1)
+        super().__init__(sandbox_url, database_url, concurrency=concurrency, rate=rate, log=log,
+                         exe=[str(bin_dir / "dokstamp-sync")], redis_url=REDIS_URL,
+                         stream=STREAM, extra=extra)
 
     def kill9(self) -> int:
         """SIGKILL to every process of the worker (its process group); how many there were."""
@@ -90,23 +74,9 @@ class Worker:
         self.log.close()
         return len(procs)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if not self.log.closed:
-            self.log.close()
-
 
 def xadd(client: redis.Redis, events: list[dict[str, Any]]) -> None:
-    with client.pipeline(transaction=False) as pipe:
-        for e in events:
-            pipe.xadd(STREAM, {"event": json.dumps(e)})
-        pipe.execute()
+    run.xadd(client, events, STREAM)
 
 
 class Inbox:

@@ -23,10 +23,12 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,25 +66,29 @@ EXE = [sys.executable, "-m", "dokstamp_sync.cli"]
 
 
 class Worker:
-    """`dokstamp-sync worker` as a subprocess (its own process group), and its RSS."""
+    """`dokstamp-sync worker` as a subprocess (its own process group), and its RSS.
+
+    ``exe``: the command (another checkout's ``bin/dokstamp-sync`` to measure it); ``extra``:
+    environment on top of the benchmark's settings."""
 
     def __init__(self, sandbox_url: str, database_url: str, *, concurrency: int, rate: float,
-                 log: Path) -> None:
+                 log: Path, exe: Sequence[str] = EXE, redis_url: str = REDIS_URL,
+                 stream: str = STREAM, extra: dict[str, str] | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")} | {
             "DOKSTAMP_API_URL": sandbox_url, "DOKSTAMP_TENANT": ACCOUNT.tenant,
             "DOKSTAMP_EMAIL": ACCOUNT.email, "DOKSTAMP_PASSWORD": ACCOUNT.password,
-            "REDIS_URL": REDIS_URL, "DATABASE_URL": database_url,
-            "DOKSTAMP_SYNC_STREAM": STREAM, "DOKSTAMP_RATE_LIMIT": str(rate)}
-        self.log = log.open("w")
+            "REDIS_URL": redis_url, "DATABASE_URL": database_url,
+            "DOKSTAMP_SYNC_STREAM": stream, "DOKSTAMP_RATE_LIMIT": str(rate)} | (extra or {})
+        self.log = log.open("a")
         level = os.environ.get("BENCH_LOGLEVEL", "WARNING")
         self.proc = subprocess.Popen(  # noqa: S603  # our own command
-            [*EXE, "worker", "--concurrency", str(concurrency), "--loglevel", level], env=env,
+            [*exe, "worker", "--concurrency", str(concurrency), "--loglevel", level], env=env,
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.concurrency = concurrency
 
-    def wait_ready(self, client: redis.Redis, timeout: float = 60) -> None:
+    def wait_ready(self, client: redis.Redis, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
-        while not list(client.scan_iter("dokstamp:heartbeat:ingest:*")) or \
+        while not list(client.scan_iter("*dokstamp:heartbeat:ingest:*")) or \
                 len(psutil.Process(self.proc.pid).children()) < self.concurrency:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the worker did not start")
@@ -93,8 +99,6 @@ class Worker:
         return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
     def stop(self) -> None:
-        import signal
-
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -102,13 +106,14 @@ class Worker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()
 
 
-def xadd(client: redis.Redis, events: list[dict[str, Any]]) -> None:
+def xadd(client: redis.Redis, events: list[dict[str, Any]], stream: str = STREAM) -> None:
     with client.pipeline(transaction=False) as pipe:
         for e in events:
-            pipe.xadd(STREAM, {"event": json.dumps(e)})
+            pipe.xadd(stream, {"event": json.dumps(e)})
         pipe.execute()
 
 
