@@ -536,11 +536,6 @@ class Store:
                 state = decision.state
         return state
 
-    def state(self, pk: int) -> str:
-        """The event's state (``missing`` when there is no such event)."""
-        with self._tx() as session:
-            return _state(session, pk)
-
 
 # -- statements shared by the methods above -------------------------------------------------
 
