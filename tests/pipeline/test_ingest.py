@@ -16,7 +16,7 @@ from dokstamp_sync.demo.samples import event
 from dokstamp_sync.ops.health import check
 from dokstamp_sync.pipeline.ingest import StreamIngester
 from dokstamp_sync.redis_keys import HEARTBEAT, INGEST_FAILURE
-from dokstamp_sync.testing import STREAM, Harness
+from dokstamp_sync.testing import STREAM, Harness, live
 
 GOOD = {"name": "Maria", "email": "m@example.edu", "date_of_birth": "1998-05-20"}
 BAD = [
@@ -192,7 +192,7 @@ SIX = {
 }
 
 
-def test_six_bad_entries_in_one_batch_hold_up_none_of_the_good_ones(h, ctx):
+def test_six_bad_entries_in_one_batch_hold_up_none_of_the_good_ones(h, ctx, sandbox):
     """The six entries a real ERP produced, between seven good events, read in ONE batch:
     every good event reaches the inbox, is dispatched and syncs; each bad one is a dead letter
     with its reason, still found by its event_id, entity and key; the stream is drained."""
@@ -206,6 +206,8 @@ def test_six_bad_entries_in_one_batch_hold_up_none_of_the_good_ones(h, ctx):
     assert sorted(h.states()) == sorted(g["event_id"] for g in goods)
     assert len(h.dispatched) == 7
     assert h.run(h.dispatched) == ["synced"] * 7
+    held = sorted(s["email"] for s in live(sandbox, "students"))
+    assert held == sorted(g["data"]["email"] for g in goods)  # DokStamp holds the good ones
     letters = {letter.stream_id: letter for letter in h.letters()}
     assert len(letters) == 6
     for name, (_, reason, identity) in SIX.items():
