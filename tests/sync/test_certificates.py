@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -120,8 +121,9 @@ def test_created_but_unmapped_after_a_lost_response_is_found_and_revoked(hh, san
     and revokes it."""
     rest, (cert,) = graph()
     hh.sync(*rest)
-    hh.ctx.in_call_attempts = 1
-    hh.ctx.create_window = 0.2  # the failed create may still land: searched after this
+    hh.ctx.limits = replace(hh.ctx.limits, in_call_attempts=1)
+    # the failed create may still land: searched after this
+    hh.ctx.limits = replace(hh.ctx.limits, create_window=0.2)
     script(sandbox, ScriptedFault("POST", "/certificates", status=500, after_commit=True))
     assert hh.sync(cert) == ["waiting"]
     assert hh.mapping("certificate", "CERT-00001") is None
@@ -136,7 +138,7 @@ def test_slow_create_landing_after_the_timeout_is_found_and_revoked(make_ctx, sa
     """Case 1: POST /certificates lands 1.5 s late, after the client's 0.5 s timeout (no
     mapping); a revoke arriving later finds that certificate and revokes it."""
     h = Harness(make_ctx(timeout=0.5))
-    h.ctx.in_call_attempts = 1
+    h.ctx.limits = replace(h.ctx.limits, in_call_attempts=1)
     rest, (cert,) = graph()
     h.sync(*rest)
     script(sandbox, ScriptedFault("POST", "/certificates", status=201, delay_s=1.5))
@@ -155,7 +157,7 @@ def test_revoke_whose_answer_is_lost_ends_synced_on_retry_and_replay(hh, sandbox
     sees it revoked and ends synced (not "already revoked" dead); the mapping says revoked."""
     rest, (cert,) = graph()
     hh.sync(*rest, cert)
-    hh.ctx.in_call_attempts = 1
+    hh.ctx.limits = replace(hh.ctx.limits, in_call_attempts=1)
     script(sandbox, ScriptedFault("PUT", "/certificates/{uuid}/revoke", status=500,
                                   after_commit=True))
     r = revoke()
@@ -172,7 +174,7 @@ def test_issue_whose_answer_is_lost_is_synced_and_a_revoke_then_revokes(hh, sand
     rest, (cert,) = graph(issue=False)
     hh.sync(*rest, cert)
     assert certificates(sandbox)[0]["status"] == "draft"
-    hh.ctx.in_call_attempts = 1
+    hh.ctx.limits = replace(hh.ctx.limits, in_call_attempts=1)
     script(sandbox, ScriptedFault("PATCH", "/certificates/{uuid}", status=500,
                                   after_commit=True))
     issue = event("certificate", cert["key"], dict(cert["data"], issue=True),
@@ -255,7 +257,8 @@ def test_lost_creates_are_found_again_by_student_and_course(hh, sandbox):
     would be ignored and every retry would "find" the first certificate)."""
     rest, certs = graph(4)
     hh.sync(*rest)
-    hh.ctx.create_window = 0.2  # each failed create may still land: searched after this
+    # each failed create may still land: searched after this
+    hh.ctx.limits = replace(hh.ctx.limits, create_window=0.2)
     script(sandbox, ScriptedFault("POST", "/certificates", status=500, after_commit=True,
                                   times=4))
     hh.sync(*certs)
