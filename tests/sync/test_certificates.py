@@ -24,7 +24,7 @@ from dokstamp_sync.demo.samples import event
 from dokstamp_sync.ops import dlq
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.sync.context import SyncContext
-from dokstamp_sync.testing import T0, Harness, live, sandbox_context, sandbox_settings
+from dokstamp_sync.testing import T0, Harness, calls, live, sandbox_context, sandbox_settings
 
 MODES = ("a", "b", "strict")
 
@@ -328,3 +328,45 @@ def test_whole_class_with_a_revoke_waiting_for_its_student(hh, sandbox):
         want = "revoked" if i == 2 else "issued"
         assert held[m.dokstamp_uuid]["status"] == m.remote_status == want
         assert m.verification_url == held[m.dokstamp_uuid]["public_verification_url"]
+
+
+# -- 6. issue 16: a certificate re-checks its references; a search counts once ---------------
+
+def test_a_certificate_whose_student_was_deleted_in_dokstamp_recreates_the_student(hh, sandbox):
+    """The certificate's student was deleted in DokStamp behind our back (its mapping still
+    points at it): the create is refused 422 "The selected student uuid is invalid.", the
+    student is looked up (404), forgotten and recreated from its latest upsert, and the
+    certificate is created on the new student, as for any other entity; nothing is dead."""
+    rest, (cert,) = graph()
+    hh.sync(*rest)
+    gone = hh.mapping("student", "S-00001").dokstamp_uuid
+    for enrollment in live(sandbox, "enrollments"):  # the dashboard deletes them too
+        hh.ctx.client.enrollments.delete(enrollment["uuid"])
+    hh.ctx.client.students.delete(gone)
+    assert hh.sync(cert) == ["synced"]
+    (alive,) = live(sandbox, "students")
+    assert alive["uuid"] != gone
+    (held,) = certificates(sandbox)
+    assert held["student"]["uuid"] == alive["uuid"]
+    assert hh.mapping("student", "S-00001").dokstamp_uuid == alive["uuid"]
+    assert hh.mapping("certificate", "CERT-00001").dokstamp_uuid == held["uuid"]
+    assert hh.letters() == []
+
+
+def test_a_revoke_that_searches_counts_one_search(hh, sandbox):
+    """A revoke without a mapping searches DokStamp once with its upsert's data (one
+    GET /certificates): the ``searches`` counter goes up by one, not two."""
+    rest, (cert,) = graph()
+    hh.sync(*rest)
+    script(sandbox, ScriptedFault("POST", "/certificates", status=422, after_commit=False))
+    assert hh.sync(cert) == ["dead"]
+    counters = hh.ctx.counters.keys.counters
+
+    def searches() -> int:
+        return int(hh.ctx.redis.hget(counters, "searches") or 0)
+
+    before, gets = searches(), calls(sandbox).get("GET /certificates", 0)
+    assert hh.sync(revoke()) == ["synced"]
+    assert calls(sandbox).get("GET /certificates", 0) - gets == 1
+    assert searches() - before == 1
+    assert certificates(sandbox) == []
