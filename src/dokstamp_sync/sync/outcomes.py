@@ -37,7 +37,7 @@ Anything raised while an event is processed is turned by :func:`classify` into o
         └── InvalidEvent
 
 An attempt that returns ends with an :class:`Outcome`, built with keyword arguments: synced (with
-the mapping's new values), superseded, or the state the event already had. Operations build
+the mapping's new values), superseded, or the state the event already had. The handlers build
 outcomes; :mod:`.engine` alone turns them and verdicts into event states, through :mod:`.store`.
 """
 
