@@ -127,7 +127,7 @@ def _process_locked(ctx: SyncContext, run: Run, pk: int, event: Event, depth: in
     try:
         outcome = _with_retries(
             ctx, lambda: _attempt(ctx, run, pk, event, depth, retry=next(tries) > 0))
-        held.reacquire()  # still ours? (else another run may be on this entity now)
+        ctx.locks.confirm(held)  # still ours? (else another run may be on this entity now)
     except Exception as exc:
         verdict = classify(exc)
         if verdict.unexpected:

@@ -84,6 +84,12 @@ class Locks:
             if lock is not None:
                 self.release(lock)
 
+    def confirm(self, lock: Lock) -> None:
+        """Raise :class:`LockNotOwnedError` unless ``lock`` is still ours (then it is renewed
+        to its full timeout): an attempt's result is recorded only by the run that held the
+        entity's lock throughout."""
+        lock.reacquire()
+
     def check(self, method: str = "", path: str = "") -> None:
         """Raise :class:`LockNotOwnedError` unless every lock we hold is still ours: called
         just before each DokStamp write, so a run that lost its lock (expired, taken over)
