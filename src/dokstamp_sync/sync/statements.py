@@ -67,7 +67,7 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Neighbour:
-    """Another event of the same certificate (see :class:`Lifecycle`)."""
+    """Another event of the same certificate (see :func:`.certificates.place`)."""
 
     pk: int
     op: str
