@@ -90,3 +90,13 @@ def test_a_circle_is_found_when_there_is_one():
 def test_the_graph_sees_function_level_imports():
     """An import inside a function is an edge too (the CLI imports its commands lazily)."""
     assert "dokstamp_sync.ops.status" in import_graph()["dokstamp_sync.cli"]
+
+
+def test_the_walk_does_not_import_the_pipeline():
+    """The sync walk (``dokstamp_sync.sync``) sits below the pipeline: none of its modules
+    imports ``dokstamp_sync.pipeline`` (the store gets the outcome publisher from wiring)."""
+    graph = import_graph()
+    walk = {name: deps for name, deps in graph.items() if name.startswith(f"{PACKAGE}.sync")}
+    wrong = {name: sorted(d for d in deps if d.startswith(f"{PACKAGE}.pipeline"))
+             for name, deps in walk.items()}
+    assert {k: v for k, v in wrong.items() if v} == {}

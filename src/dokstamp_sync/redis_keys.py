@@ -1,16 +1,84 @@
 """Every Redis name dokstamp-sync uses, in one place (as arq keeps its own in ``constants.py``).
 
-The event stream's and the outcome stream's names are settings (``DOKSTAMP_SYNC_STREAM``,
-``DOKSTAMP_SYNC_RESULTS_STREAM``, CONTRACT §1); everything else is fixed here so that no two
-modules can spell a key apart.
+:class:`RedisKeys` builds them from a namespace and reads nothing: wiring hands it
+``Settings.dokstamp_sync_namespace``. The namespace prefixes every name: two deployments, or the
+demo beside a deployment, can share one Redis database without sharing a consumer group, a
+Celery queue, locks, counters or tokens. Empty by default: the names are then those of earlier
+versions.
 
-``DOKSTAMP_SYNC_NAMESPACE`` (environment or ``.env``, read once when this module is imported)
-prefixes every name below: two deployments, or the demo beside a deployment, can share one
-Redis database without sharing a consumer group, a Celery queue, locks, counters or tokens.
-Empty by default: the names are then those of earlier versions.
+The event stream's and the outcome stream's names are settings (``DOKSTAMP_SYNC_STREAM``,
+``DOKSTAMP_SYNC_RESULTS_STREAM``, CONTRACT §1), not namespaced: they are the ERP's interface.
+
+The module-level names below are the same keys for the modules that are not handed a
+:class:`RedisKeys` by wiring yet (the token cache, the rate limiter, the breaker, the pipeline
+and the operator tools); they still take the namespace from ``DOKSTAMP_SYNC_NAMESPACE`` (the
+environment or ``.env``) when this module is imported. The sync walk uses only
+:class:`RedisKeys`.
 """
 
+from __future__ import annotations
+
 import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """The Redis names of one deployment (``namespace``, already stripped)."""
+
+    namespace: str = ""
+
+    @property
+    def queue(self) -> str:  # the Celery queue (a Redis list) the tasks travel on
+        return f"{self.namespace}dokstamp-sync"
+
+    @property
+    def group(self) -> str:  # the stream's consumer group
+        return f"{self.namespace}dokstamp-sync"
+
+    @property
+    def counters(self) -> str:  # hash of fleet-wide counters (API, retries, outcomes)
+        return f"{self.namespace}dokstamp:metrics"
+
+    @property
+    def heartbeat(self) -> str:  # + "task" or "ingest:<consumer>": epoch seconds
+        return f"{self.namespace}dokstamp:heartbeat:"
+
+    @property
+    def ingest_failure(self) -> str:  # JSON {"at": epoch s, "consumer", "reason"}
+        return f"{self.namespace}dokstamp:ingest:failure"
+
+    @property
+    def lock(self) -> str:  # + "entity:<entity>:<key>", "nk:<entity>:<sha256>", "listing:..."
+        return f"{self.namespace}dokstamp:lock:"
+
+    @property
+    def listing(self) -> str:  # + entity: a fresh full listing is in the natural-key table
+        return f"{self.namespace}dokstamp:listing:"
+
+    @property
+    def listing_untrusted(self) -> str:  # + entity: the last listing could not be read whole
+        return f"{self.namespace}dokstamp:listing-untrusted:"
+
+    @property
+    def token(self) -> str:  # a key name, not a secret; + a digest of the credentials
+        return f"{self.namespace}dokstamp:token:"
+
+    @property
+    def rate_limit(self) -> str:  # + tenant: the shared token bucket
+        return f"{self.namespace}dokstamp:ratelimit:"
+
+    @property
+    def pause(self) -> str:  # + tenant: every process holds its requests (after a 429)
+        return f"{self.namespace}dokstamp:pause:"
+
+    @property
+    def breaker(self) -> str:  # + tenant: the fleet's circuit breaker
+        return f"{self.namespace}dokstamp:breaker:"
+
+    @property
+    def inflight(self) -> str:  # + "<entity>:<sha256 of natural key>": a create may still land
+        return f"{self.namespace}dokstamp:inflight:"
 
 
 def _namespace() -> str:
@@ -22,27 +90,22 @@ def _namespace() -> str:
     return value.strip()
 
 
-NAMESPACE = _namespace()
-QUEUE = f"{NAMESPACE}dokstamp-sync"  # the Celery queue (a Redis list) the tasks travel on
-GROUP = f"{NAMESPACE}dokstamp-sync"  # the stream's consumer group
-COUNTERS = f"{NAMESPACE}dokstamp:metrics"  # hash of fleet-wide counters (API, retries, outcomes)
-HEARTBEAT = f"{NAMESPACE}dokstamp:heartbeat:"  # + "task" or "ingest:<consumer>": epoch seconds
-# The stream ingester's last failed batch: JSON {"at": epoch s, "consumer", "reason"}.
-INGEST_FAILURE = f"{NAMESPACE}dokstamp:ingest:failure"
-# + "entity:<entity>:<key>", "nk:<entity>:<sha256>", "listing:<entity>", "outbox" (one sweeper)
-LOCK = f"{NAMESPACE}dokstamp:lock:"
-LISTING = f"{NAMESPACE}dokstamp:listing:"  # + entity: a fresh full listing is in the NK table
-# A key name, not a secret; + a digest of the credentials: the shared, encrypted access token.
-TOKEN = f"{NAMESPACE}dokstamp:token:"
-RATE_LIMIT = f"{NAMESPACE}dokstamp:ratelimit:"  # + tenant: the shared token bucket
-PAUSE = f"{NAMESPACE}dokstamp:pause:"  # + tenant: every process holds its requests (after a 429)
-# + entity: the last listing could not be read completely; do not list again for a while
-LISTING_UNTRUSTED = f"{NAMESPACE}dokstamp:listing-untrusted:"
-BREAKER = f"{NAMESPACE}dokstamp:breaker:"  # + tenant: the fleet's circuit breaker
-# + "<entity>:<sha256 of natural key>": a failed create may still land
-INFLIGHT = f"{NAMESPACE}dokstamp:inflight:"
+_DEFAULT = RedisKeys(_namespace())
+NAMESPACE = _DEFAULT.namespace
+QUEUE = _DEFAULT.queue
+GROUP = _DEFAULT.group
+COUNTERS = _DEFAULT.counters
+HEARTBEAT = _DEFAULT.heartbeat
+INGEST_FAILURE = _DEFAULT.ingest_failure
+LOCK = _DEFAULT.lock
+LISTING = _DEFAULT.listing
+TOKEN = _DEFAULT.token
+RATE_LIMIT = _DEFAULT.rate_limit
+PAUSE = _DEFAULT.pause
+LISTING_UNTRUSTED = _DEFAULT.listing_untrusted
+BREAKER = _DEFAULT.breaker
+INFLIGHT = _DEFAULT.inflight
 
-# The streams' default names (CONTRACT §1); settings may name others. Not namespaced: they are
-# the ERP's interface, named in its own configuration.
+# The streams' default names (CONTRACT §1); settings may name others.
 EVENTS_STREAM = "dokstamp:events"
 RESULTS_STREAM = "dokstamp:results"

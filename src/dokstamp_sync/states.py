@@ -48,3 +48,26 @@ class LetterStatus(StrEnum):
 def check_in(column: str, values: type[StrEnum]) -> str:
     """The SQL of a CHECK constraint keeping ``column`` to the enum's values."""
     return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
+
+
+class RunState(StrEnum):
+    """What a run reports when it did not (or could not) record a state of the event's own:
+    never stored in the database."""
+
+    BUSY = "busy"  # another worker holds the entity's lock: tried again shortly
+    MISSING = "missing"  # no inbox event with that primary key
+    ERROR = "error"  # the run failed before it could record anything (the database away)
+
+
+class CertificateStatus(StrEnum):
+    """A certificate's ``status`` as DokStamp answers it (the API's words, not ours)."""
+
+    DRAFT = "draft"
+    ISSUED = "issued"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    DELETED = "deleted"  # ours: a draft we deleted (DokStamp keeps no such certificate)
+
+
+# Where a certificate ends: nothing is left to revoke.
+ENDED: tuple[CertificateStatus, ...] = (CertificateStatus.REVOKED, CertificateStatus.EXPIRED)

@@ -24,13 +24,13 @@ def sync_events(event_pks: list[int]) -> list[str]:
     ctx = wiring.context()
     pks = [int(pk) for pk in event_pks]
     try:  # the whole batch is this task's from now on: the scheduler must not hand it out
-        floor = ctx.store.lease(pks, ctx.lease)
+        floor = ctx.store.lease(pks, ctx.limits.lease)
     except Exception:  # each run below claims its own event anyway
         log.exception("events %s: could not lease the batch", pks)
         floor = utcnow()
     states = []
     # The lease is short (a lost worker's events come back within it): renewed while we work.
-    with Heartbeat(ctx.store, pks, ctx.lease, floor) as heartbeat:
+    with Heartbeat(ctx.store, pks, ctx.limits.lease, floor) as heartbeat:
         for pk in pks:
             try:
                 states.append(engine.run(ctx, pk, flush=False))
@@ -47,5 +47,5 @@ def sync_event(event_pk: int) -> str:
     """Sync inbox event ``event_pk``; returns the state it ended in (messages queued by
     versions before ``sync_events`` still run)."""
     ctx = wiring.context()
-    with Heartbeat(ctx.store, [event_pk], ctx.lease, utcnow()):
+    with Heartbeat(ctx.store, [event_pk], ctx.limits.lease, utcnow()):
         return engine.run(ctx, event_pk)

@@ -28,8 +28,13 @@ from dokstamp_sync.config import (
 from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.dokstamp import RateLimiter, RedisTokenStore, client_from_settings
 from dokstamp_sync.dokstamp.breaker import CircuitBreaker
-from dokstamp_sync.sync.context import SyncContext
-from dokstamp_sync.sync.files import FilePolicy
+from dokstamp_sync.pipeline.results import Publisher
+from dokstamp_sync.redis_keys import RedisKeys
+from dokstamp_sync.sync.context import Limits, SyncContext
+from dokstamp_sync.sync.locks import Locks
+from dokstamp_sync.sync.marks import Counters, CreateMarks, ListingMarks
+from dokstamp_sync.sync.sources import FilePolicy
+from dokstamp_sync.sync.store import Store
 
 _settings: StoreSettings | None = None
 _context: SyncContext | None = None
@@ -68,7 +73,8 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
     rate limit, database sessions, Redis, the file policy and the engine's limits.
 
     ``sessions`` and ``redis_client`` reuse connections the caller already has (tests, the
-    benchmark); ``overrides`` replace any of the context's fields (``sleep``, ``rng``...).
+    benchmark); ``overrides`` replace any of the context's fields (``sleep``, ``rng``...). The Redis
+    names are built here, from ``dokstamp_sync_namespace``.
     """
     client_redis = redis_client or redis.Redis.from_url(settings.redis_url)
     limiter = RateLimiter(client_redis, settings.dokstamp_tenant, settings.dokstamp_rate_limit,
@@ -80,27 +86,33 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
     api = client_from_settings(settings, store=RedisTokenStore(client_redis), limiter=limiter,
                                breaker=breaker)
     root = settings.dokstamp_sync_file_root
+    keys = RedisKeys(settings.dokstamp_sync_namespace.strip())
+    sessions = sessions or make_sessionmaker(make_engine(settings.database_url))
+    # The store reports each final outcome after its commit; the publisher writes it.
+    publisher = Publisher(client_redis, settings.dokstamp_sync_results_stream,
+                          settings.dokstamp_sync_results_maxlen)
     ctx = SyncContext(
         client=api,
-        sessions=sessions or make_sessionmaker(make_engine(settings.database_url)),
-        redis=client_redis,
+        store=Store(sessions, report=publisher),
+        locks=Locks(client_redis, keys.lock, settings.dokstamp_sync_lock_timeout),
+        creates=CreateMarks(client_redis, keys),
+        listings=ListingMarks(client_redis, keys),
+        counters=Counters(client_redis, keys, extra=limiter.unflushed),
         files=FilePolicy(settings.file_hosts, Path(root) if root else None,
                          settings.dokstamp_sync_file_max_bytes),
         file_http=httpx.Client(timeout=httpx.Timeout(settings.dokstamp_timeout, connect=5.0),
                                follow_redirects=False),
-        dependency_timeout=settings.dokstamp_sync_dependency_timeout,
-        retry_budget=settings.dokstamp_sync_retry_budget,
-        max_deliveries=settings.dokstamp_sync_max_deliveries,
-        lock_timeout=settings.dokstamp_sync_lock_timeout,
-        create_window=2 * settings.dokstamp_timeout,
-        lease=settings.dokstamp_sync_lease,
-        limiter=limiter,
-        results_stream=settings.dokstamp_sync_results_stream,
-        results_maxlen=settings.dokstamp_sync_results_maxlen,
+        redis=client_redis,
+        sessions=sessions,
+        limits=Limits(dependency_timeout=settings.dokstamp_sync_dependency_timeout,
+                      retry_budget=settings.dokstamp_sync_retry_budget,
+                      max_deliveries=settings.dokstamp_sync_max_deliveries,
+                      create_window=2 * settings.dokstamp_timeout,
+                      lease=settings.dokstamp_sync_lease),
         breaker=breaker,
     )
     ctx = replace(ctx, **overrides) if overrides else ctx
-    api.before_write = ctx.check_locks  # a run that lost a lock never writes
+    api.before_write = ctx.locks.check  # a run that lost a lock never writes
     return ctx
 
 

@@ -120,7 +120,11 @@ def test_the_stream_is_trimmed_to_its_maxlen(h, ctx):
     """XADD trims approximately to DOKSTAMP_SYNC_RESULTS_MAXLEN (here 10)."""
     from dataclasses import replace
 
-    small = replace(ctx, results_maxlen=10)
+    from dokstamp_sync.pipeline.results import Publisher
+    from dokstamp_sync.sync.store import Store
+
+    small = replace(ctx, store=Store(ctx.sessions,
+                                     report=Publisher(ctx.redis, RESULTS_STREAM, maxlen=10)))
     h.ctx = small
     h.ingester.report = small.store.report
     h.send(*[f"junk {i}" for i in range(300)])

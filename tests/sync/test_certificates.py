@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +24,7 @@ from dokstamp_sync.demo.samples import event
 from dokstamp_sync.ops import dlq
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.sync.context import SyncContext
-from dokstamp_sync.testing import T0, Harness, live, sandbox_context, sandbox_settings
+from dokstamp_sync.testing import T0, Harness, calls, live, sandbox_context, sandbox_settings
 
 MODES = ("a", "b", "strict")
 
@@ -120,8 +121,9 @@ def test_created_but_unmapped_after_a_lost_response_is_found_and_revoked(hh, san
     and revokes it."""
     rest, (cert,) = graph()
     hh.sync(*rest)
-    hh.ctx.in_call_attempts = 1
-    hh.ctx.create_window = 0.2  # the failed create may still land: searched after this
+    hh.ctx.limits = replace(hh.ctx.limits, in_call_attempts=1)
+    # the failed create may still land: searched after this
+    hh.ctx.limits = replace(hh.ctx.limits, create_window=0.2)
     script(sandbox, ScriptedFault("POST", "/certificates", status=500, after_commit=True))
     assert hh.sync(cert) == ["waiting"]
     assert hh.mapping("certificate", "CERT-00001") is None
@@ -136,7 +138,7 @@ def test_slow_create_landing_after_the_timeout_is_found_and_revoked(make_ctx, sa
     """Case 1: POST /certificates lands 1.5 s late, after the client's 0.5 s timeout (no
     mapping); a revoke arriving later finds that certificate and revokes it."""
     h = Harness(make_ctx(timeout=0.5))
-    h.ctx.in_call_attempts = 1
+    h.ctx.limits = replace(h.ctx.limits, in_call_attempts=1)
     rest, (cert,) = graph()
     h.sync(*rest)
     script(sandbox, ScriptedFault("POST", "/certificates", status=201, delay_s=1.5))
@@ -155,7 +157,7 @@ def test_revoke_whose_answer_is_lost_ends_synced_on_retry_and_replay(hh, sandbox
     sees it revoked and ends synced (not "already revoked" dead); the mapping says revoked."""
     rest, (cert,) = graph()
     hh.sync(*rest, cert)
-    hh.ctx.in_call_attempts = 1
+    hh.ctx.limits = replace(hh.ctx.limits, in_call_attempts=1)
     script(sandbox, ScriptedFault("PUT", "/certificates/{uuid}/revoke", status=500,
                                   after_commit=True))
     r = revoke()
@@ -172,7 +174,7 @@ def test_issue_whose_answer_is_lost_is_synced_and_a_revoke_then_revokes(hh, sand
     rest, (cert,) = graph(issue=False)
     hh.sync(*rest, cert)
     assert certificates(sandbox)[0]["status"] == "draft"
-    hh.ctx.in_call_attempts = 1
+    hh.ctx.limits = replace(hh.ctx.limits, in_call_attempts=1)
     script(sandbox, ScriptedFault("PATCH", "/certificates/{uuid}", status=500,
                                   after_commit=True))
     issue = event("certificate", cert["key"], dict(cert["data"], issue=True),
@@ -255,7 +257,8 @@ def test_lost_creates_are_found_again_by_student_and_course(hh, sandbox):
     would be ignored and every retry would "find" the first certificate)."""
     rest, certs = graph(4)
     hh.sync(*rest)
-    hh.ctx.create_window = 0.2  # each failed create may still land: searched after this
+    # each failed create may still land: searched after this
+    hh.ctx.limits = replace(hh.ctx.limits, create_window=0.2)
     script(sandbox, ScriptedFault("POST", "/certificates", status=500, after_commit=True,
                                   times=4))
     hh.sync(*certs)
@@ -325,3 +328,45 @@ def test_whole_class_with_a_revoke_waiting_for_its_student(hh, sandbox):
         want = "revoked" if i == 2 else "issued"
         assert held[m.dokstamp_uuid]["status"] == m.remote_status == want
         assert m.verification_url == held[m.dokstamp_uuid]["public_verification_url"]
+
+
+# -- 6. issue 16: a certificate re-checks its references; a search counts once ---------------
+
+def test_a_certificate_whose_student_was_deleted_in_dokstamp_recreates_the_student(hh, sandbox):
+    """The certificate's student was deleted in DokStamp behind our back (its mapping still
+    points at it): the create is refused 422 "The selected student uuid is invalid.", the
+    student is looked up (404), forgotten and recreated from its latest upsert, and the
+    certificate is created on the new student, as for any other entity; nothing is dead."""
+    rest, (cert,) = graph()
+    hh.sync(*rest)
+    gone = hh.mapping("student", "S-00001").dokstamp_uuid
+    for enrollment in live(sandbox, "enrollments"):  # the dashboard deletes them too
+        hh.ctx.client.enrollments.delete(enrollment["uuid"])
+    hh.ctx.client.students.delete(gone)
+    assert hh.sync(cert) == ["synced"]
+    (alive,) = live(sandbox, "students")
+    assert alive["uuid"] != gone
+    (held,) = certificates(sandbox)
+    assert held["student"]["uuid"] == alive["uuid"]
+    assert hh.mapping("student", "S-00001").dokstamp_uuid == alive["uuid"]
+    assert hh.mapping("certificate", "CERT-00001").dokstamp_uuid == held["uuid"]
+    assert hh.letters() == []
+
+
+def test_a_revoke_that_searches_counts_one_search(hh, sandbox):
+    """A revoke without a mapping searches DokStamp once with its upsert's data (one
+    GET /certificates): the ``searches`` counter goes up by one, not two."""
+    rest, (cert,) = graph()
+    hh.sync(*rest)
+    script(sandbox, ScriptedFault("POST", "/certificates", status=422, after_commit=False))
+    assert hh.sync(cert) == ["dead"]
+    counters = hh.ctx.counters.keys.counters
+
+    def searches() -> int:
+        return int(hh.ctx.redis.hget(counters, "searches") or 0)
+
+    before, gets = searches(), calls(sandbox).get("GET /certificates", 0)
+    assert hh.sync(revoke()) == ["synced"]
+    assert calls(sandbox).get("GET /certificates", 0) - gets == 1
+    assert searches() - before == 1
+    assert certificates(sandbox) == []

@@ -10,6 +10,7 @@ Each test asserts what the sandbox ends up holding.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -24,8 +25,8 @@ def script(sandbox: Any, *faults: ScriptedFault) -> None:
 
 def short_window(h: Harness) -> None:
     """A failed create parks its event for 0.2 s (not twice the HTTP timeout), tried once."""
-    h.ctx.create_window = 0.2
-    h.ctx.in_call_attempts = 1
+    h.ctx.limits = replace(h.ctx.limits, create_window=0.2)
+    h.ctx.limits = replace(h.ctx.limits, in_call_attempts=1)
 
 
 def settle(h: Harness) -> None:

@@ -3,6 +3,8 @@ dead-lettered naming the cycle."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.sandbox import Faults
 from dokstamp_sync.testing import calls
@@ -24,7 +26,7 @@ def test_dependents_do_not_rerun_a_parked_dependency_before_its_backoff(h, ctx, 
     wait for its next attempt instead of each re-running it inline: POST /institutions is
     sent only by the institution's own run."""
     ctx.breaker.threshold = 1000  # an entity failing, not an outage
-    ctx.create_window = 30
+    ctx.limits = replace(ctx.limits, create_window=30)
     sandbox.sandbox.faults.configure(Faults(error_rate=1.0, lost_response_share=0.0))
     (inst,) = h.send(_institution())
     assert h.run([inst]) == ["waiting"]

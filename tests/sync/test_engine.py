@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from dokstamp_sync.demo import samples
@@ -68,7 +69,7 @@ def test_certificate_before_its_student_waits_then_syncs(h, sandbox):
 
 def test_dependency_that_never_arrives_is_dead_lettered_after_the_timeout(h, ctx, sandbox):
     """After the dependency timeout, a waiting event dies with 'dependency ... never arrived'."""
-    ctx.dependency_timeout = 0.0
+    ctx.limits = replace(ctx.limits, dependency_timeout=0.0)
     e = event("enrollment", "E-1", {"student_key": "S-404", "course_key": "C-404",
                                     "enrolled_at": "2024-01-01"})
     assert h.sync(e) == ["dead"]
@@ -174,7 +175,7 @@ def test_5xx_after_the_write_creates_no_duplicate(h, sandbox):
     """POST /students fails with a 500 after the student was created: the event waits out the
     create window (no in-call re-POST), then the retry searches, finds it and maps it. One
     student in DokStamp."""
-    h.ctx.create_window = 0.2
+    h.ctx.limits = replace(h.ctx.limits, create_window=0.2)
     sandbox.sandbox.faults.configure(Faults(script=[
         ScriptedFault("POST", "/students", status=500, after_commit=True)]))
     e = student()
@@ -203,7 +204,7 @@ def test_5xx_that_persists_parks_the_event_with_backoff(h, sandbox):
 
 def test_retries_exhausted_after_the_budget(h, ctx, sandbox):
     """Once the retry budget is spent, a transient failure dead-letters 'retries exhausted'."""
-    ctx.retry_budget = 0.0
+    ctx.limits = replace(ctx.limits, retry_budget=0.0)
     ctx.breaker.threshold = 1000  # failures of one event, not an outage (see test_breaker)
     sandbox.sandbox.faults.configure(Faults(error_rate=1.0, lost_response_share=0.0))
     e = student()
@@ -364,7 +365,7 @@ def test_worker_lost_too_many_times_is_dead_lettered(h, ctx, sandbox):
     e = student()
     pk = h.send(e)[0]
     with session_scope(ctx.sessions) as s:
-        s.get(InboxEvent, pk).deliveries = ctx.max_deliveries  # as if killed that many times
+        s.get(InboxEvent, pk).deliveries = ctx.limits.max_deliveries  # as if killed that many times
     assert h.run([pk]) == ["dead"]
     assert "worker was lost" in h.letters()[0].reason
     assert live(sandbox, "students") == []

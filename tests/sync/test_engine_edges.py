@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -305,7 +306,7 @@ def test_a_create_whose_worker_died_before_recording_it_is_waited_for_then_found
     """The in-flight mark is set before the POST: when the run dies after the create landed
     but before its natural key was recorded (as a kill -9 would leave it), the next event of
     that entity waits out the create window and then finds the student: no second one."""
-    h.ctx.create_window = 0.3
+    h.ctx.limits = replace(h.ctx.limits, create_window=0.3)
     real = h.ctx.store.remember_natural_key
     calls = []
 

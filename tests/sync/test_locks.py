@@ -15,21 +15,21 @@ from dokstamp_sync.testing import live, student
 def test_a_lock_outlives_its_timeout_while_its_holder_works(ctx):
     """A 0.6 s lock held for 1.5 s is renewed in the background: no one else can take it
     meanwhile, and it is still ours at the end."""
-    ctx.lock_timeout = 0.6
-    with ctx.lock("entity:student:S-1", wait=0.1) as held:
+    ctx.locks.timeout = 0.6
+    with ctx.locks.take("entity:student:S-1", wait=0.1) as held:
         time.sleep(1.5)
-        rival = ctx.new_lock("entity:student:S-1")
+        rival = ctx.locks.new("entity:student:S-1")
         assert not rival.acquire(blocking=False)
         assert held.owned()
-    assert not ctx.held
+    assert not ctx.locks.held
 
 
 def test_a_lost_lock_stops_the_write_before_it_is_sent(ctx, sandbox):
     """Once the entity lock has been lost (expired and taken by another worker), the next
     POST raises before it is sent: DokStamp holds no student."""
-    with ctx.lock("entity:student:S-1", wait=0.1):
-        ctx.redis.delete(f"{ctx.lock_prefix}entity:student:S-1")
-        assert ctx.new_lock("entity:student:S-1").acquire(blocking=False)  # the other worker
+    with ctx.locks.take("entity:student:S-1", wait=0.1):
+        ctx.redis.delete(f"{ctx.locks.prefix}entity:student:S-1")
+        assert ctx.locks.new("entity:student:S-1").acquire(blocking=False)  # the other worker
         with pytest.raises(LockNotOwnedError):
             ctx.client.students.create({"name": "M", "email": "m@example.edu",
                                         "date_of_birth": "1998-05-20"})
@@ -39,7 +39,7 @@ def test_a_lost_lock_stops_the_write_before_it_is_sent(ctx, sandbox):
 def test_a_slow_attempt_keeps_its_lock_and_syncs(h, ctx, sandbox):
     """With a 0.5 s lock timeout and DokStamp answering in 0.3 s (search, create: longer than
     the timeout), the run keeps its lock to the end and syncs one student."""
-    ctx.lock_timeout = 0.5
+    ctx.locks.timeout = 0.5
     sandbox.sandbox.faults.configure(Faults(latency_ms=300))
     assert h.sync(student()) == ["synced"]
     assert len(live(sandbox, "students")) == 1
@@ -49,11 +49,13 @@ def test_a_timed_out_create_is_not_posted_again_before_the_late_write_lands(h, c
     """POST /students answers after the client's 0.5 s timeout and lands 1 s after it was
     sent. The event is parked for the create window (twice the timeout) with no second POST;
     the next attempt searches, finds the late write, and maps it: one student, one POST."""
+    from dataclasses import replace
+
     from dokstamp_sync.sandbox import ScriptedFault
     from dokstamp_sync.testing import calls, sandbox_context
 
     slow = sandbox_context(sandbox, ctx.sessions, ctx.redis, timeout=0.5)
-    slow.create_window = 1.0
+    slow.limits = replace(slow.limits, create_window=1.0)
     sandbox.sandbox.faults.configure(Faults(script=[
         ScriptedFault("POST", "/students", status=201, delay_s=1.0)]))
     h.ctx = slow

@@ -15,17 +15,18 @@ the events first and the resolved letters only once no unreported event is left 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from datetime import timedelta
 from typing import cast
 
-from sqlalchemy import Table, and_, bindparam, func, or_, select, update
+from sqlalchemy import Table, and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, utcnow
 from dokstamp_sync.pipeline.results import Report, Result
+from dokstamp_sync.reporting import RESOLVED as RESOLVED
+from dokstamp_sync.reporting import mark_reported as mark_reported
 from dokstamp_sync.states import FINAL, EventState, LetterStatus
 
 log = logging.getLogger("dokstamp_sync.results")
@@ -37,38 +38,6 @@ INTERVAL = 5.0  # s between two sweeps (the pump's)
 EVENTS = cast(Table, InboxEvent.__table__)
 LETTERS = cast(Table, DeadLetter.__table__)
 MAPPINGS = cast(Table, Mapping.__table__)
-
-# Only an event still final is marked: one replayed meanwhile is open again (and reported when
-# it is final anew). A letter's outcome is marked only while it is the one reported: a letter
-# resolved meanwhile owes its ``superseded`` outcome still.
-_MARK_EVENTS = update(EVENTS).where(
-    EVENTS.c.id.in_(bindparam("pks", expanding=True)), EVENTS.c.reported_at.is_(None),
-    EVENTS.c.state.in_(FINAL)).values(reported_at=bindparam("now"))
-_MARK_RESOLVED = update(LETTERS).where(
-    LETTERS.c.id.in_(bindparam("ids", expanding=True)), LETTERS.c.reported_at.is_(None),
-    LETTERS.c.status == LetterStatus.SUPERSEDED).values(reported_at=bindparam("now"))
-_MARK_DEAD = update(LETTERS).where(
-    LETTERS.c.id.in_(bindparam("ids", expanding=True)), LETTERS.c.reported_at.is_(None),
-    LETTERS.c.status != LetterStatus.SUPERSEDED).values(reported_at=bindparam("now"))
-
-RESOLVED = "resolved: a newer event of this entity synced"
-
-
-def mark_reported(session: Session, results: Sequence[Result]) -> None:
-    """Mark the rows behind ``results`` reported (they were written to the stream)."""
-    now = utcnow()
-    pks = sorted({r.event_pk for r in results if r.event_pk is not None})
-    resolved = sorted({r.dead_letter_id for r in results if r.dead_letter_id is not None
-                       and r.state == EventState.SUPERSEDED and r.event_pk is None})
-    dead = sorted({r.dead_letter_id for r in results if r.dead_letter_id is not None
-                   and r.state != EventState.SUPERSEDED})
-    if pks:
-        session.execute(_MARK_EVENTS, {"pks": pks, "now": now})
-    if resolved:
-        session.execute(_MARK_RESOLVED, {"ids": resolved, "now": now})
-    if dead:
-        session.execute(_MARK_DEAD, {"ids": dead, "now": now})
-
 
 def unreported(session: Session, *, settle: float = SETTLE, limit: int = BATCH) -> list[Result]:
     """Up to ``limit`` outcomes recorded more than ``settle`` seconds ago and not reported,

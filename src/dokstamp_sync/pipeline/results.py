@@ -19,55 +19,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
 
 from dokstamp_sync.redis_keys import RESULTS_STREAM
+from dokstamp_sync.reporting import Report as Report
+from dokstamp_sync.reporting import Result as Result
 
 log = logging.getLogger("dokstamp_sync.results")
 
 RESULTS_MAXLEN = 100_000
 FIELD = "result"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Result:
-    """One outcome as CONTRACT §5 shows it (field names and order are the contract's)."""
-
-    event_id: str | None
-    entity: str | None
-    key: str | None
-    op: str | None
-    state: str  # synced, superseded or dead
-    at: datetime
-    dokstamp_uuid: str | None = None
-    mapping_status: str | None = None
-    public_verification_url: str | None = None
-    reason: str | None = None
-    dead_letter_id: int | None = None
-    http_status: int | None = None
-    # Not on the stream: the inbox row whose final state this is (None for a dead letter's
-    # own outcome), so that it can be marked reported after the XADD.
-    event_pk: int | None = field(default=None, compare=False)
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        del out["event_pk"]
-        out["at"] = self.at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        out["state"] = str(self.state)
-        if self.mapping_status is not None:
-            out["mapping_status"] = str(self.mapping_status)
-        return out
-
-    def to_json(self) -> str:
-        return json.dumps(self.as_dict(), ensure_ascii=False)
-
-
-Report = Callable[[Sequence[Result]], bool]  # True: written (the rows may be marked reported)
 
 
 class Publisher:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -31,23 +31,27 @@ from tenacity.wait import wait_random_exponential
 from dokstamp_sync.dokstamp.errors import CircuitOpen, TransientError
 from dokstamp_sync.events import Event, InvalidEvent
 from dokstamp_sync.models import utcnow
-from dokstamp_sync.redis_keys import HEARTBEAT
-from dokstamp_sync.states import OPEN, EventState
-from dokstamp_sync.sync import operations, references
-from dokstamp_sync.sync.context import SyncContext
+from dokstamp_sync.states import EventState, RunState
+from dokstamp_sync.sync import certificates, deletes, files, references, upserts
+from dokstamp_sync.sync.certificates import Lifecycle
+from dokstamp_sync.sync.context import Run, SyncContext
+from dokstamp_sync.sync.entities import SPECS
 from dokstamp_sync.sync.outcomes import (
     BREAKER_SLACK,
     Busy,
-    Dead,
+    Decision,
     Drifted,
+    Facts,
     InFlight,
+    Letter,
     Next,
     Outcome,
+    Park,
     Verdict,
-    Waiting,
     classify,
 )
-from dokstamp_sync.sync.store import Claimed, Decision, Facts, Letter, Park, View, data_hash
+from dokstamp_sync.sync.statements import Neighbour, data_hash
+from dokstamp_sync.sync.store import Claimed, View
 
 log = logging.getLogger("dokstamp_sync.sync")
 BACKOFF_BASE = 2.0  # seconds
@@ -58,20 +62,20 @@ IN_CALL_RETRY_AFTER_MAX = 5.0  # longer Retry-After waits are parked, not slept 
 def run(ctx: SyncContext, pk: int, *, flush: bool = True) -> str:
     """Process event ``pk`` as a task does; return its state afterwards. Never raises
     once the event is claimed. ``flush=False``: the caller sends the counters (once per
-    task, see :meth:`SyncContext.flush`)."""
+    task, see :func:`flush_counters`)."""
     # The delivery count is undone when this run completes, left behind if it is killed;
     # the lease keeps the scheduler from handing the event out again meanwhile.
-    claimed = ctx.store.claim(pk, ctx.lease)
+    claimed = ctx.store.claim(pk, ctx.limits.lease)
     if not isinstance(claimed, Claimed):
         return claimed
-    if claimed.deliveries > ctx.max_deliveries:
+    if claimed.deliveries > ctx.limits.max_deliveries:
         reason = (f"the worker was lost {claimed.deliveries - 1} times while processing "
                   "this event")
         state = ctx.store.conclude(pk, completed=False,
                                    decide=lambda _facts: Letter(reason=reason))
     else:
         try:
-            state = process(ctx, pk, payload=claimed.payload)
+            state = process(ctx, Run(), pk, payload=claimed.payload)
         except Exception as exc:  # a bug must neither kill the worker nor lose the event
             log.exception("event %s: internal error", pk)
             state = _settle(ctx, pk, 0, classify(exc))
@@ -83,10 +87,10 @@ def run(ctx: SyncContext, pk: int, *, flush: bool = True) -> str:
 
 def flush_counters(ctx: SyncContext) -> None:
     """The counters, and the health check's proof that tasks are being processed."""
-    ctx.flush({f"{HEARTBEAT}task": str(time.time())})
+    ctx.counters.flush(beat=True)
 
 
-def process(ctx: SyncContext, pk: int, depth: int = 0, *,
+def process(ctx: SyncContext, run: Run, pk: int, depth: int = 0, *,
             payload: dict[str, Any] | None = None) -> str:
     """Sync one event under its entity's lock; returns the state it ends in (or ``busy``).
 
@@ -103,27 +107,27 @@ def process(ctx: SyncContext, pk: int, depth: int = 0, *,
     except ValueError as exc:
         return _settle(ctx, pk, depth, classify(InvalidEvent(f"invalid event: {exc}")))
     try:
-        with ctx.lock(f"entity:{event.entity}:{event.key}",
-                      wait=5.0 if depth == 0 else 1.0) as held:
-            ctx.walk.append((event.entity, event.key))  # a dependency leading back: a cycle
+        with ctx.locks.take(f"entity:{event.entity}:{event.key}",
+                            wait=5.0 if depth == 0 else 1.0) as held:
+            run.walk.append((event.entity, event.key))  # a dependency leading back: a cycle
             try:
-                return _process_locked(ctx, pk, event, depth, held)
+                return _process_locked(ctx, run, pk, event, depth, held)
             finally:
-                ctx.walk.pop()
+                run.walk.pop()
     except Busy:
         if depth == 0:
             ctx.store.conclude(pk, completed=True, decide=lambda _facts: Park(
                 delay=1.0, error="another worker is syncing this entity", counted=False))
-        return "busy"
+        return RunState.BUSY
 
 
-def _process_locked(ctx: SyncContext, pk: int, event: Event, depth: int,
+def _process_locked(ctx: SyncContext, run: Run, pk: int, event: Event, depth: int,
                     held: Lock) -> str:
     tries = itertools.count()
     try:
         outcome = _with_retries(
-            ctx, lambda: _attempt(ctx, pk, event, depth, retry=next(tries) > 0))
-        held.reacquire()  # still ours? (else another run may be on this entity now)
+            ctx, lambda: _attempt(ctx, run, pk, event, depth, retry=next(tries) > 0))
+        ctx.locks.confirm(held)  # still ours? (else another run may be on this entity now)
     except Exception as exc:
         verdict = classify(exc)
         if verdict.unexpected:
@@ -132,56 +136,98 @@ def _process_locked(ctx: SyncContext, pk: int, event: Event, depth: int,
     return _record(ctx, pk, depth, outcome)
 
 
-def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int, *, retry: bool) -> Outcome:
+@dataclass(frozen=True)
+class Step:
+    """One attempt at one event, as the handlers below see it."""
+
+    run: Run
+    pk: int
+    event: Event
+    view: View
+    depth: int
+    fresh: bool  # see :func:`.upserts.find_or_create`
+    lifecycle: Lifecycle | None  # a certificate event's place among its certificate's
+
+
+def _attempt(ctx: SyncContext, run: Run, pk: int, event: Event, depth: int, *,
+             retry: bool) -> Outcome:
     refs = references.wanted(event) if event.op == "upsert" else []
     view = ctx.store.attempt(pk, (event.entity, event.key), refs)
     if isinstance(view, str):  # final already: recording leaves it alone and reports its state
         return Outcome(state=EventState.SUPERSEDED, note=f"already {view}")
-    if view.superseded:
+    life = certificates.place(view.neighbours, pk) if view.neighbours is not None else None
+    if life.superseded if life is not None else view.superseded:
         return Outcome(state=EventState.SUPERSEDED, note="a newer event for this entity came")
     # Never tried before, never delivered before: no lost response can have created it. Only
     # at the top level: a dependency run inline may be another task's killed delivery.
     fresh = depth == 0 and not retry and view.attempts == 0 and view.deliveries <= 1
-    if event.entity == "certificate" and event.op != "upsert":
-        return _end_certificate(ctx, event, depth, view)
-    if event.op == "delete":
-        return operations.delete(ctx, event, view.own)
-    uuids = references.resolve(ctx, event, depth, process, view.refs)
-    body = references.payload(event, uuids)
-    digest = data_hash({"data": event.data, "refs": uuids})
-    if event.entity == "certificate":
-        end = view.lifecycle.end if view.lifecycle else None
-        revocation = None if end is None else Event.model_validate(end.payload)
-        return operations.upsert_certificate(ctx, event, body, view.own, digest, fresh=fresh,
-                                             revocation=revocation)
-    return operations.upsert(ctx, event, body, uuids, view.own, digest, fresh=fresh)
+    step = Step(run, pk, event, view, depth, fresh, life)
+    return HANDLERS[(event.entity, event.op)](ctx, step)
 
 
-def _end_certificate(ctx: SyncContext, event: Event, depth: int, view: View) -> Outcome:
-    """A certificate's revoke or delete, applied on top of its newest upsert (CONTRACT §2).
+# -- what each (entity, op) does ------------------------------------------------------------
 
-    When that upsert is still open (waiting for its student, a retry parked), it is synced
-    here first, under this entity lock we hold, as a dependency would be: it sees this event
-    after it and revokes what it creates. Whatever stops it (a dependency missing) stops this
-    event too, so both wait for the same thing. Otherwise the certificate is found by its
-    mapping or, without one, searched for with the newest upsert's data: a missing mapping
-    is not proof of absence.
-    """
-    own = view.own
-    upsert = view.lifecycle.upsert if view.lifecycle else None
-    if upsert is not None and upsert.state in OPEN:
+Handler = Callable[[SyncContext, Step], Outcome]
+
+
+def _prepared(ctx: SyncContext, step: Step) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """An upsert's DokStamp payload, its references' UUIDs (a known but unsynced dependency
+    synced first) and the digest that says whether anything changed since the last send."""
+    uuids = references.resolve(ctx, step.run, step.event, step.depth, process, step.view.refs)
+    digest = data_hash({"data": step.event.data, "refs": uuids})
+    return references.payload(step.event, uuids), uuids, digest
+
+
+def _upsert_entity(ctx: SyncContext, step: Step) -> Outcome:
+    body, uuids, digest = _prepared(ctx, step)
+    with upserts.references_rechecked(ctx, step.event, uuids):
+        return upserts.upsert_entity(ctx, step.event, body, uuids, step.view.own, digest,
+                                     fresh=step.fresh)
+
+
+def _upsert_file(ctx: SyncContext, step: Step) -> Outcome:
+    _, _, digest = _prepared(ctx, step)
+    return files.upsert_file(ctx, step.event, step.view.own, digest)
+
+
+def _upsert_certificate(ctx: SyncContext, step: Step) -> Outcome:
+    body, uuids, digest = _prepared(ctx, step)
+    end = step.lifecycle.end if step.lifecycle else None
+    revocation = None if end is None else Event.model_validate(end.payload)
+    with upserts.references_rechecked(ctx, step.event, uuids):
+        return certificates.upsert_certificate(ctx, step.event, body, step.view.own, digest,
+                                               fresh=step.fresh, revocation=revocation)
+
+
+def _delete_entity(ctx: SyncContext, step: Step) -> Outcome:
+    return deletes.delete_entity(ctx, step.event, step.view.own)
+
+
+def _end_certificate(ctx: SyncContext, step: Step) -> Outcome:
+    """A certificate's revoke or delete (see :func:`.certificates.end_certificate`): its open
+    upsert is synced first here, under the entity lock this run holds."""
+    def sync_first(upsert: Neighbour) -> None:
         data = Event.model_validate(upsert.payload)
-        _record(ctx, upsert.pk, depth + 1,
-                _attempt(ctx, upsert.pk, data, depth + 1, retry=True))
-        own = ctx.store.mapping(event.entity, event.key)
-    fields = None
-    if own is None and upsert is not None:  # its upsert synced or dead, yet no mapping
-        data = Event.model_validate(upsert.payload)
-        try:
-            fields = references.payload(data, references.resolve(ctx, data, depth, process, {}))
-        except (Waiting, Dead):
-            fields = None  # what it names was never synced: neither can the certificate be
-    return operations.revoke(ctx, event, own, fields)
+        _record(ctx, upsert.pk, step.depth + 1,
+                _attempt(ctx, step.run, upsert.pk, data, step.depth + 1, retry=True))
+
+    def payload_of(data: Event) -> dict[str, Any]:
+        uuids = references.resolve(ctx, step.run, data, step.depth, process, {})
+        return references.payload(data, uuids)
+
+    return certificates.end_certificate(
+        ctx, step.event, step.view.own, step.lifecycle.upsert if step.lifecycle else None,
+        sync_first=sync_first, payload_of=payload_of)
+
+
+HANDLERS: dict[tuple[str, str], Handler] = {
+    **{(entity, "upsert"): _upsert_entity for entity in SPECS},
+    **{(entity, "delete"): _delete_entity for entity in SPECS},
+    ("file", "upsert"): _upsert_file,
+    ("certificate", "upsert"): _upsert_certificate,
+    ("certificate", "delete"): _end_certificate,
+    ("certificate", "revoke"): _end_certificate,
+}
 
 
 def _retry_now(exc: BaseException) -> bool:
@@ -203,7 +249,7 @@ def _retry_wait(state: RetryCallState) -> float:
 
 def _with_retries(ctx: SyncContext, fn: Callable[[], Outcome]) -> Outcome:
     """Short in-call retries of a whole attempt: safe, since every attempt searches again."""
-    retrying = Retrying(stop=stop_after_attempt(ctx.in_call_attempts), wait=_retry_wait,
+    retrying = Retrying(stop=stop_after_attempt(ctx.limits.in_call_attempts), wait=_retry_wait,
                         retry=retry_if_exception(_retry_now), reraise=True, sleep=ctx.sleep)
     return retrying(fn)
 
@@ -238,12 +284,12 @@ def _decide(ctx: SyncContext, verdict: Verdict, facts: Facts) -> Decision:
     now = utcnow()
     if verdict.next == Next.WAIT:
         waited = now - facts.received_at
-        if verdict.never_arrived and waited > timedelta(seconds=ctx.dependency_timeout):
+        if verdict.never_arrived and waited > timedelta(seconds=ctx.limits.dependency_timeout):
             return Letter(reason=verdict.reason.replace("has not arrived", "never arrived"))
         return Park(delay=verdict.delay, error=verdict.reason,
                     waiting_for=verdict.waiting_for, counted=False)
     first = facts.first_failed_at or now
-    if (now - first).total_seconds() > ctx.retry_budget:
+    if (now - first).total_seconds() > ctx.limits.retry_budget:
         return Letter(reason=f"retries exhausted after {facts.attempts + 1} attempts: "
                              f"{verdict.reason}")
     ctx.count("retries")

@@ -1,127 +1,163 @@
-"""Where a file event's bytes come from: ``url`` (allow-listed hosts only), ``path`` (under the
-configured folder, no escapes) or ``content_base64``; never more than the size limit.
-
-Failures are classified per file, like DokStamp's: a source that is forbidden or broken (a 4xx,
-a malformed URL, a missing or unreadable path) raises :class:`FileSourceError` (permanent: dead
-letter); a document server that fails for now (a 5xx, a 429, a timeout, a refused connection)
-raises :class:`SourceUnavailable`, a :class:`~dokstamp_sync.dokstamp.errors.TransientError`, so
-the event is retried later (``Retry-After`` kept). Nothing else escapes :func:`load`.
+"""Uploading a file event: DokStamp deduplicates files by content, and so do we (the sha256 is
+the natural key). Other file events still to do ride along in the same ``POST /files`` (up to
+``BATCH_FILES`` files or ``BATCH_BYTES``), each under its own entity lock; where a file's bytes
+come from is :mod:`.sources`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import mimetypes
+import logging
 from dataclasses import dataclass
-from pathlib import Path
+from hashlib import sha256
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+from redis.lock import Lock
 
-from dokstamp_sync.dokstamp import errors
+from dokstamp_sync.dokstamp import Entity, Upload
+from dokstamp_sync.dokstamp.errors import DokStampError, UploadMismatch
+from dokstamp_sync.events import Event
+from dokstamp_sync.sync import sources
+from dokstamp_sync.sync.context import SyncContext
+from dokstamp_sync.sync.outcomes import Companion, Outcome
+from dokstamp_sync.sync.statements import Snapshot, data_hash
+from dokstamp_sync.sync.upserts import unchanged
 
-
-class FileSourceError(ValueError):
-    """The file cannot be obtained, and retrying will not change that."""
-
-
-class SourceUnavailable(errors.TransientError):
-    """The document server (or the file system) failed for now: retry the event later. Not
-    DokStamp's failure: the fleet's circuit breaker never sees it. ``unreachable``: no answer
-    at all (a timeout, a refused connection), not an error answer about this one file."""
-
-    def __init__(self, message: str, *, unreachable: bool = False, **kw: Any) -> None:
-        super().__init__(message, **kw)
-        self.unreachable = unreachable
+log = logging.getLogger("dokstamp_sync.sync")
+BATCH_FILES = 50  # files per POST /files
+BATCH_BYTES = 20 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class FilePolicy:
-    allowed_hosts: frozenset[str]
-    root: Path | None
-    max_bytes: int
+@dataclass
+class _Pending:
+    """A file to upload: this event's own, or a companion's taken along in the same request."""
+
+    data: dict[str, Any]
+    content: bytes
+    mime: str
+    pk: int | None = None  # a companion's event
+    key: str = ""
+    lock: Lock | None = None
+
+    @property
+    def sha(self) -> str:
+        return sha256(self.content).hexdigest()
 
 
-def _check_size(content: bytes, policy: FilePolicy) -> bytes:
-    if len(content) > policy.max_bytes:
-        raise FileSourceError(f"file is larger than the limit of {policy.max_bytes} bytes")
-    if not content:
-        raise FileSourceError("file is empty")
-    return content
+def upsert_file(ctx: SyncContext, event: Event, snapshot: Snapshot | None,
+                digest: str) -> Outcome:
+    """Upload the file unless its content is known already (then map it, no call).
+
+    The outcome carries the companions uploaded along for the engine to record; their tasks
+    then find them synced and make no call. A companion that cannot be read is left to its
+    own task.
+    """
+    if (same := unchanged(ctx, snapshot, digest)) is not None:
+        return same
+    data = event.data or {}
+    content, mime = sources.load(data, ctx.files, ctx.file_http)
+    own = _Pending(data, content, mime)
+    uuid = ctx.store.known_uuid("file", f"sha256={own.sha}")
+    companions: tuple[Companion, ...] = ()
+    if uuid is None:
+        batch = [own, *_companions(ctx, event, len(content))]
+        try:
+            uuid, companions = _remember_batch(ctx, batch, _upload(ctx, batch))
+        finally:
+            ctx.locks.release_all(p.lock for p in batch)
+    return Outcome.synced(uuid=uuid, sent=_sent(own), digest=digest, companions=companions)
 
 
-def _from_url(url: str, policy: FilePolicy, http: httpx.Client) -> bytes:
+def _upload(ctx: SyncContext, batch: list[_Pending]) -> dict[str, Entity]:
+    """Upload the batch's distinct contents in one request: their records by sha256.
+
+    Two files with the same content are sent once (DokStamp would answer one record for both:
+    both map to it). When the answer cannot be matched to the files (:class:`UploadMismatch`:
+    a record missing, a size or a name that does not fit), each file is sent on its own, whose
+    single record is unambiguous (deduplication makes sending one again harmless).
+    """
+    distinct: dict[str, _Pending] = {}
+    for p in batch:
+        distinct.setdefault(p.sha, p)
+    pending = list(distinct.values())
+
+    def send(items: list[_Pending]) -> list[Entity]:
+        records = ctx.client.files.upload(
+            [Upload(str(p.data["filename"]), p.content, p.mime) for p in items])
+        ctx.count("uploads")
+        return records
+
     try:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-    except ValueError:  # e.g. "http://[::1/x": no retry will parse it
-        raise FileSourceError("data.url is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise FileSourceError(f"data.url must be an http(s) URL, got scheme {parts.scheme!r}")
-    if host not in policy.allowed_hosts:
-        raise FileSourceError(f"host {host!r} is not in DOKSTAMP_SYNC_FILE_HOSTS")
+        records = send(pending)
+    except UploadMismatch as exc:
+        if len(pending) == 1:
+            raise
+        log.warning("file upload of %d files: %s; uploading them one per request",
+                    len(pending), exc.message)
+        records = [record for p in pending for record in send([p])]
+    return {p.sha: r for p, r in zip(pending, records, strict=True)}
+
+
+def _sent(p: _Pending) -> dict[str, Any]:
+    return {"filename": p.data["filename"], "sha256": p.sha, "size": len(p.content)}
+
+
+def _companions(ctx: SyncContext, event: Event, used: int) -> list[_Pending]:
+    """Other file events to upload along, each under its entity lock (held by the caller until
+    the upload is recorded). A companion whose source fails in any way is left to its own task,
+    which classifies the failure for that file alone; a document server that did not answer
+    (a timeout, a refused connection) is not asked for more companions in this batch: each
+    would wait for its timeout while this upload waits. An error answer (a 503 for one file)
+    is about that file: the others of the same server are still taken."""
+    out: list[_Pending] = []
+    failing: set[str] = set()  # hosts that did not answer
     try:
-        request = http.build_request("GET", url)
-    except httpx.InvalidURL:  # not an httpx.HTTPError: exchange would not translate it
-        raise FileSourceError("data.url is not a valid URL") from None
+        for pk, key, payload in ctx.store.file_companions(event.event_id, BATCH_FILES - 1):
+            data = dict(payload.get("data") or {})
+            if data.get("url") and _host(data["url"]) in failing:
+                continue
+            lock = ctx.locks.try_take(f"entity:file:{key}")
+            if lock is None:
+                continue  # its own task is on it
+            try:
+                content, mime = sources.load(data, ctx.files, ctx.file_http)
+            except Exception as exc:  # whatever it is, the companion's own task will say it
+                log.info("file %s not taken along in the upload of %s: %s", key, event.key,
+                         exc if isinstance(exc, sources.FileSourceError | DokStampError)
+                         else type(exc).__name__)
+                if isinstance(exc, sources.SourceUnavailable) and exc.unreachable \
+                        and data.get("url"):
+                    failing.add(_host(data["url"]))
+                ctx.locks.release(lock)
+                continue
+            if used + len(content) > BATCH_BYTES:
+                ctx.locks.release(lock)
+                break
+            used += len(content)
+            out.append(_Pending(data, content, mime, pk, key, lock))
+    except BaseException:  # never keep (and renew) a companion's lock past this call
+        ctx.locks.release_all(p.lock for p in out)
+        raise
+    return out
+
+
+def _host(url: Any) -> str:
     try:
-        with errors.exchange(http, request, stream=True,
-                             failed=lambda status: status >= 500 or status == 429) as response:
-            if response.status_code >= 300:  # redirects are not followed: never upload them
-                raise FileSourceError(f"document server answered {response.status_code} for "
-                                      f"{parts.path}")
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > policy.max_bytes:
-                    raise FileSourceError(
-                        f"file is larger than the limit of {policy.max_bytes} bytes")
-                chunks.append(chunk)
-    except errors.TransientError as exc:  # 5xx, 429, timeout, connection: the server's, for now
-        raise SourceUnavailable(f"document server {host}: {exc}", retry_after=exc.retry_after,
-                                unreachable=isinstance(exc, errors.TransportError),
-                                method="GET", path=parts.path) from None
-    return b"".join(chunks)
+        return (urlsplit(str(url)).hostname or "").lower()
+    except ValueError:
+        return ""
 
 
-def _from_path(path: str, policy: FilePolicy) -> bytes:
-    if policy.root is None:
-        raise FileSourceError("data.path is not allowed: DOKSTAMP_SYNC_FILE_ROOT is not set")
-    root = policy.root.resolve()
-    target = (root / path).resolve()
-    if not target.is_relative_to(root):
-        raise FileSourceError("data.path escapes DOKSTAMP_SYNC_FILE_ROOT")
-    try:
-        if not target.is_file():
-            raise FileSourceError(f"no such file under DOKSTAMP_SYNC_FILE_ROOT: {path}")
-        if target.stat().st_size > policy.max_bytes:
-            raise FileSourceError(f"file is larger than the limit of {policy.max_bytes} bytes")
-        return target.read_bytes()
-    except PermissionError:
-        raise FileSourceError(f"cannot read {path} under DOKSTAMP_SYNC_FILE_ROOT: permission "
-                              "denied") from None
-    except OSError as exc:  # an I/O error, a network file system away: may pass
-        raise SourceUnavailable(f"cannot read {path} under DOKSTAMP_SYNC_FILE_ROOT: "
-                                f"{exc.strerror or type(exc).__name__}") from None
-
-
-def _from_base64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise FileSourceError("data.content_base64 is not valid base64") from None
-
-
-def load(data: dict[str, Any], policy: FilePolicy, http: httpx.Client) -> tuple[bytes, str]:
-    """The file's bytes and MIME type; :class:`FileSourceError` or :class:`SourceUnavailable`
-    when they cannot be had."""
-    if data.get("url"):
-        content = _from_url(str(data["url"]), policy, http)
-    elif data.get("path"):
-        content = _from_path(str(data["path"]), policy)
-    else:
-        content = _from_base64(str(data.get("content_base64", "")))
-    mime = data.get("content_type") or mimetypes.guess_type(str(data.get("filename", "")))[0]
-    return _check_size(content, policy), str(mime or "application/pdf")
+def _remember_batch(ctx: SyncContext, batch: list[_Pending],
+                    records: dict[str, Entity]) -> tuple[str, tuple[Companion, ...]]:
+    """Record every uploaded file's natural key; the own file's UUID and the companions."""
+    own = ctx.store.remember_natural_key("file", f"sha256={batch[0].sha}",
+                                         str(records[batch[0].sha]["uuid"]))
+    companions = []
+    for p in batch[1:]:
+        uuid = ctx.store.remember_natural_key("file", f"sha256={p.sha}",
+                                              str(records[p.sha]["uuid"]))
+        assert p.pk is not None
+        companions.append(Companion(pk=p.pk, uuid=uuid, sent=_sent(p),
+                                    digest=data_hash({"data": p.data, "refs": {}})))
+    return own, tuple(companions)

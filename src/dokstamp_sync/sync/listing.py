@@ -18,10 +18,8 @@ and events keep searching.
 from __future__ import annotations
 
 import logging
-import time
 
 from dokstamp_sync.dokstamp.client import MAX_PER_PAGE, Resource
-from dokstamp_sync.redis_keys import LISTING, LISTING_UNTRUSTED
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.entities import Spec, natural_key, remote_value
 from dokstamp_sync.sync.outcomes import Busy
@@ -34,19 +32,19 @@ FRESH_FOR = 900  # seconds a listing is trusted
 def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
     """Whether a fresh full listing of ``spec.entity`` is in the natural-key table, listing it
     now (once, fleet-wide) when the backlog makes that cheaper than searching."""
-    marker = f"{LISTING}{spec.entity}"
-    if ctx.redis.exists(marker):
+    marks = ctx.listings
+    if marks.fresh(spec.entity):
         return True
-    if not spec.natural_key or ctx.redis.exists(f"{LISTING_UNTRUSTED}{spec.entity}") \
+    if not spec.natural_key or marks.untrusted(spec.entity) \
             or ctx.store.backlog(spec.entity) < MIN_BACKLOG:
         return False
     try:
-        with ctx.lock(f"listing:{spec.entity}", wait=30):
-            if ctx.redis.exists(marker):
+        with ctx.locks.take(f"listing:{spec.entity}", wait=30):
+            if marks.fresh(spec.entity):
                 return True  # another worker listed while we waited
             first = resource.page(per_page=1)
             if first.meta_total is None:  # no meta.total: no listing can prove it saw all
-                ctx.redis.set(f"{LISTING_UNTRUSTED}{spec.entity}", "1", ex=FRESH_FOR)
+                marks.mark_untrusted(spec.entity, FRESH_FOR)
                 return False
             total = first.meta_total
             ctx.count("listing_calls")
@@ -63,9 +61,9 @@ def listing_is_fresh(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
             if not listing.complete or listing.total is None:
                 log.warning("listing of %s incomplete (%d of %s rows in %d pages): not trusted",
                             spec.entity, listing.seen, listing.total, listing.pages)
-                ctx.redis.set(f"{LISTING_UNTRUSTED}{spec.entity}", "1", ex=FRESH_FOR)
+                marks.mark_untrusted(spec.entity, FRESH_FOR)
                 return False
-            ctx.redis.set(marker, str(time.time()), ex=FRESH_FOR)
+            marks.mark_fresh(spec.entity, FRESH_FOR)
             return True
     except Busy:
         return False

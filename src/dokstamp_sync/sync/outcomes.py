@@ -37,13 +37,14 @@ Anything raised while an event is processed is turned by :func:`classify` into o
         └── InvalidEvent
 
 An attempt that returns ends with an :class:`Outcome`, built with keyword arguments: synced (with
-the mapping's new values), superseded, or the state the event already had. Operations build
+the mapping's new values), superseded, or the state the event already had. The handlers build
 outcomes; :mod:`.engine` alone turns them and verdicts into event states, through :mod:`.store`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -59,7 +60,7 @@ from dokstamp_sync.dokstamp.errors import (
 )
 from dokstamp_sync.events import InvalidEvent
 from dokstamp_sync.states import EventState, MappingStatus
-from dokstamp_sync.sync.files import FileSourceError
+from dokstamp_sync.sync.sources import FileSourceError
 
 BREAKER_SLACK = 0.5  # s after the breaker's next probe time: the probe's answer is in by then
 
@@ -203,3 +204,36 @@ class Outcome:
         return cls(state=EventState.SYNCED, uuid=uuid, status=status, sent=sent, digest=digest,
                    note=note, companions=companions, remote_status=remote_status,
                    verification_url=verification_url)
+
+
+# -- how a run that did not sync ends: the engine decides, the store applies -----------------
+
+@dataclass(frozen=True)
+class Facts:
+    """An open event as :meth:`.store.Store.conclude` hands it to the engine's decision."""
+
+    attempts: int
+    received_at: datetime
+    first_failed_at: datetime | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Park:
+    """Put the event back to ``waiting`` for ``delay`` seconds."""
+
+    delay: float
+    error: str
+    waiting_for: str | None = None
+    counted: bool = True  # a transient failure, counted against the retry budget
+    now: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Letter:
+    """Mark the event dead and file (or refresh) its open dead letter."""
+
+    reason: str
+    error: PermanentError | None = None
+
+
+Decision = Outcome | Park | Letter

@@ -8,19 +8,20 @@ from typing import Any
 
 from dokstamp_sync.events import Event
 from dokstamp_sync.models import utcnow
-from dokstamp_sync.states import EXISTING, EventState
-from dokstamp_sync.sync.context import SyncContext
+from dokstamp_sync.states import EXISTING, EventState, RunState
+from dokstamp_sync.sync.context import Run, SyncContext
 from dokstamp_sync.sync.entities import REFERENCES, SPECS
 from dokstamp_sync.sync.outcomes import Dead, Waiting
-from dokstamp_sync.sync.store import Snapshot
+from dokstamp_sync.sync.statements import Snapshot
 
-# process(ctx, event_pk, depth) -> resulting state; injected by the engine (avoids a cycle)
-Process = Callable[[SyncContext, int, int], str]
+# process(ctx, run, event_pk, depth) -> resulting state; injected by the engine (avoids a cycle)
+Process = Callable[[SyncContext, Run, int, int], str]
 MAX_DEPTH = 6
 MODULE_PIVOT = ("order", "is_required", "workload", "course_module_group_uuid")
 
 
-def dependency(ctx: SyncContext, entity: str, key: str, depth: int, process: Process) -> str:
+def dependency(ctx: SyncContext, run: Run, entity: str, key: str, depth: int,
+               process: Process) -> str:
     """The DokStamp UUID of (entity, key), syncing its latest known event first if needed."""
     found, mapping = ctx.store.latest(entity, key)
     if mapping is not None and mapping.status in EXISTING:
@@ -38,12 +39,12 @@ def dependency(ctx: SyncContext, entity: str, key: str, depth: int, process: Pro
     if state == EventState.DEAD:
         raise Waiting(f"dependency {entity} {key} is dead-lettered: fix and replay it",
                       waiting_for=tag, never_arrived=True)
-    if (entity, key) in ctx.walk:  # it waits, directly or not, for the event we came from
-        chain = " -> ".join(f"{e} {k}" for e, k in [*ctx.walk, (entity, key)])
+    if (entity, key) in run.walk:  # it waits, directly or not, for the event we came from
+        chain = " -> ".join(f"{e} {k}" for e, k in [*run.walk, (entity, key)])
         raise Dead(f"reference cycle: {chain}")
     if depth >= MAX_DEPTH:
         raise Dead(f"dependency chain too deep at {entity} {key} "
-                   f"({' -> '.join(f'{e} {k}' for e, k in ctx.walk)})")
+                   f"({' -> '.join(f'{e} {k}' for e, k in run.walk)})")
     if state == EventState.SYNCED:  # its newest upsert is synced, yet it is not active in DokStamp
         raise Dead(f"dependency {entity} {key} is {status} in DokStamp")
     backoff = (found.next_attempt_at - utcnow()).total_seconds() \
@@ -51,12 +52,12 @@ def dependency(ctx: SyncContext, entity: str, key: str, depth: int, process: Pro
     if backoff > 0:  # parked with a backoff: wait for its next attempt, never run it sooner
         raise Waiting(f"dependency {entity} {key} is waiting for its next attempt",
                       waiting_for=tag, delay=backoff, never_arrived=True)
-    result = process(ctx, pk, depth + 1)
+    result = process(ctx, run, pk, depth + 1)
     if result == EventState.SYNCED:
         mapping = ctx.store.mapping(entity, key)
         if mapping is not None and mapping.status in EXISTING:
             return mapping.uuid
-    delay = 2.0 if result in ("busy", EventState.WAITING) else 60.0
+    delay = 2.0 if result in (RunState.BUSY, EventState.WAITING) else 60.0
     raise Waiting(f"dependency {entity} {key} is {result}", waiting_for=tag, delay=delay)
 
 
@@ -70,7 +71,7 @@ def wanted(event: Event) -> list[tuple[str, str]]:
     return out
 
 
-def resolve(ctx: SyncContext, event: Event, depth: int, process: Process,
+def resolve(ctx: SyncContext, run: Run, event: Event, depth: int, process: Process,
             mappings: dict[tuple[str, str], Snapshot]) -> dict[str, Any]:
     """``{"course_uuid": ..., "modules": [...]}`` for every reference in the event's data.
 
@@ -83,7 +84,7 @@ def resolve(ctx: SyncContext, event: Event, depth: int, process: Process,
 
     def uuid_of(entity: str, key: str) -> str:
         hit = known.get((entity, key))
-        return hit[0] if hit else dependency(ctx, entity, key, depth, process)
+        return hit[0] if hit else dependency(ctx, run, entity, key, depth, process)
 
     refs: dict[str, Any] = {}
     for field, entity in REFERENCES.items():

@@ -1,0 +1,92 @@
+"""An outcome as the outcome stream carries it (CONTRACT §5), and marking its rows reported.
+
+The shared piece below the walk and the pipeline: the store records results and hands them to a
+:data:`Report` (the pipeline's publisher, injected by wiring), then marks their rows reported;
+the pipeline's sweeper (:mod:`dokstamp_sync.pipeline.outbox`) does the same for rows left
+unreported. Neither the walk nor this module imports :mod:`dokstamp_sync.pipeline`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, update
+from sqlalchemy.orm import Session
+
+from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
+from dokstamp_sync.states import FINAL, EventState, LetterStatus
+
+EVENTS = cast(Table, InboxEvent.__table__)
+LETTERS = cast(Table, DeadLetter.__table__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result:
+    """One outcome as CONTRACT §5 shows it (field names and order are the contract's)."""
+
+    event_id: str | None
+    entity: str | None
+    key: str | None
+    op: str | None
+    state: str  # synced, superseded or dead
+    at: datetime
+    dokstamp_uuid: str | None = None
+    mapping_status: str | None = None
+    public_verification_url: str | None = None
+    reason: str | None = None
+    dead_letter_id: int | None = None
+    http_status: int | None = None
+    # Not on the stream: the inbox row whose final state this is (None for a dead letter's
+    # own outcome), so that it can be marked reported after the XADD.
+    event_pk: int | None = field(default=None, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["event_pk"]
+        out["at"] = self.at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        out["state"] = str(self.state)
+        if self.mapping_status is not None:
+            out["mapping_status"] = str(self.mapping_status)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), ensure_ascii=False)
+
+
+Report = Callable[[Sequence[Result]], bool]  # True: written (the rows may be marked reported)
+
+
+# Only an event still final is marked: one replayed meanwhile is open again (and reported when
+# it is final anew). A letter's outcome is marked only while it is the one reported: a letter
+# resolved meanwhile owes its ``superseded`` outcome still.
+_MARK_EVENTS = update(EVENTS).where(
+    EVENTS.c.id.in_(bindparam("pks", expanding=True)), EVENTS.c.reported_at.is_(None),
+    EVENTS.c.state.in_(FINAL)).values(reported_at=bindparam("now"))
+_MARK_RESOLVED = update(LETTERS).where(
+    LETTERS.c.id.in_(bindparam("ids", expanding=True)), LETTERS.c.reported_at.is_(None),
+    LETTERS.c.status == LetterStatus.SUPERSEDED).values(reported_at=bindparam("now"))
+_MARK_DEAD = update(LETTERS).where(
+    LETTERS.c.id.in_(bindparam("ids", expanding=True)), LETTERS.c.reported_at.is_(None),
+    LETTERS.c.status != LetterStatus.SUPERSEDED).values(reported_at=bindparam("now"))
+
+RESOLVED = "resolved: a newer event of this entity synced"
+
+
+def mark_reported(session: Session, results: Sequence[Result]) -> None:
+    """Mark the rows behind ``results`` reported (they were written to the stream)."""
+    now = utcnow()
+    pks = sorted({r.event_pk for r in results if r.event_pk is not None})
+    resolved = sorted({r.dead_letter_id for r in results if r.dead_letter_id is not None
+                       and r.state == EventState.SUPERSEDED and r.event_pk is None})
+    dead = sorted({r.dead_letter_id for r in results if r.dead_letter_id is not None
+                   and r.state != EventState.SUPERSEDED})
+    if pks:
+        session.execute(_MARK_EVENTS, {"pks": pks, "now": now})
+    if resolved:
+        session.execute(_MARK_RESOLVED, {"ids": resolved, "now": now})
+    if dead:
+        session.execute(_MARK_DEAD, {"ids": dead, "now": now})

@@ -1,0 +1,115 @@
+"""The walk's Redis locks: taken, renewed in the background while their holder works, checked
+before every DokStamp write, released. One :class:`Locks` per process (its renewer thread
+serves every lock the process holds).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+
+import redis
+from redis.exceptions import LockError, LockNotOwnedError
+from redis.lock import Lock
+
+from dokstamp_sync.sync.outcomes import Busy
+
+LOCK_POLL = 0.01  # seconds between tries of a lock another worker holds
+
+
+class Locks:
+    """Locks named ``prefix + name`` that expire after ``timeout`` seconds (a dead worker
+    cannot hold one) and are renewed every third of it while held."""
+
+    def __init__(self, client: redis.Redis, prefix: str, timeout: float = 15.0) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.timeout = timeout
+        self.held: list[Lock] = []  # the locks this process holds now
+        self._renewer: threading.Thread | None = None
+        self._guard = threading.Lock()
+
+    @contextmanager
+    def take(self, name: str, *, wait: float) -> Iterator[Lock]:
+        """Hold lock ``name`` for the block, waiting up to ``wait`` seconds; :class:`Busy`
+        when another holder keeps it that long."""
+        # Poll every 10 ms while it is held elsewhere (redis-py's default is 100 ms): an
+        # enrollment waiting for its student's create would otherwise idle most of that.
+        lock = self.new(name, wait=wait)
+        if not lock.acquire():
+            raise Busy(name)
+        self.hold(lock)
+        try:
+            yield lock
+        finally:
+            self.release(lock)
+
+    def try_take(self, name: str) -> Lock | None:
+        """Lock ``name`` without waiting (held and renewed until :meth:`release`), or None."""
+        lock = self.new(name)
+        if not lock.acquire(blocking=False):
+            return None
+        self.hold(lock)
+        return lock
+
+    def new(self, name: str, *, wait: float | None = None) -> Lock:
+        """A lock, not yet acquired; its token is shared by this process's threads so the
+        renewer can extend it (redis-py keeps it thread-local by default)."""
+        lock: Lock = self.redis.lock(f"{self.prefix}{name}", timeout=self.timeout,
+                                     blocking_timeout=wait, sleep=LOCK_POLL, thread_local=False)
+        return lock
+
+    def hold(self, lock: Lock) -> None:
+        """Keep ``lock`` ours while we work: renewed, and checked by :meth:`check`."""
+        with self._guard:
+            self.held.append(lock)
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(target=self._renew_forever,
+                                                 name="dokstamp-locks", daemon=True)
+                self._renewer.start()
+
+    def release(self, lock: Lock) -> None:
+        """Stop renewing ``lock`` and release it; one lost or expired meanwhile is no error
+        (there is nothing left to release)."""
+        with self._guard:
+            if lock in self.held:
+                self.held.remove(lock)
+        with suppress(LockError, redis.RedisError):
+            lock.release()
+
+    def release_all(self, locks: Iterable[Lock | None]) -> None:
+        for lock in locks:
+            if lock is not None:
+                self.release(lock)
+
+    def confirm(self, lock: Lock) -> None:
+        """Raise :class:`LockNotOwnedError` unless ``lock`` is still ours (then it is renewed
+        to its full timeout): an attempt's result is recorded only by the run that held the
+        entity's lock throughout."""
+        lock.reacquire()
+
+    def check(self, method: str = "", path: str = "") -> None:
+        """Raise :class:`LockNotOwnedError` unless every lock we hold is still ours: called
+        just before each DokStamp write, so a run that lost its lock (expired, taken over)
+        stops before it writes, never after."""
+        with self._guard:
+            held = list(self.held)
+        for lock in held:
+            if not lock.owned():
+                raise LockNotOwnedError(f"lock {lock.name!r} lost before {method} {path}")
+
+    def renew(self) -> None:
+        """One renewal of every held lock (the renewer's step; callable directly in tests):
+        back to the full timeout if still ours; a lost one is left for :meth:`check`."""
+        with self._guard:
+            held = list(self.held)
+        for lock in held:
+            with suppress(redis.RedisError, LockError):
+                lock.reacquire()
+
+    def _renew_forever(self) -> None:
+        while True:
+            time.sleep(self.timeout / 3)
+            self.renew()

@@ -1,0 +1,291 @@
+"""Upserting an entity in DokStamp: find-or-create (search before create, under a lock per
+natural key, with the database's natural-key table behind it), update what changed, attach a
+course's modules, and re-check references DokStamp refuses (a referenced entity deleted in
+DokStamp behind our back). Files (:mod:`.files`) and certificates (:mod:`.certificates`) use the
+same find-or-create and re-check; each returns an :class:`~.outcomes.Outcome`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from hashlib import sha256
+from typing import Any
+
+from dokstamp_sync.dokstamp import Entity
+from dokstamp_sync.dokstamp.client import Resource
+from dokstamp_sync.dokstamp.errors import (
+    Conflict,
+    MalformedResponse,
+    NotFound,
+    ServerError,
+    TransientError,
+    TransportError,
+    ValidationFailed,
+)
+from dokstamp_sync.events import Event
+from dokstamp_sync.states import MappingStatus
+from dokstamp_sync.sync.context import SyncContext
+from dokstamp_sync.sync.entities import (
+    REFERENCES,
+    SPECS,
+    Spec,
+    matches,
+    natural_key,
+    remote_value,
+    same_value,
+)
+from dokstamp_sync.sync.listing import listing_is_fresh
+from dokstamp_sync.sync.outcomes import Dead, Drifted, InFlight, Outcome
+from dokstamp_sync.sync.statements import Snapshot
+
+log = logging.getLogger("dokstamp_sync.sync")
+
+
+def unchanged(ctx: SyncContext, snapshot: Snapshot | None, digest: str) -> Outcome | None:
+    """The outcome of an upsert whose data and references are what DokStamp was last sent
+    (the mapping is active with the same digest): synced with no API call; else None."""
+    if snapshot is None or snapshot.status != MappingStatus.ACTIVE or snapshot.digest != digest:
+        return None
+    ctx.count("unchanged")
+    return Outcome.synced(uuid=snapshot.uuid, sent=snapshot.sent, digest=digest,
+                          note="unchanged: no API call")
+
+
+def check_identity(spec: Spec, event: Event, payload: dict[str, Any], remote: Entity) -> None:
+    """A found entity that belongs to something else is a conflict, never adopted: its
+    references (``identity``, and the natural key's ``*_uuid`` fields) must be the event's."""
+    refs = [f for f in spec.natural_key if f.endswith("_uuid") and f not in spec.identity]
+    for field in (*spec.identity, *refs):
+        theirs, ours = remote_value(remote, field), payload.get(field)
+        if ours and theirs and theirs != ours:
+            raise Dead(f"conflict: {event.entity} {event.key} matches DokStamp {event.entity} "
+                       f"{remote.get('uuid')} by {', '.join(spec.natural_key)}, but there "
+                       f"{field}={theirs} while the event has {field}={ours}")
+
+
+def search(ctx: SyncContext, spec: Spec, payload: dict[str, Any]) -> Entity | None:
+    """The DokStamp entity whose every natural-key field equals the event's, or ``None`` when
+    provably there is none. Counted once per search (``searches``).
+
+    Only the filters the docs show are sent (``spec.search_filters``): a server may ignore any
+    other and answer with all its rows, so each hit is checked here, reading every page. A
+    listing that cannot be proven complete is no proof of absence: retry rather than create a
+    duplicate.
+    """
+    ctx.count("searches")
+    resource = ctx.resource(spec.resource)
+    where = {f: payload.get(f) for f in spec.search_filters}
+    listing = resource.listing(where)
+    for remote in listing:
+        if matches(spec, payload, remote):
+            return remote
+    if not listing.complete:
+        raise TransientError(f"the search for {spec.entity} {natural_key(spec, payload)} read "
+                             f"{listing.seen} of {listing.total} rows in {listing.pages} pages "
+                             "and could not read the rest; not creating it blind",
+                             method="GET", path=resource.path)
+    return None
+
+
+def wait_for_create_in_flight(ctx: SyncContext, entity: str, key: str) -> None:
+    """Raise :class:`InFlight` while a failed create of natural key ``key`` may still land:
+    never search (and create) before it had time to, or a late write and ours would both
+    stay."""
+    if (left := ctx.creates.left(entity, key)) > 0:
+        raise InFlight(f"a failed create of {entity} {key} may still land in DokStamp: "
+                       "searching once it had time to", retry_after=left)
+
+
+def find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
+                   create: Callable[[dict[str, Any]], Entity], *,
+                   fresh: bool = False) -> tuple[str, Entity | None]:
+    """Search before create, under a lock per natural key, with the database behind it.
+
+    ``fresh``: the event's first delivery and attempt, at the top level; then a fresh listing
+    (see :mod:`.listing`) may stand in for the search, unless another event for the same ERP key
+    is open (its attempt, maybe a lost one, may have created the entity after the listing). A
+    create refused as a duplicate (a 409, or a 422 after the listing shortcut) searches and
+    adopts an exact match. Returns the UUID and, when an existing entity was found, what
+    DokStamp holds for it.
+    """
+    resource = ctx.resource(spec.resource)
+    adopt = (event.data or {}).get("uuid")
+    if adopt:  # data.uuid: adopt an existing entity without a create
+        adopted = resource.get(str(adopt))
+        check_identity(spec, event, payload, adopted)
+        return str(adopted["uuid"]), adopted
+    key = natural_key(spec, payload)
+    with ctx.locks.take(f"nk:{spec.entity}:{sha256(key.encode()).hexdigest()}", wait=10):
+        wait_for_create_in_flight(ctx, spec.entity, key)
+        known = ctx.store.known_uuid(spec.entity, key)
+        remote: Entity | None = None
+        if known is not None:
+            try:
+                remote = resource.get(known)
+            except NotFound:  # deleted in DokStamp meanwhile: forget it, search again
+                ctx.store.forget_natural_keys(spec.entity, known)
+                known = None
+        listed = known is None and fresh and listing_is_fresh(ctx, spec, resource) \
+            and not ctx.store.others_open(spec.entity, event.key, event.event_id)
+        if known is None and not listed:
+            remote = search(ctx, spec, payload)
+        created: Entity | None = None
+        if remote is None:
+            created, remote = _create(ctx, spec, event, payload, create, key, listed)
+        if remote is not None:
+            check_identity(spec, event, payload, remote)
+            uuid = str(remote["uuid"])
+        else:
+            assert created is not None
+            uuid = str(created["uuid"])
+        held = ctx.store.remember_natural_key(spec.entity, key, uuid)
+        ctx.creates.clear(spec.entity, key)  # recorded: the natural key now answers for it
+        if held != uuid:
+            raise Dead(f"duplicate: {spec.entity} with {key} is {held} in the mapping store, "
+                       f"but DokStamp returned {uuid}")
+    return uuid, remote
+
+
+def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
+            create: Callable[[dict[str, Any]], Entity], key: str,
+            listed: bool) -> tuple[Entity | None, Entity | None]:
+    """POST the create, marked in flight; (what it created, None), or (None, the exact match
+    adopted when DokStamp refused it as a duplicate)."""
+    window = ctx.limits.create_window
+    # Marked before the POST: a worker killed after sending it leaves the mark, so the next
+    # attempt (even a "fresh" one) waits for a late write and then searches.
+    ctx.creates.mark(spec.entity, key, window)
+    try:
+        created = create(payload)
+        ctx.count("creates")
+        return created, None
+    except (TransportError, ServerError, MalformedResponse) as exc:
+        # The write may have happened, or may still happen (a slow write lands after the
+        # client gave up): wait twice the HTTP timeout, then search first.
+        ctx.creates.mark(spec.entity, key, window)
+        raise InFlight(f"{exc} (the create may still land: searching after {window:g} s)",
+                       retry_after=window) from exc
+    except (Conflict, ValidationFailed) as exc:
+        ctx.creates.clear(spec.entity, key)  # refused: nothing was created
+        if isinstance(exc, ValidationFailed) and not listed:
+            raise
+        # Refused, maybe as a duplicate (409: a unique key taken; 422 after the listing
+        # shortcut): adopt an exact match, else say what it conflicts with.
+        remote = search(ctx, spec, payload)
+        if remote is None and isinstance(exc, Conflict):
+            raise Dead(f"conflict: DokStamp refused to create {spec.entity} {event.key} "
+                       f"({exc.status}: {exc.message}) and no {spec.entity} with "
+                       f"{key} exists to adopt", exc) from None
+        if remote is None:
+            raise
+        return None, remote
+    except BaseException:
+        ctx.creates.clear(spec.entity, key)  # not sent (a lock lost, the breaker, a pause)
+        raise
+
+
+@contextmanager
+def references_rechecked(ctx: SyncContext, event: Event, refs: dict[str, Any]) -> Iterator[None]:
+    """Around an upsert: a 422 naming a reference (``"The selected student uuid is
+    invalid."``) may mean the referenced entity was deleted outside dokstamp-sync while our
+    mapping still points at it. GET it; when it is gone, forget its mapping, reopen its latest
+    upsert and raise :class:`Drifted` (the retry recreates it first). Otherwise the 422
+    stands."""
+    try:
+        yield
+    except ValidationFailed as exc:
+        _recheck_references(ctx, event, refs, exc)
+        raise
+
+
+def _recheck_references(ctx: SyncContext, event: Event, refs: dict[str, Any],
+                        exc: ValidationFailed) -> None:
+    data = event.data or {}
+    gone = []
+    for field in exc.errors:
+        entity = REFERENCES.get(field.removesuffix("_uuid") + "_key")
+        key, uuid = data.get(field.removesuffix("_uuid") + "_key"), refs.get(field)
+        if not field.endswith("_uuid") or entity is None or not isinstance(key, str) \
+                or not isinstance(uuid, str):
+            continue
+        try:
+            ctx.resource(SPECS[entity].resource).get(uuid)
+        except NotFound:
+            ctx.store.forget_mapping(entity, key, uuid, reopen=True)
+            log.warning("%s %s (%s) was deleted in DokStamp outside dokstamp-sync: mapping "
+                        "forgotten, recreating it for %s %s", entity, key, uuid, event.entity,
+                        event.key)
+            gone.append(f"{entity} {key} ({uuid})")
+    if gone:
+        raise Drifted(f"{', '.join(gone)} deleted in DokStamp outside dokstamp-sync: "
+                      "recreating, then trying again")
+
+
+def upsert_entity(ctx: SyncContext, event: Event, payload: dict[str, Any],
+                  refs: dict[str, Any], snapshot: Snapshot | None, digest: str, *,
+                  fresh: bool = False) -> Outcome:
+    """Create or update an entity other than a file or a certificate."""
+    if (same := unchanged(ctx, snapshot, digest)) is not None:
+        return same
+    spec = SPECS[event.entity]
+    resource = ctx.resource(spec.resource)
+    created = False
+    note = None
+    uuid: str | None = None
+    if snapshot is not None and snapshot.status in (MappingStatus.ACTIVE,
+                                                    MappingStatus.ARCHIVED):
+        try:
+            uuid = _update_mapped(spec, event, payload, snapshot, resource)
+        except NotFound:  # deleted on the dashboard: forget it and find or create it again
+            ctx.store.forget_mapping(event.entity, event.key, snapshot.uuid, reopen=False)
+            log.warning("%s %s (%s) was deleted in DokStamp outside dokstamp-sync: mapping "
+                        "forgotten, recreating it", event.entity, event.key, snapshot.uuid)
+            note = f"recreated: {snapshot.uuid} was deleted in DokStamp outside dokstamp-sync"
+    if uuid is None:
+        uuid, remote = find_or_create(ctx, spec, event, payload, resource.create, fresh=fresh)
+        created = remote is None
+        if remote is not None:
+            changes = {k: v for k, v in payload.items()
+                       if k not in spec.fixed and not same_value(v, remote_value(remote, k))}
+            if changes:
+                resource.update(uuid, changes)
+    if event.entity == "course" and refs.get("modules"):
+        _attach_missing_modules(ctx, uuid, refs["modules"], all_missing=created)
+    sent = payload | ({"modules": refs["modules"]} if "modules" in refs else {})
+    return Outcome.synced(uuid=uuid, sent=sent, digest=digest, note=note)
+
+
+def _update_mapped(spec: Spec, event: Event, payload: dict[str, Any], snapshot: Snapshot,
+                   resource: Resource) -> str:
+    """PATCH what changed since the mapping's last payload; NotFound when it is gone."""
+    uuid = snapshot.uuid
+    moved = sorted(k for k in spec.fixed if k in snapshot.sent
+                   and payload.get(k) != snapshot.sent[k])
+    if moved:
+        raise Dead(f"{event.entity} {event.key}: DokStamp cannot change {', '.join(moved)} "
+                   f"of an existing {event.entity} ({uuid}); delete it and send it anew")
+    changes = {k: v for k, v in payload.items()
+               if k not in spec.fixed and snapshot.sent.get(k) != v}
+    if snapshot.status == MappingStatus.ARCHIVED:  # upserted after a refused delete: revive
+        changes["status"] = payload.get("status", "active")
+    if changes:
+        resource.update(uuid, changes)
+    return uuid
+
+
+def _attach_missing_modules(ctx: SyncContext, course_uuid: str, modules: list[dict[str, Any]],
+                            *, all_missing: bool) -> None:
+    """Attach the course's modules that are not attached yet (a new course has none).
+
+    A module that is not attachable is taken as attached already; one of another institution is
+    refused by DokStamp when attached, which the caller dead-letters.
+    """
+    if all_missing:
+        missing = modules
+    else:
+        attachable = {m["uuid"] for m in ctx.client.courses.attachable_modules(course_uuid)}
+        missing = [m for m in modules if m["uuid"] in attachable]
+    if missing:
+        ctx.client.courses.attach_modules(course_uuid, missing)
