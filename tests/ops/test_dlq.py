@@ -34,10 +34,8 @@ def test_replay_succeeds_after_the_data_is_fixed_in_dokstamp(h, ctx, sandbox):
                                                    "content_base64": "JVBERi0xLjQKJSB2Mgo="},
                              at=T0 + timedelta(hours=1))
     assert h.sync(new_file) == ["synced"]
-    with session_scope(ctx.sessions) as s:
-        first = dlq.replay(s, [letter.id])
-    with session_scope(ctx.sessions) as s:
-        second = dlq.replay(s, [letter.id])
+    first = dlq.replay(ctx.sessions, [letter.id])
+    second = dlq.replay(ctx.sessions, [letter.id])
     assert (first.replayed, second.replayed, second.skipped) == ([letter.id], [], [letter.id])
     h.drain()
     assert h.state(cert["event_id"]) == "synced"
@@ -53,18 +51,15 @@ def test_replay_by_entity_and_all(h, ctx):
                                          "uuid": "00000000-0000-4000-8000-000000000000"})
     h.sync(event("institution", "I", {"name": "I", "country": "BR"}), bad_student, bad_course)
     assert {d.entity for d in h.letters()} == {"student", "course"}
-    with session_scope(ctx.sessions) as s:
-        assert len(dlq.replay(s, entity="course").replayed) == 1
-    with session_scope(ctx.sessions) as s:
-        assert len(dlq.replay(s, everything=True).replayed) == 1
+    assert len(dlq.replay(ctx.sessions, entity="course").replayed) == 1
+    assert len(dlq.replay(ctx.sessions, everything=True).replayed) == 1
 
 
 def test_replay_of_a_still_malformed_entry_keeps_it_open(h, ctx):
     """Replaying a malformed stream entry parses it again; still invalid, it stays open."""
     h.send("not json")
     (letter,) = h.letters()
-    with session_scope(ctx.sessions) as s:
-        report = dlq.replay(s, [letter.id])
+    report = dlq.replay(ctx.sessions, [letter.id])
     assert report.still_invalid == [letter.id]
     assert h.letters()[0].status == "open"
     assert h.letters()[0].attempts == 2
@@ -75,8 +70,8 @@ def test_discard(h, ctx):
     e = event("student", "S-1", {"name": "x", "email": "x@example.edu"})
     h.sync(e)
     (letter,) = h.letters()
-    with session_scope(ctx.sessions) as s:
-        assert dlq.discard(s, [letter.id, 999]) == ([letter.id], [999])
+    done = dlq.discard(ctx.sessions, [letter.id, 999])
+    assert (done.discarded, done.skipped, done.missing) == ([letter.id], [], [999])
     with session_scope(ctx.sessions) as s:
         assert dlq.list_letters(s) == []
     assert h.state(e["event_id"]) == "dead"
