@@ -133,7 +133,8 @@ def _operations(sub: Any, cmds: Any) -> None:
                          "in-process sandbox")
 
     db = _add(sub, "db", cmds._db_upgrade, "store", "the mapping store's schema")
-    dbs = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dbs = db.add_subparsers(dest="action", required=True, metavar="ACTION",
+                            help="what to do with the schema")
     _add(dbs, "upgrade", cmds._db_upgrade, "store",
          "create or migrate the schema of DATABASE_URL to this version (Alembic); says "
          "which migrations it applied")
@@ -180,7 +181,8 @@ def _dlq(sub: Any, cmds: Any) -> None:
               "Dead letters: events that could not be synced, with why. Replay and discard "
               "act on open letters only; a letter already resolved is reported and skipped "
               "(exit 0); an id that does not exist exits 1.")
-    ds = dl.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ds = dl.add_subparsers(dest="action", required=True, metavar="ACTION",
+                           help="what to do with dead letters (ACTION --help for its options)")
     ls = _add(ds, "list", cmds._dlq, "store", "the open dead letters (reason, HTTP status)")
     ls.add_argument("--entity", type=entity, help="only this entity's letters")
     ls.add_argument("--include-resolved", action="store_true",
@@ -257,7 +259,8 @@ def build_parser(cmds: Any) -> argparse.ArgumentParser:
                     "traceback too.")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the traceback as well")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to run (COMMAND --help for its arguments)")
     for add in (_sandbox, _operations, _dlq, _rest):
         add(sub, cmds)
     _debug_everywhere(parser)

@@ -168,12 +168,28 @@ def run_worker(settings: Settings, *, concurrency: int, loglevel: str = "INFO") 
 
     Returns Celery's exit status: 0 when stopped on request (SIGTERM, Ctrl-C), 1 after a fatal
     error ("Unrecoverable error"), so that systemd's ``on-failure`` and container restart
-    policies see it (``app.worker_main`` drops it; ``app.start`` returns it)."""
+    policies see it (``app.worker_main`` and ``app.start`` drop it: see :func:`_celery`)."""
     check_start(settings)
     wiring.use(settings)
     configure(settings)
-    status = app.start(["worker", f"--concurrency={concurrency}", "--pool=prefork",
-                     f"--queues={QUEUE}", f"--loglevel={loglevel}", "--without-gossip",
-                     "--without-mingle", f"--hostname=dokstamp-sync-{os.getpid()}@%h",
-                     "--task-events"])
+    return _celery(["worker", f"--concurrency={concurrency}", "--pool=prefork",
+                    f"--queues={QUEUE}", f"--loglevel={loglevel}", "--without-gossip",
+                    "--without-mingle", f"--hostname=dokstamp-sync-{os.getpid()}@%h",
+                    "--task-events"])
+
+
+def _celery(argv: list[str]) -> int:
+    """Run the ``celery`` command on this app and return its exit status. ``app.worker_main``
+    and ``app.start`` drop it: in non-standalone mode click *returns* the status the worker
+    command exits with (``ctx.exit(worker.exitcode)``), and they ignore the return value."""
+    from celery.bin.celery import celery as command
+    from click.exceptions import Exit
+
+    command.params[0].default = app  # as app.start does: `-A` is this app
+    try:
+        status = command.main(args=argv, standalone_mode=False)
+    except Exit as exc:
+        status = exc.exit_code
+    finally:
+        command.params[0].default = None
     return int(status or 0)
