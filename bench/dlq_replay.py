@@ -34,7 +34,8 @@ def fill(sessions: Any, n: int, tag: str) -> None:
                   "reported_at": now} for i in rows]).all()
             session.execute(insert(DeadLetter), [
                 {"event_pk": pk, "event_id": f"{tag}-{i}", "entity": "student",
-                 "erp_key": f"{tag}-S-{i}", "reason": f"DokStamp refused POST /students ({400 + i % 3})",
+                 "erp_key": f"{tag}-S-{i}",
+                 "reason": f"DokStamp refused POST /students ({400 + i % 3})",
                  "http_status": 422, "attempts": 1, "status": LetterStatus.OPEN,
                  "first_failed_at": now, "last_failed_at": now, "reported_at": now}
                 for pk, i in zip(pks, rows, strict=True)])
