@@ -148,7 +148,7 @@ class DiscardReport:
 # Letters per transaction: each batch is two or three statements, so a worker recording a sync
 # of a key with an open letter waits for one batch at most (well under a second), never for
 # the whole replay (README "Dead letters"; bench figures in docs/cli-errors.md).
-BATCH = 500
+BATCH = 200
 
 
 def _chunks(ids: Sequence[int], size: int) -> Iterator[Sequence[int]]:
