@@ -57,7 +57,7 @@ class Explained:
 def first_line(exc: BaseException) -> str:
     """The exception's class and the first line of its message, short."""
     cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    text = (str(cause).strip().splitlines() or [""])[0][:200]
+    text = (str(cause).strip().splitlines() or [""])[0][:200].rstrip(".")
     return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
