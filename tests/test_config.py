@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dokstamp_sync.config import ConfigError, load_settings
+from dokstamp_sync.config import ConfigError, load_settings, load_store_settings
 from dokstamp_sync.dokstamp import ClientCredentials, PasswordLogin, credentials_from_settings
 
 VARS = ("DOKSTAMP_API_URL", "DOKSTAMP_TENANT", "DOKSTAMP_EMAIL", "DOKSTAMP_PASSWORD",
@@ -103,3 +103,36 @@ def test_blank_credential_pair_counts_as_unset(tmp_path):
     (tmp_path / ".env").write_text("DOKSTAMP_TENANT=uni\nDOKSTAMP_EMAIL=\nDOKSTAMP_PASSWORD=\n"
                                    "DOKSTAMP_CLIENT_ID=cid\nDOKSTAMP_CLIENT_SECRET=sec\n")
     assert isinstance(credentials_from_settings(load_settings()), ClientCredentials)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql+psycopg://u:p%40ss@db:5432/x", "postgresql+psycopg://u:***@db:5432/x"),
+    ("postgresql+psycopg://u:p@ss@db/x", "postgresql+psycopg://u:***@db/x"),
+    ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
+    ("redis://h:6379/0?password=s3cret&db=2", "redis://h:6379/0?password=***&db=2"),
+    ("postgresql+psycopg://u@db/x?sslmode=require&password=s3cret&sslpassword=k3y",
+     "postgresql+psycopg://u@db/x?sslmode=require&password=***&sslpassword=***"),
+    ("rediss://u:s3cret@h/0?PASSWORD=again", "rediss://u:***@h/0?PASSWORD=***"),
+    ("sqlite:////tmp/store.db", "sqlite:////tmp/store.db"),
+    ("postgresql+psycopg://postgres@localhost/db", "postgresql+psycopg://postgres@localhost/db"),
+])
+def test_redact_url_hides_every_password(url, shown):
+    """A URL's password is hidden wherever it is: user:password@ (with @ or %40 in it) and
+    password-like query parameters (psycopg's password/sslpassword, redis-py's password);
+    a URL without one is shown as it is."""
+    from dokstamp_sync.config import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_a_database_url_without_a_driver_is_one_clear_line(monkeypatch):
+    """DATABASE_URL=postgres://... (Heroku's spelling) or an unknown scheme: a ConfigError
+    naming DATABASE_URL and the form to write, never the URL (it may hold a password)."""
+    monkeypatch.setenv("DATABASE_URL", "postgres://u:s3cret@db/x")
+    with pytest.raises(ConfigError) as exc:
+        load_store_settings()
+    assert str(exc.value).startswith("configuration error: DATABASE_URL: the scheme postgres://")
+    assert "s3cret" not in str(exc.value)
+    monkeypatch.setenv("DATABASE_URL", "mysqlx://u:s3cret@db/x")
+    with pytest.raises(ConfigError, match="is not one SQLAlchemy knows"):
+        load_store_settings()

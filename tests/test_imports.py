@@ -1,5 +1,5 @@
-"""The package's modules import each other without a circle (function-level imports count:
-they are how a circle hides)."""
+"""The package's modules import each other without a circle (function-level and type-only
+imports count: they are how a circle hides), and no lower layer imports a higher one."""
 
 from __future__ import annotations
 
@@ -22,21 +22,15 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _typing_only(tree: ast.Module) -> set[ast.AST]:
-    """The statements under ``if TYPE_CHECKING:``: never run, so never part of a circle."""
-    return {inner for node in ast.walk(tree) if isinstance(node, ast.If)
-            and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
-            for stmt in node.body for inner in ast.walk(stmt)}
-
-
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The package's modules ``name`` imports when it runs, anywhere in its body."""
+    """The package's modules ``name`` imports anywhere in its body, ``if TYPE_CHECKING:``
+    included: a type-only import is still an arrow a reader (and mypy) must follow."""
+    return imports_in(ast.parse(path.read_text(), str(path)), name, known)
+
+
+def imports_in(tree: ast.Module, name: str, known: set[str]) -> set[str]:
     found = set()
-    tree = ast.parse(path.read_text(), str(path))
-    skip = _typing_only(tree)
     for node in ast.walk(tree):
-        if node in skip:
-            continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -100,3 +94,58 @@ def test_the_walk_does_not_import_the_pipeline():
     wrong = {name: sorted(d for d in deps if d.startswith(f"{PACKAGE}.pipeline"))
              for name, deps in walk.items()}
     assert {k: v for k, v in wrong.items() if v} == {}
+
+
+def test_a_type_only_import_is_an_edge():
+    """An import under ``if TYPE_CHECKING:`` is part of the graph, so a type-only circle fails
+    the test above (sandbox admin/app had one)."""
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                     "    from dokstamp_sync.sandbox.app import Sandbox\n")
+    known = {"dokstamp_sync.sandbox.app", "dokstamp_sync.sandbox.admin"}
+    assert imports_in(tree, "dokstamp_sync.sandbox.admin", known) == {
+        "dokstamp_sync.sandbox.app"}
+
+
+# Arrows that run back up: a module under the key may import nothing under these prefixes.
+UPWARD: dict[str, tuple[str, ...]] = {
+    "dokstamp_sync.dokstamp": ("sync", "pipeline", "ops", "sandbox", "wiring", "worker", "tasks",
+                               "cli", "demo", "testing"),
+    "dokstamp_sync.sandbox": ("dokstamp", "sync", "pipeline", "ops", "wiring", "worker", "tasks",
+                              "cli", "demo", "testing"),
+    "dokstamp_sync.sandbox.admin": ("sandbox.app", "sandbox.server"),
+    "dokstamp_sync.sync": ("pipeline", "ops", "wiring", "worker", "tasks", "cli", "demo",
+                           "testing"),
+    "dokstamp_sync.pipeline": ("sync", "ops", "wiring", "worker", "tasks", "cli", "demo",
+                               "testing"),
+    "dokstamp_sync.ops": ("wiring", "worker", "tasks", "cli", "demo", "testing"),
+}
+
+
+def upward_arrows(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a lower layer into a higher one, as ``"a -> b"``."""
+    found = []
+    for module, imported in sorted(graph.items()):
+        for low, highs in UPWARD.items():
+            if module != low and not module.startswith(low + "."):
+                continue
+            for target in sorted(imported):
+                if any(target == f"{PACKAGE}.{h}" or target.startswith(f"{PACKAGE}.{h}.")
+                       for h in highs):
+                    found.append(f"{module} -> {target}")
+    return found
+
+
+def test_no_lower_layer_imports_a_higher_one():
+    """The pump (pipeline) does not import ops.metrics, the sandbox's admin API does not import
+    the app that mounts it, ops/ never reaches for the wiring or the CLI, and so on (UPWARD)."""
+    assert upward_arrows(import_graph()) == []
+
+
+def test_an_upward_arrow_is_found_when_there_is_one():
+    """The rule itself: the pump importing ops.metrics, admin importing app, are reported."""
+    graph = {"dokstamp_sync.pipeline.pump": {"dokstamp_sync.ops.metrics",
+                                             "dokstamp_sync.pipeline.ingest"},
+             "dokstamp_sync.sandbox.admin": {"dokstamp_sync.sandbox.app"},
+             "dokstamp_sync.cli": {"dokstamp_sync.ops.status"}}
+    assert upward_arrows(graph) == ["dokstamp_sync.pipeline.pump -> dokstamp_sync.ops.metrics",
+                                    "dokstamp_sync.sandbox.admin -> dokstamp_sync.sandbox.app"]

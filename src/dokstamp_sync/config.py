@@ -1,4 +1,5 @@
-"""The one typed settings object, read once from the environment and ``.env``.
+"""The one typed settings object, read once from the environment and ``.env``; the only module
+that reads the environment (a test fails on any other read in ``src/``).
 
 The variables are those of CONTRACT §1, plus a few optional extensions documented in the README
 (they never change the meaning of the contract's). Secrets are ``SecretStr``: printing, logging or
@@ -8,6 +9,8 @@ into one :class:`ConfigError` line naming the variable, never its value.
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -46,6 +49,28 @@ class StoreSettings(BaseSettings):
     dokstamp_sync_metrics_port: int | None = Field(default=None, gt=0, lt=65536)
     # Flower's basic auth, "user:password" (`dokstamp-sync flower` refuses to start without).
     dokstamp_sync_flower_auth: SecretStr | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _usable_database_url(cls, value: str) -> str:
+        # Caught here, as one line, instead of SQLAlchemy's NoSuchModuleError at first use.
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError("not a database URL: write it as postgresql+psycopg://USER:"
+                             "PASSWORD@HOST/DATABASE") from None
+        if url.drivername in ("postgres", "postgresql"):
+            raise ValueError(f"the scheme {url.drivername}:// names no driver dokstamp-sync "
+                             "installs: write postgresql+psycopg://...") from None
+        try:
+            url.get_dialect()
+        except NoSuchModuleError:
+            raise ValueError(f"the scheme {url.drivername}:// is not one SQLAlchemy knows: "
+                             "write postgresql+psycopg://... (or sqlite:///FILE)") from None
+        return value
 
 
 class Settings(StoreSettings):
@@ -119,15 +144,50 @@ class Settings(StoreSettings):
         return self
 
 
+class DebugSettings(BaseSettings):
+    """Whether the CLI shows tracebacks (``DOKSTAMP_SYNC_DEBUG``); read apart from the other
+    settings so that it works when those are unusable."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8",
+                                      extra="ignore", case_sensitive=False)
+
+    dokstamp_sync_debug: bool = False
+
+
+def debug_wanted() -> bool:
+    """``DOKSTAMP_SYNC_DEBUG`` is true (a value that is not a boolean counts as false)."""
+    try:
+        return DebugSettings().dokstamp_sync_debug
+    except ValidationError:
+        return False
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """This process's environment plus ``extra``, for a child process (Flower, the demo's
+    worker, Redis); ``DOKSTAMP_*`` variables are left out when ``extra`` names any, so a
+    child configured by its parent never mixes in the operator's."""
+    own = any(k.startswith("DOKSTAMP_") for k in extra)
+    base = {k: v for k, v in os.environ.items() if not (own and k.startswith("DOKSTAMP_"))}
+    return base | extra
+
+
+# Query parameters that carry a secret (psycopg's password/sslpassword, redis-py's password...).
+_SECRET_PARAM = re.compile(r"(?i)([?&](?:[^=&#]*(?:pass|secret|token)[^=&#]*)=)[^&#]*")
+
+
 def redact_url(url: str) -> str:
-    """``scheme://user:***@host/...``: a URL safe to print."""
+    """A URL safe to print: the password in ``user:password@`` and the value of every
+    ``password``-like query parameter (``?password=``, ``sslpassword=``...) become ``***``."""
     from urllib.parse import urlsplit, urlunsplit
 
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL at all: show nothing of it rather than a secret
+        return "<unparsable URL>"
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:  # rebuilt only then: urlunsplit drops sqlite:////'s empty host
+        url = urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}"))
+    return _SECRET_PARAM.sub(r"\1***", url)
 
 
 def load_settings(**overrides: object) -> Settings:

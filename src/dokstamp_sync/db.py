@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from enum import StrEnum
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, MetaData, Table, create_engine, event
+from sqlalchemy import Dialect, Engine, MetaData, String, Table, create_engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.types import TypeDecorator
 
 T = TypeVar("T")
+E = TypeVar("E", bound=StrEnum)
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -27,6 +30,25 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
+
+
+class EnumText(TypeDecorator[E]):
+    """A ``StrEnum`` column: stored as its plain value in a VARCHAR (the schema and its CHECK
+    constraint are unchanged), read back as the enum's member."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value: E | str | None, dialect: Dialect) -> str | None:
+        # A bad value is left to the CHECK constraint, as before the column was typed.
+        return None if value is None else str(value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum(value)
 
 
 def make_engine(url: str, **kw: Any) -> Engine:

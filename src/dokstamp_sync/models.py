@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from dokstamp_sync.db import Base
+from dokstamp_sync.db import Base, EnumText
 from dokstamp_sync.states import EventState, LetterStatus, MappingStatus, check_in
 
 BigId = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements INTEGER only
@@ -45,7 +45,9 @@ class InboxEvent(Base):
     erp_key: Mapped[str] = mapped_column(String(255))
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(12), default=EventState.PENDING)
+    # Read back as an EventState. Annotated `str` only until the walk's store hands `_finish` an
+    # EventState (sync/ is being rewritten on its own branch); then `Mapped[EventState]`.
+    state: Mapped[str] = mapped_column(EnumText(EventState, 12), default=EventState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # transient failures so far
     deliveries: Mapped[int] = mapped_column(Integer, default=0)  # times a task started on it
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -77,7 +79,8 @@ class Mapping(Base):
     entity: Mapped[str] = mapped_column(String(20))
     erp_key: Mapped[str] = mapped_column(String(255))
     dokstamp_uuid: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(12), default=MappingStatus.ACTIVE)
+    status: Mapped[MappingStatus] = mapped_column(EnumText(MappingStatus, 12),
+                                                  default=MappingStatus.ACTIVE)
     data_hash: Mapped[str | None] = mapped_column(String(64))
     sent: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # last payload sent
     occurred_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -129,7 +132,8 @@ class DeadLetter(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     raw: Mapped[str | None] = mapped_column(Text)
     stream_id: Mapped[str | None] = mapped_column(String(64), unique=True)  # malformed entries
-    status: Mapped[str] = mapped_column(String(12), default=LetterStatus.OPEN)
+    status: Mapped[LetterStatus] = mapped_column(EnumText(LetterStatus, 12),
+                                                 default=LetterStatus.OPEN)
     first_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

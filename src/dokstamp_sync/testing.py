@@ -48,8 +48,10 @@ class Served(Protocol):
 
 
 @contextmanager
-def scratch_database(admin_url: str, prefix: str = "dokstamp_sync_scratch") -> Iterator[str]:
-    """A new PostgreSQL database, migrated, as a SQLAlchemy URL; dropped on the way out.
+def scratch_database(admin_url: str, prefix: str = "dokstamp_sync_scratch", *,
+                     migrated: bool = True) -> Iterator[str]:
+    """A new PostgreSQL database, migrated (unless told not to), as a SQLAlchemy URL; dropped on
+    the way out.
 
     ``admin_url`` is a libpq URL of a database to connect to for CREATE/DROP DATABASE.
     """
@@ -59,7 +61,8 @@ def scratch_database(admin_url: str, prefix: str = "dokstamp_sync_scratch") -> I
     base = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
     url = f"{base}/{name}"
     try:
-        upgrade(url)
+        if migrated:
+            upgrade(url)
         yield url
     finally:
         with psycopg.connect(admin_url, autocommit=True) as admin:

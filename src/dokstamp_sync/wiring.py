@@ -65,6 +65,17 @@ def store_settings() -> StoreSettings:
     return _settings
 
 
+def database(url: str) -> sessionmaker[Session]:
+    """Sessions on ``url`` (a ``DATABASE_URL``; one engine: ``sessions.kw["bind"].dispose()``
+    ends it). Every process part that is not the walk gets its database here."""
+    return make_sessionmaker(make_engine(url))
+
+
+def redis_client(url: str, **options: Any) -> redis.Redis:
+    """A client of ``url`` (a ``REDIS_URL``; ``options``: redis-py's, e.g. timeouts)."""
+    return redis.Redis.from_url(url, **options)
+
+
 def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None = None,
                   redis_client: redis.Redis | None = None,
                   limiter_sleep: Callable[[float], None] = time.sleep,

@@ -16,12 +16,14 @@ from collections.abc import Sequence
 from contextlib import suppress
 from typing import Any, ClassVar
 
+import redis
 from celery import Celery, bootsteps
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
+from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync import logs, wiring
 from dokstamp_sync.config import ConfigError, Settings, StoreSettings
-from dokstamp_sync.pipeline.pump import Pump
+from dokstamp_sync.pipeline.pump import MetricsServer, Pump
 from dokstamp_sync.redis_keys import QUEUE
 
 log = logging.getLogger("dokstamp_sync.worker")
@@ -39,16 +41,23 @@ app.conf.update(
 
 def configure(settings: StoreSettings) -> Celery:
     """Point the app at the settings' Redis, with the visibility timeout."""
-    app.conf.update(
-        broker_url=settings.redis_url,
-        broker_transport_options={"visibility_timeout": settings.dokstamp_sync_visibility_timeout},
-    )
+    app.conf.update(_from_settings(settings))
     return app
 
 
-# `celery -A dokstamp_sync.worker ...` and Flower need the broker without our CLI.
-with suppress(ConfigError):
-    configure(wiring.store_settings())
+def _from_settings(settings: StoreSettings) -> dict[str, Any]:
+    return {"broker_url": settings.redis_url,
+            "broker_transport_options": {
+                "visibility_timeout": settings.dokstamp_sync_visibility_timeout}}
+
+
+@app.on_configure.connect  # type: ignore[untyped-decorator]
+def _configure_on_first_use(sender: Celery, **_: Any) -> None:
+    """``celery -A dokstamp_sync.worker ...`` and Flower need the broker without our CLI: the
+    settings are read when Celery first reads its configuration (at startup), never when this
+    module is imported. Unusable settings leave Celery's defaults (the CLI reports them)."""
+    with suppress(ConfigError):
+        sender.config_from_object(_from_settings(wiring.store_settings()))
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
@@ -96,7 +105,10 @@ class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unty
         self.pump: Pump | None = None
 
     def start(self, worker: Any) -> None:
-        self.pump = Pump(wiring.settings(), dispatch)
+        settings = wiring.settings()
+        self.pump = Pump(settings, dispatch, sessions=wiring.database(settings.database_url),
+                         redis_client=wiring.redis_client(settings.redis_url),
+                         serve_metrics=_metrics_server(settings))
         self.pump.start()
 
     def stop(self, worker: Any) -> None:
@@ -107,16 +119,38 @@ class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unty
 app.steps["worker"].add(PumpStep)
 
 
-def check_start(settings: Settings) -> None:
-    """Refuse to start (:class:`~.ops.check.StartRefused`, one line) when DokStamp refuses the
-    credentials or they belong to another tenant than ``DOKSTAMP_TENANT`` (``GET /auth/me``):
-    with the wrong tenant every lookup answers 404, which a delete takes for "already gone"."""
-    import redis
+def _metrics_server(settings: Settings) -> MetricsServer | None:
+    """The pump's metrics endpoint when the settings name a port (the pump, a lower layer,
+    is handed it rather than importing :mod:`.ops.metrics`)."""
+    port = settings.dokstamp_sync_metrics_port
+    if not port:
+        return None
+    from dokstamp_sync.ops.metrics import serve
 
+    def start(sessions: sessionmaker[Session], client: redis.Redis) -> None:
+        serve(sessions, client, settings.dokstamp_sync_stream,
+              address="0.0.0.0", port=port, background=True)  # noqa: S104
+
+    return start
+
+
+def check_start(settings: Settings) -> None:
+    """Refuse to start (:class:`~.ops.check.StartRefused`, one line) when the database's schema
+    is not this version's (:class:`~.migrate.SchemaNotCurrent`: run ``db upgrade``), DokStamp
+    refuses the credentials or they belong to another tenant than ``DOKSTAMP_TENANT``
+    (``GET /auth/me``): with the wrong tenant every lookup answers 404, which a delete takes
+    for "already gone"."""
+    from dokstamp_sync.migrate import require_current
+
+    engine = wiring.database(settings.database_url).kw["bind"]
+    try:
+        require_current(engine)
+    finally:
+        engine.dispose()
     from dokstamp_sync.dokstamp import RedisTokenStore, client_from_settings
     from dokstamp_sync.ops.check import StartRefused, refusal
 
-    store = redis.Redis.from_url(settings.redis_url)
+    store = wiring.redis_client(settings.redis_url)
     client = client_from_settings(settings, store=RedisTokenStore(store))
     try:
         problem = refusal(client, settings)
@@ -127,14 +161,35 @@ def check_start(settings: Settings) -> None:
         raise StartRefused(problem)
 
 
-def run_worker(settings: Settings, *, concurrency: int, loglevel: str = "INFO") -> None:
-    """Start the Celery worker (prefork, ``concurrency`` processes) with the pump; every process
-    of it uses ``settings`` (the children inherit them at the fork). Checks the credentials and
-    the tenant first (:func:`check_start`)."""
+def run_worker(settings: Settings, *, concurrency: int, loglevel: str = "INFO") -> int:
+    """Run the Celery worker (prefork, ``concurrency`` processes) with the pump until it stops;
+    every process of it uses ``settings`` (the children inherit them at the fork). Checks the
+    schema, the credentials and the tenant first (:func:`check_start`).
+
+    Returns Celery's exit status: 0 when stopped on request (SIGTERM, Ctrl-C), 1 after a fatal
+    error ("Unrecoverable error"), so that systemd's ``on-failure`` and container restart
+    policies see it (``app.worker_main`` and ``app.start`` drop it: see :func:`_celery`)."""
     check_start(settings)
     wiring.use(settings)
     configure(settings)
-    app.worker_main(["worker", f"--concurrency={concurrency}", "--pool=prefork",
-                     f"--queues={QUEUE}", f"--loglevel={loglevel}", "--without-gossip",
-                     "--without-mingle", f"--hostname=dokstamp-sync-{os.getpid()}@%h",
-                     "--task-events"])
+    return _celery(["worker", f"--concurrency={concurrency}", "--pool=prefork",
+                    f"--queues={QUEUE}", f"--loglevel={loglevel}", "--without-gossip",
+                    "--without-mingle", f"--hostname=dokstamp-sync-{os.getpid()}@%h",
+                    "--task-events"])
+
+
+def _celery(argv: list[str]) -> int:
+    """Run the ``celery`` command on this app and return its exit status. ``app.worker_main``
+    and ``app.start`` drop it: in non-standalone mode click *returns* the status the worker
+    command exits with (``ctx.exit(worker.exitcode)``), and they ignore the return value."""
+    from celery.bin.celery import celery as command
+    from click.exceptions import Exit
+
+    command.params[0].default = app  # as app.start does: `-A` is this app
+    try:
+        status = command.main(args=argv, standalone_mode=False)
+    except Exit as exc:
+        status = exc.exit_code
+    finally:
+        command.params[0].default = None
+    return int(status or 0)

@@ -137,7 +137,7 @@ def test_the_demo_leaves_a_configured_deployment_untouched(tmp_path):
     """With a deployment's REDIS_URL and DATABASE_URL set (in the environment and in a .env),
     the demo runs on its own embedded Redis and SQLite: the deployment's stream, its consumer
     group, its pending entry and every other key stay as they were, and no URL is printed
-    with its password."""
+    with its password. Its output is not a terminal: no progress bar's carriage returns."""
     import redis
 
     from testenv import TEST_WORKER_REDIS_URL
@@ -161,6 +161,8 @@ def test_the_demo_leaves_a_configured_deployment_untouched(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         assert "pending 0, waiting 0, synced 19, superseded 0, dead 1" in out.stdout
         assert "s3cret-pw" not in out.stdout + out.stderr
+        assert "\r" not in out.stderr
+        assert "syncing 20 events ..." in out.stderr
         assert _snapshot(client) == before
     finally:
         client.flushdb()

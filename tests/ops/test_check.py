@@ -32,12 +32,13 @@ def run(sandbox, database_url, tmp_path):
 
 
 def test_check_passes_with_one_line_per_check(run):
-    """All good: six ok lines (dokstamp, credentials, tenant, issue style, database, redis)."""
+    """All good: seven ok lines (dokstamp, credentials, tenant, issue style, database, schema,
+    redis)."""
     out = run("check")
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     assert [line.split(":")[0].split(None, 1)[1] for line in lines] == [
-        "dokstamp", "credentials", "tenant", "issue style", "database", "redis"]
+        "dokstamp", "credentials", "tenant", "issue style", "database", "schema", "redis"]
     assert all(line.startswith("ok") for line in lines)
     assert "status" in lines[3]
 
@@ -68,16 +69,67 @@ def test_check_refused_credentials_never_show_the_password(run):
 
 def test_check_reports_unreachable_services(run):
     """DokStamp, PostgreSQL and Redis that cannot be reached: each its own FAIL line, exit 1,
-    no password of a URL shown."""
+    no password of a URL shown (neither user:password@ nor ?password=)."""
     out = run("check", DOKSTAMP_API_URL="http://127.0.0.1:9",
-              DATABASE_URL="postgresql+psycopg://postgres:pg-secret@127.0.0.1:9/x",
-              REDIS_URL="redis://:redis-secret@127.0.0.1:9/0", DOKSTAMP_TIMEOUT="2")
+              DATABASE_URL="postgresql+psycopg://postgres:pg-secret@127.0.0.1:9/x"
+                           "?password=q-secret",
+              REDIS_URL="redis://:redis-secret@127.0.0.1:9/0?password=q-secret",
+              DOKSTAMP_TIMEOUT="2")
     assert out.returncode == 1
     lines = out.stdout.splitlines()
     failed = [line.split(":")[0].split(None, 1)[1] for line in lines if line.startswith("FAIL")]
-    assert failed == ["dokstamp", "database", "redis"]
+    assert failed == ["dokstamp", "database", "schema", "redis"]
     assert "pg-secret" not in out.stdout
     assert "redis-secret" not in out.stdout
+    assert "q-secret" not in out.stdout + out.stderr
+    assert "?password=***" in out.stdout
+
+
+def test_check_fails_on_a_database_that_is_not_migrated(run, tmp_path):
+    """A reachable database without the schema: the schema line fails saying to run
+    `dokstamp-sync db upgrade`, exit 1 (it used to say ok)."""
+    from dokstamp_sync.testing import scratch_database
+    from testenv import PG_ADMIN_URL
+
+    with scratch_database(PG_ADMIN_URL, "dokstamp_sync_empty", migrated=False) as url:
+        out = run("check", DATABASE_URL=url)
+    assert out.returncode == 1
+    schema = next(line for line in out.stdout.splitlines() if "schema:" in line)
+    assert schema == "FAIL  schema: no dokstamp-sync schema: run dokstamp-sync db upgrade"
+    assert next(line for line in out.stdout.splitlines() if "database:" in line).startswith("ok")
+
+
+def test_worker_refuses_to_start_on_a_database_that_is_not_migrated(run):
+    """`dokstamp-sync worker` on a database without the schema: one line naming the fix,
+    exit 1, no Celery process started."""
+    from dokstamp_sync.testing import scratch_database
+    from testenv import PG_ADMIN_URL
+
+    with scratch_database(PG_ADMIN_URL, "dokstamp_sync_empty", migrated=False) as url:
+        out = run("worker", "--concurrency", "1", DATABASE_URL=url,
+                  REDIS_URL=TEST_WORKER_REDIS_URL)
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.endswith("has no dokstamp-sync schema: run dokstamp-sync db upgrade")
+
+
+def test_worker_exits_non_zero_after_a_fatal_error(run):
+    """Celery stopping on an unrecoverable error (here the event stream's key holds a string, so
+    the pump cannot create its consumer group) ends `dokstamp-sync worker` with exit status 1,
+    not 0: restart policies (systemd on-failure, compose, Kubernetes) see the failure."""
+    import redis
+
+    client = redis.Redis.from_url(TEST_WORKER_REDIS_URL)
+    client.flushdb()
+    client.set("test:fatal:events", "not a stream")
+    try:
+        out = run("worker", "--concurrency", "1", REDIS_URL=TEST_WORKER_REDIS_URL,
+                  DOKSTAMP_SYNC_STREAM="test:fatal:events", timeout=120)
+    finally:
+        client.flushdb()
+        client.close()
+    assert "Unrecoverable error" in out.stderr
+    assert out.returncode == 1
 
 
 def test_worker_refuses_to_start_for_the_wrong_tenant(run):
@@ -101,3 +153,31 @@ def test_worker_refuses_to_start_with_refused_credentials(run):
     assert lines[0].startswith("refusing to start: DokStamp refused the "
                                                    "credentials (401")
     assert "wrong-secret-xyz" not in out.stderr
+
+
+def test_worker_stopped_on_request_exits_zero(sandbox, database_url, tmp_path):
+    """SIGTERM (a stop on request: systemd stop, docker stop) ends the worker with exit 0."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")} | {
+        "DOKSTAMP_API_URL": sandbox.url, "DOKSTAMP_TENANT": "demo-university",
+        "DOKSTAMP_EMAIL": "admin@demo-university.edu", "DOKSTAMP_PASSWORD": "sandbox-password",
+        "DATABASE_URL": database_url, "REDIS_URL": TEST_WORKER_REDIS_URL,
+        "DOKSTAMP_SYNC_STREAM": "test:stop:events"}
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([EXE, "worker", "--concurrency", "1"], env=env, cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 90
+            while " ready." not in log.read_text():
+                assert proc.poll() is None, log.read_text()[-2000:]
+                assert time.monotonic() < deadline, "the worker did not become ready"
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

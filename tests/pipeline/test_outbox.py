@@ -155,8 +155,7 @@ def test_a_replayed_letter_is_reported_again_even_when_redis_is_away(h, ctx, san
         ScriptedFault("POST", "/students", status=422, after_commit=False)]))
     assert h.sync(student("S-5", event_id="flaky")) == ["dead"]
     assert unreported(ctx.sessions) == (0, 0)
-    with session_scope(ctx.sessions) as s:
-        assert dlq.replay(s, everything=True).replayed
+    assert dlq.replay(ctx.sessions, everything=True).replayed
     assert h.record("flaky").reported_at is None
     away()
     h.drain()
@@ -173,6 +172,7 @@ def test_the_pumps_sweeper_thread_writes_what_was_left(h, ctx, sandbox, database
                                                        engine_redis, monkeypatch, away):
     """The worker's pump runs the sweeper on its own: an outcome left unreported (Redis away
     at the time) reaches the pump's outcome stream within a few sweeps."""
+    from dokstamp_sync import wiring
     from dokstamp_sync.pipeline.pump import Pump
     from dokstamp_sync.testing import sandbox_settings
     from testenv import TEST_ENGINE_REDIS_URL
@@ -184,7 +184,8 @@ def test_the_pumps_sweeper_thread_writes_what_was_left(h, ctx, sandbox, database
     settings = sandbox_settings(sandbox.url, database_url=database_url,
                                 redis_url=TEST_ENGINE_REDIS_URL,
                                 dokstamp_sync_results_stream="test:outbox:results")
-    pump = Pump(settings, dispatch=lambda pks: None, poll_interval=0.2)
+    pump = Pump(settings, dispatch=lambda pks: None, sessions=wiring.database(database_url),
+                redis_client=wiring.redis_client(TEST_ENGINE_REDIS_URL), poll_interval=0.2)
     pump.start()
     try:
         deadline = time.monotonic() + 10

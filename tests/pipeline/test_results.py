@@ -89,9 +89,9 @@ def test_dlq_list_shows_only_open_letters_and_replaying_a_superseded_one_does_no
         assert dlq.list_letters(s) == []
         assert [d.status for d in dlq.list_letters(s, include_resolved=True)] == ["superseded"]
         assert report(s, None, "x")["dead_letters_open"] == 0
-        rep = dlq.replay(s, [letter.id])
-        assert (rep.replayed, rep.skipped) == ([], [letter.id])
-        assert dlq.replay(s, everything=True).replayed == []
+    rep = dlq.replay(ctx.sessions, [letter.id])
+    assert (rep.replayed, rep.skipped) == ([], [letter.id])
+    assert dlq.replay(ctx.sessions, everything=True).replayed == []
     assert h.state("old") == "dead"
 
 
@@ -109,8 +109,7 @@ def test_a_replayed_letter_reports_its_new_outcome_again(h, ctx, sandbox):
     sandbox.sandbox.faults.configure(Faults(script=[
         ScriptedFault("POST", "/students", status=422, after_commit=False)]))
     assert h.sync(student("S-5", event_id="flaky")) == ["dead"]
-    with session_scope(ctx.sessions) as s:
-        dlq.replay(s, everything=True)
+    dlq.replay(ctx.sessions, everything=True)
     h.drain()
     assert [(o["event_id"], o["state"]) for o in outcomes(ctx.redis)] == [
         ("flaky", "dead"), ("flaky", "synced")]

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.ops import dlq
@@ -230,8 +229,7 @@ def test_a_create_that_did_not_issue_is_dead_lettered_naming_the_style(make_ctx,
     assert h.mapping("certificate", "CERT-00001") is None
     assert certificates(sandbox)[0]["status"] == "draft"
     h.ctx.client.certificates.issue_style = right  # type: ignore[assignment]
-    with session_scope(h.ctx.sessions) as s:
-        dlq.replay(s, everything=True)
+    dlq.replay(h.ctx.sessions, everything=True)
     h.drain()
     assert h.state(cert["event_id"]) == "synced"
     (held,) = certificates(sandbox)

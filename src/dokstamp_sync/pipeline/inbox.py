@@ -1,5 +1,6 @@
 """Writing stream entries into the inbox: one multi-row INSERT per batch, entry by entry when the
-database refuses it, and a dead letter for every entry that is not a storable event.
+database refuses it, and a dead letter for every entry that is not a storable event; and the
+operator's transitions of dead letters (replayed: its event dead -> pending; discarded).
 
 No entry can take its batch down: the bulk INSERT is the fast path; if the database refuses it,
 each entry is written again in its own savepoint, so only the entries it refuses become dead
@@ -17,10 +18,10 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -141,7 +142,7 @@ def dead_letter(session: Session, entry: Entry, reason: str,
                 "reason": f"{reason[:2000]} (the entry could not be stored whole: "
                           f"{describe_error(exc)})"}, ["stream_id"])
     log.warning("stream entry %s is not a valid event: %s", entry.stream_id, reason,
-                extra={"event_id": values["event_id"], "state": "dead"})
+                extra={"event_id": values["event_id"], "state": EventState.DEAD})
     if letter_id is not None and results is not None:  # None: filed when first delivered
         results.append(Result(
             event_id=event_id, entity=entity, key=key,
@@ -261,3 +262,66 @@ def _record_bulk(session: Session, entries: Sequence[Entry], lease: float,
         if kept != row["payload"]:
             _reused(session, entry, results)
     return sorted(inserted.values())
+
+
+@dataclass
+class Replayed:
+    """What one batch of :func:`replay_letters` did, by letter id."""
+
+    replayed: list[int] = field(default_factory=list)
+    still_invalid: list[int] = field(default_factory=list)
+    not_open: list[int] = field(default_factory=list)
+
+
+def replay_letters(session: Session, ids: Sequence[int], now: datetime) -> Replayed:
+    """Replay the open letters among ``ids`` (one short transaction is the caller's): each
+    becomes ``replayed`` and its event, if dead, ``pending`` as if just received (attempts and
+    deliveries reset, a fresh dependency timeout, due now, its next outcome reported again,
+    CONTRACT §5). A malformed stream entry is parsed again: still invalid, it stays open with
+    its reason refreshed; valid, it is recorded as a new event. Letters no longer open (replayed,
+    discarded, superseded, or resolved meanwhile by a worker) are left as they are."""
+    done = Replayed()
+    letters = DeadLetter.__table__.c
+    rows = session.execute(
+        update(DeadLetter).where(letters.id.in_(ids), letters.status == LetterStatus.OPEN,
+                                 letters.event_pk.is_not(None))
+        .values(status=LetterStatus.REPLAYED, resolved_at=now,
+                # not reported itself: its event's new outcome is
+                reported_at=func.coalesce(letters.reported_at, now))
+        .returning(letters.id, letters.event_pk)).all()
+    done.replayed = [letter_id for letter_id, _ in rows]
+    pks = [pk for _, pk in rows]
+    if pks:
+        session.execute(
+            update(InboxEvent).where(InboxEvent.id.in_(pks), InboxEvent.state == EventState.DEAD)
+            .values(state=EventState.PENDING, attempts=0, deliveries=0, first_failed_at=None,
+                    finished_at=None, waiting_for=None, reported_at=None, next_attempt_at=now,
+                    received_at=now))
+    malformed = session.scalars(select(DeadLetter).where(
+        DeadLetter.id.in_(ids), DeadLetter.status == LetterStatus.OPEN,
+        DeadLetter.event_pk.is_(None)).with_for_update())
+    for letter in malformed:
+        try:
+            parse_event(letter.raw or "")
+        except InvalidEvent as exc:
+            letter.reason, letter.last_failed_at = f"invalid event: {exc.reason}", now
+            letter.attempts += 1
+            done.still_invalid.append(letter.id)
+            continue
+        record_entry(session, f"replay-{letter.id}", {b"event": (letter.raw or "").encode()},
+                     lease=0)
+        letter.status, letter.resolved_at = LetterStatus.REPLAYED, now
+        letter.reported_at = letter.reported_at or now
+        done.replayed.append(letter.id)
+    acted = set(done.replayed) | set(done.still_invalid)
+    done.not_open = [i for i in ids if i not in acted]
+    return done
+
+
+def discard_letters(session: Session, ids: Sequence[int], now: datetime) -> list[int]:
+    """Mark the open letters among ``ids`` ``discarded`` (on purpose: their events stay dead);
+    returns those it discarded."""
+    letters = DeadLetter.__table__.c
+    return list(session.scalars(
+        update(DeadLetter).where(letters.id.in_(ids), letters.status == LetterStatus.OPEN)
+        .values(status=LetterStatus.DISCARDED, resolved_at=now).returning(letters.id)))

@@ -23,14 +23,26 @@ def enqueue(event: Mapping[str, Any] | str, *, client: redis.Redis | None = None
     Without ``client``/``stream``, ``REDIS_URL`` and ``DOKSTAMP_SYNC_STREAM`` are used.
     """
     if client is None or stream is None:
-        from dokstamp_sync.config import load_store_settings
-
-        where = load_store_settings()
-        client = client or redis.Redis.from_url(where.redis_url)
-        stream = stream or where.dokstamp_sync_stream
+        default_client, default_stream = _default_target()
+        client, stream = client or default_client, stream or default_stream
     text = event if isinstance(event, str) else json.dumps(dict(event), default=str)
     entry_id = client.xadd(stream, {"event": text})
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+_target: tuple[redis.Redis, str] | None = None
+
+
+def _default_target() -> tuple[redis.Redis, str]:
+    """``REDIS_URL``'s client and ``DOKSTAMP_SYNC_STREAM``, read once per process (on the first
+    call without both: the public ``enqueue(event)`` of CONTRACT §2)."""
+    global _target
+    if _target is None:
+        from dokstamp_sync.config import load_store_settings
+
+        where = load_store_settings()
+        _target = (redis.Redis.from_url(where.redis_url), where.dokstamp_sync_stream)
+    return _target
 
 
 @dataclass

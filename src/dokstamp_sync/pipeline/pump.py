@@ -1,6 +1,9 @@
 """The pump: the stream ingester and the retry scheduler, each in a thread of the worker's main
 process, feeding Celery through a ``dispatch`` callable (so this module never imports the app);
 and the outbox's sweeper, writing the outcomes the normal path could not (CONTRACT §5).
+
+Its connections and the metrics endpoint are handed to it (by the worker, from ``wiring`` and
+``ops.metrics``): this module imports neither a higher layer nor builds connections itself.
 """
 
 from __future__ import annotations
@@ -9,11 +12,12 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 
 import redis
+from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.config import Settings
-from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.pipeline import outbox
 from dokstamp_sync.pipeline.ingest import Dispatch, StreamIngester
 from dokstamp_sync.pipeline.results import Publisher
@@ -22,20 +26,26 @@ from dokstamp_sync.redis_keys import LOCK, QUEUE
 
 log = logging.getLogger("dokstamp_sync.worker")
 
+# Starts serving metrics over the pump's sessions and Redis (in the background).
+MetricsServer = Callable[[sessionmaker[Session], redis.Redis], None]
+
 
 class Pump:
-    """Ingests the stream, re-dispatches due events and, when the settings name a port, serves
+    """Ingests the stream, re-dispatches due events and, when given ``serve_metrics``, serves
     the metrics; :meth:`start` and :meth:`stop` bracket the worker's life."""
 
     def __init__(self, settings: Settings, dispatch: Dispatch, *,
+                 sessions: sessionmaker[Session], redis_client: redis.Redis,
+                 serve_metrics: MetricsServer | None = None,
                  poll_interval: float = 1.0) -> None:
         self.settings = settings
         self.dispatch = dispatch
         self.stop_event = threading.Event()
         self.poll_interval = poll_interval
         self.lease = settings.dokstamp_sync_lease
-        self.sessions = make_sessionmaker(make_engine(settings.database_url))
-        client = redis.Redis.from_url(settings.redis_url)
+        self.sessions = sessions
+        self.serve_metrics = serve_metrics
+        client = redis_client
         self.publisher = Publisher(client, settings.dokstamp_sync_results_stream,
                                    settings.dokstamp_sync_results_maxlen)
         self.ingester = StreamIngester(
@@ -55,12 +65,8 @@ class Pump:
         self.ingester.ensure_group()
         for thread in self.threads:
             thread.start()
-        port = self.settings.dokstamp_sync_metrics_port
-        if port:
-            from dokstamp_sync.ops.metrics import serve
-
-            serve(self.sessions, self.ingester.redis, self.settings.dokstamp_sync_stream,
-                  address="0.0.0.0", port=port, background=True)  # noqa: S104
+        if self.serve_metrics is not None:
+            self.serve_metrics(self.sessions, self.ingester.redis)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -21,17 +21,43 @@ expire``
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dokstamp_sync.sandbox.faults import Faults
-from dokstamp_sync.sandbox.generations import docs_for
+from dokstamp_sync.sandbox.accounts import Authority
+from dokstamp_sync.sandbox.faults import FaultInjector, Faults, Stats
+from dokstamp_sync.sandbox.generations import Generation, docs_for
+from dokstamp_sync.sandbox.store import Tenant
 
-if TYPE_CHECKING:
-    from dokstamp_sync.sandbox.app import Sandbox
+
+class SwitchableConfig(Protocol):
+    """The sandbox's settings the admin API may change at runtime."""
+
+    generation: Generation
+    strict: bool
+    error_style: Literal["v-a", "v-b"] | None
+    token_ttl: float
+
+
+class Sandbox(Protocol):
+    """What the admin API needs of a sandbox (:class:`.app.Sandbox` is one): described here, so
+    this module never imports the app that mounts its routes (no circle, not even type-only)."""
+
+    @property
+    def config(self) -> SwitchableConfig: ...
+    @property
+    def faults(self) -> FaultInjector: ...
+    @property
+    def stats(self) -> Stats: ...
+    @property
+    def tenants(self) -> dict[str, Tenant]: ...
+    @property
+    def authority(self) -> Authority: ...
+
+    def reset(self) -> None: ...
 
 
 def configure(sb: Sandbox, changes: dict[str, Any]) -> None:
