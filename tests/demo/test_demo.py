@@ -223,7 +223,8 @@ def test_the_demo_with_use_configured_keeps_to_names_of_its_own(tmp_path, sessio
         client.xgroup_create("dokstamp:events", "dokstamp-sync", id="0")
         # A deployment's own kombu bookkeeping, shared with the demo's worker and Flower.
         client.sadd("_kombu.binding.celeryev", "#celeryev.deployment-flower")
-        client.zadd("_kombu.binding_deadlines", {"celeryev": 1.0})
+        # (kombu drops a binding whose deadline, in ms, has passed: this one is an hour ahead)
+        client.zadd("_kombu.binding_deadlines", {"celeryev": time.time() * 1000 + 3_600_000})
         before = _snapshot(client) | {
             "celeryev": client.smembers("_kombu.binding.celeryev"),
             # kombu's deadlines of shared bindings: the members (a live worker moves the times)
