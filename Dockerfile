@@ -1,10 +1,12 @@
 # syntax=docker/dockerfile:1
-# Build stage: the package and all its dependencies as wheels (build tools stay here).
+# Build stage: the package and all its dependencies as wheels (build tools stay here), at the
+# versions pinned in constraints.txt.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY src ./src
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Every dependency at the version pinned in constraints.txt: the same image from the same commit.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels --constraint constraints.txt .
 
 # Final stage: the installed wheels only, run as an unprivileged user.
 FROM python:3.11-slim

@@ -1,5 +1,7 @@
 """The Dockerfile and docker-compose.yml, checked without a Docker engine: hadolint, the
-compose-spec JSON schema, and that every service runs a plain `dokstamp-sync` command."""
+compose-spec JSON schema, that every service runs a plain `dokstamp-sync` command (the preflight
+the worker's start-up check), that the image pins every runtime dependency, and that a
+PostgreSQL password with `@` or `:` reaches the server."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from dokstamp_sync.cli import build_parser
 
@@ -58,8 +62,12 @@ def test_every_service_command_is_a_plain_dokstamp_sync_command(compose):
     """Each service built from our image runs a command our CLI accepts as it is."""
     parser = build_parser()
     ours = {n: s for n, s in compose["services"].items() if s.get("build")}
-    assert set(ours) == {"migrate", "worker", "flower", "sandbox"}
+    assert set(ours) == {"preflight", "migrate", "worker", "flower", "sandbox"}
     for name, service in ours.items():
+        if name == "preflight":  # the worker's start-up check, a module of the package
+            assert service["entrypoint"] == ["python", "-m", "dokstamp_sync.ops.preflight"]
+            assert (ROOT / "src/dokstamp_sync/ops/preflight.py").is_file()
+            continue
         args = parser.parse_args(service["command"])
         assert args.command in ("db", "worker", "flower", "sandbox"), name
 
@@ -81,3 +89,88 @@ def test_compose_services_have_what_operations_need(compose):
     assert "DOKSTAMP_SYNC_FLOWER_AUTH" in s["flower"]["environment"]
     assert "--insecure-no-auth" not in s["flower"]["command"]
     assert s["sandbox"]["profiles"] == ["sandbox"]
+
+
+def test_the_worker_waits_for_the_preflight_which_runs_once(compose):
+    """A configuration the worker can never start with stops the one-shot preflight (restart
+    "no"), and the worker starts only after it succeeded: no restart loop on a bad .env."""
+    s = compose["services"]
+    assert s["preflight"]["restart"] == "no"
+    assert s["worker"]["depends_on"]["preflight"]["condition"] == \
+        "service_completed_successfully"
+
+
+def test_the_database_password_is_not_in_the_url(compose):
+    """Compose cannot URL-encode: the password travels in PGPASSWORD, the URL has none."""
+    env = compose["x-env"]
+    assert "@postgres:5432/" in env["DATABASE_URL"]
+    assert "POSTGRES_PASSWORD" not in env["DATABASE_URL"]
+    assert env["DATABASE_URL"].split("//", 1)[1].split("@")[0] == "dokstamp"  # no ":password"
+    assert env["PGPASSWORD"] == "${POSTGRES_PASSWORD:-dokstamp}"
+    assert compose["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == \
+        env["PGPASSWORD"]
+
+
+def test_a_password_with_at_and_colon_reaches_postgresql(monkeypatch):
+    """The compose way (a URL without password, PGPASSWORD beside it) makes our engine send
+    exactly the password, `@`, `:` and `/` included. (The test server trusts every login, so
+    what is checked is the password libpq sends, read back from the live connection.)"""
+    from dokstamp_sync.db import make_engine
+    from testenv import PG_ADMIN_URL
+
+    password = "p@ss:w/rd%40?#"
+    monkeypatch.setenv("PGPASSWORD", password)
+    server = PG_ADMIN_URL.split("@", 1)[1]  # host:port/db of the test server
+    engine = make_engine(f"postgresql+psycopg://postgres@{server}")
+    try:
+        with engine.connect() as conn:
+            assert conn.connection.dbapi_connection.info.password == password
+    finally:
+        engine.dispose()
+
+
+def _constraints() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep == "==", f"not pinned: {line}"
+            assert version, f"not pinned: {line}"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def _runtime_closure() -> set[str]:
+    """Every distribution `pip install .` brings, from the installed metadata (extras followed,
+    environment markers evaluated as pip does)."""
+    from importlib.metadata import distribution
+
+    visited: set[tuple[str, frozenset[str]]] = set()
+    todo = [(canonicalize_name("dokstamp-sync"), frozenset[str]())]
+    while todo:
+        name, extras = todo.pop()
+        if (name, extras) in visited:
+            continue
+        visited.add((name, extras))
+        for text in distribution(name).requires or []:
+            req = Requirement(text)
+            if req.marker and not any(req.marker.evaluate({"extra": e})
+                                      for e in (extras or {""})):
+                continue
+            todo.append((canonicalize_name(req.name), frozenset(req.extras)))
+    return {name for name, _ in visited} - {"dokstamp-sync"}
+
+
+def test_the_image_installs_pinned_versions():
+    """The Dockerfile builds its wheels with constraints.txt, which the build context keeps,
+    and constraints.txt pins (==) every runtime dependency, direct and transitive."""
+    text = (ROOT / "Dockerfile").read_text()
+    build = text.split("FROM ")[1]
+    assert "constraints.txt" in build.split("RUN pip wheel")[0]  # copied before the build
+    assert "--constraint constraints.txt" in build
+    assert "constraints.txt" not in (ROOT / ".dockerignore").read_text()
+    pins = _constraints()
+    missing = _runtime_closure() - set(pins)
+    assert not missing, f"constraints.txt lacks {sorted(missing)}"
+

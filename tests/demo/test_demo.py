@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -58,6 +59,9 @@ def test_demo_syncs_a_graduating_class_and_shows_a_dead_letter(demo):
     assert "S-NO-BIRTHDAY: DokStamp refused POST /students (422)" in out
     assert re.search(r"API calls: \d+", out)
     assert "dokstamp-sync dlq list" in out
+    # --keep-running: Flower and the outcome stream are still up, so both are offered.
+    assert "Flower (Celery dashboard): http://demo:" in out
+    assert any(h.endswith("dokstamp-sync results") for h in _hints(out))
 
 
 def test_demo_state_is_inspectable_with_the_commands_it_prints(demo):
@@ -133,6 +137,24 @@ def _snapshot(client):
             "consumers": still(client.xinfo_consumers("dokstamp:events", "dokstamp-sync"))}
 
 
+def _hints(stdout: str) -> list[str]:
+    """The command lines under "Where to look:"."""
+    tail = stdout.split("Where to look:\n", 1)[1]
+    return [line.strip() for line in tail.splitlines() if "dokstamp-sync " in line]
+
+
+def _run_hint(line: str, env: dict, cwd) -> subprocess.CompletedProcess[str]:
+    """Run one printed hint as a shell would: leading NAME=value words go to its environment."""
+    words = shlex.split(line)
+    extra = {}
+    while "=" in words[0]:
+        name, _, value = words.pop(0).partition("=")
+        extra[name] = value
+    assert words[0] == "dokstamp-sync", line
+    return subprocess.run([EXE, *words[1:]], env=env | extra, cwd=cwd, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
 def test_the_demo_leaves_a_configured_deployment_untouched(tmp_path):
     """With a deployment's REDIS_URL and DATABASE_URL set (in the environment and in a .env),
     the demo runs on its own embedded Redis and SQLite: the deployment's stream, its consumer
@@ -164,6 +186,22 @@ def test_the_demo_leaves_a_configured_deployment_untouched(tmp_path):
         assert "\r" not in out.stderr
         assert "syncing 20 events ..." in out.stderr
         assert _snapshot(client) == before
+        # The hints work after the demo stopped, from this folder (its .env names the
+        # deployment): they name the demo's store and Redis. Flower and the outcome stream
+        # stopped with the demo, so neither is offered.
+        hints = _hints(out.stdout)
+        assert "Flower (Celery dashboard)" not in out.stdout
+        assert not any(h.endswith("dokstamp-sync results") for h in hints)
+        runs = {h.split("dokstamp-sync ")[1]: _run_hint(h, env, tmp_path) for h in hints}
+        assert all("REDIS_URL=" in h and "DATABASE_URL=sqlite" in h for h in hints), hints
+        assert set(runs) == {"status", "mapping student S-00001", "dlq list", "dlq show 1"}
+        for command, run in runs.items():
+            assert run.returncode == 0, (command, run.stderr)
+            assert "Traceback" not in run.stderr, command
+        assert "synced 19" in runs["status"].stdout
+        assert re.fullmatch(r"[0-9a-f-]{36}\n", runs["mapping student S-00001"].stdout)
+        assert "S-NO-BIRTHDAY" in runs["dlq list"].stdout
+        assert _snapshot(client) == before
     finally:
         client.flushdb()
         client.close()
@@ -173,7 +211,9 @@ def test_the_demo_with_use_configured_keeps_to_names_of_its_own(tmp_path, sessio
                                                                   database_url):
     """--use-configured runs on the configured Redis and database, but with a stream, consumer
     group, Celery queue and keys of its own: the deployment's stream and group are untouched,
-    and its ERP keys carry a prefix of their own in the shared database."""
+    its ERP keys carry a prefix of their own in the shared database, and every Redis key it
+    made is removed when it ends (kombu's shared bindings keep the deployment's members only).
+    Its hints, run with the configured settings, answer about its own (prefixed) entities."""
     import redis
 
     from testenv import TEST_WORKER_REDIS_URL
@@ -183,23 +223,34 @@ def test_the_demo_with_use_configured_keeps_to_names_of_its_own(tmp_path, sessio
     try:
         client.xadd("dokstamp:events", {"event": '{"event_id": "prod-1"}'})
         client.xgroup_create("dokstamp:events", "dokstamp-sync", id="0")
-        before = _snapshot(client)
+        # A deployment's own kombu bookkeeping, shared with the demo's worker and Flower.
+        client.sadd("_kombu.binding.celeryev", "#celeryev.deployment-flower")
+        # (kombu drops a binding whose deadline, in ms, has passed: this one is an hour ahead)
+        client.zadd("_kombu.binding_deadlines", {"celeryev": time.time() * 1000 + 3_600_000})
+        before = _snapshot(client) | {
+            "celeryev": client.smembers("_kombu.binding.celeryev"),
+            # kombu's deadlines of shared bindings: the members (a live worker moves the times)
+            "deadlines": client.zrange("_kombu.binding_deadlines", 0, -1)}
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")} | {
             "REDIS_URL": TEST_WORKER_REDIS_URL, "DATABASE_URL": database_url}
-        out = subprocess.run([EXE, "demo", "--students", "2", "--no-flower", "--concurrency",
+        out = subprocess.run([EXE, "demo", "--students", "2", "--concurrency",
                               "1", "--use-configured"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=180, check=False)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "pending 0, waiting 0, synced 19, superseded 0, dead 1" in out.stdout
-        after = _snapshot(client)
-        assert {k: v for k, v in after.items() if k != "keys"} == {
-            k: v for k, v in before.items() if k != "keys"}
-        theirs = [k for k in after["keys"] if k not in before["keys"]]
-        assert theirs
-        # Its own names, and kombu's shared bookkeeping of queue bindings.
-        assert all(b"dokstamp-demo-" in k or k.startswith(b"_kombu.binding_")
-                   for k in theirs), theirs
-        assert client.llen("dokstamp-sync") == 0  # the deployment's Celery queue: never used
+        after = _snapshot(client) | {
+            "celeryev": client.smembers("_kombu.binding.celeryev"),
+            # kombu's deadlines of shared bindings: the members (a live worker moves the times)
+            "deadlines": client.zrange("_kombu.binding_deadlines", 0, -1)}
+        assert after == before  # keys included: nothing of the demo's is left
+        hints = _hints(out.stdout)
+        prefix = re.search(r"mapping student (D[0-9a-f]{4}-)S-00001", out.stdout).group(1)
+        mapping = _run_hint(next(h for h in hints if "mapping" in h), env, tmp_path)
+        assert mapping.returncode == 0, mapping.stderr
+        assert re.fullmatch(r"[0-9a-f-]{36}\n", mapping.stdout)
+        letters = _run_hint(next(h for h in hints if "dlq list" in h), env, tmp_path)
+        assert f"{prefix}S-NO-BIRTHDAY" in letters.stdout
+        assert not any(h.endswith("dokstamp-sync results") for h in hints)
     finally:
         client.flushdb()
         client.close()

@@ -5,11 +5,11 @@ started on a free loopback port and the mapping store is SQLite under the data f
 ``REDIS_URL`` and ``DATABASE_URL`` say (in the environment or a ``.env``). Only with
 ``--use-configured`` does it use them (the settings the CLI read), and then with names of its
 own: its own event and outcome streams, and a ``DOKSTAMP_SYNC_NAMESPACE`` (consumer group,
-Celery queue, locks, counters), ERP keys with a prefix of their own; URLs are printed redacted.
-The DokStamp sandbox runs in this process; a real ``dokstamp-sync worker`` (Celery) and, unless
-told not to, Flower run as child processes. A graduating class plus one bad event is enqueued;
-a progress bar follows the events (on a terminal); a summary ends it. Every process it started
-is stopped on the way out, also on Ctrl-C.
+Celery queue, locks, counters), ERP keys with a prefix of their own; URLs are printed redacted,
+and the Redis keys it made are removed when it ends. The DokStamp sandbox runs in this process;
+a real ``dokstamp-sync worker`` (Celery) and, unless told not to, Flower run as child processes.
+A graduating class plus one bad event is enqueued; a progress bar follows the events (on a
+terminal); a summary ends it. Every process it started is stopped on the way out, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from dokstamp_sync.config import StoreSettings, child_environment, redact_url
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.embedded import Child, EmbeddedRedis, free_port
+from dokstamp_sync.demo.leftovers import RedisLeftovers
 from dokstamp_sync.migrate import upgrade
 from dokstamp_sync.models import DeadLetter, InboxEvent
 from dokstamp_sync.ops import dlq
@@ -70,6 +71,13 @@ class DemoResult:
     database_url: str
     redis_url: str = ""
     results_stream: str = RESULTS_STREAM
+    # What the "where to look" hints need: whether the worker, Flower and Redis still run after
+    # the summary (--keep-running), and under --use-configured the demo's names.
+    live: bool = False
+    configured: bool = False
+    prefix: str = ""  # of the demo's ERP keys
+    stream: str = EVENTS_STREAM
+    namespace: str = ""
 
 
 def bad_event() -> dict[str, Any]:
@@ -96,6 +104,8 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     with ExitStack() as stack:
         if given:
             redis_url = given.redis_url
+            leftovers = RedisLeftovers(wiring.redis_client(redis_url), tag)
+            stack.callback(leftovers.remove)  # unwound last: after its processes stopped
         else:
             print("starting an embedded Redis server ...", file=sys.stderr)
             redis_url = stack.enter_context(EmbeddedRedis(data_dir)).url
@@ -120,10 +130,10 @@ def run_demo(opts: DemoOptions) -> DemoResult:
         worker = stack.enter_context(Child(
             [*exe, "worker", "--concurrency", str(opts.concurrency)], env=env,
             log=data_dir / "worker.log", cwd=data_dir))
-        flower_url = None
+        flower_url, flower = None, None
         if opts.flower:
             port, password = free_port(), secrets.token_urlsafe(9)
-            stack.enter_context(Child(
+            flower = stack.enter_context(Child(
                 [*exe, "flower", "--port", str(port)],
                 env=env | {"DOKSTAMP_SYNC_FLOWER_AUTH": f"demo:{password}"},
                 log=data_dir / "flower.log", cwd=data_dir))
@@ -148,8 +158,12 @@ def run_demo(opts: DemoOptions) -> DemoResult:
             states=states,
             created={k: sum(1 for e in dump[k] if e["deleted_at"] is None) for k in KINDS},
             api_calls=stats["requests"], calls_by_route=stats["by_route"],
-            dead_letters=letters, elapsed_s=elapsed, flower_url=flower_url,
-            database_url=database_url, redis_url=redis_url, results_stream=results_stream)
+            dead_letters=letters, elapsed_s=elapsed,
+            # Printed only while Flower runs: it stops with the demo unless --keep-running.
+            flower_url=flower_url if opts.keep_running and flower and flower.alive() else None,
+            database_url=database_url, redis_url=redis_url, results_stream=results_stream,
+            live=opts.keep_running and worker.alive(), configured=given is not None,
+            prefix=prefix, stream=stream, namespace=namespace)
         print(summary(result))
         if opts.keep_running:
             print("everything keeps running; Ctrl-C stops it", file=sys.stderr)
@@ -212,14 +226,34 @@ def summary(r: DemoResult) -> str:
         f"Dead letters: {len(r.dead_letters)}",
     ]
     lines += [f"  #{d['id']} {d['entity']} {d['key']}: {d['reason']}" for d in r.dead_letters]
-    lines += ["", "Where to look:"]
+    return "\n".join([*lines, "", "Where to look:", *hints(r)])
+
+
+def hints(r: DemoResult) -> list[str]:
+    """Commands that answer about this run as printed: after the demo stopped too (the URLs
+    named, so a `.env` in the folder cannot point them elsewhere), and under --use-configured
+    with the configured URLs (not printed: they may hold a password) and the demo's names."""
+    out = []
     if r.flower_url:
-        lines.append(f"  Flower (Celery dashboard): {r.flower_url}  (while --keep-running)")
-    db = f"DATABASE_URL={redact_url(r.database_url)}"
-    lines += [f"  {db} dokstamp-sync status",
-              f"  {db} dokstamp-sync mapping student S-00001",
-              f"  {db} dokstamp-sync dlq list",
-              f"  {db} dokstamp-sync dlq show {r.dead_letters[0]['id'] if r.dead_letters else 1}",
-              f"  REDIS_URL={redact_url(r.redis_url)} DOKSTAMP_SYNC_RESULTS_STREAM="
-              f"{r.results_stream} dokstamp-sync results  (while --keep-running)"]
-    return "\n".join(lines)
+        out.append(f"  Flower (Celery dashboard): {r.flower_url}")
+    if r.configured:
+        env = (f"DOKSTAMP_SYNC_STREAM={r.stream} DOKSTAMP_SYNC_RESULTS_STREAM={r.results_stream} "
+               f"DOKSTAMP_SYNC_NAMESPACE={r.namespace} ")
+        out.append("  with the configured REDIS_URL and DATABASE_URL (as where the demo ran):")
+    else:
+        env = f"DATABASE_URL={redact_url(r.database_url)} REDIS_URL={redact_url(r.redis_url)} "
+    letter = r.dead_letters[0]["id"] if r.dead_letters else 1
+    out += [f"  {env}dokstamp-sync status",
+            f"  {env}dokstamp-sync mapping student {r.prefix}S-00001",
+            f"  {env}dokstamp-sync dlq list",
+            f"  {env}dokstamp-sync dlq show {letter}"]
+    if r.live:
+        out.append(f"  {env}dokstamp-sync results")
+    elif not r.configured:
+        out.append("  (the demo's Redis has stopped: status shows the store's counts and says "
+                   "Redis is unreachable; --keep-running keeps it, Flower and the outcome "
+                   "stream up)")
+    else:
+        out.append("  (the demo's Redis keys, its streams included, were removed when it "
+                   "stopped; --keep-running keeps them, Flower and the outcome stream up)")
+    return out
