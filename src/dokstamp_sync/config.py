@@ -77,6 +77,9 @@ class Settings(StoreSettings):
     # connection errors), then one probe every interval.
     dokstamp_sync_breaker_failures: int = Field(default=5, ge=1)
     dokstamp_sync_breaker_interval: float = Field(default=3.0, gt=0)  # s
+    # The longest a server's Retry-After is obeyed (docs/bounds.md): the fleet's pause after a
+    # 429, and an event's park, are cut to this; a bogus "wait 30 years" stops no one for long.
+    dokstamp_sync_max_pause: float = Field(default=300.0, gt=0)  # s
     dokstamp_sync_file_hosts: str = ""  # comma-separated hosts files may be fetched from
     dokstamp_sync_file_root: str = ""  # folder `path` files must be under
     dokstamp_sync_file_max_bytes: int = Field(default=FILE_MAX_BYTES, gt=0)
