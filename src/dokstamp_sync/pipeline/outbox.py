@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, utcnow
-from dokstamp_sync.pipeline.results import Report, Result
+from dokstamp_sync.pipeline.results import Report, Result, reused_reason
 from dokstamp_sync.states import FINAL, EventState, LetterStatus
 
 log = logging.getLogger("dokstamp_sync.results")
@@ -134,7 +134,8 @@ def _letters(session: Session, cutoff: object, limit: int) -> list[Result]:
             state=EventState.SUPERSEDED if superseded else EventState.DEAD,
             at=utc(row.resolved_at if superseded and row.resolved_at else row.last_failed_at),
             reason=RESOLVED if superseded else row.reason, dead_letter_id=row.id,
-            http_status=None if superseded else row.http_status))
+            http_status=None if superseded else row.http_status,
+            refused_duplicate=not superseded and row.reason == reused_reason(row.event_id)))
     return out
 
 

@@ -50,6 +50,9 @@ class Result:
     reason: str | None = None
     dead_letter_id: int | None = None
     http_status: int | None = None
+    # On the stream only when true: this entry reused an event_id already taken by other
+    # content and was refused; it says nothing about the event kept under that event_id.
+    refused_duplicate: bool = False
     # Not on the stream: the inbox row whose final state this is (None for a dead letter's
     # own outcome), so that it can be marked reported after the XADD.
     event_pk: int | None = field(default=None, compare=False)
@@ -57,6 +60,8 @@ class Result:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         del out["event_pk"]
+        if not self.refused_duplicate:
+            del out["refused_duplicate"]
         out["at"] = self.at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         out["state"] = str(self.state)
         if self.mapping_status is not None:
@@ -65,6 +70,13 @@ class Result:
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), ensure_ascii=False)
+
+
+def reused_reason(event_id: str | None) -> str:
+    """The reason of the dead letter of an entry refused for reusing ``event_id`` with other
+    content; an outcome rebuilt from a letter with exactly this reason is a refused duplicate."""
+    return (f"invalid event: event_id {event_id} was already used by a different event; the "
+            "first one is kept, this one is not applied")
 
 
 Report = Callable[[Sequence[Result]], bool]  # True: written (the rows may be marked reported)
@@ -138,6 +150,8 @@ def render(entry_id: str, result: dict[str, Any]) -> str:
         tail.append(f"dead letter #{result['dead_letter_id']}")
     if result.get("http_status") is not None:
         tail.append(f"HTTP {result['http_status']}")
+    if result.get("refused_duplicate"):
+        tail.append("refused duplicate (not the kept event's outcome)")
     if result.get("reason"):
         tail.append(str(result["reason"]))
     return head + (": " + "; ".join(tail) if tail else "") + f"  [{entry_id}]"
