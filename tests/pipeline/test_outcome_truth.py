@@ -11,6 +11,7 @@ import redis
 from sqlalchemy import update
 
 from dokstamp_sync.db import session_scope
+from dokstamp_sync.demo.samples import event
 from dokstamp_sync.models import DeadLetter, InboxEvent
 from dokstamp_sync.pipeline import outbox
 from dokstamp_sync.pipeline.results import Publisher
@@ -62,3 +63,23 @@ def test_an_event_id_reused_for_other_content_is_reported_as_a_refused_duplicate
     assert outbox.sweep(ctx.sessions, Publisher(ctx.redis)) == 1
     assert outcomes(ctx.redis)[-1]["refused_duplicate"] is True
 
+
+def test_the_last_outcome_is_superseded_when_the_first_dead_write_failed(h, ctx, sandbox):
+    """Redis refuses the XADD of an event's ``dead`` outcome (the outcome stream's key holds a
+    string: WRONGTYPE); the key is freed, a corrected event syncs and resolves the letter
+    (``superseded`` written). The sweeper then finds the ``dead`` outcome unwritten: the last
+    outcome on the stream for that event_id must still be ``superseded``, its current state."""
+    ctx.redis.set(RESULTS_STREAM, "not a stream")  # every XADD now fails with WRONGTYPE
+    bad = event("student", "S-2", {"name": "No Birthday", "email": "nb@example.edu"},
+                at=T0, event_id="bad-1")
+    assert h.sync(bad) == ["dead"]
+    ctx.redis.delete(RESULTS_STREAM)
+    assert h.sync(student("S-2", email="nb@example.edu", at=T0 + timedelta(hours=1),
+                          event_id="fix-1")) == ["synced"]
+    age(ctx.sessions)
+    outbox.sweep(ctx.sessions, Publisher(ctx.redis))
+    last = last_per_event_id(ctx.redis)
+    assert last["bad-1"]["state"] == "superseded"
+    assert last["fix-1"]["state"] == "synced"
+    assert [s["email"] for s in live(sandbox, "students")] == ["nb@example.edu"]
+    assert outbox.sweep(ctx.sessions, Publisher(ctx.redis), settle=0) == 0  # nothing owed
