@@ -13,7 +13,7 @@ from typing import Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dokstamp_sync.limits import FILE_MAX_BYTES
+from dokstamp_sync.limits import FILE_MAX_BYTES, RESPONSE_MAX_BYTES
 from dokstamp_sync.redis_keys import EVENTS_STREAM, RESULTS_STREAM
 
 S = TypeVar("S", bound="StoreSettings")
@@ -64,6 +64,8 @@ class Settings(StoreSettings):
     dokstamp_issue_style: Literal["auto", "status", "finish"] = "auto"
     # s without a byte; short, since a create that timed out is waited for twice this long
     dokstamp_timeout: float = Field(default=10.0, gt=0)
+    # The largest answer read from DokStamp (docs/bounds.md): past it, a malformed answer.
+    dokstamp_max_response_bytes: int = Field(default=RESPONSE_MAX_BYTES, gt=0)
     # The sync engine (README "Configuration"): waits, retries, files.
     dokstamp_sync_dependency_timeout: float = Field(default=86400.0, gt=0)  # s
     dokstamp_sync_retry_budget: float = Field(default=86400.0, gt=0)  # s

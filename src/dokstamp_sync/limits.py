@@ -15,6 +15,7 @@ from typing import Any
 
 MAX_JSON_BYTES = 1024 * 1024  # one stream entry's JSON, a file's content_base64 aside
 FILE_MAX_BYTES = 10 * 1024 * 1024  # the default of DOKSTAMP_SYNC_FILE_MAX_BYTES
+RESPONSE_MAX_BYTES = 8 * 1024 * 1024  # the default of DOKSTAMP_MAX_RESPONSE_BYTES
 MAX_DEPTH = 32  # objects and arrays, the event itself being level 1
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 FUTURE_SLACK = timedelta(days=1)  # clocks differ; a day ahead of ours is a wrong date
