@@ -6,6 +6,7 @@ and the data stays as it was; ``-x lose_data=yes`` is the operator's explicit wa
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 from alembic import command
@@ -73,14 +74,14 @@ def _round_trip_keeps_the_data(url: str) -> None:
     assert _held(url)[1:] == (None, None)
 
 
-def test_a_downgrade_that_would_lose_data_is_refused_on_postgres():
+def test_a_downgrade_that_would_lose_data_is_refused_on_postgres() -> None:
     """On PostgreSQL: refused below 0004 while an outcome is unwritten, below 0003 while a
     certificate mapping has its URL; after each refusal the upgrade finds the data intact."""
     with scratch_database(PG_ADMIN_URL, "dokstamp_sync_migrations") as url:
         _round_trip_keeps_the_data(url)
 
 
-def test_a_downgrade_that_would_lose_data_is_refused_on_sqlite(tmp_path):
+def test_a_downgrade_that_would_lose_data_is_refused_on_sqlite(tmp_path: Path) -> None:
     """The same on SQLite (the demo's store)."""
     url = f"sqlite:///{tmp_path / 'store.db'}"
     command.upgrade(alembic_config(url), "head")
