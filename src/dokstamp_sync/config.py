@@ -13,7 +13,12 @@ from typing import Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dokstamp_sync.limits import FILE_MAX_BYTES, RESPONSE_MAX_BYTES
+from dokstamp_sync.limits import (
+    FILE_MAX_BYTES,
+    INGEST_BATCH_BYTES,
+    RESPONSE_MAX_BYTES,
+    largest_entry,
+)
 from dokstamp_sync.redis_keys import EVENTS_STREAM, RESULTS_STREAM
 
 S = TypeVar("S", bound="StoreSettings")
@@ -85,6 +90,9 @@ class Settings(StoreSettings):
     dokstamp_sync_file_hosts: str = ""  # comma-separated hosts files may be fetched from
     dokstamp_sync_file_root: str = ""  # folder `path` files must be under
     dokstamp_sync_file_max_bytes: int = Field(default=FILE_MAX_BYTES, gt=0)
+    # The most bytes one ingest batch reads from the stream (docs/bounds.md); at least one
+    # largest valid entry (checked below), so that no valid entry is ever too large to read.
+    dokstamp_sync_ingest_batch_bytes: int = Field(default=INGEST_BATCH_BYTES, gt=0)
 
     @property
     def file_hosts(self) -> frozenset[str]:
@@ -110,6 +118,16 @@ class Settings(StoreSettings):
         if not all(password_pair) and not all(client_pair):
             raise ValueError("no DokStamp credentials: set DOKSTAMP_EMAIL and DOKSTAMP_PASSWORD, "
                              "or DOKSTAMP_CLIENT_ID and DOKSTAMP_CLIENT_SECRET")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_holds_an_entry(self) -> Settings:
+        largest = largest_entry(self.dokstamp_sync_file_max_bytes)
+        if self.dokstamp_sync_ingest_batch_bytes < largest:
+            raise ValueError(
+                f"DOKSTAMP_SYNC_INGEST_BATCH_BYTES must be at least {largest}: the largest "
+                "valid stream entry with DOKSTAMP_SYNC_FILE_MAX_BYTES "
+                f"{self.dokstamp_sync_file_max_bytes}")
         return self
 
     @model_validator(mode="after")

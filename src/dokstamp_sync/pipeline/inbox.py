@@ -166,6 +166,18 @@ def _reused(session: Session, entry: Entry, results: list[Result]) -> None:
     dead_letter(session, entry, reused_reason(entry.event_id), results, refused_duplicate=True)
 
 
+def record_oversized(session: Session, entry_id: bytes, size: int,
+                     batch_bytes: int) -> list[Result]:
+    """File a stream entry too large for any batch as a dead letter, never having read it
+    (nothing of it is kept but its id and size); its outcome is returned for reporting."""
+    results: list[Result] = []
+    entry = Entry(entry_id.decode(), "", None)
+    dead_letter(session, entry, f"invalid event: the stream entry is {size} bytes, more than "
+                f"one batch may read ({batch_bytes} bytes, DOKSTAMP_SYNC_INGEST_BATCH_BYTES); "
+                "it was never read", results)
+    return results
+
+
 def record_entry(session: Session, stream_id: str, fields: dict[bytes, bytes], lease: float,
                  *, max_file_bytes: int = FILE_MAX_BYTES) -> int | None:
     """Store one stream entry in its own savepoint; return the new event's primary key (None:
