@@ -85,3 +85,38 @@ def test_a_batch_never_reads_more_than_its_byte_budget(ctx):
         assert letter.event_pk is None
     assert ctx.redis.xpending(STREAM, "dokstamp-sync")["pending"] == 0
     client.close()
+
+
+def test_a_restart_and_a_takeover_read_pending_entries_within_the_budget(ctx):
+    """A consumer took six 4 MiB entries with one plain XREADGROUP and died (the crash loop of
+    the issue: its pending batch is what a restart reads first). Restarted under its name, it
+    reads its own pending entries at most 10 MiB a poll; another consumer taking over a dead
+    one's six entries (XAUTOCLAIM) reads them within the same bound. All twelve are recorded
+    once and nothing stays pending."""
+    pool = redis.ConnectionPool.from_url(TEST_ENGINE_REDIS_URL,
+                                         connection_class=CountingConnection)
+    client = redis.Redis(connection_pool=pool)
+    got: list[int] = []
+
+    def ingester(name: str) -> StreamIngester:
+        return StreamIngester(client, ctx.sessions, STREAM, consumer=name, dispatch=got.extend,
+                              lease=600, batch_bytes=10 * MiB, max_file_bytes=4 * MiB,
+                              claim_idle_ms=0)
+
+    ingester("first").ensure_group()
+    for name in ("first", "lost"):
+        for i in range(6):
+            ctx.redis.xadd(STREAM, {"event": _file_event(f"{name}-{i}", 3 * MiB)})
+        ctx.redis.xreadgroup("dokstamp-sync", name, {STREAM: ">"}, count=200)  # then it dies
+    for survivor in (ingester("first"), ingester("other")):
+        peaks = []
+        while True:
+            CountingConnection.read_bytes = 0
+            read = survivor.poll(block_ms=10)
+            peaks.append(CountingConnection.read_bytes)
+            if not read:
+                break
+        assert max(peaks) <= 10 * MiB, [round(p / MiB, 1) for p in peaks]
+    assert len(got) == 12
+    assert ctx.redis.xpending(STREAM, "dokstamp-sync")["pending"] == 0
+    client.close()
