@@ -16,7 +16,12 @@ from typing import Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dokstamp_sync.limits import FILE_MAX_BYTES
+from dokstamp_sync.limits import (
+    FILE_MAX_BYTES,
+    INGEST_BATCH_BYTES,
+    RESPONSE_MAX_BYTES,
+    largest_entry,
+)
 from dokstamp_sync.redis_keys import EVENTS_STREAM, RESULTS_STREAM
 
 S = TypeVar("S", bound="StoreSettings")
@@ -90,6 +95,8 @@ class Settings(StoreSettings):
     dokstamp_issue_style: Literal["auto", "status", "finish"] = "auto"
     # s without a byte; short, since a create that timed out is waited for twice this long
     dokstamp_timeout: float = Field(default=10.0, gt=0)
+    # The largest answer read from DokStamp (docs/bounds.md): past it, a malformed answer.
+    dokstamp_max_response_bytes: int = Field(default=RESPONSE_MAX_BYTES, gt=0)
     # The sync engine (README "Configuration"): waits, retries, files.
     dokstamp_sync_dependency_timeout: float = Field(default=86400.0, gt=0)  # s
     dokstamp_sync_retry_budget: float = Field(default=86400.0, gt=0)  # s
@@ -103,9 +110,15 @@ class Settings(StoreSettings):
     # connection errors), then one probe every interval.
     dokstamp_sync_breaker_failures: int = Field(default=5, ge=1)
     dokstamp_sync_breaker_interval: float = Field(default=3.0, gt=0)  # s
+    # The longest a server's Retry-After is obeyed (docs/bounds.md): the fleet's pause after a
+    # 429, and an event's park, are cut to this; a bogus "wait 30 years" stops no one for long.
+    dokstamp_sync_max_pause: float = Field(default=300.0, gt=0)  # s
     dokstamp_sync_file_hosts: str = ""  # comma-separated hosts files may be fetched from
     dokstamp_sync_file_root: str = ""  # folder `path` files must be under
     dokstamp_sync_file_max_bytes: int = Field(default=FILE_MAX_BYTES, gt=0)
+    # The most bytes one ingest batch reads from the stream (docs/bounds.md); at least one
+    # largest valid entry (checked below), so that no valid entry is ever too large to read.
+    dokstamp_sync_ingest_batch_bytes: int = Field(default=INGEST_BATCH_BYTES, gt=0)
 
     @property
     def file_hosts(self) -> frozenset[str]:
@@ -131,6 +144,16 @@ class Settings(StoreSettings):
         if not all(password_pair) and not all(client_pair):
             raise ValueError("no DokStamp credentials: set DOKSTAMP_EMAIL and DOKSTAMP_PASSWORD, "
                              "or DOKSTAMP_CLIENT_ID and DOKSTAMP_CLIENT_SECRET")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_holds_an_entry(self) -> Settings:
+        largest = largest_entry(self.dokstamp_sync_file_max_bytes)
+        if self.dokstamp_sync_ingest_batch_bytes < largest:
+            raise ValueError(
+                f"DOKSTAMP_SYNC_INGEST_BATCH_BYTES must be at least {largest}: the largest "
+                "valid stream entry with DOKSTAMP_SYNC_FILE_MAX_BYTES "
+                f"{self.dokstamp_sync_file_max_bytes}")
         return self
 
     @model_validator(mode="after")

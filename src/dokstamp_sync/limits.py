@@ -15,6 +15,9 @@ from typing import Any
 
 MAX_JSON_BYTES = 1024 * 1024  # one stream entry's JSON, a file's content_base64 aside
 FILE_MAX_BYTES = 10 * 1024 * 1024  # the default of DOKSTAMP_SYNC_FILE_MAX_BYTES
+# The default of DOKSTAMP_SYNC_INGEST_BATCH_BYTES: four of the largest valid entries (~14 MiB).
+INGEST_BATCH_BYTES = 64 * 1024 * 1024
+RESPONSE_MAX_BYTES = 8 * 1024 * 1024  # the default of DOKSTAMP_MAX_RESPONSE_BYTES
 MAX_DEPTH = 32  # objects and arrays, the event itself being level 1
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 FUTURE_SLACK = timedelta(days=1)  # clocks differ; a day ahead of ours is a wrong date
@@ -29,6 +32,12 @@ _STRUCTURE = re.compile(r'["\\\[\]{}]')
 def base64_length(size: int) -> int:
     """The length of ``size`` bytes in base64 (4 characters per 3 bytes, padded)."""
     return 4 * ((size + 2) // 3)
+
+
+def largest_entry(max_file_bytes: int) -> int:
+    """Bytes of the largest valid stream entry: its ``event`` field name and JSON, 1 MiB
+    besides a file's ``content_base64`` of up to ``max_file_bytes``."""
+    return len("event") + MAX_JSON_BYTES + base64_length(max_file_bytes)
 
 
 def size_problem(size: int, max_file_bytes: int) -> str | None:

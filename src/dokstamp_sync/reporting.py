@@ -40,6 +40,9 @@ class Result:
     reason: str | None = None
     dead_letter_id: int | None = None
     http_status: int | None = None
+    # On the stream only when true: this entry reused an event_id already taken by other
+    # content and was refused; it says nothing about the event kept under that event_id.
+    refused_duplicate: bool = False
     # Not on the stream: the inbox row whose final state this is (None for a dead letter's
     # own outcome), so that it can be marked reported after the XADD.
     event_pk: int | None = field(default=None, compare=False)
@@ -47,6 +50,8 @@ class Result:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         del out["event_pk"]
+        if not self.refused_duplicate:
+            del out["refused_duplicate"]
         out["at"] = self.at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         out["state"] = str(self.state)
         if self.mapping_status is not None:

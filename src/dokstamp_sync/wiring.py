@@ -89,7 +89,7 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
     """
     client_redis = redis_client or redis.Redis.from_url(settings.redis_url)
     limiter = RateLimiter(client_redis, settings.dokstamp_tenant, settings.dokstamp_rate_limit,
-                          sleep=limiter_sleep)
+                          sleep=limiter_sleep, max_pause=settings.dokstamp_sync_max_pause)
     breaker = CircuitBreaker(client_redis, settings.dokstamp_tenant,
                              threshold=settings.dokstamp_sync_breaker_failures,
                              interval=settings.dokstamp_sync_breaker_interval,

@@ -133,7 +133,8 @@ def test_the_normal_path_marks_its_rows_and_the_sweeper_writes_nothing_twice(h, 
 def test_a_letter_resolved_while_redis_was_away_is_reported_superseded_after_its_death(
         h, ctx, away):
     """Redis away while an event dies and a corrected event resolves its letter: the sweeper
-    writes the death, the fix and then the letter's ``superseded`` (the last per event_id)."""
+    writes the event as what it is now (``superseded``: a death resolved since is never
+    written), the fix, and then the letter's ``superseded`` (the last per event_id)."""
     away()
     assert h.sync(no_birthday("S-2", "bad-1", "nb@example.edu")) == ["dead"]
     assert h.sync(student("S-2", email="nb@example.edu", at=T0 + timedelta(hours=1),
@@ -142,7 +143,7 @@ def test_a_letter_resolved_while_redis_was_away_is_reported_superseded_after_its
     assert outbox.sweep(ctx.sessions, Publisher(ctx.redis)) == 3
     got = outcomes(ctx.redis)
     assert [(o["event_id"], o["state"]) for o in got] == [
-        ("bad-1", "dead"), ("fix-1", "synced"), ("bad-1", "superseded")]
+        ("bad-1", "superseded"), ("fix-1", "synced"), ("bad-1", "superseded")]
     assert got[2]["dead_letter_id"] == got[0]["dead_letter_id"]
     assert got[2]["op"] == "upsert"
     assert unreported(ctx.sessions) == (0, 0)

@@ -55,5 +55,7 @@ def client_from_settings(settings: Settings, store: TokenStore | None = None,
                           store or MemoryTokenStore())
     # Settings resolve "auto" (the credential scheme's style) when they are read.
     style: IssueStyle = "finish" if settings.dokstamp_issue_style == "finish" else "status"
-    return DokStampClient(client, tenant=settings.dokstamp_tenant, tokens=tokens,
-                          issue_style=style)
+    api = DokStampClient(client, tenant=settings.dokstamp_tenant, tokens=tokens,
+                         issue_style=style)
+    api.max_response_bytes = settings.dokstamp_max_response_bytes
+    return api

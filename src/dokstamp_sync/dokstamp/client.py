@@ -26,6 +26,7 @@ from dokstamp_sync.dokstamp.breaker import BreakerTransport, CircuitBreaker
 from dokstamp_sync.dokstamp.pages import MAX_PAGES, Listing, Page, parse_page
 from dokstamp_sync.dokstamp.ratelimit import RateLimitedTransport, RateLimiter
 from dokstamp_sync.dokstamp.uploads import Upload, check_upload
+from dokstamp_sync.limits import RESPONSE_MAX_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class DokStampClient:
         # Called with (method, path) just before every write is sent; what it raises aborts
         # the write unsent (the sync engine checks its locks are still its own).
         self.before_write: Callable[[str, str], None] | None = None
+        # The largest answer read (DOKSTAMP_MAX_RESPONSE_BYTES): past it, a malformed answer.
+        self.max_response_bytes = RESPONSE_MAX_BYTES
         self._auth = BearerAuth(tokens)
         self.institutions = Resource(self, "/institutions")
         self.modules = Resource(self, "/modules")
@@ -122,7 +125,8 @@ class DokStampClient:
         request = self.http.build_request(
             method, path, params=params, json=json, files=files,
             headers={"Accept": "application/json", "X-Tenant": self.tenant})
-        with errors.exchange(self.http, request, auth=self._auth) as response:
+        with errors.exchange(self.http, request, auth=self._auth,
+                             max_bytes=self.max_response_bytes) as response:
             log.debug("%s %s -> %s", method, request.url.path, response.status_code)
             if response.status_code == 204 or not response.content:
                 return response, None

@@ -29,7 +29,11 @@
 Foreign exceptions (httpx) are translated in exactly one place, :func:`exchange`, which sends a
 request and turns transport failures (:func:`from_httpx_error`) and error statuses
 (:func:`from_response`) into this tree; :func:`malformed` classifies a success answer whose body
-is unusable. No exception here ever carries a token, a password or a client secret: only the
+is unusable. :func:`exchange` also bounds every answer it reads: a body larger than its
+``max_bytes`` (read as a stream, abandoned past the cap) or JSON nested deeper than
+:data:`MAX_JSON_DEPTH` levels (checked before any parser recurses) is a
+:class:`MalformedResponse` when the status was a success, and an error status without its body
+otherwise. No exception here ever carries a token, a password or a client secret: only the
 method, the path (without query string), the status, DokStamp's own error body and, for a
 malformed answer, a short excerpt that is never taken from a body holding a secret.
 """
@@ -45,6 +49,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+
+from dokstamp_sync.limits import MAX_DEPTH as MAX_JSON_DEPTH  # DokStamp nests a few levels
+from dokstamp_sync.limits import RESPONSE_MAX_BYTES as MAX_BODY_BYTES
+from dokstamp_sync.limits import scan
 
 EXCERPT_CHARS = 200  # of a malformed body, to recognise it (an HTML error page, a proxy's text)
 # Keys whose values are secrets: a JSON body holding any of them is never excerpted.
@@ -220,7 +228,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 def _json_body(response: httpx.Response) -> dict[str, Any]:
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return body if isinstance(body, dict) else {"data": body}
 
@@ -266,7 +274,7 @@ def excerpt(response: httpx.Response, *, json_may_hold_secrets: bool = False) ->
     text = response.text
     try:
         parsed = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     else:
         if json_may_hold_secrets or _holds_secret(parsed):
@@ -287,9 +295,35 @@ def is_error(status: int) -> bool:
     return status >= 400
 
 
+def _read_bounded(response: httpx.Response, max_bytes: int) -> bool:
+    """Read a streamed body into the response, as ``response.read()`` would, unless it is
+    larger than ``max_bytes`` (decoded: a small compressed body may inflate): then stop reading
+    and answer False, the body left unread."""
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > max_bytes:
+            return False
+        chunks.append(chunk)
+    response._content = b"".join(chunks)  # where Response.read() keeps a body it has read
+    return True
+
+
+def _bounded_problem(response: httpx.Response, max_bytes: int) -> str | None:
+    """Read the body within the caps; the reason it is unusable (too large, too deep), or None.
+    An unusable body is replaced by an empty one, so nothing parses it afterwards."""
+    if not _read_bounded(response, max_bytes):
+        response._content = b""
+        return f"the answer is larger than {max_bytes} bytes (DOKSTAMP_MAX_RESPONSE_BYTES)"
+    if scan(response.text)[0] is not None:  # counted without recursing, before json.loads
+        response._content = b""
+        return f"the answer is JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    return None
+
+
 @contextmanager
 def exchange(http: httpx.Client, request: httpx.Request, *, auth: httpx.Auth | None = None,
-             stream: bool = False,
+             stream: bool = False, max_bytes: int = MAX_BODY_BYTES,
              failed: Callable[[int], bool] = is_error) -> Iterator[httpx.Response]:
     """Send ``request`` with ``http`` and hand over the response: the one place where httpx's
     exceptions become ours.
@@ -298,14 +332,25 @@ def exchange(http: httpx.Client, request: httpx.Request, *, auth: httpx.Auth | N
     :class:`TransportError` (or :class:`Timeout`); a status for which ``failed`` is true raises
     :func:`from_response`'s class. Anything else raised in the block (our own errors, the
     limiter's :class:`Paused`) passes through. The response is closed on leaving the block.
+
+    Unless ``stream`` (the block reads the body itself, and bounds it), the body is read here
+    within ``max_bytes`` and :data:`MAX_JSON_DEPTH`: a success answer past either is a
+    :class:`MalformedResponse` (transient: the write may have happened, search first); an
+    error answer past either keeps its status and loses its body.
     """
     try:
-        response = http.send(request, stream=stream) if auth is None \
-            else http.send(request, auth=auth, stream=stream)
+        # Always streamed from the network: the body is read here, chunk by chunk, bounded.
+        response = http.send(request, stream=True) if auth is None \
+            else http.send(request, auth=auth, stream=True)
         try:
+            problem = None if stream else _bounded_problem(response, max_bytes)
             if failed(response.status_code):
-                response.read()  # a streamed error body (an error page, bounded in practice)
+                if stream:
+                    _bounded_problem(response, max_bytes)  # an error page, within the caps
                 raise from_response(response)
+            if problem is not None:
+                raise MalformedResponse(problem, status=response.status_code,
+                                        method=request.method, path=request.url.path)
             yield response
         finally:
             response.close()

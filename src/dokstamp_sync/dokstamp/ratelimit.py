@@ -3,7 +3,8 @@
 A token bucket per tenant (``rate`` tokens/s, ``burst`` at most), updated atomically by a Lua
 script that reads Redis's own clock, so machines with skewed clocks still share one pace. A 429
 from DokStamp pauses every process for that tenant (:meth:`RateLimiter.pause`) for the
-``Retry-After`` it carried, not just the task that received it.
+``Retry-After`` it carried, not just the task that received it, but never longer than
+``max_pause``: a server's ``Retry-After`` beyond it is read as ``max_pause`` everywhere.
 
 :class:`RateLimitedTransport` puts the limiter under an ``httpx.Client``, as httpx's own seam
 (``BaseTransport.handle_request``): every request the client sends (token requests and 401
@@ -53,7 +54,8 @@ class RateLimiter:
 
     def __init__(self, client: redis.Redis, tenant: str, rate: float, *,
                  burst: float | None = None, prefix: str = "",
-                 sleep: Callable[[float], None] = time.sleep, max_wait: float = 20.0) -> None:
+                 sleep: Callable[[float], None] = time.sleep, max_wait: float = 20.0,
+                 max_pause: float = 300.0) -> None:
         self._redis = client
         self._bucket = f"{prefix}{RATE_LIMIT}{tenant}"  # prefix: tests keep their keys apart
         self._pause = f"{prefix}{PAUSE}{tenant}"
@@ -62,6 +64,7 @@ class RateLimiter:
         self._take = client.register_script(_TAKE)
         self._sleep = sleep
         self.max_wait = max_wait
+        self.max_pause = max_pause  # the longest Retry-After obeyed (fleet pause, parks)
         self.unflushed: Counter[str] = Counter()  # responses, flushed by the sync context
 
     def acquire(self, request: httpx.Request | None = None) -> None:
@@ -86,8 +89,9 @@ class RateLimiter:
             self.unflushed["api_429"] += 1
 
     def pause(self, seconds: float) -> None:
-        """Hold every process's requests for ``seconds`` (a 429's Retry-After)."""
-        ms = max(1, int(seconds * 1000))
+        """Hold every process's requests for ``seconds`` (a 429's Retry-After), at most
+        ``max_pause``."""
+        ms = max(1, int(min(seconds, self.max_pause) * 1000))
         # Never shorten a longer pause another process already set.
         current = self._redis.pttl(self._pause)
         if not isinstance(current, int) or current < ms:
@@ -97,7 +101,11 @@ class RateLimiter:
 class RateLimitedTransport(httpx.BaseTransport):
     """Wraps the transport that talks to DokStamp: every request waits for the shared bucket
     (or raises :class:`Paused`), every response is counted, and a 429 pauses every process of
-    the tenant for its ``Retry-After`` (1 s when it sent none)."""
+    the tenant for its ``Retry-After`` (1 s when it sent none).
+
+    A ``Retry-After`` (on any answer: a 429, a 503) longer than the limiter's ``max_pause`` is
+    rewritten to ``max_pause`` on the response itself, so the error the client raises, and the
+    park the engine decides from it, ask for no longer wait than the fleet's pause."""
 
     def __init__(self, transport: httpx.BaseTransport, limiter: RateLimiter) -> None:
         self.transport = transport
@@ -107,8 +115,11 @@ class RateLimitedTransport(httpx.BaseTransport):
         self.limiter.acquire(request)
         response = self.transport.handle_request(request)
         self.limiter.count_response(response.status_code)
+        seconds = parse_retry_after(response.headers.get("Retry-After"))
+        if seconds is not None and seconds > self.limiter.max_pause:
+            response.headers["Retry-After"] = str(int(self.limiter.max_pause))
+            seconds = self.limiter.max_pause
         if response.status_code == 429:
-            seconds = parse_retry_after(response.headers.get("Retry-After"))
             self.limiter.pause(seconds if seconds is not None else 1.0)
         return response
 

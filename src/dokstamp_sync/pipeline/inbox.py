@@ -29,7 +29,7 @@ from dokstamp_sync.db import dialect_insert, insert_ignore
 from dokstamp_sync.events import Event, InvalidEvent, parse_event
 from dokstamp_sync.limits import FILE_MAX_BYTES, safe_text
 from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
-from dokstamp_sync.pipeline.results import Result
+from dokstamp_sync.pipeline.results import Result, reused_reason
 from dokstamp_sync.states import EventState, LetterStatus
 
 log = logging.getLogger("dokstamp_sync.pipeline.ingest")
@@ -112,7 +112,7 @@ def _column(value: str | None, size: int) -> str | None:
 
 
 def dead_letter(session: Session, entry: Entry, reason: str,
-                results: list[Result] | None = None) -> None:
+                results: list[Result] | None = None, *, refused_duplicate: bool = False) -> None:
     """File ``entry`` as an open dead letter (once per stream entry id), keeping its
     ``event_id``, ``entity`` and ``key`` when it has them. If the database refuses the letter,
     a last resort keeps the reason and an excerpt; if even that fails, the error propagates.
@@ -147,7 +147,8 @@ def dead_letter(session: Session, entry: Entry, reason: str,
         results.append(Result(
             event_id=event_id, entity=entity, key=key,
             op=entry.event.op if entry.event is not None else None, state=EventState.DEAD,
-            at=now, reason=reason, dead_letter_id=letter_id))
+            at=now, reason=reason, dead_letter_id=letter_id,
+            refused_duplicate=refused_duplicate))
 
 
 def _row(event: Event, lease: float) -> dict[str, Any]:
@@ -162,8 +163,20 @@ def _row(event: Event, lease: float) -> dict[str, Any]:
 
 def _reused(session: Session, entry: Entry, results: list[Result]) -> None:
     # An ERP bug: keep it visible, never drop it silently.
-    dead_letter(session, entry, f"invalid event: event_id {entry.event_id} was already used by "
-                "a different event; the first one is kept, this one is not applied", results)
+    # Reported with refused_duplicate (CONTRACT §5): not the outcome of the kept event.
+    dead_letter(session, entry, reused_reason(entry.event_id), results, refused_duplicate=True)
+
+
+def record_oversized(session: Session, entry_id: bytes, size: int,
+                     batch_bytes: int) -> list[Result]:
+    """File a stream entry too large for any batch as a dead letter, never having read it
+    (nothing of it is kept but its id and size); its outcome is returned for reporting."""
+    results: list[Result] = []
+    entry = Entry(entry_id.decode(), "", None)
+    dead_letter(session, entry, f"invalid event: the stream entry is {size} bytes, more than "
+                f"one batch may read ({batch_bytes} bytes, DOKSTAMP_SYNC_INGEST_BATCH_BYTES); "
+                "it was never read", results)
+    return results
 
 
 def record_entry(session: Session, stream_id: str, fields: dict[bytes, bytes], lease: float,

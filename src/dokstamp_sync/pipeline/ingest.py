@@ -1,7 +1,9 @@
 """Reading the ERP's Redis stream into the event inbox.
 
 Entries are read with a consumer group (``XREADGROUP``); entries a dead consumer left pending are
-taken over with ``XAUTOCLAIM``, following its cursor through the whole pending list. An entry is
+taken over with ``XAUTOCLAIM``, following its cursor through the whole pending list. Every read
+is bounded by bytes as well as by count (:mod:`dokstamp_sync.pipeline.batch`): an entry larger
+than a batch may read becomes a dead letter without ever being read. An entry is
 acknowledged (and deleted from the stream) only after its batch is committed to the database,
 once per ``event_id``: a redelivered entry changes nothing. A malformed entry, or one the
 database refuses, becomes a dead letter holding its raw text and the reason, once per stream
@@ -19,19 +21,20 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.db import once_more_if_disconnected, session_scope
-from dokstamp_sync.limits import FILE_MAX_BYTES
+from dokstamp_sync.limits import FILE_MAX_BYTES, INGEST_BATCH_BYTES
+from dokstamp_sync.pipeline.batch import Batch, BoundedReader
 from dokstamp_sync.pipeline.inbox import (
     Recorded,
     StreamEntry,
     describe_error,
     record_entries,
     record_entry,
+    record_oversized,
 )
 from dokstamp_sync.pipeline.outbox import mark_reported
 from dokstamp_sync.pipeline.results import Report, Result
@@ -45,6 +48,7 @@ Dispatch = Callable[[Sequence[int]], None]
 HEARTBEAT_TTL = 60  # s: a consumer that stops reading disappears from the health check
 FAILURE_TTL = 300  # s: a failure older than this no longer says ingestion "keeps" failing
 START = "0-0"
+WAIT_STEP = 0.02  # s between two looks at an empty stream
 
 
 def _text(value: bytes | str) -> str:
@@ -57,11 +61,15 @@ class StreamIngester:
     def __init__(self, client: redis.Redis, sessions: sessionmaker[Session], stream: str, *,
                  consumer: str, dispatch: Dispatch, lease: float, group: str = GROUP,
                  claim_idle_ms: int = 60_000, batch: int = 200,
+                 batch_bytes: int = INGEST_BATCH_BYTES,
                  max_file_bytes: int = FILE_MAX_BYTES, report: Report | None = None) -> None:
         self.redis, self.sessions, self.stream = client, sessions, stream
         self.report = report  # told the dead letters of entries that are no valid event
         self.consumer, self.dispatch, self.lease, self.group = consumer, dispatch, lease, group
         self.claim_idle_ms, self.batch = claim_idle_ms, batch
+        self.reader = BoundedReader(client, stream, group, consumer, count=batch,
+                                    max_bytes=batch_bytes)
+        self.claimed: list[bytes] = []  # ids claimed from others, not read yet
         self.max_file_bytes = max_file_bytes
         self.cursor = START  # where XAUTOCLAIM goes on in the pending list
         # Read this consumer's own pending entries first: at the start, and after a batch
@@ -82,8 +90,12 @@ class StreamIngester:
 
         Raises what made the batch fail (after noting it for the health check)."""
         try:
-            entries = self._read(block_ms)
-            recorded = self._handle(entries) if entries else Recorded()
+            batch = self._read(block_ms)
+            if batch.gone:  # deleted from the stream while pending: they only leave the list
+                self.redis.xack(self.stream, self.group, *batch.gone)
+            entries = batch.entries
+            recorded = self._handle(entries, batch.oversized) \
+                if entries or batch.oversized else Recorded()
         except Exception as exc:
             self.own_pending = True
             self._note_failure(describe_error(exc))
@@ -94,13 +106,13 @@ class StreamIngester:
                                f"(they stay pending): {first}")
         else:
             self._beat()
-        return len(entries)
+        return len(entries) + bool(batch.oversized)
 
     def handle(self, entries: Sequence[StreamEntry]) -> list[int]:
         """Record ``entries``, acknowledge them, dispatch the new events; return their keys."""
         return self._handle(entries).new
 
-    def _read(self, block_ms: int) -> list[StreamEntry]:
+    def _read(self, block_ms: int) -> Batch:
         try:
             return self._next(block_ms)
         except redis.ResponseError as exc:
@@ -110,52 +122,58 @@ class StreamIngester:
                     "restarted empty): creating it again", self.stream, self.group)
         self.ensure_group()
         self.cursor = START
+        self.claimed = []
         return self._next(block_ms)
 
-    def _next(self, block_ms: int) -> list[StreamEntry]:
+    def _next(self, block_ms: int) -> Batch:
         if self.own_pending:
-            entries = self._read_group("0", None)  # ours, delivered, not acknowledged
-            if entries:
-                return entries
+            batch = self.reader.own_pending()  # ours, delivered, not acknowledged
+            if batch:
+                return batch
             self.own_pending = False
-        return self._claim() or self._read_group(">", block_ms)
+        batch = self._claimed()
+        if batch:
+            return batch
+        batch = self.reader.new()
+        # Waiting for new entries without reading any (a blocking XREADGROUP would hand over
+        # the next entry whatever its size): look again every WAIT_STEP until block_ms.
+        deadline = time.monotonic() + block_ms / 1000
+        while not batch and time.monotonic() < deadline:
+            time.sleep(min(WAIT_STEP, max(0.0, deadline - time.monotonic())))
+            batch = self.reader.new()
+        return batch
 
-    def _claim(self) -> list[StreamEntry]:
-        """Entries idle in the pending list longer than ``claim_idle_ms``, up to a batch,
-        going on from where the last call stopped (the cursor is back at 0-0 at the end)."""
-        entries: list[StreamEntry] = []
-        while len(entries) < self.batch:
-            answer = self.redis.xautoclaim(self.stream, self.group, self.consumer,
-                                           min_idle_time=self.claim_idle_ms,
-                                           start_id=self.cursor, count=self.batch - len(entries))
-            self.cursor = _text(answer[0])
-            # Redis 7 drops entries deleted meanwhile from the pending list (answer[2]); 6.2
-            # answers them as nil: nothing is left to record either way.
-            entries += [(i, f) for i, f in answer[1] if i is not None and f]
-            if self.cursor == START:
-                break
-        return entries
+    def _claimed(self) -> Batch:
+        """Entries idle in the pending list longer than ``claim_idle_ms``, claimed by id (up
+        to a batch, going on from where the last call stopped; the cursor is back at 0-0 at
+        the end), then read as many as fit; the rest are read by the next polls."""
+        if not self.claimed:
+            while len(self.claimed) < self.batch:
+                self.cursor, ids = self.reader.claim(self.claim_idle_ms, self.cursor,
+                                                     self.batch - len(self.claimed))
+                self.claimed += ids
+                if self.cursor == START:
+                    break
+        if not self.claimed:
+            return Batch()
+        batch = self.reader.claimed(self.claimed)
+        del self.claimed[:len(batch.entries) + len(batch.gone) + bool(batch.oversized)]
+        return batch
 
-    def _read_group(self, since: str, block_ms: int | None) -> list[StreamEntry]:
-        # redis-py's hints do not cover XREADGROUP's [[stream, [(id, fields)]]] answer
-        read: Any = self.redis.xreadgroup(self.group, self.consumer, {self.stream: since},
-                                          count=self.batch, block=block_ms)
-        entries = [entry for _, items in read or [] for entry in items]
-        # An entry deleted from the stream while pending comes back without fields (an XADD
-        # always has one): nothing is left to record, it only leaves the pending list.
-        gone = [entry_id for entry_id, fields in entries if not fields]
-        if gone:
-            self.redis.xack(self.stream, self.group, *gone)
-        return [(entry_id, fields) for entry_id, fields in entries if fields]
-
-    def _handle(self, entries: Sequence[StreamEntry]) -> Recorded:
+    def _handle(self, entries: Sequence[StreamEntry],
+                oversized: tuple[bytes, int] | None = None) -> Recorded:
         def record() -> Recorded:
             with session_scope(self.sessions) as session:
-                return record_entries(session, entries, self.lease,
-                                      max_file_bytes=self.max_file_bytes)
+                recorded = record_entries(session, entries, self.lease,
+                                          max_file_bytes=self.max_file_bytes)
+                if oversized is not None:
+                    recorded.letters += record_oversized(session, *oversized,
+                                                         self.reader.max_bytes)
+                return recorded
 
         recorded = once_more_if_disconnected(record)
         done = [entry_id for entry_id, _ in entries if entry_id not in recorded.failed]
+        done += [oversized[0]] if oversized is not None else []
         if done:  # committed: now, and only now, they may leave the stream
             with self.redis.pipeline() as pipe:
                 pipe.xack(self.stream, self.group, *done)

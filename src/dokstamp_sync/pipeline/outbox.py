@@ -9,7 +9,9 @@ rows: only rows finished more than ``settle`` seconds ago, so that it does not r
 path (which publishes within milliseconds of its commit).
 
 Order matters to a consumer that keeps the last outcome per ``event_id``: the sweeper writes
-the events first and the resolved letters only once no unreported event is left in the pass.
+the events first and the resolved letters only once no unreported event is left in the pass;
+and a dead event whose letter was resolved since is written as ``superseded`` (what it is now),
+never as a late ``dead`` after its letter's ``superseded``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, utcnow
-from dokstamp_sync.pipeline.results import Report, Result
+from dokstamp_sync.pipeline.results import Report, Result, reused_reason
 from dokstamp_sync.reporting import RESOLVED as RESOLVED
 from dokstamp_sync.reporting import mark_reported as mark_reported
 from dokstamp_sync.states import FINAL, EventState, LetterStatus
@@ -53,9 +55,9 @@ def unreported(session: Session, *, settle: float = SETTLE, limit: int = BATCH) 
                EVENTS.c.finished_at < cutoff)
         .order_by(EVENTS.c.finished_at, EVENTS.c.id).limit(limit)).all()
     dead = [row.id for row in rows if row.state == EventState.DEAD]
-    letters = {pk: (letter_id, reason, status) for letter_id, pk, reason, status in
+    letters = {row.event_pk: row for row in
                session.execute(select(LETTERS.c.id, LETTERS.c.event_pk, LETTERS.c.reason,
-                                      LETTERS.c.http_status)
+                                      LETTERS.c.http_status, LETTERS.c.status)
                                .where(LETTERS.c.event_pk.in_(dead))
                                .order_by(LETTERS.c.id))} if dead else {}  # the newest wins
     results = []
@@ -69,9 +71,15 @@ def unreported(session: Session, *, settle: float = SETTLE, limit: int = BATCH) 
                 mapping_status=row.status if row.dokstamp_uuid is not None else None,
                 public_verification_url=row.verification_url))
         elif row.state == EventState.DEAD and row.id in letters:
-            letter_id, reason, http_status = letters[row.id]
-            results.append(Result(**common, reason=reason or row.last_error,
-                                  dead_letter_id=letter_id, http_status=http_status))
+            letter = letters[row.id]
+            if letter.status == LetterStatus.SUPERSEDED:
+                # Its death was never written and its letter is resolved since: report what
+                # it is now, so that no late "dead" lands after the letter's "superseded".
+                results.append(Result(**common | {"state": EventState.SUPERSEDED},
+                                      reason=RESOLVED, dead_letter_id=letter.id))
+                continue
+            results.append(Result(**common, reason=letter.reason or row.last_error,
+                                  dead_letter_id=letter.id, http_status=letter.http_status))
         else:
             results.append(Result(**common, reason=row.last_error))
     if len(rows) < limit:  # no unreported event left before the letters' outcomes
@@ -103,7 +111,8 @@ def _letters(session: Session, cutoff: object, limit: int) -> list[Result]:
             state=EventState.SUPERSEDED if superseded else EventState.DEAD,
             at=utc(row.resolved_at if superseded and row.resolved_at else row.last_failed_at),
             reason=RESOLVED if superseded else row.reason, dead_letter_id=row.id,
-            http_status=None if superseded else row.http_status))
+            http_status=None if superseded else row.http_status,
+            refused_duplicate=not superseded and row.reason == reused_reason(row.event_id)))
     return out
 
 

@@ -53,6 +53,7 @@ class Pump:
             settings.dokstamp_sync_stream, consumer=f"{socket.gethostname()}-{os.getpid()}",
             dispatch=dispatch, lease=self.lease,
             max_file_bytes=settings.dokstamp_sync_file_max_bytes,
+            batch_bytes=settings.dokstamp_sync_ingest_batch_bytes,
             report=self.publisher)
         self.threads = [threading.Thread(target=self._ingest, name="dokstamp-ingest",
                                          daemon=True),

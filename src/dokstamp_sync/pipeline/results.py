@@ -34,6 +34,13 @@ RESULTS_MAXLEN = 100_000
 FIELD = "result"
 
 
+def reused_reason(event_id: str | None) -> str:
+    """The reason of the dead letter of an entry refused for reusing ``event_id`` with other
+    content; an outcome rebuilt from a letter with exactly this reason is a refused duplicate."""
+    return (f"invalid event: event_id {event_id} was already used by a different event; the "
+            "first one is kept, this one is not applied")
+
+
 class Publisher:
     """Writes results to the outcome stream; never raises (the outcome is committed already):
     answers whether they were written."""
@@ -102,6 +109,8 @@ def render(entry_id: str, result: dict[str, Any]) -> str:
         tail.append(f"dead letter #{result['dead_letter_id']}")
     if result.get("http_status") is not None:
         tail.append(f"HTTP {result['http_status']}")
+    if result.get("refused_duplicate"):
+        tail.append("refused duplicate (not the kept event's outcome)")
     if result.get("reason"):
         tail.append(str(result["reason"]))
     return head + (": " + "; ".join(tail) if tail else "") + f"  [{entry_id}]"

@@ -28,7 +28,15 @@ from starlette.routing import Route
 
 from dokstamp_sync.sandbox.accounts import Account, Authority
 from dokstamp_sync.sandbox.admin import admin_routes
-from dokstamp_sync.sandbox.faults import Decision, FaultInjector, Faults, MalformedBody, Stats
+from dokstamp_sync.sandbox.faults import (
+    DEEP_BODY_LEVELS,
+    HUGE_BODY_BYTES,
+    Decision,
+    FaultInjector,
+    Faults,
+    MalformedBody,
+    Stats,
+)
 from dokstamp_sync.sandbox.generations import Docs, Generation, check_login_route, docs_for
 from dokstamp_sync.sandbox.store import DEFAULT_PER_PAGE, ApiError, Tenant, UniqueViolation
 
@@ -162,7 +170,14 @@ def _malformed(response: Response, body: MalformedBody) -> Response:
     """``response`` (a success) with its body emptied or its ``data`` of the wrong shape."""
     if body == "empty":
         return Response(b"", status_code=response.status_code, media_type="application/json")
-    content = json.loads(bytes(response.body) or b"null")
+    raw = bytes(response.body) or b"null"
+    if body in ("huge", "deep"):  # the real answer, with one more top-level field
+        extra = (b'"' + b"x" * HUGE_BODY_BYTES + b'"' if body == "huge"
+                 else b"[" * DEEP_BODY_LEVELS + b"]" * DEEP_BODY_LEVELS)
+        inner = raw.strip()[1:-1] if raw.strip().startswith(b"{") else b'"data": ' + raw
+        joined = b"{" + inner + (b", " if inner.strip() else b"") + b'"padding": ' + extra + b"}"
+        return Response(joined, status_code=response.status_code, media_type="application/json")
+    content = json.loads(raw)
     data = content.get("data", content) if isinstance(content, dict) else content
     # An object becomes a one-item list; a list becomes its first item (or an empty object).
     wrong = [data] if isinstance(data, dict) else (data[0] if data else {})

@@ -38,9 +38,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 # A scripted malformed success answer: "empty" (same status, no body), "wrong_shape" (``data``
-# a list where an object belongs or the reverse), "html" (a 200 HTML page instead of the API).
-MalformedBody = Literal["empty", "wrong_shape", "html"]
-MALFORMED_BODIES: tuple[str, ...] = ("empty", "wrong_shape", "html")
+# a list where an object belongs or the reverse), "html" (a 200 HTML page instead of the API),
+# "huge" (the real answer padded past ``HUGE_BODY_BYTES``), "deep" (the real answer with a
+# value nested ``DEEP_BODY_LEVELS`` levels deep: a parser that recurses per level fails).
+MalformedBody = Literal["empty", "wrong_shape", "html", "huge", "deep"]
+MALFORMED_BODIES: tuple[str, ...] = ("empty", "wrong_shape", "html", "huge", "deep")
+HUGE_BODY_BYTES = 12 * 1024 * 1024
+DEEP_BODY_LEVELS = 100_000
 
 
 @dataclass
@@ -51,7 +55,8 @@ class ScriptedFault:
     below 400 it answers normally. ``retry_after`` is sent as ``Retry-After`` whatever the
     error status. ``delay_s`` holds the request that long BEFORE applying it (a slow write: it
     lands after a client's timeout). ``body`` (``status`` is then ignored) replaces a success
-    answer: ``"empty"`` and ``"wrong_shape"`` apply the request and keep its status,
+    answer: ``"empty"``, ``"wrong_shape"``, ``"huge"`` and ``"deep"`` apply the request and
+    keep its status,
     ``"html"`` answers a 200 HTML page without reaching the API (as a proxy or portal would).
     """
 

@@ -289,9 +289,13 @@ def _decide(ctx: SyncContext, verdict: Verdict, facts: Facts) -> Decision:
         return Park(delay=verdict.delay, error=verdict.reason,
                     waiting_for=verdict.waiting_for, counted=False)
     first = facts.first_failed_at or now
-    if (now - first).total_seconds() > ctx.limits.retry_budget:
+    budget_left = ctx.limits.retry_budget - (now - first).total_seconds()
+    if budget_left < 0:
         return Letter(reason=f"retries exhausted after {facts.attempts + 1} attempts: "
                              f"{verdict.reason}")
     ctx.count("retries")
     backoff = ctx.rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** facts.attempts))
-    return Park(delay=max(backoff, verdict.retry_after or 0.0), error=verdict.reason, now=now)
+    delay = max(backoff, verdict.retry_after or 0.0)
+    # Never parked past the budget's end (a huge Retry-After): tried once more then, and
+    # dead-lettered if that fails too.
+    return Park(delay=min(delay, budget_left), error=verdict.reason, now=now)

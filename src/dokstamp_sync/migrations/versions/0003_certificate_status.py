@@ -1,5 +1,8 @@
 """Mappings keep DokStamp's status and public verification URL of a certificate.
 
+Its downgrade would drop them (no upgrade brings them back): it refuses while any mapping holds
+one (see :mod:`dokstamp_sync.migrations.data_loss`).
+
 Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-09
@@ -9,6 +12,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+
+from dokstamp_sync.migrations.data_loss import refuse_if_any
 
 revision = '0003'
 down_revision = '0002'
@@ -23,6 +28,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    refuse_if_any(
+        "SELECT count(*) FROM mappings "
+        "WHERE remote_status IS NOT NULL OR verification_url IS NOT NULL",
+        "certificate mapping(s) with DokStamp's status or verification URL",
+        "The schema before 0003 cannot hold them; stay on 0003 or later.")
     with op.batch_alter_table("mappings") as batch:
         batch.drop_column("verification_url")
         batch.drop_column("remote_status")

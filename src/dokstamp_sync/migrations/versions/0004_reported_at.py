@@ -4,6 +4,10 @@
 partial index keeps "final but not reported" cheap to find. Rows that exist at the upgrade are
 marked reported, so that the upgrade does not flood the stream with history.
 
+Its downgrade would forget which outcomes are still unwritten (the upgrade after it would mark
+them reported, and they would never be written): it refuses while any is (see
+:mod:`dokstamp_sync.migrations.data_loss`).
+
 Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-12
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+
+from dokstamp_sync.migrations.data_loss import refuse_if_any
 
 revision = '0004'
 down_revision = '0003'
@@ -38,6 +44,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    refuse_if_any(
+        "SELECT (SELECT count(*) FROM inbox WHERE reported_at IS NULL "
+        "AND state IN ('synced', 'superseded', 'dead')) + "
+        "(SELECT count(*) FROM dead_letters WHERE reported_at IS NULL)",
+        "outcome(s) not yet written to the outcome stream",
+        "Let the worker's sweeper write them first (with Redis reachable), then downgrade.")
     op.drop_index("ix_dead_letters_unreported", table_name="dead_letters")
     op.drop_index("ix_inbox_unreported", table_name="inbox")
     for table in ("dead_letters", "inbox"):
