@@ -258,8 +258,11 @@ def _flower(args: argparse.Namespace) -> int:  # noqa: RET503  # execve does not
         print("refusing to start Flower without a password: set DOKSTAMP_SYNC_FLOWER_AUTH="
               "user:password (or pass --insecure-no-auth)", file=sys.stderr)
         return 2
+    from dokstamp_sync.ops.flower import TASKS_COLUMNS
+
     argv = [sys.executable, "-m", "celery", "-A", "dokstamp_sync.worker", "flower",
-            f"--address={args.address}", f"--port={args.port}"]
+            f"--address={args.address}", f"--port={args.port}",
+            f"--tasks_columns={TASKS_COLUMNS}"]
     os.execve(sys.executable, argv, env)  # noqa: S606  # becomes Flower: signals reach it
 
 

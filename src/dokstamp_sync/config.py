@@ -43,6 +43,8 @@ class StoreSettings(BaseSettings):
     dokstamp_sync_log_json: bool = False  # one JSON object per log line
     # The worker serves /metrics and /healthz on this port (`worker --metrics-port` sets it).
     dokstamp_sync_metrics_port: int | None = Field(default=None, gt=0, lt=65536)
+    # ...on this address: loopback unless told (docker-compose sets 0.0.0.0 for Prometheus).
+    dokstamp_sync_metrics_address: str = "127.0.0.1"
     # Flower's basic auth, "user:password" (`dokstamp-sync flower` refuses to start without).
     dokstamp_sync_flower_auth: SecretStr | None = None
 

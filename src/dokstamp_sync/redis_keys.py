@@ -26,6 +26,8 @@ NAMESPACE = _namespace()
 QUEUE = f"{NAMESPACE}dokstamp-sync"  # the Celery queue (a Redis list) the tasks travel on
 GROUP = f"{NAMESPACE}dokstamp-sync"  # the stream's consumer group
 COUNTERS = f"{NAMESPACE}dokstamp:metrics"  # hash of fleet-wide counters (API, retries, outcomes)
+# + replica name: what one worker replica's processes did (ops.recorder), for its /metrics
+REPLICA_COUNTERS = f"{NAMESPACE}dokstamp:metrics:replica:"
 HEARTBEAT = f"{NAMESPACE}dokstamp:heartbeat:"  # + "task" or "ingest:<consumer>": epoch seconds
 # The stream ingester's last failed batch: JSON {"at": epoch s, "consumer", "reason"}.
 INGEST_FAILURE = f"{NAMESPACE}dokstamp:ingest:failure"

@@ -28,11 +28,13 @@ from dokstamp_sync.config import (
 from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.dokstamp import RateLimiter, RedisTokenStore, client_from_settings
 from dokstamp_sync.dokstamp.breaker import CircuitBreaker
+from dokstamp_sync.ops.recorder import MeasuredTransport, Recorder
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.files import FilePolicy
 
 _settings: StoreSettings | None = None
 _context: SyncContext | None = None
+_recorder: Recorder | None = None
 
 
 def use(settings: StoreSettings) -> None:
@@ -77,8 +79,11 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
                              threshold=settings.dokstamp_sync_breaker_failures,
                              interval=settings.dokstamp_sync_breaker_interval,
                              probe_timeout=settings.dokstamp_timeout + 5)
+    # Innermost, around the network: what each request costs, not the limiter's waits.
+    network = MeasuredTransport(httpx.HTTPTransport(limits=httpx.Limits(
+        max_connections=20, max_keepalive_connections=20)), recorder())
     api = client_from_settings(settings, store=RedisTokenStore(client_redis), limiter=limiter,
-                               breaker=breaker)
+                               breaker=breaker, transport=network)
     root = settings.dokstamp_sync_file_root
     ctx = SyncContext(
         client=api,
@@ -112,7 +117,16 @@ def context() -> SyncContext:
     return _context
 
 
+def recorder() -> Recorder:
+    """This process's metrics recorder (:mod:`.ops.recorder`)."""
+    global _recorder
+    if _recorder is None:
+        _recorder = Recorder()
+    return _recorder
+
+
 def reset() -> None:
-    """Forget this process's context (after a fork, or in tests); the settings stay."""
-    global _context
-    _context = None
+    """Forget this process's context and counts (after a fork, or in tests); the settings
+    stay."""
+    global _context, _recorder
+    _context, _recorder = None, None

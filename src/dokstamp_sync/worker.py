@@ -14,13 +14,22 @@ import logging
 import os
 from collections.abc import Sequence
 from contextlib import suppress
+from functools import partial
 from typing import Any, ClassVar
 
 from celery import Celery, bootsteps
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_process_init,
+)
 
 from dokstamp_sync import logs, wiring
 from dokstamp_sync.config import ConfigError, Settings, StoreSettings
+from dokstamp_sync.db import make_engine, make_sessionmaker
+from dokstamp_sync.ops import recorder
+from dokstamp_sync.ops.flower import TaskLabels, argsrepr
 from dokstamp_sync.pipeline.pump import Pump
 from dokstamp_sync.redis_keys import QUEUE
 
@@ -34,6 +43,9 @@ app.conf.update(
     worker_prefetch_multiplier=1, task_default_queue=QUEUE,
     broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
     worker_send_task_events=True,  # Flower's task list; producers send no task-sent events
+    # A task whose events ended dead raises DeadEvents (Flower shows it failed): its message is
+    # still acknowledged once, as for a success (Celery's default, kept explicit: see ops.flower).
+    task_acks_on_failure_or_timeout=True,
 )
 
 
@@ -49,6 +61,11 @@ def configure(settings: StoreSettings) -> Celery:
 # `celery -A dokstamp_sync.worker ...` and Flower need the broker without our CLI.
 with suppress(ConfigError):
     configure(wiring.store_settings())
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _name_replica(**_: Any) -> None:
+    recorder.name_replica()  # in the main process, before the pool forks: children inherit it
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
@@ -78,12 +95,20 @@ def task_batches(pks: Sequence[int]) -> list[list[int]]:
     return [list(pks[i:i + size]) for i in range(0, len(pks), size)] if pks else []
 
 
-def dispatch(pks: Sequence[int]) -> None:
+def dispatch(pks: Sequence[int], labels: TaskLabels | None = None) -> None:
     """Send the events to the workers, a few consecutive ones per task (by the task's name:
-    this module defines the app, :mod:`.tasks` its tasks, and neither imports the other's)."""
+    this module defines the app, :mod:`.tasks` its tasks, and neither imports the other's).
+    ``labels``: Flower shows each task's events by entity, ERP key and ``event_id``."""
+    described: dict[int, str] = {}
+    if labels is not None:
+        try:
+            described = labels.describe(pks)
+        except Exception:  # the labels are for people: never hold the events back for them
+            log.exception("events %s: could not describe them for Flower", list(pks)[:10])
     with app.producer_or_acquire() as producer:  # one producer for them all, not one each
         for batch in task_batches(pks):
-            app.send_task(SYNC_EVENTS, (batch,), producer=producer)
+            app.send_task(SYNC_EVENTS, (batch,), producer=producer,
+                          argsrepr=argsrepr(batch, described))
 
 
 class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped
@@ -96,7 +121,9 @@ class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unty
         self.pump: Pump | None = None
 
     def start(self, worker: Any) -> None:
-        self.pump = Pump(wiring.settings(), dispatch)
+        settings = wiring.settings()
+        labels = TaskLabels(make_sessionmaker(make_engine(settings.database_url)))
+        self.pump = Pump(settings, partial(dispatch, labels=labels))
         self.pump.start()
 
     def stop(self, worker: Any) -> None:

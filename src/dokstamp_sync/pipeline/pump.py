@@ -57,10 +57,13 @@ class Pump:
             thread.start()
         port = self.settings.dokstamp_sync_metrics_port
         if port:
+            from dokstamp_sync.ops import recorder
             from dokstamp_sync.ops.metrics import serve
 
             serve(self.sessions, self.ingester.redis, self.settings.dokstamp_sync_stream,
-                  address="0.0.0.0", port=port, background=True)  # noqa: S104
+                  address=self.settings.dokstamp_sync_metrics_address, port=port,
+                  background=True, replica=recorder.replica(),
+                  tenant=self.settings.dokstamp_tenant)
 
     def stop(self) -> None:
         self.stop_event.set()
