@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -19,6 +18,7 @@ from sqlalchemy import select
 
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
+from dokstamp_sync.demo.embedded import free_port
 from dokstamp_sync.models import DeadLetter
 from dokstamp_sync.redis_keys import QUEUE
 from test_worker import EXE, start_worker, wait_settled, wredis, xadd
@@ -27,12 +27,6 @@ from testenv import TEST_WORKER_REDIS_URL
 __all__ = ["start_worker", "wredis"]  # fixtures, used by name
 CHROMIUM = shutil.which("chromium")
 AUTH = ("ops", "flower-test-pw")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def flower_get(base: str, path: str):

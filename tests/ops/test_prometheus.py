@@ -17,9 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from test_flower import free_port
 
 from dokstamp_sync.demo import samples
+from dokstamp_sync.demo.embedded import free_port
 from dokstamp_sync.redis_keys import COUNTERS
 from test_worker import start_worker, wait_settled, wredis, xadd
 
@@ -27,10 +27,10 @@ __all__ = ["start_worker", "wredis"]  # fixtures, used by name
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
-PROMTOOL = shutil.which("promtool")
-PROMETHEUS = shutil.which("prometheus")
+PROMTOOL = shutil.which("promtool") or "promtool"
+PROMETHEUS = shutil.which("prometheus") or "prometheus"
 needs_prometheus = pytest.mark.skipif(
-    (PROMTOOL is None or PROMETHEUS is None) and not os.environ.get("CI"),
+    not (shutil.which("promtool") and shutil.which("prometheus")) and not os.environ.get("CI"),
     reason="Debian's prometheus is not installed (CI installs it)")
 
 
