@@ -9,12 +9,13 @@ import logging
 import os
 import socket
 import threading
+import time
 
 import redis
 
 from dokstamp_sync.config import Settings
 from dokstamp_sync.db import make_engine, make_sessionmaker
-from dokstamp_sync.pipeline import outbox
+from dokstamp_sync.pipeline import outbox, retention
 from dokstamp_sync.pipeline.ingest import Dispatch, StreamIngester
 from dokstamp_sync.pipeline.results import Publisher
 from dokstamp_sync.pipeline.scheduler import dispatch_due
@@ -33,6 +34,7 @@ class Pump:
         self.dispatch = dispatch
         self.stop_event = threading.Event()
         self.poll_interval = poll_interval
+        self._pruned = -60.0  # monotonic time of the last retention run
         self.lease = settings.dokstamp_sync_lease
         self.sessions = make_sessionmaker(make_engine(settings.database_url))
         client = redis.Redis.from_url(settings.redis_url)
@@ -91,6 +93,14 @@ class Pump:
                 log.exception("retry scheduler: dispatch failed")
             self.stop_event.wait(self.poll_interval)
 
+    def _prune(self) -> None:
+        """The inbox's retention, at most once a minute, by the one sweeper (its lock)."""
+        days = self.settings.dokstamp_sync_inbox_retention_days
+        now = time.monotonic()
+        if days is not None and now - self._pruned >= 60:
+            self._pruned = now
+            retention.prune(self.sessions, days)
+
     def _sweep(self) -> None:
         """Every few seconds, write the outcomes left unreported (a process killed between a
         commit and its XADD, Redis away at that moment). Every worker's pump runs one: two
@@ -101,6 +111,7 @@ class Pump:
                 if lock.acquire():
                     try:
                         outbox.sweep(self.sessions, self.publisher)
+                        self._prune()
                     finally:
                         lock.release()
             except Exception:
