@@ -266,6 +266,20 @@ def _flower(args: argparse.Namespace) -> int:  # noqa: RET503  # execve does not
     os.execve(sys.executable, argv, env)  # noqa: S606  # becomes Flower: signals reach it
 
 
+def _console(args: argparse.Namespace) -> int:
+    from dokstamp_sync.config import load_store_settings
+    from dokstamp_sync.console import AuthMissing, serve
+
+    settings = load_store_settings()
+    try:
+        print(f"console on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+        serve(settings, args.host, args.port)
+    except AuthMissing as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -387,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--insecure-no-auth", action="store_true",
                     help="start without a password (never on a shared network)")
     fl.set_defaults(func=_flower)
+
+    co = sub.add_parser("console", help="the dead-letter console in the browser (needs "
+                                        "DOKSTAMP_SYNC_CONSOLE_AUTH)")
+    co.add_argument("--host", default="127.0.0.1")
+    co.add_argument("--port", type=int, default=8080)
+    co.set_defaults(func=_console)
 
     dm = sub.add_parser("demo", help="the whole pipeline on embedded defaults, with a summary")
     dm.add_argument("--students", type=int, default=60)

@@ -48,6 +48,10 @@ class StoreSettings(BaseSettings):
     # Final events older than this many days are deleted (docs/monitoring.md "Inbox
     # retention": what deduplication needs is kept); unset keeps every event.
     dokstamp_sync_inbox_retention_days: float | None = Field(default=None, ge=0)
+    # The dead-letter console's logins, "user:password" (`dokstamp-sync console` refuses to
+    # start without the first); the read-only one sees everything and changes nothing.
+    dokstamp_sync_console_auth: SecretStr | None = None
+    dokstamp_sync_console_readonly_auth: SecretStr | None = None
     # Flower's basic auth, "user:password" (`dokstamp-sync flower` refuses to start without).
     dokstamp_sync_flower_auth: SecretStr | None = None
 
