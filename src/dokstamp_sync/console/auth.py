@@ -2,7 +2,7 @@
 
 Two logins, each ``user:password``: ``DOKSTAMP_SYNC_CONSOLE_AUTH`` (may replay and discard) and
 ``DOKSTAMP_SYNC_CONSOLE_READONLY_AUTH`` (sees every page, changes nothing). A login gives a
-cookie ``user|role|expiry|mac`` signed with a key drawn when the console starts (a restart
+cookie ``user|role|expiry|nonce|mac`` signed with a key drawn when the console starts (a restart
 logs everyone out); it is ``HttpOnly`` and ``SameSite=Strict``. Every form carries a CSRF token,
 an HMAC of the session cookie under the same key: a POST without it, or with another
 session's, is refused (403).
@@ -42,8 +42,8 @@ def _pair(secret: SecretStr | None, variable: str) -> tuple[str, str] | None:
     if secret is None:
         return None
     user, _, password = secret.get_secret_value().partition(":")
-    if not user or not password:
-        raise AuthMissing(f"{variable} must be user:password")
+    if not user or not password or "|" in user:
+        raise AuthMissing(f"{variable} must be user:password (no | in the user)")
     return user, password
 
 
@@ -73,15 +73,17 @@ class Logins:
         return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
     def cookie(self, user: User) -> str:
-        body = f"{user.name}|{user.role}|{int(time.time()) + LIFETIME}"
+        # A fresh nonce: two logins never share a cookie, hence never a CSRF token.
+        nonce = secrets.token_urlsafe(12)
+        body = f"{user.name}|{user.role}|{int(time.time()) + LIFETIME}|{nonce}"
         return f"{body}|{self._mac(body)}"
 
     def user(self, cookie: str | None) -> User | None:
         """The user a session cookie belongs to, or None (absent, forged, expired)."""
-        if not cookie or cookie.count("|") != 3:
+        if not cookie or cookie.count("|") != 4:
             return None
         body, _, mac = cookie.rpartition("|")
-        name, role, expiry = body.split("|")
+        name, role, expiry, _nonce = body.split("|")
         if not hmac.compare_digest(mac, self._mac(body)) or not expiry.isdigit():
             return None
         return User(name, role) if int(expiry) > time.time() else None
