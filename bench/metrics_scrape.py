@@ -1,7 +1,7 @@
 """What one /metrics scrape costs as the inbox grows (issue 17, item 14).
 
 Fills a scratch PostgreSQL database with N final events (synced, a few superseded), 100 open
-events and 50 open dead letters, then times the fleet-wide part of a scrape
+events and 50 open dead letters (``--letters``), then times the fleet-wide part of a scrape
 (``SyncCollector.fleet``: open events and letters counted through their indexes) against the
 status report's ``GROUP BY`` over the whole inbox (what each scrape ran before).
 
@@ -42,7 +42,7 @@ FROM generate_series(1, 100) AS g;
 INSERT INTO dead_letters (reason, entity, erp_key, attempts, status, first_failed_at,
                           last_failed_at)
 SELECT 'DokStamp refused POST /students (422)', 'student', 'D-' || g, 1, 'open', now(), now()
-FROM generate_series(1, 50) AS g;
+FROM generate_series(1, CAST(:letters AS bigint)) AS g;
 """
 
 
@@ -61,6 +61,7 @@ def timed(fn: object, repeat: int = 7) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--letters", type=int, default=50, help="open dead letters")
     args = parser.parse_args()
     client = redis.Redis.from_url(REDIS_URL)
     with scratch_database(PG_ADMIN, "dokstamp_sync_bench_scrape") as url:
@@ -69,9 +70,10 @@ def main() -> None:
         with engine.begin() as conn:
             for statement in OPEN_ROWS.split(";"):
                 if statement.strip():
-                    conn.execute(text(statement))
+                    conn.execute(text(statement), {"letters": args.letters})
         collector = SyncCollector(sessions, client, "bench-scrape:events")
         filled = 0
+        print(f"{args.letters} open dead letters")
         print(f"{'inbox rows':>12} {'scrape (new) ms':>16} {'GROUP BY (old) ms':>18}")
         for rows in sorted(args.rows):
             with engine.begin() as conn:

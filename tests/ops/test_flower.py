@@ -70,7 +70,8 @@ def tasks_of(base: str) -> dict[str, dict]:
 def test_flower_shows_a_task_with_a_dead_event_failed_and_acknowledged_once(
         flower, start_worker, wredis, sessions, sandbox, tmp_path):
     """One good and one bad student: in Flower's API the bad one's task is FAILURE naming its
-    dead letter (id, entity, key, reason), its args show entity, key and event_id; the good
+    dead letter (id, entity, key, reason), its args show entity, key and event_id (Flower's
+    search finds a task by an ERP key or an event_id); the good
     one's task is SUCCESS; the Workers view counts one failure; the failed message is
     acknowledged once (run once, nothing left in the queue or unacked, no redelivery after
     the visibility timeout); Chromium's rendering of the tasks page shows the dead key."""
@@ -95,6 +96,9 @@ def test_flower_shows_a_task_with_a_dead_event_failed_and_acknowledged_once(
     by_key = {("S-BAD" if "S-BAD" in t["args"] else "S-GOOD"): t for t in tasks}
     assert by_key["S-BAD"]["args"] == "student S-BAD (ev-bad-1)"
     assert by_key["S-GOOD"]["args"] == "student S-GOOD (ev-good-1)"
+    for term, key in (("S-BAD", "S-BAD"), ("ev-good-1", "S-GOOD")):  # Flower's search box
+        found = list(flower_get(flower, f"api/tasks?search={term}").values())
+        assert [t["args"] for t in found] == [by_key[key]["args"]]
     assert by_key["S-GOOD"]["state"] == "SUCCESS"
     assert by_key["S-BAD"]["state"] == "FAILURE"
     assert f"dead letter {letter_id}: student S-BAD: {reason}" in by_key["S-BAD"]["exception"]

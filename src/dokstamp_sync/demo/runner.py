@@ -68,6 +68,7 @@ class DemoResult:
     flower_url: str | None
     database_url: str
     redis_url: str = ""
+    console: str | None = None  # "URL (user demo, password ...)" with --keep-running
     results_stream: str = RESULTS_STREAM
 
 
@@ -132,6 +133,14 @@ def run_demo(opts: DemoOptions) -> DemoResult:
                 env=env | {"DOKSTAMP_SYNC_FLOWER_AUTH": f"demo:{password}"},
                 log=data_dir / "flower.log", cwd=data_dir))
             flower_url = f"http://demo:{password}@127.0.0.1:{port}/"
+        console = None
+        if opts.keep_running:  # the dead-letter console, while it keeps running
+            port, password = free_port(), secrets.token_urlsafe(9)
+            stack.enter_context(Child(
+                [*exe, "console", "--port", str(port)],
+                env=env | {"DOKSTAMP_SYNC_CONSOLE_AUTH": f"demo:{password}"},
+                log=data_dir / "console.log", cwd=data_dir))
+            console = f"http://127.0.0.1:{port}/  (user demo, password {password})"
         prefix = f"D{secrets.token_hex(2)}-" if given else ""
         events = samples.graduating_class(opts.students, prefix=prefix)
         events.append(bad_event() if not prefix else samples.event(
@@ -152,7 +161,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
             states=states,
             created={k: sum(1 for e in dump[k] if e["deleted_at"] is None) for k in KINDS},
             api_calls=stats["requests"], calls_by_route=stats["by_route"],
-            dead_letters=letters, elapsed_s=elapsed, flower_url=flower_url,
+            dead_letters=letters, elapsed_s=elapsed, flower_url=flower_url, console=console,
             database_url=database_url, redis_url=redis_url, results_stream=results_stream)
         print(summary(result))
         if opts.keep_running:
@@ -214,6 +223,8 @@ def summary(r: DemoResult) -> str:
     lines += ["", "Where to look:"]
     if r.flower_url:
         lines.append(f"  Flower (Celery dashboard): {r.flower_url}  (while --keep-running)")
+    if r.console:
+        lines.append(f"  Dead-letter console: {r.console}")
     db = f"DATABASE_URL={redact_url(r.database_url)}"
     lines += [f"  {db} dokstamp-sync status",
               f"  {db} dokstamp-sync mapping student S-00001",
