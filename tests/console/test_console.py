@@ -166,3 +166,30 @@ def test_letters_are_paged_newest_first_by_keyset(app, sessions):
             more = re.search(r'id="next" href="([^"]+)"', page)
             url = more.group(1).replace("&amp;", "&") if more else ""
     assert shown == list(range(120, 0, -1))
+
+
+def test_letters_filter_by_http_status_reason_text_and_day(app, sessions):
+    """The list keeps to the HTTP status, the text in the reason (any case) and the days of
+    the last failure asked for."""
+    from datetime import timedelta
+
+    now = utcnow()
+    rows = [("A-403", 403, "credentials refused", now),
+            ("B-422", 422, "Invalid date_of_birth", now),
+            ("C-422-old", 422, "invalid date_of_birth", now - timedelta(days=3))]
+    with session_scope(sessions) as s:
+        s.execute(insert(DeadLetter), [
+            {"entity": "student", "erp_key": key, "reason": reason, "http_status": code,
+             "attempts": 1, "status": "open", "first_failed_at": at, "last_failed_at": at}
+            for key, code, reason, at in rows])
+    today = now.date().isoformat()
+    with app() as client:
+        login(client, "ops", "ops-pw")
+
+        def keys(query: str) -> list[str]:
+            return re.findall(r'class="key">([^<]+)<', client.get(f"/letters?{query}").text)
+
+        assert keys("http_status=422") == ["C-422-old", "B-422"]
+        assert keys("reason=INVALID") == ["C-422-old", "B-422"]
+        assert keys(f"http_status=422&since={today}") == ["B-422"]
+        assert keys(f"until={(now - timedelta(days=1)).date().isoformat()}") == ["C-422-old"]
