@@ -39,7 +39,7 @@ class User:
 
 
 def _pair(secret: SecretStr | None, variable: str) -> tuple[str, str] | None:
-    if secret is None:
+    if secret is None or not secret.get_secret_value().strip():  # `NAME=`: not set
         return None
     user, _, password = secret.get_secret_value().partition(":")
     if not user or not password or "|" in user:
