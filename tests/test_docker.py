@@ -62,19 +62,20 @@ def test_every_service_command_is_a_plain_dokstamp_sync_command(compose):
     """Each service built from our image runs a command our CLI accepts as it is."""
     parser = build_parser()
     ours = {n: s for n, s in compose["services"].items() if s.get("build")}
-    assert set(ours) == {"preflight", "migrate", "worker", "flower", "sandbox"}
+    assert set(ours) == {"preflight", "migrate", "worker", "flower", "console", "sandbox"}
     for name, service in ours.items():
         if name == "preflight":  # the worker's start-up check, a module of the package
             assert service["entrypoint"] == ["python", "-m", "dokstamp_sync.ops.preflight"]
             assert (ROOT / "src/dokstamp_sync/ops/preflight.py").is_file()
             continue
         args = parser.parse_args(service["command"])
-        assert args.command in ("db", "worker", "flower", "sandbox"), name
+        assert args.command in ("db", "worker", "flower", "console", "sandbox"), name
 
 
 def test_compose_services_have_what_operations_need(compose):
     """Volumes, Redis persistence, healthchecks, a one-shot migration before the worker, a
-    scalable worker, Flower only with a password, the sandbox under a profile."""
+    scalable worker, Flower and the console only with a password (the console on the host's
+    loopback), the worker's metrics reachable by Prometheus, the sandbox under a profile."""
     s = compose["services"]
     assert any("pgdata" in v for v in s["postgres"]["volumes"])
     assert "--appendonly" in s["redis"]["command"]
@@ -89,6 +90,11 @@ def test_compose_services_have_what_operations_need(compose):
     assert "DOKSTAMP_SYNC_FLOWER_AUTH" in s["flower"]["environment"]
     assert "--insecure-no-auth" not in s["flower"]["command"]
     assert s["sandbox"]["profiles"] == ["sandbox"]
+    # The console: only with a password, published on the host's loopback only.
+    assert "DOKSTAMP_SYNC_CONSOLE_AUTH" in s["console"]["environment"]
+    assert s["console"]["ports"] == ["127.0.0.1:8080:8080"]
+    # The worker's metrics listen on loopback unless told: compose tells, for Prometheus.
+    assert s["worker"]["environment"]["DOKSTAMP_SYNC_METRICS_ADDRESS"] == "0.0.0.0"  # noqa: S104  # checked, not bound
 
 
 def test_the_worker_waits_for_the_preflight_which_runs_once(compose):

@@ -243,9 +243,24 @@ def _flower(args: argparse.Namespace, settings: StoreSettings) -> int:
         raise CommandError("refusing to start Flower without a password: set "
                            "DOKSTAMP_SYNC_FLOWER_AUTH=user:password (or pass "
                            "--insecure-no-auth)")
+    from dokstamp_sync.ops.flower import TASKS_COLUMNS
+
     argv = [sys.executable, "-m", "celery", "-A", "dokstamp_sync.worker", "flower",
-            f"--address={args.address}", f"--port={args.port}"]
+            f"--address={args.address}", f"--port={args.port}",
+            f"--tasks_columns={TASKS_COLUMNS}"]
     os.execve(sys.executable, argv, env)  # noqa: S606  # becomes Flower: signals reach it
+
+
+def _console(args: argparse.Namespace, settings: StoreSettings | None) -> int:
+    from dokstamp_sync.console import AuthMissing, serve
+
+    assert settings is not None
+    try:
+        print(f"console on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+        serve(settings, args.host, args.port)
+    except AuthMissing as exc:
+        raise CommandError(str(exc)) from None
+    return 0
 
 
 def _demo(args: argparse.Namespace, settings: StoreSettings | None) -> int:

@@ -234,6 +234,13 @@ def _rest(sub: Any, cmds: Any) -> None:
     fl.add_argument("--insecure-no-auth", action="store_true",
                     help="start without a password (never on a shared network)")
 
+    co = _add(sub, "console", cmds._console, "store",
+              "the dead-letter console in the browser (password: "
+              "DOKSTAMP_SYNC_CONSOLE_AUTH=user:password)")
+    co.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: %(default)s)")
+    co.add_argument("--port", type=port, default=8080, help="port (default: %(default)s)")
+
     dm = _add(sub, "demo", cmds._demo, "none",
               "the whole pipeline on embedded defaults, with a summary")
     dm.add_argument("--students", type=positive_int, default=60,

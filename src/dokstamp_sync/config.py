@@ -52,6 +52,15 @@ class StoreSettings(BaseSettings):
     dokstamp_sync_log_json: bool = False  # one JSON object per log line
     # The worker serves /metrics and /healthz on this port (`worker --metrics-port` sets it).
     dokstamp_sync_metrics_port: int | None = Field(default=None, gt=0, lt=65536)
+    # ...on this address: loopback unless told (docker-compose sets 0.0.0.0 for Prometheus).
+    dokstamp_sync_metrics_address: str = "127.0.0.1"
+    # Final events older than this many days are deleted (docs/monitoring.md "Inbox
+    # retention": what deduplication needs is kept); unset keeps every event.
+    dokstamp_sync_inbox_retention_days: float | None = Field(default=None, ge=0)
+    # The dead-letter console's logins, "user:password" (`dokstamp-sync console` refuses to
+    # start without the first); the read-only one sees everything and changes nothing.
+    dokstamp_sync_console_auth: SecretStr | None = None
+    dokstamp_sync_console_readonly_auth: SecretStr | None = None
     # Flower's basic auth, "user:password" (`dokstamp-sync flower` refuses to start without).
     dokstamp_sync_flower_auth: SecretStr | None = None
 

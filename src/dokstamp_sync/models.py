@@ -66,6 +66,8 @@ class InboxEvent(Base):
         Index("ix_inbox_waiting_for", "waiting_for"),
         Index("ix_inbox_unreported", "finished_at", postgresql_where=text("reported_at IS NULL"),
               sqlite_where=text("reported_at IS NULL")),
+        # Outcomes per minute (the console) and the retention's oldest final events.
+        Index("ix_inbox_finished", "finished_at"),
         CheckConstraint(check_in("state", EventState), name="state"),
     )
 
@@ -140,7 +142,23 @@ class DeadLetter(Base):
     reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # as inbox's
 
     __table_args__ = (Index("ix_dead_letters_status_entity", "status", "entity"),
+                      # The console's pages, newest first by keyset (id < the last shown).
+                      Index("ix_dead_letters_status_id", "status", "id"),
+                      Index("ix_dead_letters_entity_id", "entity", "id"),
                       Index("ix_dead_letters_unreported", "last_failed_at",
                             postgresql_where=text("reported_at IS NULL"),
                             sqlite_where=text("reported_at IS NULL")),
                       CheckConstraint(check_in("status", LetterStatus), name="status"))
+
+
+class LetterHistory(Base):
+    """What happened to a dead letter and who did it: every replay and discard from the
+    console (or the CLI), kept with the operator's name and the time."""
+
+    __tablename__ = "letter_history"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    letter_id: Mapped[int] = mapped_column(ForeignKey("dead_letters.id"), index=True)
+    action: Mapped[str] = mapped_column(String(20))  # replayed, discarded, still_invalid
+    actor: Mapped[str] = mapped_column(String(100))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -95,6 +95,8 @@ NAMESPACE = _DEFAULT.namespace
 QUEUE = _DEFAULT.queue
 GROUP = _DEFAULT.group
 COUNTERS = _DEFAULT.counters
+# + replica name: what one worker replica's processes did (ops.recorder), for its /metrics
+REPLICA_COUNTERS = f"{NAMESPACE}dokstamp:metrics:replica:"
 HEARTBEAT = _DEFAULT.heartbeat
 INGEST_FAILURE = _DEFAULT.ingest_failure
 LOCK = _DEFAULT.lock

@@ -6,16 +6,21 @@ import logging
 
 from dokstamp_sync import wiring
 from dokstamp_sync.models import utcnow
+from dokstamp_sync.ops.flower import DeadEvents, raise_if_dead
 from dokstamp_sync.sync import engine
+from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.lease import Heartbeat
 from dokstamp_sync.worker import SYNC_EVENTS, app
 
 log = logging.getLogger("dokstamp_sync.worker")
 
 
-@app.task(name=SYNC_EVENTS)  # type: ignore[untyped-decorator]
+@app.task(name=SYNC_EVENTS, throws=(DeadEvents,))  # type: ignore[untyped-decorator]
 def sync_events(event_pks: list[int]) -> list[str]:
-    """Sync inbox events one after another, in the order given; returns their states.
+    """Sync inbox events one after another, in the order given; returns their states, or
+    raises :class:`~.ops.flower.DeadEvents` naming the dead letters when any ended dead (at
+    the very end, after everything is recorded: Flower shows the task failed, the message is
+    acknowledged once all the same).
 
     The dispatcher sends a few consecutive events per task (see ``worker.dispatch``): a
     student, its enrollment and its certificate then run in one process, in order, instead
@@ -38,8 +43,17 @@ def sync_events(event_pks: list[int]) -> list[str]:
                 log.exception("event %s: not run", pk)  # the next ones are still tried
                 states.append("error")
             heartbeat.done(pk)
+    record(ctx)
     engine.flush_counters(ctx)  # one Redis round trip for the batch
+    raise_if_dead(ctx.sessions, pks, states)
     return states
+
+
+def record(ctx: SyncContext) -> None:
+    """Add this task's counts to the replica's (``/metrics``: they add up across replicas)."""
+    recorder = wiring.recorder()
+    recorder.counters(ctx.counters.unflushed)
+    recorder.flush(ctx.redis)
 
 
 @app.task(name="dokstamp_sync.sync_event")  # type: ignore[untyped-decorator]
@@ -48,4 +62,7 @@ def sync_event(event_pk: int) -> str:
     versions before ``sync_events`` still run)."""
     ctx = wiring.context()
     with Heartbeat(ctx.store, [event_pk], ctx.limits.lease, utcnow()):
-        return engine.run(ctx, event_pk)
+        state = engine.run(ctx, event_pk, flush=False)
+    record(ctx)
+    engine.flush_counters(ctx)
+    return state

@@ -28,6 +28,7 @@ from dokstamp_sync.config import (
 from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.dokstamp import RateLimiter, RedisTokenStore, client_from_settings
 from dokstamp_sync.dokstamp.breaker import CircuitBreaker
+from dokstamp_sync.ops.recorder import MeasuredTransport, Recorder
 from dokstamp_sync.pipeline.results import Publisher
 from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.sync.context import Limits, SyncContext
@@ -38,6 +39,7 @@ from dokstamp_sync.sync.store import Store
 
 _settings: StoreSettings | None = None
 _context: SyncContext | None = None
+_recorder: Recorder | None = None
 
 
 def use(settings: StoreSettings) -> None:
@@ -94,8 +96,11 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
                              threshold=settings.dokstamp_sync_breaker_failures,
                              interval=settings.dokstamp_sync_breaker_interval,
                              probe_timeout=settings.dokstamp_timeout + 5)
+    # Innermost, around the network: what each request costs, not the limiter's waits.
+    network = MeasuredTransport(httpx.HTTPTransport(limits=httpx.Limits(
+        max_connections=20, max_keepalive_connections=20)), recorder())
     api = client_from_settings(settings, store=RedisTokenStore(client_redis), limiter=limiter,
-                               breaker=breaker)
+                               breaker=breaker, transport=network)
     root = settings.dokstamp_sync_file_root
     keys = RedisKeys(settings.dokstamp_sync_namespace.strip())
     sessions = sessions or make_sessionmaker(make_engine(settings.database_url))
@@ -135,7 +140,16 @@ def context() -> SyncContext:
     return _context
 
 
+def recorder() -> Recorder:
+    """This process's metrics recorder (:mod:`.ops.recorder`)."""
+    global _recorder
+    if _recorder is None:
+        _recorder = Recorder()
+    return _recorder
+
+
 def reset() -> None:
-    """Forget this process's context (after a fork, or in tests); the settings stay."""
-    global _context
-    _context = None
+    """Forget this process's context and counts (after a fork, or in tests); the settings
+    stay."""
+    global _context, _recorder
+    _context, _recorder = None, None

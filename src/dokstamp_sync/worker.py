@@ -14,15 +14,23 @@ import logging
 import os
 from collections.abc import Sequence
 from contextlib import suppress
+from functools import partial
 from typing import Any, ClassVar
 
 import redis
 from celery import Celery, bootsteps
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_process_init,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync import logs, wiring
 from dokstamp_sync.config import ConfigError, Settings, StoreSettings
+from dokstamp_sync.ops import recorder
+from dokstamp_sync.ops.flower import TaskLabels, argsrepr
 from dokstamp_sync.pipeline.pump import MetricsServer, Pump
 from dokstamp_sync.redis_keys import QUEUE
 
@@ -36,6 +44,9 @@ app.conf.update(
     worker_prefetch_multiplier=1, task_default_queue=QUEUE,
     broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
     worker_send_task_events=True,  # Flower's task list; producers send no task-sent events
+    # A task whose events ended dead raises DeadEvents (Flower shows it failed): its message is
+    # still acknowledged once, as for a success (Celery's default, kept explicit: see ops.flower).
+    task_acks_on_failure_or_timeout=True,
 )
 
 
@@ -58,6 +69,11 @@ def _configure_on_first_use(sender: Celery, **_: Any) -> None:
     module is imported. Unusable settings leave Celery's defaults (the CLI reports them)."""
     with suppress(ConfigError):
         sender.config_from_object(_from_settings(wiring.store_settings()))
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _name_replica(**_: Any) -> None:
+    recorder.name_replica()  # in the main process, before the pool forks: children inherit it
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
@@ -87,12 +103,20 @@ def task_batches(pks: Sequence[int]) -> list[list[int]]:
     return [list(pks[i:i + size]) for i in range(0, len(pks), size)] if pks else []
 
 
-def dispatch(pks: Sequence[int]) -> None:
+def dispatch(pks: Sequence[int], labels: TaskLabels | None = None) -> None:
     """Send the events to the workers, a few consecutive ones per task (by the task's name:
-    this module defines the app, :mod:`.tasks` its tasks, and neither imports the other's)."""
+    this module defines the app, :mod:`.tasks` its tasks, and neither imports the other's).
+    ``labels``: Flower shows each task's events by entity, ERP key and ``event_id``."""
+    described: dict[int, str] = {}
+    if labels is not None:
+        try:
+            described = labels.describe(pks)
+        except Exception:  # the labels are for people: never hold the events back for them
+            log.exception("events %s: could not describe them for Flower", list(pks)[:10])
     with app.producer_or_acquire() as producer:  # one producer for them all, not one each
         for batch in task_batches(pks):
-            app.send_task(SYNC_EVENTS, (batch,), producer=producer)
+            app.send_task(SYNC_EVENTS, (batch,), producer=producer,
+                          argsrepr=argsrepr(batch, described))
 
 
 class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped
@@ -106,7 +130,9 @@ class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unty
 
     def start(self, worker: Any) -> None:
         settings = wiring.settings()
-        self.pump = Pump(settings, dispatch, sessions=wiring.database(settings.database_url),
+        sessions = wiring.database(settings.database_url)
+        labels = TaskLabels(sessions)
+        self.pump = Pump(settings, partial(dispatch, labels=labels), sessions=sessions,
                          redis_client=wiring.redis_client(settings.redis_url),
                          serve_metrics=_metrics_server(settings))
         self.pump.start()
@@ -129,7 +155,8 @@ def _metrics_server(settings: Settings) -> MetricsServer | None:
 
     def start(sessions: sessionmaker[Session], client: redis.Redis) -> None:
         serve(sessions, client, settings.dokstamp_sync_stream,
-              address="0.0.0.0", port=port, background=True)  # noqa: S104
+              address=settings.dokstamp_sync_metrics_address, port=port, background=True,
+              replica=recorder.replica(), tenant=settings.dokstamp_tenant)
 
     return start
 

@@ -104,9 +104,19 @@ def test_flower_in_chromium_lists_the_demo_tasks(demo, tmp_path):
     assert "graduate" not in dom.lower()  # no personal data (emails, names) in Flower
 
 
+def test_demo_keep_running_prints_the_consoles_url_and_password(demo):
+    """--keep-running starts the dead-letter console and prints its URL, user and password:
+    the login page answers there."""
+    found = re.search(r"Dead-letter console: (http://127\.0\.0\.1:\d+/)  \(user demo, "
+                      r"password (\S+)\)", demo["out"])
+    assert found, demo["out"][-800:]
+    with urllib.request.urlopen(found.group(1) + "login", timeout=10) as page:
+        assert b'name="password"' in page.read()
+
+
 def test_demo_stops_every_process_it_started(demo):
     """On SIGTERM the demo stops the worker, Flower and Redis it started."""
-    assert len(demo["children"]) >= 3
+    assert len(demo["children"]) >= 4  # worker, Flower, the console, Redis
     demo["proc"].send_signal(signal.SIGTERM)
     demo["proc"].wait(timeout=60)
     time.sleep(1)

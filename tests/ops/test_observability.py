@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import time
 import urllib.error
 import urllib.request
@@ -13,15 +14,18 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import update
 
+from dokstamp_sync import tasks, wiring
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.embedded import free_port
 from dokstamp_sync.logs import formatter
 from dokstamp_sync.models import InboxEvent
+from dokstamp_sync.ops import recorder
 from dokstamp_sync.ops.health import check
 from dokstamp_sync.ops.metrics import serve
 from dokstamp_sync.redis_keys import QUEUE
 from dokstamp_sync.sandbox import Faults, ScriptedFault
+from dokstamp_sync.sync import engine
 from dokstamp_sync.testing import STREAM, student
 
 
@@ -67,26 +71,44 @@ def test_unhealthy_when_the_oldest_unsynced_event_is_too_old(h, ctx):
     assert "oldest unsynced event" in result.problems[-1]
 
 
+def run_as_task(ctx, pks):
+    """Run events as the task does: the engine, then the replica's counts, then the flush."""
+    states = [engine.run(ctx, pk, flush=False) for pk in pks]
+    tasks.record(ctx)
+    engine.flush_counters(ctx)
+    return states
+
+
 def test_metrics_endpoint_reports_states_api_calls_429s_and_retries(h, ctx, sandbox):
-    """/metrics shows events by state, API responses by class, 429s and retries; /healthz
-    answers 200 or 503 with the reasons."""
+    """/metrics shows open events by state, this replica's API responses by route and status
+    with their latency, 429s, outcomes and retries, and the breaker; /healthz answers 200 or
+    503 with the reasons."""
+    wiring.recorder().flush(ctx.redis)  # earlier tests' requests go to another replica
+    replica = recorder.name_replica(f"test-{time.time_ns()}")
     sandbox.sandbox.faults.configure(Faults(script=[
         ScriptedFault("GET", "/students", status=429, retry_after=1),
         ScriptedFault("GET", "/institutions", status=503, times=3)]))
     events = samples.graduating_class(1)
-    assert h.sync(events[0]) == ["waiting"]  # the institution: one retry, parked
+    assert run_as_task(ctx, h.send(events[0])) == ["waiting"]  # one retry, parked
     with session_scope(ctx.sessions) as s:  # its backoff over: dependents may run it inline
         s.execute(update(InboxEvent).values(next_attempt_at=datetime.now(UTC)))
-    h.sync(*events[1:])
+    run_as_task(ctx, h.send(*events[1:]))
     port = free_port()
-    server = serve(ctx.sessions, ctx.redis, STREAM, port=port, background=True)
+    server = serve(ctx.sessions, ctx.redis, STREAM, port=port, background=True,
+                   replica=replica, tenant="demo-university")
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-        assert 'dokstamp_sync_events{state="synced"} 15.0' in text
+        assert 'dokstamp_sync_events{state="pending"} 0.0' in text
+        assert 'dokstamp_sync_events{state="synced"}' not in text  # a scrape counts open ones
         assert 'dokstamp_sync_task_outcomes_total{state="waiting"} 1.0' in text
-        assert 'dokstamp_sync_api_requests_total{status_class="2xx"}' in text
+        assert 'dokstamp_sync_task_outcomes_total{state="synced"} 14.0' in text
+        assert ('dokstamp_sync_api_requests_total{method="GET",route="/students",'
+                'status="429",status_class="4xx"} 1.0') in text
         assert "dokstamp_sync_api_429_total 1.0" in text
         assert "dokstamp_sync_retries_total 1.0" in text
+        assert re.search(r'dokstamp_sync_api_request_duration_seconds_bucket\{le="\+Inf",'
+                         r'method="POST",route="/students"\} [1-9]', text), text
+        assert "dokstamp_sync_breaker_open 0.0" in text
         assert "dokstamp_sync_oldest_unsynced_event_age_seconds" in text
         body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").read())
         assert body["ok"] is True

@@ -70,6 +70,7 @@ class DemoResult:
     flower_url: str | None
     database_url: str
     redis_url: str = ""
+    console: str | None = None  # "URL (user demo, password ...)" with --keep-running
     results_stream: str = RESULTS_STREAM
     # What the "where to look" hints need: whether the worker, Flower and Redis still run after
     # the summary (--keep-running), and under --use-configured the demo's names.
@@ -138,6 +139,14 @@ def run_demo(opts: DemoOptions) -> DemoResult:
                 env=env | {"DOKSTAMP_SYNC_FLOWER_AUTH": f"demo:{password}"},
                 log=data_dir / "flower.log", cwd=data_dir))
             flower_url = f"http://demo:{password}@127.0.0.1:{port}/"
+        console = None
+        if opts.keep_running:  # the dead-letter console, while it keeps running
+            port, password = free_port(), secrets.token_urlsafe(9)
+            stack.enter_context(Child(
+                [*exe, "console", "--port", str(port)],
+                env=env | {"DOKSTAMP_SYNC_CONSOLE_AUTH": f"demo:{password}"},
+                log=data_dir / "console.log", cwd=data_dir))
+            console = f"http://127.0.0.1:{port}/  (user demo, password {password})"
         prefix = f"D{secrets.token_hex(2)}-" if given else ""
         events = samples.graduating_class(opts.students, prefix=prefix)
         events.append(bad_event() if not prefix else samples.event(
@@ -163,7 +172,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
             flower_url=flower_url if opts.keep_running and flower and flower.alive() else None,
             database_url=database_url, redis_url=redis_url, results_stream=results_stream,
             live=opts.keep_running and worker.alive(), configured=given is not None,
-            prefix=prefix, stream=stream, namespace=namespace)
+            prefix=prefix, stream=stream, namespace=namespace, console=console)
         print(summary(result))
         if opts.keep_running:
             print("everything keeps running; Ctrl-C stops it", file=sys.stderr)
@@ -236,6 +245,8 @@ def hints(r: DemoResult) -> list[str]:
     out = []
     if r.flower_url:
         out.append(f"  Flower (Celery dashboard): {r.flower_url}")
+    if r.console:
+        out.append(f"  Dead-letter console: {r.console}")
     if r.configured:
         env = (f"DOKSTAMP_SYNC_STREAM={r.stream} DOKSTAMP_SYNC_RESULTS_STREAM={r.results_stream} "
                f"DOKSTAMP_SYNC_NAMESPACE={r.namespace} ")

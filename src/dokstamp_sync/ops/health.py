@@ -47,9 +47,10 @@ def _last_failure(client: redis.Redis, now: float) -> tuple[float, str] | None:
 
 
 def check(session: Session, client: redis.Redis, stream: str, *, max_age: float = 3600.0,
-          stall: float = 120.0, consumer_grace: float = 30.0) -> Health:
+          stall: float = 120.0, consumer_grace: float = 30.0, finals: bool = True) -> Health:
+    """``finals``: count final events too (see :func:`~.status.report`)."""
     problems: list[str] = []
-    status = report(session, client, stream)
+    status = report(session, client, stream, finals=finals)
     if "redis_error" in status:
         return Health(False, [f"Redis unreachable: {status['redis_error']}"], status)
     now = time.time()

@@ -12,13 +12,14 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.config import Settings
-from dokstamp_sync.pipeline import outbox
+from dokstamp_sync.pipeline import outbox, retention
 from dokstamp_sync.pipeline.ingest import Dispatch, StreamIngester
 from dokstamp_sync.pipeline.results import Publisher
 from dokstamp_sync.pipeline.scheduler import dispatch_due
@@ -42,6 +43,7 @@ class Pump:
         self.dispatch = dispatch
         self.stop_event = threading.Event()
         self.poll_interval = poll_interval
+        self._pruned = -60.0  # monotonic time of the last retention run
         self.lease = settings.dokstamp_sync_lease
         self.sessions = sessions
         self.serve_metrics = serve_metrics
@@ -95,6 +97,14 @@ class Pump:
                 log.exception("retry scheduler: dispatch failed")
             self.stop_event.wait(self.poll_interval)
 
+    def _prune(self) -> None:
+        """The inbox's retention, at most once a minute, by the one sweeper (its lock)."""
+        days = self.settings.dokstamp_sync_inbox_retention_days
+        now = time.monotonic()
+        if days is not None and now - self._pruned >= 60:
+            self._pruned = now
+            retention.prune(self.sessions, days)
+
     def _sweep(self) -> None:
         """Every few seconds, write the outcomes left unreported (a process killed between a
         commit and its XADD, Redis away at that moment). Every worker's pump runs one: two
@@ -105,6 +115,7 @@ class Pump:
                 if lock.acquire():
                     try:
                         outbox.sweep(self.sessions, self.publisher)
+                        self._prune()
                     finally:
                         lock.release()
             except Exception:

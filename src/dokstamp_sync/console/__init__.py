@@ -1,0 +1,28 @@
+"""The dead-letter console (``dokstamp-sync console``): see docs/console.md."""
+
+from __future__ import annotations
+
+import redis
+
+from dokstamp_sync.config import StoreSettings
+from dokstamp_sync.console.app import Console, build_app
+from dokstamp_sync.console.auth import AuthMissing, Logins
+from dokstamp_sync.db import make_engine, make_sessionmaker
+
+__all__ = ["AuthMissing", "console_for", "serve"]
+
+
+def console_for(settings: StoreSettings) -> Console:
+    """The console's state from the settings; :class:`AuthMissing` without a login."""
+    logins = Logins(settings.dokstamp_sync_console_auth,
+                    settings.dokstamp_sync_console_readonly_auth)
+    return Console(logins, make_sessionmaker(make_engine(settings.database_url)),
+                   redis.Redis.from_url(settings.redis_url), settings.dokstamp_sync_stream)
+
+
+def serve(settings: StoreSettings, host: str, port: int) -> None:
+    """Serve the console until interrupted (uvicorn, one process)."""
+    import uvicorn
+
+    uvicorn.run(build_app(console_for(settings)), host=host, port=port, log_level="warning",
+                access_log=False)

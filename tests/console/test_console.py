@@ -1,0 +1,195 @@
+"""The console's rules without a browser: its app served by uvicorn on loopback (in a thread)
+over a real PostgreSQL store, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from pydantic import SecretStr
+from sqlalchemy import func, insert, select
+
+from dokstamp_sync.console.app import Console, build_app
+from dokstamp_sync.console.auth import Logins
+from dokstamp_sync.db import session_scope
+from dokstamp_sync.demo.embedded import free_port
+from dokstamp_sync.models import DeadLetter, LetterHistory, utcnow
+from dokstamp_sync.testing import STREAM
+from test_worker import EXE
+
+
+@pytest.fixture
+def app(sessions, redis_client):
+    """The console on a free loopback port; a factory of HTTP clients (each its own session)."""
+    logins = Logins(SecretStr("ops:ops-pw"), SecretStr("viewer:viewer-pw"))
+    config = uvicorn.Config(build_app(Console(logins, sessions, redis_client, STREAM)),
+                            host="127.0.0.1", port=free_port(), log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    clients: list[httpx.Client] = []
+
+    def client() -> httpx.Client:
+        clients.append(httpx.Client(base_url=f"http://127.0.0.1:{config.port}", timeout=30))
+        return clients[-1]
+
+    yield client
+    for c in clients:
+        c.close()
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def login(client: httpx.Client, user: str, password: str):
+    page = client.get("/login")
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    return client.post("/login", data={"user": user, "password": password, "csrf": token})
+
+
+def csrf_of(page) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+
+
+def letters(sessions, n: int, entity: str = "student") -> None:
+    now = utcnow()
+    with session_scope(sessions) as s:
+        s.execute(insert(DeadLetter), [
+            {"entity": entity, "erp_key": f"{entity}-{i}", "event_id": f"ev-{entity}-{i}",
+             "reason": "DokStamp refused POST /students (422)", "http_status": 422,
+             "attempts": 1, "status": "open", "first_failed_at": now, "last_failed_at": now}
+            for i in range(n)])
+
+
+def test_the_console_refuses_to_start_without_a_password(tmp_path):
+    """No DOKSTAMP_SYNC_CONSOLE_AUTH: exit 2 with the reason, nothing served."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")}
+    out = subprocess.run([EXE, "console", "--port", "1"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 2
+    assert "refusing to start the console without a password" in out.stderr
+
+
+def test_pages_need_a_login_and_a_wrong_password_is_refused(app):
+    """Every page sends an anonymous visitor to the login; a wrong password answers 401 and
+    gives no session; the right one does."""
+    with app() as client:
+        for path in ("/", "/letters", "/letters/1", "/waiting", "/mapping"):
+            answer = client.get(path)
+            assert (answer.status_code, answer.headers["location"]) == (303, "/login")
+        assert login(client, "ops", "wrong").status_code == 401
+        assert "dokstamp_console" not in client.cookies
+        assert login(client, "ops", "ops-pw").status_code == 303
+        assert client.get("/").status_code == 200
+
+
+def test_a_read_only_login_sees_no_actions_and_its_posts_are_refused(app, sessions):
+    """The read-only login sees the letters but no replay/discard button, and a POST with
+    its valid CSRF token is still refused (403): the letter stays open."""
+    letters(sessions, 1)
+    with app() as client:
+        login(client, "viewer", "viewer-pw")
+        page = client.get("/letters")
+        assert "student-0" in page.text
+        assert "Replay selected" not in page.text
+        answer = client.post("/letters/action", data={
+            "csrf": csrf_of(page), "action": "discard", "ids": "1", "confirmed": "yes"})
+        assert answer.status_code == 403
+    with session_scope(sessions) as s:
+        assert s.scalar(select(DeadLetter.status)) == "open"
+
+
+def test_a_post_without_the_csrf_token_or_with_another_sessions_is_refused(app, sessions):
+    """An operator's POST without a token, or with a token of another session, is 403."""
+    letters(sessions, 1)
+    with app() as other:
+        login(other, "ops", "ops-pw")
+        foreign = csrf_of(other.get("/letters"))
+    with app() as client:
+        login(client, "ops", "ops-pw")
+        for data in ({}, {"csrf": foreign}):
+            answer = client.post("/letters/action", data=data | {
+                "action": "discard", "ids": "1", "confirmed": "yes"})
+            assert answer.status_code == 403
+    with session_scope(sessions) as s:
+        assert s.scalar(select(DeadLetter.status)) == "open"
+
+
+def test_discarding_everything_a_filter_matches_confirms_the_count_and_works_in_batches(
+        app, sessions, caplog):
+    """Discard all open student letters: the confirmation says 250; they are discarded in
+    three batches (100, 100, 50), each letter's history names the operator; the course
+    letters stay open."""
+    letters(sessions, 250)
+    letters(sessions, 3, entity="course")
+    with app() as client:
+        login(client, "ops", "ops-pw")
+        token = csrf_of(client.get("/letters"))
+        form = {"csrf": token, "action": "discard", "scope": "filter", "entity": "student",
+                "status": "open"}
+        confirm = client.post("/letters/action", data=form)
+        assert "Discard 250 dead letters?" in confirm.text
+        with caplog.at_level(logging.INFO, logger="dokstamp_sync.console"):
+            done = client.post("/letters/action", data=form | {"confirmed": "yes"})
+        assert "250 letters discarded" in done.text
+    batches = [r for r in caplog.records if "ops discard letters" in r.getMessage()]
+    assert len(batches) == 3
+    with session_scope(sessions) as s:
+        by = dict(s.execute(select(DeadLetter.entity, func.count()).where(
+            DeadLetter.status == "open").group_by(DeadLetter.entity)).all())
+        history = s.execute(select(LetterHistory.action, LetterHistory.actor,
+                                   func.count()).group_by(LetterHistory.action,
+                                                          LetterHistory.actor)).all()
+    assert by == {"course": 3}
+    assert history == [("discarded", "ops", 250)]
+
+
+def test_letters_are_paged_newest_first_by_keyset(app, sessions):
+    """120 letters: pages of 50, newest first, each 'Older' link continuing below the last
+    id shown, the last page without one."""
+    letters(sessions, 120)
+    shown: list[int] = []
+    with app() as client:
+        login(client, "ops", "ops-pw")
+        url = "/letters"
+        while url:
+            page = client.get(url).text
+            shown += [int(i) for i in re.findall(r'class="letter">(\d+)<', page)]
+            more = re.search(r'id="next" href="([^"]+)"', page)
+            url = more.group(1).replace("&amp;", "&") if more else ""
+    assert shown == list(range(120, 0, -1))
+
+
+def test_letters_filter_by_http_status_reason_text_and_day(app, sessions):
+    """The list keeps to the HTTP status, the text in the reason (any case) and the days of
+    the last failure asked for."""
+    from datetime import timedelta
+
+    now = utcnow()
+    rows = [("A-403", 403, "credentials refused", now),
+            ("B-422", 422, "Invalid date_of_birth", now),
+            ("C-422-old", 422, "invalid date_of_birth", now - timedelta(days=3))]
+    with session_scope(sessions) as s:
+        s.execute(insert(DeadLetter), [
+            {"entity": "student", "erp_key": key, "reason": reason, "http_status": code,
+             "attempts": 1, "status": "open", "first_failed_at": at, "last_failed_at": at}
+            for key, code, reason, at in rows])
+    today = now.date().isoformat()
+    with app() as client:
+        login(client, "ops", "ops-pw")
+
+        def keys(query: str) -> list[str]:
+            return re.findall(r'class="key">([^<]+)<', client.get(f"/letters?{query}").text)
+
+        assert keys("http_status=422") == ["C-422-old", "B-422"]
+        assert keys("reason=INVALID") == ["C-422-old", "B-422"]
+        assert keys(f"http_status=422&since={today}") == ["B-422"]
+        assert keys(f"until={(now - timedelta(days=1)).date().isoformat()}") == ["C-422-old"]
