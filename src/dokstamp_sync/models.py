@@ -87,6 +87,12 @@ class Mapping(Base):
     # verification URL, as DokStamp last answered them (what the ERP prints on a diploma).
     remote_status: Mapped[str | None] = mapped_column(String(20))
     verification_url: Mapped[str | None] = mapped_column(String(500))
+    # The event that produced ``dokstamp_uuid`` (created or found it), and its occurred_at:
+    # kept while later events act on the same entity, replaced with the UUID. A revoke or
+    # delete acts on this entity only when it was produced before it (CONTRACT §2); NULL
+    # (mappings older than this column) is taken as produced before any event.
+    produced_by: Mapped[str | None] = mapped_column(String(255))
+    produced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (Index("uq_mappings_entity_erp_key", "entity", "erp_key", unique=True),
                       CheckConstraint(check_in("status", MappingStatus), name="status"))
