@@ -12,8 +12,10 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
+from dokstamp_sync.ops import dlq
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.testing import T0, live
 
@@ -100,3 +102,41 @@ def test_a_revoke_arriving_after_the_reissue_synced_revokes_the_older_certificat
     assert (mapping.dokstamp_uuid, mapping.status) == (
         next(c["uuid"] for c in live(sandbox, "certificates") if c["files"][0]["uuid"] == second),
         "active")
+
+
+# -- 2. a revoke's dead letter is never resolved by an upsert --------------------------------
+
+def test_a_revoke_letter_survives_a_resent_upsert_and_its_replay_revokes(h, sandbox):
+    """U1 issued, R refused once (403: a dead letter), then the ERP re-sends U1's data with a
+    newer occurred_at (a nightly export): the revoke's letter stays open (listed, replayed by
+    `replay --all`), and the replay revokes the diploma in DokStamp."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    script(sandbox, ScriptedFault("PUT", "/certificates/{uuid}/revoke", status=403))
+    r = revoke(days=1, reason="Fraud")
+    assert h.sync(r) == ["dead"]
+    again = event("certificate", KEY, u1["data"], at=T0 + timedelta(days=2))
+    assert h.sync(again) == ["synced"]
+    with session_scope(h.ctx.sessions) as s:
+        listed = [letter.event_id for letter in dlq.list_letters(s)]
+    assert listed == [r["event_id"]]
+    with session_scope(h.ctx.sessions) as s:
+        dlq.replay(s, everything=True)
+    h.drain()
+    assert h.state(r["event_id"]) == "synced"
+    (held,) = live(sandbox, "certificates")
+    assert (held["status"], held["revocation_reason"]) == ("revoked", "Fraud")
+    assert [letter.status for letter in h.letters()] == ["replayed"]
+
+
+def test_a_revoke_letter_is_resolved_by_a_newer_revoke_that_synced(h, sandbox):
+    """The one automatic resolution of a revoke's letter: a newer revoke of the same
+    certificate synced (DokStamp holds it revoked): the older letter is superseded."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    script(sandbox, ScriptedFault("PUT", "/certificates/{uuid}/revoke", status=403))
+    assert h.sync(revoke(days=1)) == ["dead"]
+    assert h.sync(revoke(days=2, reason="Fraud")) == ["synced"]
+    (held,) = live(sandbox, "certificates")
+    assert held["status"] == "revoked"
+    assert [letter.status for letter in h.letters()] == ["superseded"]

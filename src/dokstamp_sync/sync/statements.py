@@ -43,6 +43,7 @@ from dokstamp_sync.sync.outcomes import Park
 
 log = logging.getLogger("dokstamp_sync.sync")
 REFERENCED = {*REFERENCES.values(), "module"}  # entities other events can wait for
+DESTRUCTIVE = ("delete", "revoke")  # the ops whose dead letters only their own kind resolves
 
 EVENTS = cast(Table, InboxEvent.__table__)
 MAPPINGS = cast(Table, Mapping.__table__)
@@ -145,13 +146,16 @@ _WAKE = update(EVENTS).where(EVENTS.c.state == EventState.WAITING,
 _KNOWN_UUID = select(NATURAL_KEYS.c.dokstamp_uuid).where(
     NATURAL_KEYS.c.entity == bindparam("entity"), NATURAL_KEYS.c.natural_key == bindparam("key"))
 # The open dead letters a newly synced event resolves (CONTRACT §3): those of the same entity
-# whose event is older (the order of :func:`_newer`), and those of malformed stream entries that
-# named the entity and were filed before the synced event was received.
+# whose event is older (the order of :func:`_newer`) and of the same kind (an upsert's by an
+# upsert; a revoke's or delete's only by a revoke or delete: an upsert never resolves a
+# destructive event's letter), and those of malformed stream entries that named the entity and
+# were filed before the synced event was received.
 _LETTER_EVENT = EVENTS.alias("lettered")
 _SUPERSEDE_LETTERS = update(LETTERS).where(
     LETTERS.c.status == LetterStatus.OPEN, LETTERS.c.entity == bindparam("l_entity"),
     LETTERS.c.erp_key == bindparam("l_key"),
     or_(exists().where(_LETTER_EVENT.c.id == LETTERS.c.event_pk,
+                       _LETTER_EVENT.c.op.in_(bindparam("l_ops", expanding=True)),
                        (_LETTER_EVENT.c.occurred_at < bindparam("occurred_at"))
                        | ((_LETTER_EVENT.c.occurred_at == bindparam("occurred_at"))
                           & (_LETTER_EVENT.c.id < bindparam("pk")))),
@@ -316,8 +320,10 @@ def _synced_result(record: InboxEvent | _Finished, uuid: str | None, status: str
 def _supersede_letters(session: Session, record: InboxEvent | _Finished) -> list[Result]:
     """Resolve the open dead letters this synced event makes stale (one UPDATE); each is
     reported again as ``superseded``."""
+    kinds = ["upsert"] if record.op == "upsert" else list(DESTRUCTIVE)
     rows = session.execute(_SUPERSEDE_LETTERS, {
-        "l_entity": record.entity, "l_key": record.erp_key, "occurred_at": record.occurred_at,
+        "l_entity": record.entity, "l_key": record.erp_key, "l_ops": kinds,
+        "occurred_at": record.occurred_at,
         "pk": record.id, "received": record.received_at, "l_now": utcnow()}).all()
     if not rows:
         return []
