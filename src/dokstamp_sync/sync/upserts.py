@@ -67,6 +67,20 @@ def check_identity(spec: Spec, event: Event, payload: dict[str, Any], remote: En
                        f"{field}={theirs} while the event has {field}={ours}")
 
 
+def check_owner(ctx: SyncContext, event: Event, uuid: str, *, found_by: str) -> None:
+    """One DokStamp entity belongs to one ERP key (CONTRACT §2): an entity found (by a search,
+    the natural-key table or ``data.uuid``) that another key's mapping holds is a conflict,
+    never adopted: sharing it, one key would rename the other's entity and delete it."""
+    if event.entity == "file":  # DokStamp deduplicates uploads: equal contents share one
+        return
+    owner = ctx.store.mapped_key(event.entity, uuid, deleted=True)
+    if owner is not None and owner != event.key:
+        raise Dead(f"conflict: {event.entity} {event.key} matches DokStamp {event.entity} {uuid} "
+                   f"by {found_by}, which belongs to ERP key {owner}: one DokStamp entity "
+                   f"belongs to one ERP key (merge {owner} and {event.key} in the ERP, or give "
+                   f"{event.key} its own data, then replay)")
+
+
 def search(ctx: SyncContext, spec: Spec, payload: dict[str, Any]) -> Entity | None:
     """The DokStamp entity whose every natural-key field equals the event's, or ``None`` when
     provably there is none. Counted once per search (``searches``).
@@ -115,6 +129,7 @@ def find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str
     resource = ctx.resource(spec.resource)
     adopt = (event.data or {}).get("uuid")
     if adopt:  # data.uuid: adopt an existing entity without a create
+        check_owner(ctx, event, str(adopt), found_by="data.uuid")
         adopted = resource.get(str(adopt))
         check_identity(spec, event, payload, adopted)
         return str(adopted["uuid"]), adopted
@@ -150,6 +165,7 @@ def _find_or_create_locked(ctx: SyncContext, spec: Spec, event: Event, payload: 
     if remote is not None:
         check_identity(spec, event, payload, remote)
         uuid = str(remote["uuid"])
+        check_owner(ctx, event, uuid, found_by=", ".join(spec.natural_key))
     else:
         assert created is not None
         uuid = str(created["uuid"])
