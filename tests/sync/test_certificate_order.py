@@ -140,3 +140,24 @@ def test_a_revoke_letter_is_resolved_by_a_newer_revoke_that_synced(h, sandbox):
     (held,) = live(sandbox, "certificates")
     assert held["status"] == "revoked"
     assert [letter.status for letter in h.letters()] == ["superseded"]
+
+
+# -- 3. an expired certificate is recorded as DokStamp says ----------------------------------
+
+def test_revoking_an_expired_certificate_records_expired_not_revoked(h, sandbox):
+    """U1 issued, then DokStamp expires it (a validity period ended); a revoke arrives: it is
+    tried (the docs do not say an expired certificate is never revocable), DokStamp refuses,
+    and the revoke ends synced with the mapping saying what DokStamp holds: ``expired``, never
+    ``revoked``; DokStamp's certificate is still expired, nothing is dead."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    uuid = h.mapping("certificate", KEY).dokstamp_uuid
+    sandbox.sandbox.tenants["demo-university"].expire(uuid)
+    r = revoke(days=1)
+    assert h.sync(r) == ["synced"]
+    (held,) = live(sandbox, "certificates")
+    assert held["status"] == "expired"
+    mapping = h.mapping("certificate", KEY)
+    assert (mapping.status, mapping.remote_status) == ("expired", "expired")
+    assert "expired" in h.record(r["event_id"]).last_error
+    assert h.letters() == []

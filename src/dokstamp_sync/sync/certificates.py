@@ -296,10 +296,14 @@ def revoke_found(ctx: SyncContext, key: str, reason: str | None, snapshot: Snaps
 def revoke_certificate(ctx: SyncContext, reason: str | None, cert: Entity,
                        sent: dict[str, Any] | None) -> Outcome:
     """Revoke ``cert`` (as just read) unless it is revoked already; a draft is deleted (it
-    was never issued); an issued certificate is never deleted."""
+    was never issued); an issued certificate is never deleted. An expired one is revoked if
+    DokStamp lets it be (the docs say neither way); refused, it is recorded as what DokStamp
+    says it is, ``expired``, never as revoked."""
     certs = ctx.client.certificates
     uuid = str(cert["uuid"])
     status = cert.get("status")
+    if status == CertificateStatus.EXPIRED:
+        return revoke_expired(ctx, reason, cert, sent)
     if status in ENDED:
         return certificate_outcome(cert, uuid=uuid, sent=sent, status=MappingStatus.REVOKED,
                                    note=f"already {status}")
@@ -316,3 +320,24 @@ def revoke_certificate(ctx: SyncContext, reason: str | None, cert: Entity,
         if cert.get("status") != CertificateStatus.REVOKED:
             raise
     return certificate_outcome(cert, uuid=uuid, sent=sent, status=MappingStatus.REVOKED)
+
+
+def revoke_expired(ctx: SyncContext, reason: str | None, cert: Entity,
+                   sent: dict[str, Any] | None) -> Outcome:
+    """Try to revoke an expired certificate; DokStamp's answer (or, refused, its status read
+    again) is what the mapping records."""
+    certs = ctx.client.certificates
+    uuid = str(cert["uuid"])
+    try:
+        cert = certs.revoke(uuid, reason)
+    except ValidationFailed:
+        cert = certs.get(uuid)
+    if cert.get("status") == CertificateStatus.REVOKED:
+        return certificate_outcome(cert, uuid=uuid, sent=sent, status=MappingStatus.REVOKED,
+                                   note="expired, then revoked")
+    if cert.get("status") != CertificateStatus.EXPIRED:
+        raise Dead(f"certificate {uuid}: a revoke of an expired certificate left it "
+                   f"{cert.get('status') or 'without a status'}")
+    return certificate_outcome(cert, uuid=uuid, sent=sent, status=MappingStatus.EXPIRED,
+                               note="expired in DokStamp, which refused to revoke it: "
+                                    "recorded as expired")

@@ -12,6 +12,11 @@ and ``ix_natural_keys_entity_dokstamp_uuid`` serve the lookups by UUID. When map
 decides which key keeps the entity (docs/certificates.md, "One DokStamp entity per ERP key"),
 deletes the other keys' mapping rows, and upgrades again.
 
+A mapping's status may be ``expired`` (a certificate DokStamp expired and would not revoke): the
+CHECK constraint names it. The downgrade refuses while a mapping says ``expired`` (0004 has no
+word for it, and calling it revoked would claim what DokStamp does not say); the produced-by
+columns it drops only narrow what a late revoke can tell apart (as before 0005).
+
 Revision ID: 0005
 Revises: 0004
 Create Date: 2026-12-03
@@ -33,6 +38,7 @@ SHARED = sa.text("SELECT entity, dokstamp_uuid, erp_key FROM mappings WHERE (ent
                  "'file' GROUP BY entity, dokstamp_uuid HAVING COUNT(*) > 1) ORDER BY entity, "
                  "dokstamp_uuid, erp_key")
 NOT_FILES = sa.text("entity <> 'file'")
+STATUSES = "status IN ('active', 'archived', 'revoked', {}'deleted')"
 
 
 def refuse_shared_entities() -> None:
@@ -55,6 +61,9 @@ def refuse_shared_entities() -> None:
 def upgrade() -> None:
     refuse_shared_entities()
     with op.batch_alter_table("mappings") as batch:
+        batch.drop_constraint(batch.f("ck_mappings_status"), type_="check")
+        batch.create_check_constraint(batch.f("ck_mappings_status"),
+                                      STATUSES.format("'expired', "))
         batch.add_column(sa.Column("produced_by", sa.String(255), nullable=True))
         batch.add_column(sa.Column("produced_at", sa.DateTime(timezone=True), nullable=True))
     op.create_index("uq_mappings_entity_dokstamp_uuid", "mappings", ["entity", "dokstamp_uuid"],
@@ -65,9 +74,16 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    expired = op.get_bind().execute(
+        sa.text("SELECT COUNT(*) FROM mappings WHERE status = 'expired'")).scalar()
+    if expired:
+        raise RuntimeError(f"cannot downgrade below 0005: {expired} mapping(s) say 'expired', "
+                           "which 0004 cannot record")
     op.drop_index("ix_natural_keys_entity_dokstamp_uuid", table_name="natural_keys")
     op.drop_index("ix_mappings_dokstamp_uuid", table_name="mappings")
     op.drop_index("uq_mappings_entity_dokstamp_uuid", table_name="mappings")
     with op.batch_alter_table("mappings") as batch:
+        batch.drop_constraint(batch.f("ck_mappings_status"), type_="check")
+        batch.create_check_constraint(batch.f("ck_mappings_status"), STATUSES.format(""))
         batch.drop_column("produced_at")
         batch.drop_column("produced_by")
