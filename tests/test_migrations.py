@@ -109,3 +109,25 @@ def test_0004_marks_the_history_reported_on_sqlite(tmp_path):
     url = f"sqlite:///{tmp_path / 'store.db'}"
     command.upgrade(alembic_config(url), "head")
     _history_is_marked_reported(url)
+
+
+def test_0006_refuses_mappings_that_share_a_dokstamp_entity(tmp_path):
+    """Two ERP keys mapped to one DokStamp entity: the upgrade to 0006 (one entity per key)
+    stops with a message naming the entity and both keys, changing nothing; once the operator
+    deleted the extra mapping it upgrades."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "0005")
+    engine = create_engine(url)
+    insert = text("INSERT INTO mappings (entity, erp_key, dokstamp_uuid, status, synced_at) "
+                  "VALUES ('student', :key, 'u-shared', 'active', CURRENT_TIMESTAMP)")
+    with engine.begin() as conn:
+        for key in ("S-1", "S-2"):
+            conn.execute(insert, {"key": key})
+    with pytest.raises(RuntimeError, match="student u-shared: ERP keys S-1, S-2"):
+        command.upgrade(cfg, "head")
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM mappings WHERE erp_key = 'S-2'"))
+    engine.dispose()
+    command.upgrade(cfg, "head")
+    check(url)

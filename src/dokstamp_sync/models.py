@@ -1,7 +1,8 @@
 """The mapping store: the event inbox, the ERP -> DokStamp mapping, natural keys, dead letters.
 
 Uniqueness that matters is a database constraint: one inbox row per ``event_id``, one mapping per
-(entity, ERP key), one DokStamp entity per (entity, natural key).
+(entity, ERP key), one ERP key per DokStamp entity (entity, DokStamp UUID), one DokStamp entity
+per (entity, natural key).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from dokstamp_sync.db import Base, EnumText
 from dokstamp_sync.states import EventState, LetterStatus, MappingStatus, check_in
 
+SHARED_FILES = "entity <> 'file'"  # the one entity whose DokStamp records keys may share
 BigId = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements INTEGER only
 
 
@@ -92,8 +94,20 @@ class Mapping(Base):
     # verification URL, as DokStamp last answered them (what the ERP prints on a diploma).
     remote_status: Mapped[str | None] = mapped_column(String(20))
     verification_url: Mapped[str | None] = mapped_column(String(500))
+    # The event that produced ``dokstamp_uuid`` (created or found it), and its occurred_at:
+    # kept while later events act on the same entity, replaced with the UUID. A revoke or
+    # delete acts on this entity only when it was produced before it (CONTRACT §2); NULL
+    # (mappings older than this column) is taken as produced before any event.
+    produced_by: Mapped[str | None] = mapped_column(String(255))
+    produced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (Index("uq_mappings_entity_erp_key", "entity", "erp_key", unique=True),
+                      # One DokStamp entity per ERP key, but files: DokStamp deduplicates
+                      # uploads, so equal contents are one file record for all their keys.
+                      Index("uq_mappings_entity_dokstamp_uuid", "entity", "dokstamp_uuid",
+                            unique=True, postgresql_where=text(SHARED_FILES),
+                            sqlite_where=text(SHARED_FILES)),
+                      Index("ix_mappings_dokstamp_uuid", "dokstamp_uuid"),  # lookups by UUID
                       CheckConstraint(check_in("status", MappingStatus), name="status"))
 
 
@@ -109,7 +123,9 @@ class NaturalKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (Index("uq_natural_keys_entity_natural_key", "entity", "natural_key",
-                            unique=True),)
+                            unique=True),
+                      # Forgetting a deleted entity's keys looks them up by UUID.
+                      Index("ix_natural_keys_entity_dokstamp_uuid", "entity", "dokstamp_uuid"))
 
 
 class DeadLetter(Base):

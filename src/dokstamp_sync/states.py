@@ -28,12 +28,13 @@ class MappingStatus(StrEnum):
     ACTIVE = "active"
     ARCHIVED = "archived"  # a delete was refused (dependents), so it was archived instead
     REVOKED = "revoked"  # a certificate
+    EXPIRED = "expired"  # a certificate DokStamp expired (its validity ended), not revocable
     DELETED = "deleted"
 
 
 # Mapped entities that still exist in DokStamp (others may refer to them).
 EXISTING: tuple[MappingStatus, ...] = (MappingStatus.ACTIVE, MappingStatus.ARCHIVED,
-                                       MappingStatus.REVOKED)
+                                       MappingStatus.REVOKED, MappingStatus.EXPIRED)
 
 
 class LetterStatus(StrEnum):

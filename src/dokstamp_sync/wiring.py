@@ -96,13 +96,15 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
                              threshold=settings.dokstamp_sync_breaker_failures,
                              interval=settings.dokstamp_sync_breaker_interval,
                              probe_timeout=settings.dokstamp_timeout + 5)
+    keys = RedisKeys(settings.dokstamp_sync_namespace.strip())
+    locks = Locks(client_redis, keys.lock, settings.dokstamp_sync_lock_timeout)
+    # A run that lost a lock never writes: checked in the innermost transport, after every wait.
     # Innermost, around the network: what each request costs, not the limiter's waits.
     network = MeasuredTransport(httpx.HTTPTransport(limits=httpx.Limits(
         max_connections=20, max_keepalive_connections=20)), recorder())
     api = client_from_settings(settings, store=RedisTokenStore(client_redis), limiter=limiter,
-                               breaker=breaker, transport=network)
+                               breaker=breaker, transport=network, fence=locks.check)
     root = settings.dokstamp_sync_file_root
-    keys = RedisKeys(settings.dokstamp_sync_namespace.strip())
     sessions = sessions or make_sessionmaker(make_engine(settings.database_url))
     # The store reports each final outcome after its commit; the publisher writes it.
     publisher = Publisher(client_redis, settings.dokstamp_sync_results_stream,
@@ -110,8 +112,8 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
     ctx = SyncContext(
         client=api,
         store=Store(sessions, report=publisher),
-        locks=Locks(client_redis, keys.lock, settings.dokstamp_sync_lock_timeout),
-        creates=CreateMarks(client_redis, keys),
+        locks=locks,
+        creates=CreateMarks(client_redis, keys, locks),
         listings=ListingMarks(client_redis, keys),
         counters=Counters(client_redis, keys, extra=limiter.unflushed),
         files=FilePolicy(settings.file_hosts, Path(root) if root else None,
@@ -127,9 +129,7 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
                       lease=settings.dokstamp_sync_lease),
         breaker=breaker,
     )
-    ctx = replace(ctx, **overrides) if overrides else ctx
-    api.before_write = ctx.locks.check  # a run that lost a lock never writes
-    return ctx
+    return replace(ctx, **overrides) if overrides else ctx
 
 
 def context() -> SyncContext:

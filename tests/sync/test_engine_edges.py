@@ -305,8 +305,10 @@ def test_a_create_whose_worker_died_before_recording_it_is_waited_for_then_found
                                                                               monkeypatch):
     """The in-flight mark is set before the POST: when the run dies after the create landed
     but before its natural key was recorded (as a kill -9 would leave it), the next event of
-    that entity waits out the create window and then finds the student: no second one."""
+    that entity waits out the create window and then finds the student: no second one. (A
+    mark set before a POST lasts the window plus the lock timeout: it outlives the locks.)"""
     h.ctx.limits = replace(h.ctx.limits, create_window=0.3)
+    h.ctx.locks.timeout = 1.0
     real = h.ctx.store.remember_natural_key
     calls = []
 
@@ -325,7 +327,7 @@ def test_a_create_whose_worker_died_before_recording_it_is_waited_for_then_found
     newer = student(name="Maria F. Silva", at=T0 + timedelta(minutes=1))
     assert h.sync(newer) == ["waiting"]  # the mark: a late write may land, not created again
     assert "may still land" in h.record(newer["event_id"]).last_error
-    time.sleep(0.35)
+    time.sleep(1.35)
     h.drain()
     assert h.state(newer["event_id"]) == "synced"
     (held,) = live(sandbox, "students")

@@ -14,7 +14,7 @@ due, or has ``data`` of the wrong shape (or an entity without ``uuid``) raises
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ import httpx
 from dokstamp_sync.dokstamp import errors
 from dokstamp_sync.dokstamp.auth import BearerAuth, TokenManager
 from dokstamp_sync.dokstamp.breaker import BreakerTransport, CircuitBreaker
+from dokstamp_sync.dokstamp.fence import Fence, FencedTransport
 from dokstamp_sync.dokstamp.pages import MAX_PAGES, Listing, Page, parse_page
 from dokstamp_sync.dokstamp.ratelimit import RateLimitedTransport, RateLimiter
 from dokstamp_sync.dokstamp.uploads import Upload, check_upload
@@ -32,26 +33,31 @@ log = logging.getLogger(__name__)
 
 Entity = dict[str, Any]
 IssueStyle = Literal["status", "finish"]
-WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_PER_PAGE = 200  # the largest page the docs' bulk example asks for
 
 
 def build_http_client(base_url: str, *, timeout: float = 10.0, connect_timeout: float = 5.0,
                       max_connections: int = 20, limiter: RateLimiter | None = None,
                       breaker: CircuitBreaker | None = None,
-                      transport: httpx.BaseTransport | None = None) -> httpx.Client:
+                      transport: httpx.BaseTransport | None = None,
+                      fence: Fence | None = None) -> httpx.Client:
     """An ``httpx.Client`` with explicit timeouts and a keep-alive pool, for DokStamp.
 
     ``transport`` replaces the network (an ``httpx.MockTransport`` in tests); ``limiter`` wraps
     it in a :class:`~.ratelimit.RateLimitedTransport`, so every request the client sends waits
     for the fleet-wide bucket; ``breaker`` wraps that in a :class:`~.breaker.BreakerTransport`
-    (outermost: an open breaker spends no token). The transport is always explicit, so httpx
+    (outermost: an open breaker spends no token). ``fence`` is called just before each write
+    leaves, under both, after every wait (a :class:`~.fence.FencedTransport`, innermost: the
+    sync engine checks there that its locks are still its own). The transport is always
+    explicit, so httpx
     reads no proxy from the environment (``HTTPS_PROXY``): to go through one, pass
     ``transport=httpx.HTTPTransport(proxy=...)``.
     """
     limits = httpx.Limits(max_connections=max_connections,
                           max_keepalive_connections=max_connections)
     inner = transport or httpx.HTTPTransport(limits=limits)
+    if fence:
+        inner = FencedTransport(inner, fence)
     if limiter:
         inner = RateLimitedTransport(inner, limiter)
     if breaker:
@@ -95,9 +101,6 @@ class DokStampClient:
         self.http = http
         self.tenant = tenant
         self.tokens = tokens
-        # Called with (method, path) just before every write is sent; what it raises aborts
-        # the write unsent (the sync engine checks its locks are still its own).
-        self.before_write: Callable[[str, str], None] | None = None
         # The largest answer read (DOKSTAMP_MAX_RESPONSE_BYTES): past it, a malformed answer.
         self.max_response_bytes = RESPONSE_MAX_BYTES
         self._auth = BearerAuth(tokens)
@@ -120,8 +123,6 @@ class DokStampClient:
              json: Any = None, files: Sequence[tuple[str, tuple[str, bytes, str]]] | None
              = None) -> tuple[httpx.Response, Any]:
         """:meth:`request`, also returning the response (for classifying its body)."""
-        if self.before_write is not None and method.upper() in WRITES:
-            self.before_write(method, path)
         request = self.http.build_request(
             method, path, params=params, json=json, files=files,
             headers={"Accept": "application/json", "X-Tenant": self.tenant})

@@ -326,6 +326,17 @@ class Tenant:
             self._issue(record, payload, issue_by, base_url)
         return record
 
+    def expire(self, uuid: str) -> Record:
+        """What DokStamp does by itself once a validity period ends: issued -> expired (the
+        docs: "happens automatically when a validity period is configured"). Expired is not
+        issued, so :meth:`revoke` refuses it (the docs do not say it may be revoked)."""
+        record = self.find("certificates", uuid)
+        if record.fields["status"] != "issued":
+            raise invalid({"status": ["Only issued certificates expire."]})
+        record.fields.update(status="expired")
+        record.updated_at = now_iso()
+        return record
+
     def revoke(self, uuid: str, reason: Any) -> Record:
         record = self.find("certificates", uuid)
         if record.fields["status"] != "issued":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dokstamp_sync.dokstamp import Entity
@@ -51,6 +51,8 @@ class Lifecycle:
     superseded: bool
     end: Neighbour | None = None  # an upsert's: the revoke or delete right after it
     upsert: Neighbour | None = None  # a revoke's or delete's: the newest upsert before it
+    # an upsert's: the revoke or delete right before it, still open: it applies first
+    after_end: Neighbour | None = None
 
 
 def place(events: tuple[Neighbour, ...], pk: int) -> Lifecycle:
@@ -63,9 +65,19 @@ def place(events: tuple[Neighbour, ...], pk: int) -> Lifecycle:
     if after is not None and (after.op == "upsert") == (me.op == "upsert"):
         return Lifecycle(superseded=True)
     if me.op == "upsert":
-        return Lifecycle(superseded=False, end=after)
+        before = next((e for e in reversed(events[:at]) if e.state in counted), None)
+        pending = before if before is not None and before.op != "upsert" \
+            and before.state in OPEN else None
+        return Lifecycle(superseded=False, end=after, after_end=pending)
     before = next((e for e in reversed(events[:at]) if e.op == "upsert"), None)
     return Lifecycle(superseded=False, upsert=before)
+
+
+def wait_for_end(key: str, end: Neighbour) -> Waiting:
+    """An upsert newer than an open revoke or delete applies after it (CONTRACT §2): it
+    waits, woken when that event ends (synced or dead)."""
+    return Waiting(f"certificate {key}: the older {end.op} {end.payload.get('event_id')} "
+                   "applies first", waiting_for=f"certificate:{key}")
 
 
 def revocation_reason(event: Event | None) -> str | None:
@@ -227,17 +239,32 @@ def end_certificate(ctx: SyncContext, event: Event, own: Snapshot | None,
     missing) stops this event too, so both wait for the same thing. Otherwise the certificate
     is found by its mapping or, without one, searched for with the newest upsert's data: a
     missing mapping is not proof of absence.
+
+    A mapping produced by an upsert newer than this event (a re-issue that synced while this
+    revoke waited, or arrived late) is not this event's to touch: the certificate the upserts
+    before it produced is searched for with their data, revoked if found, and the mapping is
+    left on the newer certificate.
     """
     if upsert is not None and upsert.state in OPEN:
         sync_first(upsert)
         own = ctx.store.mapping(event.entity, event.key)
+    newer = own is not None and own.produced_after(event.occurred_at)
     fields = None
-    if own is None and upsert is not None:  # its upsert synced or dead, yet no mapping
+    if (own is None or newer) and upsert is not None:  # synced or dead, no mapping of its own
         try:
             fields = payload_of(Event.model_validate(upsert.payload))
         except (Waiting, Dead):
             fields = None  # what it names was never synced: neither can the certificate be
-    return revoke_found(ctx, event.key, revocation_reason(event), own, fields)
+    if not newer:
+        return revoke_found(ctx, event.key, revocation_reason(event), own, fields)
+    assert own is not None
+    if fields is None:
+        return Outcome.synced(note=f"nothing to revoke: the mapped certificate {own.uuid} "
+                                   "comes from a newer upsert, left alone")
+    done = revoke_found(ctx, event.key, revocation_reason(event), None, fields)
+    # The mapping stays on the newer upsert's certificate: recorded without it.
+    return replace(done, uuid=None, note=f"{done.note + '; ' if done.note else ''}acted on "
+                   f"{done.uuid or 'nothing'}, not on {own.uuid} (from a newer upsert)")
 
 
 def revoke_found(ctx: SyncContext, key: str, reason: str | None, snapshot: Snapshot | None,
@@ -269,10 +296,14 @@ def revoke_found(ctx: SyncContext, key: str, reason: str | None, snapshot: Snaps
 def revoke_certificate(ctx: SyncContext, reason: str | None, cert: Entity,
                        sent: dict[str, Any] | None) -> Outcome:
     """Revoke ``cert`` (as just read) unless it is revoked already; a draft is deleted (it
-    was never issued); an issued certificate is never deleted."""
+    was never issued); an issued certificate is never deleted. An expired one is revoked if
+    DokStamp lets it be (the docs say neither way); refused, it is recorded as what DokStamp
+    says it is, ``expired``, never as revoked."""
     certs = ctx.client.certificates
     uuid = str(cert["uuid"])
     status = cert.get("status")
+    if status == CertificateStatus.EXPIRED:
+        return revoke_expired(ctx, reason, cert, sent)
     if status in ENDED:
         return certificate_outcome(cert, uuid=uuid, sent=sent, status=MappingStatus.REVOKED,
                                    note=f"already {status}")
@@ -289,3 +320,24 @@ def revoke_certificate(ctx: SyncContext, reason: str | None, cert: Entity,
         if cert.get("status") != CertificateStatus.REVOKED:
             raise
     return certificate_outcome(cert, uuid=uuid, sent=sent, status=MappingStatus.REVOKED)
+
+
+def revoke_expired(ctx: SyncContext, reason: str | None, cert: Entity,
+                   sent: dict[str, Any] | None) -> Outcome:
+    """Try to revoke an expired certificate; DokStamp's answer (or, refused, its status read
+    again) is what the mapping records."""
+    certs = ctx.client.certificates
+    uuid = str(cert["uuid"])
+    try:
+        cert = certs.revoke(uuid, reason)
+    except ValidationFailed:
+        cert = certs.get(uuid)
+    if cert.get("status") == CertificateStatus.REVOKED:
+        return certificate_outcome(cert, uuid=uuid, sent=sent, status=MappingStatus.REVOKED,
+                                   note="expired, then revoked")
+    if cert.get("status") != CertificateStatus.EXPIRED:
+        raise Dead(f"certificate {uuid}: a revoke of an expired certificate left it "
+                   f"{cert.get('status') or 'without a status'}")
+    return certificate_outcome(cert, uuid=uuid, sent=sent, status=MappingStatus.EXPIRED,
+                               note="expired in DokStamp, which refused to revoke it: "
+                                    "recorded as expired")

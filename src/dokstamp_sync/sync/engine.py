@@ -191,6 +191,8 @@ def _upsert_file(ctx: SyncContext, step: Step) -> Outcome:
 
 
 def _upsert_certificate(ctx: SyncContext, step: Step) -> Outcome:
+    if step.lifecycle is not None and step.lifecycle.after_end is not None:
+        raise certificates.wait_for_end(step.event.key, step.lifecycle.after_end)
     body, uuids, digest = _prepared(ctx, step)
     end = step.lifecycle.end if step.lifecycle else None
     revocation = None if end is None else Event.model_validate(end.payload)

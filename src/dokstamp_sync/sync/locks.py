@@ -1,6 +1,8 @@
 """The walk's Redis locks: taken, renewed in the background while their holder works, checked
-before every DokStamp write, released. One :class:`Locks` per process (its renewer thread
-serves every lock the process holds).
+at the last moment before every DokStamp write (:meth:`Locks.check`, called by the client's
+innermost transport, :mod:`dokstamp_sync.dokstamp.fence`), released. One :class:`Locks` per
+process (its renewer thread serves every lock the process holds, and the keys it was asked to
+keep alive with them: an in-flight create's mark, :meth:`Locks.keep`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Locks:
         self.prefix = prefix
         self.timeout = timeout
         self.held: list[Lock] = []  # the locks this process holds now
+        self.kept: dict[str, int] = {}  # other keys renewed with them: name -> ttl in ms
         self._renewer: threading.Thread | None = None
         self._guard = threading.Lock()
 
@@ -91,23 +94,42 @@ class Locks:
         lock.reacquire()
 
     def check(self, method: str = "", path: str = "") -> None:
-        """Raise :class:`LockNotOwnedError` unless every lock we hold is still ours: called
-        just before each DokStamp write, so a run that lost its lock (expired, taken over)
-        stops before it writes, never after."""
+        """Raise :class:`LockNotOwnedError` unless every lock we hold is still ours, renewing
+        each to its full timeout: called as the last step before a DokStamp write leaves
+        (after the rate limiter's wait, a token renewal, the breaker's probe), so a run that
+        lost a lock while it waited or stood frozen (expired, taken over) never writes, and
+        one that kept them holds them for a whole timeout while its request is out."""
         with self._guard:
             held = list(self.held)
         for lock in held:
-            if not lock.owned():
-                raise LockNotOwnedError(f"lock {lock.name!r} lost before {method} {path}")
+            try:
+                lock.reacquire()  # atomic: extended only while the token is still ours
+            except LockError:
+                raise LockNotOwnedError(f"lock {lock.name!r} lost before {method} {path}"
+                                        ) from None
+
+    def keep(self, key: str, seconds: float) -> None:
+        """Renew Redis key ``key`` to ``seconds`` with every renewal of the locks, until
+        :meth:`drop`: it lives as long as this process does, plus ``seconds``."""
+        with self._guard:
+            self.kept[key] = max(1, int(seconds * 1000))
+
+    def drop(self, key: str) -> None:
+        """Stop renewing ``key`` (it expires on its own, or its owner deletes it)."""
+        with self._guard:
+            self.kept.pop(key, None)
 
     def renew(self) -> None:
         """One renewal of every held lock (the renewer's step; callable directly in tests):
         back to the full timeout if still ours; a lost one is left for :meth:`check`."""
         with self._guard:
-            held = list(self.held)
+            held, kept = list(self.held), dict(self.kept)
         for lock in held:
             with suppress(redis.RedisError, LockError):
                 lock.reacquire()
+        for key, ms in kept.items():
+            with suppress(redis.RedisError):
+                self.redis.pexpire(key, ms)  # a key deleted meanwhile stays deleted
 
     def _renew_forever(self) -> None:
         while True:

@@ -13,15 +13,18 @@ from hashlib import sha256
 import redis
 
 from dokstamp_sync.redis_keys import RedisKeys
+from dokstamp_sync.sync.locks import Locks
 
 
 class CreateMarks:
-    """"A create of this natural key failed in a way that may still land in DokStamp": set
-    before the POST, kept for the create window after a failure, cleared once the outcome is
-    known (refused, or recorded under its natural key)."""
+    """"A create of this natural key was sent, or failed in a way that may still land in
+    DokStamp": set before the POST (:meth:`hold`: renewed with the process's locks while the
+    answer is outstanding, so it outlives them: a worker taking over after this one froze
+    waits for it, then searches), kept for the create window after a failure (:meth:`mark`),
+    cleared once the outcome is known (refused, or recorded under its natural key)."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
-        self.redis, self.prefix = client, keys.inflight
+    def __init__(self, client: redis.Redis, keys: RedisKeys, locks: Locks | None = None) -> None:
+        self.redis, self.prefix, self.locks = client, keys.inflight, locks
 
     def _key(self, entity: str, natural_key: str) -> str:
         return f"{self.prefix}{entity}:{sha256(natural_key.encode()).hexdigest()}"
@@ -31,10 +34,26 @@ class CreateMarks:
         ms = self.redis.pttl(self._key(entity, natural_key))
         return ms / 1000 if ms > 0 else 0.0
 
+    def hold(self, entity: str, natural_key: str, seconds: float) -> None:
+        """Mark for ``seconds``, renewed to that with the locks until :meth:`mark`,
+        :meth:`clear` or :meth:`let_go`."""
+        key = self._key(entity, natural_key)
+        self.redis.set(key, "1", px=max(1, int(seconds * 1000)))
+        if self.locks is not None:
+            self.locks.keep(key, seconds)
+
     def mark(self, entity: str, natural_key: str, seconds: float) -> None:
+        """Mark for ``seconds`` from now, no longer renewed."""
+        self.let_go(entity, natural_key)
         self.redis.set(self._key(entity, natural_key), "1", px=max(1, int(seconds * 1000)))
 
+    def let_go(self, entity: str, natural_key: str) -> None:
+        """Stop renewing the mark; it expires on its own."""
+        if self.locks is not None:
+            self.locks.drop(self._key(entity, natural_key))
+
     def clear(self, entity: str, natural_key: str) -> None:
+        self.let_go(entity, natural_key)
         self.redis.delete(self._key(entity, natural_key))
 
 

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from dokstamp_sync.db import dialect_insert
 from dokstamp_sync.dokstamp.errors import PermanentError
+from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, NaturalKey, utcnow
 from dokstamp_sync.reporting import Result
 from dokstamp_sync.states import OPEN, EventState, LetterStatus, MappingStatus, RunState
@@ -42,6 +43,7 @@ from dokstamp_sync.sync.outcomes import Park
 
 log = logging.getLogger("dokstamp_sync.sync")
 REFERENCED = {*REFERENCES.values(), "module"}  # entities other events can wait for
+DESTRUCTIVE = ("delete", "revoke")  # the ops whose dead letters only their own kind resolves
 
 EVENTS = cast(Table, InboxEvent.__table__)
 MAPPINGS = cast(Table, Mapping.__table__)
@@ -63,6 +65,12 @@ class Snapshot:
     digest: str | None
     remote_status: str | None = None  # a certificate's status in DokStamp, as last read
     verification_url: str | None = None  # a certificate's public_verification_url
+    produced_at: datetime | None = None  # occurred_at of the event that produced ``uuid``
+
+    def produced_after(self, occurred_at: datetime) -> bool:
+        """Whether an event newer than ``occurred_at`` produced the mapped entity (a revoke
+        at ``occurred_at`` must then leave it alone); unknown (NULL) counts as before."""
+        return self.produced_at is not None and utc(self.produced_at) > utc(occurred_at)
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,8 @@ _READ_OPEN = select(
 ).where(_OPEN)
 _GET_MAPPINGS = select(MAPPINGS.c.entity, MAPPINGS.c.erp_key, MAPPINGS.c.dokstamp_uuid,
                        MAPPINGS.c.status, MAPPINGS.c.sent, MAPPINGS.c.data_hash,
-                       MAPPINGS.c.remote_status, MAPPINGS.c.verification_url).where(
+                       MAPPINGS.c.remote_status, MAPPINGS.c.verification_url,
+                       MAPPINGS.c.produced_at).where(
     tuple_(MAPPINGS.c.entity, MAPPINGS.c.erp_key).in_(bindparam("keys", expanding=True)))
 _CLAIM = update(EVENTS).where(_OPEN).values(
     deliveries=EVENTS.c.deliveries + 1, next_attempt_at=bindparam("until"),
@@ -137,13 +146,16 @@ _WAKE = update(EVENTS).where(EVENTS.c.state == EventState.WAITING,
 _KNOWN_UUID = select(NATURAL_KEYS.c.dokstamp_uuid).where(
     NATURAL_KEYS.c.entity == bindparam("entity"), NATURAL_KEYS.c.natural_key == bindparam("key"))
 # The open dead letters a newly synced event resolves (CONTRACT §3): those of the same entity
-# whose event is older (the order of :func:`_newer`), and those of malformed stream entries that
-# named the entity and were filed before the synced event was received.
+# whose event is older (the order of :func:`_newer`) and of the same kind (an upsert's by an
+# upsert; a revoke's or delete's only by a revoke or delete: an upsert never resolves a
+# destructive event's letter), and those of malformed stream entries that named the entity and
+# were filed before the synced event was received.
 _LETTER_EVENT = EVENTS.alias("lettered")
 _SUPERSEDE_LETTERS = update(LETTERS).where(
     LETTERS.c.status == LetterStatus.OPEN, LETTERS.c.entity == bindparam("l_entity"),
     LETTERS.c.erp_key == bindparam("l_key"),
     or_(exists().where(_LETTER_EVENT.c.id == LETTERS.c.event_pk,
+                       _LETTER_EVENT.c.op.in_(bindparam("l_ops", expanding=True)),
                        (_LETTER_EVENT.c.occurred_at < bindparam("occurred_at"))
                        | ((_LETTER_EVENT.c.occurred_at == bindparam("occurred_at"))
                           & (_LETTER_EVENT.c.id < bindparam("pk")))),
@@ -166,8 +178,12 @@ def _upsert_mapping(dialect: str, with_sent: bool, with_remote: bool = False) ->
     stmt = dialect_insert(dialect)(MAPPINGS)
     updated = [*_MAPPING_VALUES, *(["sent"] if with_sent else []),
                *(["remote_status", "verification_url"] if with_remote else [])]
+    # The producer changes with the UUID only: an event acting on the same entity keeps it.
+    same = MAPPINGS.c.dokstamp_uuid == stmt.excluded.dokstamp_uuid
+    produced = {c: case((same, MAPPINGS.c[c]), else_=stmt.excluded[c])
+                for c in ("produced_by", "produced_at")}
     return stmt.on_conflict_do_update(index_elements=["entity", "erp_key"],
-                                      set_={c: stmt.excluded[c] for c in updated})
+                                      set_={c: stmt.excluded[c] for c in updated} | produced)
 
 
 # -- row-level steps the store's transactions share -------------------------------------------
@@ -182,8 +198,8 @@ def _mappings(session: Session,
     if not keys:
         return {}
     rows = session.execute(_GET_MAPPINGS, {"keys": keys})
-    return {(entity, key): Snapshot(uuid, status, dict(sent or {}), digest, remote, url)
-            for entity, key, uuid, status, sent, digest, remote, url in rows}
+    return {(entity, key): Snapshot(uuid, status, dict(sent or {}), digest, remote, url, made)
+            for entity, key, uuid, status, sent, digest, remote, url, made in rows}
 
 
 def _neighbours(session: Session, key: str) -> tuple[Neighbour, ...]:
@@ -204,8 +220,9 @@ def _newer_exists(session: Session, record: InboxEvent) -> bool:
 
 
 def _wake(session: Session, entity: str, key: str) -> None:
-    """The events that wait for (entity, key) are due now (it has just been synced)."""
-    if entity in REFERENCED:  # nothing ever waits for the others (certificates)
+    """The events that wait for (entity, key) are due now (it has just been synced, or, a
+    certificate's, its revoke or delete ended: a newer upsert waits for it)."""
+    if entity in REFERENCED or entity == "certificate":
         session.execute(_WAKE, {"tag": f"{entity}:{key}", "now": utcnow()})
 
 
@@ -238,7 +255,8 @@ def _save_mapping(session: Session, record: InboxEvent | _Finished, uuid: str, *
     values: dict[str, Any] = {
         "entity": record.entity, "erp_key": record.erp_key, "dokstamp_uuid": uuid,
         "status": status, "data_hash": digest, "occurred_at": record.occurred_at,
-        "event_id": record.event_id, "synced_at": utcnow()}
+        "event_id": record.event_id, "synced_at": utcnow(),
+        "produced_by": record.event_id, "produced_at": record.occurred_at}
     if sent is not None:
         values["sent"] = sent
     with_remote = remote != (None, None)
@@ -256,7 +274,7 @@ def _finish(session: Session, record: InboxEvent, state: str, note: str | None) 
     record.reported_at = None  # until its outcome is written (the outbox)
     if note is not None:
         record.last_error = note
-    if state == EventState.SYNCED:
+    if state == EventState.SYNCED or record.entity == "certificate":
         _wake(session, record.entity, record.erp_key)
 
 
@@ -302,8 +320,10 @@ def _synced_result(record: InboxEvent | _Finished, uuid: str | None, status: str
 def _supersede_letters(session: Session, record: InboxEvent | _Finished) -> list[Result]:
     """Resolve the open dead letters this synced event makes stale (one UPDATE); each is
     reported again as ``superseded``."""
+    kinds = ["upsert"] if record.op == "upsert" else list(DESTRUCTIVE)
     rows = session.execute(_SUPERSEDE_LETTERS, {
-        "l_entity": record.entity, "l_key": record.erp_key, "occurred_at": record.occurred_at,
+        "l_entity": record.entity, "l_key": record.erp_key, "l_ops": kinds,
+        "occurred_at": record.occurred_at,
         "pk": record.id, "received": record.received_at, "l_now": utcnow()}).all()
     if not rows:
         return []

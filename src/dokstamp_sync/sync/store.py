@@ -210,14 +210,15 @@ class Store:
                        InboxEvent.op == "upsert")
                 .order_by(InboxEvent.occurred_at.desc(), InboxEvent.id.desc()).limit(limit)))
 
-    def mapped_key(self, entity: str, uuid: str) -> str | None:
-        """The ERP key whose mapping (in any status but deleted) holds DokStamp's ``uuid``."""
+    def mapped_key(self, entity: str, uuid: str, *, deleted: bool = False) -> str | None:
+        """The ERP key whose mapping (in any status but deleted; ``deleted``: in any status)
+        holds DokStamp's ``uuid``: at most one (``uq_mappings_entity_dokstamp_uuid``)."""
+        query = select(Mapping.erp_key).where(Mapping.entity == entity,
+                                              Mapping.dokstamp_uuid == uuid)
+        if not deleted:
+            query = query.where(Mapping.status != MappingStatus.DELETED)
         with self._tx() as session:
-            key: str | None = session.scalar(
-                select(Mapping.erp_key).where(Mapping.entity == entity,
-                                              Mapping.dokstamp_uuid == uuid,
-                                              Mapping.status != MappingStatus.DELETED)
-                .limit(1))
+            key: str | None = session.scalar(query.limit(1))
             return key
 
     def backlog(self, entity: str) -> int:

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from hashlib import sha256
 from typing import Any
 
+from redis.exceptions import LockError
+
 from dokstamp_sync.dokstamp import Entity
 from dokstamp_sync.dokstamp.client import Resource
 from dokstamp_sync.dokstamp.errors import (
@@ -65,6 +67,20 @@ def check_identity(spec: Spec, event: Event, payload: dict[str, Any], remote: En
                        f"{field}={theirs} while the event has {field}={ours}")
 
 
+def check_owner(ctx: SyncContext, event: Event, uuid: str, *, found_by: str) -> None:
+    """One DokStamp entity belongs to one ERP key (CONTRACT §2): an entity found (by a search,
+    the natural-key table or ``data.uuid``) that another key's mapping holds is a conflict,
+    never adopted: sharing it, one key would rename the other's entity and delete it."""
+    if event.entity == "file":  # DokStamp deduplicates uploads: equal contents share one
+        return
+    owner = ctx.store.mapped_key(event.entity, uuid, deleted=True)
+    if owner is not None and owner != event.key:
+        raise Dead(f"conflict: {event.entity} {event.key} matches DokStamp {event.entity} {uuid} "
+                   f"by {found_by}, which belongs to ERP key {owner}: one DokStamp entity "
+                   f"belongs to one ERP key (merge {owner} and {event.key} in the ERP, or give "
+                   f"{event.key} its own data, then replay)")
+
+
 def search(ctx: SyncContext, spec: Spec, payload: dict[str, Any]) -> Entity | None:
     """The DokStamp entity whose every natural-key field equals the event's, or ``None`` when
     provably there is none. Counted once per search (``searches``).
@@ -113,38 +129,51 @@ def find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str
     resource = ctx.resource(spec.resource)
     adopt = (event.data or {}).get("uuid")
     if adopt:  # data.uuid: adopt an existing entity without a create
+        check_owner(ctx, event, str(adopt), found_by="data.uuid")
         adopted = resource.get(str(adopt))
         check_identity(spec, event, payload, adopted)
         return str(adopted["uuid"]), adopted
     key = natural_key(spec, payload)
     with ctx.locks.take(f"nk:{spec.entity}:{sha256(key.encode()).hexdigest()}", wait=10):
-        wait_for_create_in_flight(ctx, spec.entity, key)
-        known = ctx.store.known_uuid(spec.entity, key)
-        remote: Entity | None = None
-        if known is not None:
-            try:
-                remote = resource.get(known)
-            except NotFound:  # deleted in DokStamp meanwhile: forget it, search again
-                ctx.store.forget_natural_keys(spec.entity, known)
-                known = None
-        listed = known is None and fresh and listing_is_fresh(ctx, spec, resource) \
-            and not ctx.store.others_open(spec.entity, event.key, event.event_id)
-        if known is None and not listed:
-            remote = search(ctx, spec, payload)
-        created: Entity | None = None
-        if remote is None:
-            created, remote = _create(ctx, spec, event, payload, create, key, listed)
-        if remote is not None:
-            check_identity(spec, event, payload, remote)
-            uuid = str(remote["uuid"])
-        else:
-            assert created is not None
-            uuid = str(created["uuid"])
-        held = ctx.store.remember_natural_key(spec.entity, key, uuid)
-        ctx.creates.clear(spec.entity, key)  # recorded: the natural key now answers for it
-        if held != uuid:
-            raise Dead(f"duplicate: {spec.entity} with {key} is {held} in the mapping store, "
-                       f"but DokStamp returned {uuid}")
+        try:
+            return _find_or_create_locked(ctx, spec, event, payload, create, key, fresh=fresh)
+        finally:
+            ctx.creates.let_go(spec.entity, key)  # a mark left (a failure) expires on its own
+
+
+def _find_or_create_locked(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
+                           create: Callable[[dict[str, Any]], Entity], key: str, *,
+                           fresh: bool) -> tuple[str, Entity | None]:
+    """:func:`find_or_create` under the natural key's lock."""
+    resource = ctx.resource(spec.resource)
+    wait_for_create_in_flight(ctx, spec.entity, key)
+    known = ctx.store.known_uuid(spec.entity, key)
+    remote: Entity | None = None
+    if known is not None:
+        try:
+            remote = resource.get(known)
+        except NotFound:  # deleted in DokStamp meanwhile: forget it, search again
+            ctx.store.forget_natural_keys(spec.entity, known)
+            known = None
+    listed = known is None and fresh and listing_is_fresh(ctx, spec, resource) \
+        and not ctx.store.others_open(spec.entity, event.key, event.event_id)
+    if known is None and not listed:
+        remote = search(ctx, spec, payload)
+    created: Entity | None = None
+    if remote is None:
+        created, remote = _create(ctx, spec, event, payload, create, key, listed)
+    if remote is not None:
+        check_identity(spec, event, payload, remote)
+        uuid = str(remote["uuid"])
+        check_owner(ctx, event, uuid, found_by=", ".join(spec.natural_key))
+    else:
+        assert created is not None
+        uuid = str(created["uuid"])
+    held = ctx.store.remember_natural_key(spec.entity, key, uuid)
+    ctx.creates.clear(spec.entity, key)  # recorded: the natural key now answers for it
+    if held != uuid:
+        raise Dead(f"duplicate: {spec.entity} with {key} is {held} in the mapping store, "
+                   f"but DokStamp returned {uuid}")
     return uuid, remote
 
 
@@ -155,8 +184,10 @@ def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
     adopted when DokStamp refused it as a duplicate)."""
     window = ctx.limits.create_window
     # Marked before the POST: a worker killed after sending it leaves the mark, so the next
-    # attempt (even a "fresh" one) waits for a late write and then searches.
-    ctx.creates.mark(spec.entity, key, window)
+    # attempt (even a "fresh" one) waits for a late write and then searches. Renewed with the
+    # locks until the answer is recorded, and lasting a window longer than they do: a worker
+    # that takes over from this one (frozen with its request out) still waits, then searches.
+    ctx.creates.hold(spec.entity, key, window + ctx.locks.timeout)
     try:
         created = create(payload)
         ctx.count("creates")
@@ -181,8 +212,12 @@ def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
         if remote is None:
             raise
         return None, remote
+    except LockError:
+        # Not sent, and the locks are another worker's now: so may the mark be; leave it.
+        ctx.creates.let_go(spec.entity, key)
+        raise
     except BaseException:
-        ctx.creates.clear(spec.entity, key)  # not sent (a lock lost, the breaker, a pause)
+        ctx.creates.clear(spec.entity, key)  # not sent (the breaker, a pause)
         raise
 
 

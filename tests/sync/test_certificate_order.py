@@ -1,0 +1,162 @@
+"""A certificate's events take effect in the ERP's order (issue 17, cases 1-3).
+
+A revoke (or delete) acts only on the certificate the upserts before it produced; an upsert
+newer than an open revoke waits for it; a revoke's dead letter is never resolved by an upsert;
+an expired certificate is recorded as DokStamp says. Every test asserts what the sandbox holds.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+from dokstamp_sync.db import session_scope
+from dokstamp_sync.demo import samples
+from dokstamp_sync.demo.samples import event
+from dokstamp_sync.ops import dlq
+from dokstamp_sync.sandbox import Faults, ScriptedFault
+from dokstamp_sync.testing import T0, live
+
+KEY = "CERT-00001"
+
+
+def graph() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One graduate's events without the certificate, and the certificate's upsert (U1)."""
+    cls = samples.graduating_class(1, courses=1, modules_per_course=1)
+    return [e for e in cls if e["entity"] != "certificate"], cls[-1]
+
+
+def reissue(u1: dict[str, Any], days: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A new diploma file and the certificate's upsert naming it (a re-issue, U2)."""
+    pdf = samples.diploma_pdf("Graduate 00001", "Bachelor Programme 1 (re-issued)")
+    file = event("file", "DIP-B", {"filename": "diploma-b.pdf",
+                                   "content_base64": base64.b64encode(pdf).decode()},
+                 at=T0 + timedelta(days=days))
+    u2 = event("certificate", KEY, u1["data"] | {"file_key": "DIP-B"},
+               at=T0 + timedelta(days=days))
+    return file, u2
+
+
+def revoke(days: int, reason: str = "Issued in error") -> dict[str, Any]:
+    return event("certificate", KEY, {"revocation_reason": reason}, op="revoke",
+                 at=T0 + timedelta(days=days))
+
+
+def by_file(sandbox: Any) -> dict[str, str]:
+    """The sandbox's certificates: file uuid -> status."""
+    return {c["files"][0]["uuid"]: c["status"] for c in live(sandbox, "certificates")}
+
+
+def file_uuid(h: Any, key: str) -> str:
+    mapping = h.mapping("file", key)
+    assert mapping is not None
+    return str(mapping.dokstamp_uuid)
+
+
+def script(sandbox: Any, *faults: ScriptedFault) -> None:
+    sandbox.sandbox.faults.configure(Faults(script=list(faults)))
+
+
+# -- 1. a late revoke never touches a newer certificate -------------------------------------
+
+def test_a_revoke_retried_after_a_reissue_revokes_only_the_first_certificate(h, sandbox):
+    """U1 issued, then revoke R (between U1 and U2 by occurred_at) fails with 503s and is
+    parked; the re-issue U2 (a new file) arrives meanwhile: U2 waits for R, R revokes U1's
+    certificate, then U2 issues its own. DokStamp ends with U1's certificate revoked and U2's
+    issued; the mapping points at U2's, issued."""
+    rest, u1 = graph()
+    h.ctx.limits = replace(h.ctx.limits, in_call_attempts=1)
+    assert h.sync(*rest, u1)[-1] == "synced"
+    r = revoke(days=1)
+    script(sandbox, ScriptedFault("PUT", "/certificates/{uuid}/revoke", status=503, times=3))
+    assert h.sync(r) == ["waiting"]
+    file, u2 = reissue(u1, days=2)
+    h.sync(file, u2)
+    h.drain()
+    assert h.state(r["event_id"]) == h.state(u2["event_id"]) == "synced"
+    held = by_file(sandbox)
+    assert held == {file_uuid(h, "DIP-00001"): "revoked", file_uuid(h, "DIP-B"): "issued"}
+    mapping = h.mapping("certificate", KEY)
+    assert (mapping.status, mapping.remote_status) == ("active", "issued")
+    assert h.letters() == []
+
+
+def test_a_revoke_arriving_after_the_reissue_synced_revokes_the_older_certificate(h, sandbox):
+    """The late revoke in its plainest form: U1, R and the re-issue U2 synced in order, then
+    another revoke older than U2 arrives (a late copy from the ERP). It acts on U1's
+    certificate (found by U1's data: revoked already), never on U2's; the mapping stays on
+    U2's certificate, active."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    file, u2 = reissue(u1, days=2)
+    h.sync(file)
+    assert h.sync(revoke(days=1), u2) == ["synced", "synced"]  # in order: both fine
+    first, second = file_uuid(h, "DIP-00001"), file_uuid(h, "DIP-B")
+    assert by_file(sandbox) == {first: "revoked", second: "issued"}
+    late = revoke(days=1, reason="late copy")
+    assert h.sync(late) == ["synced"]
+    assert by_file(sandbox) == {first: "revoked", second: "issued"}
+    mapping = h.mapping("certificate", KEY)
+    assert (mapping.dokstamp_uuid, mapping.status) == (
+        next(c["uuid"] for c in live(sandbox, "certificates") if c["files"][0]["uuid"] == second),
+        "active")
+
+
+# -- 2. a revoke's dead letter is never resolved by an upsert --------------------------------
+
+def test_a_revoke_letter_survives_a_resent_upsert_and_its_replay_revokes(h, sandbox):
+    """U1 issued, R refused once (403: a dead letter), then the ERP re-sends U1's data with a
+    newer occurred_at (a nightly export): the revoke's letter stays open (listed, replayed by
+    `replay --all`), and the replay revokes the diploma in DokStamp."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    script(sandbox, ScriptedFault("PUT", "/certificates/{uuid}/revoke", status=403))
+    r = revoke(days=1, reason="Fraud")
+    assert h.sync(r) == ["dead"]
+    again = event("certificate", KEY, u1["data"], at=T0 + timedelta(days=2))
+    assert h.sync(again) == ["synced"]
+    with session_scope(h.ctx.sessions) as s:
+        listed = [letter.event_id for letter in dlq.list_letters(s)]
+    assert listed == [r["event_id"]]
+    dlq.replay(h.ctx.sessions, everything=True)
+    h.drain()
+    assert h.state(r["event_id"]) == "synced"
+    (held,) = live(sandbox, "certificates")
+    assert (held["status"], held["revocation_reason"]) == ("revoked", "Fraud")
+    assert [letter.status for letter in h.letters()] == ["replayed"]
+
+
+def test_a_revoke_letter_is_resolved_by_a_newer_revoke_that_synced(h, sandbox):
+    """The one automatic resolution of a revoke's letter: a newer revoke of the same
+    certificate synced (DokStamp holds it revoked): the older letter is superseded."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    script(sandbox, ScriptedFault("PUT", "/certificates/{uuid}/revoke", status=403))
+    assert h.sync(revoke(days=1)) == ["dead"]
+    assert h.sync(revoke(days=2, reason="Fraud")) == ["synced"]
+    (held,) = live(sandbox, "certificates")
+    assert held["status"] == "revoked"
+    assert [letter.status for letter in h.letters()] == ["superseded"]
+
+
+# -- 3. an expired certificate is recorded as DokStamp says ----------------------------------
+
+def test_revoking_an_expired_certificate_records_expired_not_revoked(h, sandbox):
+    """U1 issued, then DokStamp expires it (a validity period ended); a revoke arrives: it is
+    tried (the docs do not say an expired certificate is never revocable), DokStamp refuses,
+    and the revoke ends synced with the mapping saying what DokStamp holds: ``expired``, never
+    ``revoked``; DokStamp's certificate is still expired, nothing is dead."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    uuid = h.mapping("certificate", KEY).dokstamp_uuid
+    sandbox.sandbox.tenants["demo-university"].expire(uuid)
+    r = revoke(days=1)
+    assert h.sync(r) == ["synced"]
+    (held,) = live(sandbox, "certificates")
+    assert held["status"] == "expired"
+    mapping = h.mapping("certificate", KEY)
+    assert (mapping.status, mapping.remote_status) == ("expired", "expired")
+    assert "expired" in h.record(r["event_id"]).last_error
+    assert h.letters() == []
