@@ -59,13 +59,14 @@ def scope_of(spec: Spec, payload: dict[str, Any]) -> str:
 
 
 def listing_trusted(ctx: SyncContext, spec: Spec, payload: dict[str, Any],
-                    resource: Resource) -> bool:
+                    resource: Resource, *, marked: bool | None = None) -> bool:
     """Whether a trusted complete listing of ``payload``'s scope is in the natural-key table;
-    a whole kind is listed now (once, fleet-wide) when its backlog makes that cheaper."""
+    a whole kind is listed now (once, fleet-wide) when its backlog makes that cheaper.
+    ``marked``: whether the scope's marker was there, when the caller has just asked Redis."""
     if not spec.natural_key:
         return False
     scope = scope_of(spec, payload)
-    if ctx.listings.fresh(scope):
+    if marked if marked is not None else ctx.listings.fresh(scope):
         return True
     if spec.scope is not None:
         return False  # read (and marked) by the next search of the scope, see read_scope

@@ -29,6 +29,7 @@ class CreateMark:
 
     left: float
     unresolved: bool
+    scope_trusted: bool = False  # asked with ``listing``: that scope's marker was there
 
 
 class CreateMarks:
@@ -40,18 +41,23 @@ class CreateMarks:
     def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
         self.redis, self.prefix = client, keys.inflight
         self.unresolved_prefix = keys.unresolved
+        self.listing_prefix = keys.listing
 
     def _key(self, entity: str, natural_key: str) -> str:
         return f"{entity}:{sha256(natural_key.encode()).hexdigest()}"
 
-    def look(self, entity: str, natural_key: str) -> CreateMark:
-        """Both marks of a natural key, in one round trip."""
+    def look(self, entity: str, natural_key: str, listing: str | None = None) -> CreateMark:
+        """Both marks of a natural key and, with ``listing`` (a scope), whether that scope's
+        listing marker is there (:class:`ListingMarks`), in one round trip."""
         key = self._key(entity, natural_key)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.pttl(f"{self.prefix}{key}")
             pipe.exists(f"{self.unresolved_prefix}{key}")
-            ms, unresolved = pipe.execute()
-        return CreateMark(left=ms / 1000 if ms > 0 else 0.0, unresolved=bool(unresolved))
+            if listing is not None:
+                pipe.exists(f"{self.listing_prefix}{listing}")
+            ms, unresolved, *trusted = pipe.execute()
+        return CreateMark(left=ms / 1000 if ms > 0 else 0.0, unresolved=bool(unresolved),
+                          scope_trusted=bool(trusted and trusted[0]))
 
     def left(self, entity: str, natural_key: str) -> float:
         """Seconds until a create that may still land has had its time; 0 when none."""

@@ -36,7 +36,7 @@ from dokstamp_sync.sync.entities import (
     remote_value,
     same_value,
 )
-from dokstamp_sync.sync.listing import distrust, listing_trusted, read_scope
+from dokstamp_sync.sync.listing import distrust, listing_trusted, read_scope, scope_of
 from dokstamp_sync.sync.marks import CreateMark
 from dokstamp_sync.sync.outcomes import Dead, Drifted, InFlight, Outcome
 from dokstamp_sync.sync.statements import Snapshot
@@ -96,11 +96,13 @@ def search(ctx: SyncContext, spec: Spec, payload: dict[str, Any]) -> Entity | No
     return None
 
 
-def wait_for_create_in_flight(ctx: SyncContext, entity: str, key: str) -> CreateMark:
+def wait_for_create_in_flight(ctx: SyncContext, entity: str, key: str,
+                              listing: str | None = None) -> CreateMark:
     """Raise :class:`InFlight` while a failed create of natural key ``key`` may still land:
     never search (and create) before it had time to, or a late write and ours would both
-    stay. Else the key's marks (unresolved: no listing proves it absent)."""
-    mark = ctx.creates.look(entity, key)
+    stay. Else the key's marks (unresolved: no listing proves it absent), with whether the
+    scope ``listing`` is trusted (asked in the same round trip)."""
+    mark = ctx.creates.look(entity, key, listing)
     if mark.left > 0:
         raise InFlight(f"a failed create of {entity} {key} may still land in DokStamp: "
                        "searching once it had time to", retry_after=mark.left)
@@ -125,7 +127,7 @@ def find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str
         return str(adopted["uuid"]), adopted
     key = natural_key(spec, payload)
     with ctx.locks.take(f"nk:{spec.entity}:{sha256(key.encode()).hexdigest()}", wait=10):
-        mark = wait_for_create_in_flight(ctx, spec.entity, key)
+        mark = wait_for_create_in_flight(ctx, spec.entity, key, scope_of(spec, payload))
         known = ctx.store.known_uuid(spec.entity, key)
         remote: Entity | None = None
         if known is not None:
@@ -135,7 +137,7 @@ def find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str
                 ctx.store.forget_natural_keys(spec.entity, known)
                 known = None
         listed = known is None and not mark.unresolved \
-            and listing_trusted(ctx, spec, payload, resource)
+            and listing_trusted(ctx, spec, payload, resource, marked=mark.scope_trusted)
         if known is None and not listed:
             remote = search(ctx, spec, payload)
         created: Entity | None = None
