@@ -21,7 +21,6 @@ from typing import Any
 
 from sqlalchemy import (
     delete,
-    exists,
     func,
     select,
 )
@@ -230,14 +229,6 @@ class Store:
             return int(session.scalar(select(func.count()).select_from(InboxEvent).where(
                 InboxEvent.entity == entity, InboxEvent.op == "upsert",
                 InboxEvent.state.in_(OPEN))) or 0)
-
-    def others_open(self, entity: str, key: str, event_id: str) -> bool:
-        """Whether another event for (entity, ERP key) is open besides ``event_id`` (the
-        listing shortcut is only for an event alone on its key); ``ix_inbox_entity_key``."""
-        with self._tx() as session:
-            return bool(session.scalar(select(exists().where(
-                InboxEvent.entity == entity, InboxEvent.erp_key == key,
-                InboxEvent.event_id != event_id, InboxEvent.state.in_(OPEN)))))
 
     def file_companions(self, event_id: str, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
         """Other file upserts never tried yet: (pk, ERP key, payload), oldest first."""
