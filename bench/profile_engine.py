@@ -4,7 +4,8 @@
 
 Runs ``engine.run`` on every event of a fresh class (ingested through the real stream) against
 the sandbox (no latency, no rate limit), with a scratch PostgreSQL database and Redis database 8,
-and prints the hottest functions by cumulative time.
+and prints the hottest functions by cumulative time, with per event: SQL statements, database
+transactions (commits and rollbacks) and Redis round trips (a pipeline is one).
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import json
 import os
 import pstats
 import time
+from collections import Counter
 
 import redis
+from redis.connection import Connection
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.demo import samples
@@ -28,6 +33,21 @@ from dokstamp_sync.wiring import build_context
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_PROFILE_REDIS_URL", "redis://127.0.0.1:6379/8")
+
+
+def watch(db: Engine, counts: Counter[str]) -> None:
+    """Count SQL statements, transactions and Redis round trips from now on (this process)."""
+    event.listen(db, "before_cursor_execute", lambda *_a: counts.update(["sql"]))
+    event.listen(db, "commit", lambda *_a: counts.update(["tx"]))
+    event.listen(db, "rollback", lambda *_a: counts.update(["tx"]))
+    send = Connection.send_packed_command
+
+    def counted(self: Connection, command: object, check_health: bool = True) -> None:
+        counts.update(["redis"])
+        send(self, command, check_health)
+
+    # Every command or pipeline goes out through this one method: one call, one round trip.
+    Connection.send_packed_command = counted  # type: ignore[method-assign,assignment]
 
 
 def main() -> None:
@@ -42,7 +62,8 @@ def main() -> None:
     account = Account()
     with scratch_database(PG_ADMIN, "dokstamp_sync_profile") as url, \
             SandboxServer(Sandbox(SandboxConfig(accounts=[account]))) as server:
-        sessions = make_sessionmaker(make_engine(url))
+        db = make_engine(url)
+        sessions = make_sessionmaker(db)
         settings = sandbox_settings(server.url, account=account, dokstamp_rate_limit=10_000,
                                     dokstamp_sync_file_max_bytes=10**7)
         ctx = build_context(settings, sessions=sessions, redis_client=client)
@@ -54,6 +75,8 @@ def main() -> None:
             client.xadd("profile:events", {"event": json.dumps(e)})
         while ingester.poll(block_ms=10):
             pass
+        counts: Counter[str] = Counter()
+        watch(db, counts)
         profile = cProfile.Profile()
         start, cpu_start = time.perf_counter(), time.thread_time()
         if args.no_profile:
@@ -68,6 +91,9 @@ def main() -> None:
     # thread_time: CPU of this thread alone (the sandbox answers from another thread)
     print(f"{len(pks)} events in {elapsed:.2f} s ({1000 * elapsed / len(pks):.1f} ms/event, "
           f"{1000 * cpu / len(pks):.1f} ms CPU/event in the engine's thread), {calls} API calls")
+    n = len(pks)
+    print(f"per event: {counts['sql'] / n:.1f} SQL statements, {counts['tx'] / n:.1f} "
+          f"transactions, {counts['redis'] / n:.1f} Redis round trips")
     if args.no_profile:
         return
     pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)

@@ -2,6 +2,7 @@
 
     python bench/run.py                      # 1,000 certificates, R=100 req/s, L=20 ms
     python bench/run.py --certificates 10000 --baseline-certificates 1000
+    python bench/run.py --certificates 10000 --courses 1   # one large course (issue 21)
     python bench/run.py --sweep 1,2,4,8 --sweep-certificates 300 --plot bench/throughput.png
 
 Everything is real: the DokStamp sandbox over HTTP on loopback (rate limit R, latency L), the
@@ -191,13 +192,13 @@ def cpu_seconds(worker: Worker) -> dict[str, float]:
 
 def throughput(server: SandboxServer, client: redis.Redis, sessions: Any, worker: Worker,
                n: int, prefix: str, *, latency_ms: float, rate: float,
-               timeout: float) -> dict[str, Any]:
+               timeout: float, courses: int = 2) -> dict[str, Any]:
     """One fresh cohort of ``n`` certificates through a running worker."""
     sb = server.sandbox
     sb.faults.configure(Faults(rate_limit=rate, latency_ms=latency_ms))
     sb.stats.reset()
     before = states(sessions)
-    events = samples.graduating_class(n, prefix=prefix)
+    events = samples.graduating_class(n, prefix=prefix, courses=courses)
     cpu_before = cpu_seconds(worker)
     start = time.monotonic()
     xadd(client, events)
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=100.0, help="R: sandbox rate limit, req/s")
     p.add_argument("--latency-ms", type=float, default=20.0, help="L: sandbox latency")
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--courses", type=int, default=2,
+                   help="courses the cohort's students are spread over (1: one large course)")
     p.add_argument("--baseline-certificates", type=int, default=None,
                    help="certificates for the baseline (default: --certificates)")
     p.add_argument("--latency-samples", type=int, default=100)
@@ -278,7 +281,7 @@ def full(server: SandboxServer, client: redis.Redis, sessions: Any, db_url: str,
               f"p95 {pct(lat, 95):.1f} ms", file=sys.stderr)
         rss_start = worker.rss_mb()
         run = throughput(server, client, sessions, worker, n, "B-", latency_ms=args.latency_ms,
-                         rate=rate, timeout=args.timeout)
+                         rate=rate, timeout=args.timeout, courses=args.courses)
         rss_end = worker.rss_mb()
         stats = run["stats"]
         counters = {k.decode(): int(v) for k, v in client.hgetall("dokstamp:metrics").items()}
@@ -297,7 +300,8 @@ def full(server: SandboxServer, client: redis.Redis, sessions: Any, db_url: str,
     base = run_baseline(server, bn, "N-", latency_ms=args.latency_ms, rate=rate)
     bound = calls / rate
     out = {
-        "certificates": n, "concurrency": args.concurrency, "rate_limit": rate,
+        "certificates": n, "courses": args.courses, "concurrency": args.concurrency,
+        "rate_limit": rate,
         "latency_ms_injected": args.latency_ms, "events": len(run["events"]),
         "states": run["states"], "api_calls": calls,
         "calls_per_certificate": round(calls / n, 3), "wall_s": round(run["wall_s"], 2),

@@ -53,7 +53,8 @@ class RedisKeys:
         return f"{self.namespace}dokstamp:lock:"
 
     @property
-    def listing(self) -> str:  # + entity: a fresh full listing is in the natural-key table
+    def listing(self) -> str:  # + scope (entity[:field=value]): its fresh full listing is
+        # in the natural-key table
         return f"{self.namespace}dokstamp:listing:"
 
     @property
@@ -79,6 +80,10 @@ class RedisKeys:
     @property
     def inflight(self) -> str:  # + "<entity>:<sha256 of natural key>": a create may still land
         return f"{self.namespace}dokstamp:inflight:"
+
+    @property
+    def unresolved(self) -> str:  # + as inflight: a create was sent, its outcome not recorded
+        return f"{self.namespace}dokstamp:unresolved:"
 
 
 def _namespace() -> str:
@@ -107,6 +112,7 @@ PAUSE = _DEFAULT.pause
 LISTING_UNTRUSTED = _DEFAULT.listing_untrusted
 BREAKER = _DEFAULT.breaker
 INFLIGHT = _DEFAULT.inflight
+UNRESOLVED = _DEFAULT.unresolved
 
 # The streams' default names (CONTRACT §1); settings may name others.
 EVENTS_STREAM = "dokstamp:events"

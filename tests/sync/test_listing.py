@@ -3,10 +3,14 @@ diplomas uploaded many per request, with search-before-create kept for retries."
 
 from __future__ import annotations
 
+import time
+from hashlib import sha256
+
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.models import InboxEvent
+from dokstamp_sync.sync.marks import LISTING_TRUSTED_FOR, CreateMark
 from dokstamp_sync.testing import calls, live
 
 
@@ -35,26 +39,50 @@ def test_a_small_backlog_still_searches_each(h, sandbox):
     assert sandbox.sandbox.stats.to_json()["by_route"]["GET /students"] == 5
 
 
-def test_a_retried_event_searches_even_after_a_listing(h, ctx, sandbox):
-    """A fresh listing never stands in for the search of an event tried before."""
+def _lost_create(ctx, entity: str, natural_key: str, make) -> None:
+    """What a create whose outcome was never recorded leaves behind (a lost response, a killed
+    worker): the marks set before its POST, its window over, and the entity in DokStamp."""
+    ctx.creates.mark(entity, natural_key, 0.001)  # the window ends at once; unresolved stays
+    make()
+    time.sleep(0.01)
+
+
+def test_an_event_tried_before_trusts_the_listing_when_no_create_was_sent(h, ctx, sandbox):
+    """A retried event whose earlier attempt sent no create (no mark left) is as safe as a new
+    one: the trusted listing stands in for its search."""
     pks = h.send(*students(60))
     h.run(pks[:1])  # lists, then creates S-0
     with session_scope(ctx.sessions) as s:
-        s.get(InboxEvent, pks[1]).attempts = 1  # as if its first try had failed
+        s.get(InboxEvent, pks[1]).attempts = 1  # as if its first try had failed before a POST
     sandbox.sandbox.stats.reset()
-    h.run(pks[1:2])
-    assert sandbox.sandbox.stats.to_json()["by_route"]["GET /students"] == 1
+    assert h.run(pks[1:2]) == ["synced"]
+    assert calls(sandbox) == {"POST /students": 1}
+
+
+def test_a_create_never_recorded_is_searched_for_despite_a_trusted_listing(h, ctx, sandbox):
+    """A create whose response was lost (its mark outlived the create window) landed after the
+    listing: the retry searches, adopts it and sends no create; one student in DokStamp."""
+    pks = h.send(*students(60))
+    h.run(pks[:1])  # lists, then creates S-0
+    _lost_create(ctx, "student", "email=s1@example.edu", lambda: ctx.client.students.create(
+        {"name": "Student 1", "email": "s1@example.edu", "date_of_birth": "2000-01-01"}))
+    sandbox.sandbox.stats.reset()
+    assert h.run(pks[1:2]) == ["synced"]
+    assert calls(sandbox) == {"GET /students": 1}
+    assert sum(1 for s in live(sandbox, "students") if s["email"] == "s1@example.edu") == 1
+    assert not ctx.creates.look("student", "email=s1@example.edu").unresolved  # recorded
 
 
 def test_created_elsewhere_after_the_listing_is_adopted_not_duplicated(h, ctx, sandbox):
     """If another system created the student after the listing, the refused create falls back
-    to a search and the existing student is adopted."""
+    to a search, the existing student is adopted and the listing is no longer trusted."""
     pks = h.send(*students(60))
     h.run(pks[:1])
     ctx.client.students.create({"name": "Made on the dashboard", "email": "s1@example.edu",
                                 "date_of_birth": "2000-01-01"})
     assert h.run(pks[1:2]) == ["synced"]
     assert sum(1 for s in live(sandbox, "students") if s["email"] == "s1@example.edu") == 1
+    assert not ctx.listings.fresh("student")  # the listing proved wrong: read it again
 
 
 def test_diplomas_are_uploaded_many_per_request(h, sandbox):
@@ -96,10 +124,10 @@ def _enrollments_of(sandbox, student_uuid: str) -> int:
                if e["student"]["uuid"] == student_uuid)
 
 
-def test_a_dependency_run_inline_searches_even_after_a_listing(h, ctx, sandbox):
-    """A dependency synced inline from another event's run never trusts the listing: a killed
-    delivery of it may have created it after the listing (no claim counts the inline run, so
-    its first-delivery look would lie). It searches and adopts; no create is sent."""
+def test_a_dependency_created_by_a_killed_delivery_is_searched_for(h, ctx, sandbox):
+    """A dependency synced inline from another event's run, whose own delivery sent a create
+    and was killed after the listing: its unresolved mark makes the inline run search and
+    adopt; no create is sent."""
     pks = h.send(*students(60))
     h.run(pks[:1])  # lists the students, creates S-0
     course = [event("institution", "INST", {"name": "Dep University", "country": "Brazil",
@@ -108,8 +136,8 @@ def test_a_dependency_run_inline_searches_even_after_a_listing(h, ctx, sandbox):
                                       "institution_key": "INST"})]
     h.sync(*course)
     # S-5's delivery created it in DokStamp, then its worker was killed.
-    ctx.client.students.create({"name": "Student 5", "email": "s5@example.edu",
-                                "date_of_birth": "2000-01-01"})
+    _lost_create(ctx, "student", "email=s5@example.edu", lambda: ctx.client.students.create(
+        {"name": "Student 5", "email": "s5@example.edu", "date_of_birth": "2000-01-01"}))
     _killed(ctx, pks[5])
     sandbox.sandbox.stats.reset()
     enrollment = event("enrollment", "ENR-5", {"student_key": "S-5", "course_key": "CRS",
@@ -125,10 +153,12 @@ def test_a_redelivered_event_searches_even_after_a_listing(h, ctx, sandbox):
     """An enrollment whose first delivery created it and was killed: the redelivery searches
     and adopts it; DokStamp (no uniqueness for enrollments) keeps one."""
     pks, uuids = _course_with_enrollments(h, ctx)
-    h.run(pks[:1])  # lists the enrollments, creates ENR-0
+    h.run(pks[:1])  # reads the course's enrollments (none), creates ENR-0
     course_uuid = h.mapping("course", "CRS").dokstamp_uuid
-    ctx.client.enrollments.create({"student_uuid": uuids["S-1"], "course_uuid": course_uuid,
-                                   "enrolled_at": "2024-02-01"})  # the killed delivery's write
+    _lost_create(ctx, "enrollment", f"student_uuid={uuids['S-1']}|course_uuid={course_uuid}",
+                 lambda: ctx.client.enrollments.create({
+                     "student_uuid": uuids["S-1"], "course_uuid": course_uuid,
+                     "enrolled_at": "2024-02-01"}))  # the killed delivery's write
     _killed(ctx, pks[1])
     assert h.run(pks[1:2]) == ["synced"]
     assert _enrollments_of(sandbox, uuids["S-1"]) == 1
@@ -139,12 +169,73 @@ def test_an_erp_key_with_two_open_events_searches_even_after_a_listing(h, ctx, s
     enrollment, then was killed) searches rather than trusting the listing made before that
     create: one enrollment in DokStamp, not two."""
     pks, uuids = _course_with_enrollments(h, ctx)
-    h.run(pks[:1])  # lists the enrollments
+    h.run(pks[:1])  # reads the course's enrollments (none), creates ENR-0
     course_uuid = h.mapping("course", "CRS").dokstamp_uuid
-    ctx.client.enrollments.create({"student_uuid": uuids["S-1"], "course_uuid": course_uuid,
-                                   "enrolled_at": "2024-02-01"})  # ENR-1's first event's write
+    _lost_create(ctx, "enrollment", f"student_uuid={uuids['S-1']}|course_uuid={course_uuid}",
+                 lambda: ctx.client.enrollments.create({
+                     "student_uuid": uuids["S-1"], "course_uuid": course_uuid,
+                     "enrolled_at": "2024-02-01"}))  # ENR-1's first event's write
     _killed(ctx, pks[1])
     newer = h.send(event("enrollment", "ENR-1", {"student_key": "S-1", "course_key": "CRS",
                                                  "enrolled_at": "2024-02-01", "grade": 9}))
     assert h.run(newer) == ["synced"]
     assert _enrollments_of(sandbox, uuids["S-1"]) == 1
+
+
+def test_a_course_s_enrollments_are_read_once_for_all_its_enrollments(h, ctx, sandbox):
+    """20 enrollments in one course: the first search reads the course's enrollments (one
+    page), records them and marks the course trusted; the other 19 create without a search.
+    DokStamp ends with exactly one enrollment per student."""
+    pks, uuids = _course_with_enrollments(h, ctx, 20)
+    sandbox.sandbox.stats.reset()
+    assert set(h.run(pks)) == {"synced"}
+    assert calls(sandbox) == {"GET /enrollments": 1, "POST /enrollments": 20}
+    assert all(_enrollments_of(sandbox, uuid) == 1 for uuid in uuids.values())
+    course_uuid = h.mapping("course", "CRS").dokstamp_uuid
+    ttl = ctx.redis.pttl(f"{ctx.listings.fresh_prefix}enrollment:course_uuid={course_uuid}")
+    assert 0 < ttl <= LISTING_TRUSTED_FOR * 1000
+
+
+def test_an_old_course_listing_is_read_again_and_holds_our_creates(h, ctx, sandbox):
+    """Once the course's marker has expired the next enrollment reads the course again (which
+    now holds the enrollments we created, recorded already); the rest trust the new read."""
+    pks, _ = _course_with_enrollments(h, ctx, 10)
+    h.run(pks[:5])
+    course_uuid = h.mapping("course", "CRS").dokstamp_uuid
+    ctx.redis.delete(f"{ctx.listings.fresh_prefix}enrollment:course_uuid={course_uuid}")
+    sandbox.sandbox.stats.reset()
+    assert set(h.run(pks[5:])) == {"synced"}
+    assert calls(sandbox) == {"GET /enrollments": 1, "POST /enrollments": 5}
+    assert len(live(sandbox, "enrollments")) == 10
+
+
+def test_a_search_that_finds_its_enrollment_records_the_whole_course(h, ctx, sandbox):
+    """An enrollment that exists already (made outside, before any listing) is found and
+    adopted; the search read the whole course, so the other enrollments create without one."""
+    pks, uuids = _course_with_enrollments(h, ctx, 6)
+    course_uuid = h.mapping("course", "CRS").dokstamp_uuid
+    ctx.client.enrollments.create({"student_uuid": uuids["S-0"], "course_uuid": course_uuid,
+                                   "enrolled_at": "2024-02-01"})
+    sandbox.sandbox.stats.reset()
+    assert set(h.run(pks)) == {"synced"}
+    by_route = calls(sandbox)
+    assert by_route["GET /enrollments"] == 1
+    assert by_route["POST /enrollments"] == 5
+    assert all(_enrollments_of(sandbox, uuid) == 1 for uuid in uuids.values())
+
+
+def test_the_unresolved_mark_outlives_the_create_window_by_the_trust_period(ctx):
+    """A create's in-flight mark lasts its window; its unresolved mark lasts the window plus
+    the listing trust period (every listing trusted after it is gone was read after that create
+    could land); recording the outcome clears both."""
+    ctx.creates.mark("student", "email=x@example.edu", 0.05)
+    assert ctx.creates.look("student", "email=x@example.edu").left > 0
+    time.sleep(0.1)
+    mark = ctx.creates.look("student", "email=x@example.edu")
+    assert mark.left == 0
+    assert mark.unresolved
+    ttl = ctx.redis.pttl(f"{ctx.creates.unresolved_prefix}student:"
+                         f"{sha256(b'email=x@example.edu').hexdigest()}")
+    assert (LISTING_TRUSTED_FOR - 1) * 1000 < ttl <= (LISTING_TRUSTED_FOR + 0.05) * 1000
+    ctx.creates.clear("student", "email=x@example.edu")
+    assert ctx.creates.look("student", "email=x@example.edu") == CreateMark(0.0, False)

@@ -155,7 +155,7 @@ def update_existing(ctx: SyncContext, key: str, cert: Entity, changes: dict[str,
 
 
 def upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
-                       snapshot: Snapshot | None, digest: str, *, fresh: bool,
+                       snapshot: Snapshot | None, digest: str, *,
                        revocation: Event | None = None) -> Outcome:
     """Create, change or issue a certificate, verifying that an issue issued; with
     ``revocation`` (a revoke or delete after this upsert, :func:`place`) it is then revoked on
@@ -192,8 +192,7 @@ def upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
             return created[-1]
 
         try:
-            uuid, remote = find_or_create(ctx, SPECS["certificate"], event, fields, create,
-                                          fresh=fresh)
+            uuid, remote = find_or_create(ctx, SPECS["certificate"], event, fields, create)
         except ValidationFailed as exc:
             _explain_used_file(ctx, event, fields, exc)
             raise

@@ -15,7 +15,6 @@ each, never across a DokStamp call.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable
 from contextlib import suppress
@@ -123,10 +122,9 @@ def process(ctx: SyncContext, run: Run, pk: int, depth: int = 0, *,
 
 def _process_locked(ctx: SyncContext, run: Run, pk: int, event: Event, depth: int,
                     held: Lock) -> str:
-    tries = itertools.count()
     try:
         outcome = _with_retries(
-            ctx, lambda: _attempt(ctx, run, pk, event, depth, retry=next(tries) > 0))
+            ctx, lambda: _attempt(ctx, run, pk, event, depth))
         ctx.locks.confirm(held)  # still ours? (else another run may be on this entity now)
     except Exception as exc:
         verdict = classify(exc)
@@ -145,12 +143,10 @@ class Step:
     event: Event
     view: View
     depth: int
-    fresh: bool  # see :func:`.upserts.find_or_create`
     lifecycle: Lifecycle | None  # a certificate event's place among its certificate's
 
 
-def _attempt(ctx: SyncContext, run: Run, pk: int, event: Event, depth: int, *,
-             retry: bool) -> Outcome:
+def _attempt(ctx: SyncContext, run: Run, pk: int, event: Event, depth: int) -> Outcome:
     refs = references.wanted(event) if event.op == "upsert" else []
     view = ctx.store.attempt(pk, (event.entity, event.key), refs)
     if isinstance(view, str):  # final already: recording leaves it alone and reports its state
@@ -158,10 +154,7 @@ def _attempt(ctx: SyncContext, run: Run, pk: int, event: Event, depth: int, *,
     life = certificates.place(view.neighbours, pk) if view.neighbours is not None else None
     if life.superseded if life is not None else view.superseded:
         return Outcome(state=EventState.SUPERSEDED, note="a newer event for this entity came")
-    # Never tried before, never delivered before: no lost response can have created it. Only
-    # at the top level: a dependency run inline may be another task's killed delivery.
-    fresh = depth == 0 and not retry and view.attempts == 0 and view.deliveries <= 1
-    step = Step(run, pk, event, view, depth, fresh, life)
+    step = Step(run, pk, event, view, depth, life)
     return HANDLERS[(event.entity, event.op)](ctx, step)
 
 
@@ -181,8 +174,7 @@ def _prepared(ctx: SyncContext, step: Step) -> tuple[dict[str, Any], dict[str, A
 def _upsert_entity(ctx: SyncContext, step: Step) -> Outcome:
     body, uuids, digest = _prepared(ctx, step)
     with upserts.references_rechecked(ctx, step.event, uuids):
-        return upserts.upsert_entity(ctx, step.event, body, uuids, step.view.own, digest,
-                                     fresh=step.fresh)
+        return upserts.upsert_entity(ctx, step.event, body, uuids, step.view.own, digest)
 
 
 def _upsert_file(ctx: SyncContext, step: Step) -> Outcome:
@@ -198,7 +190,7 @@ def _upsert_certificate(ctx: SyncContext, step: Step) -> Outcome:
     revocation = None if end is None else Event.model_validate(end.payload)
     with upserts.references_rechecked(ctx, step.event, uuids):
         return certificates.upsert_certificate(ctx, step.event, body, step.view.own, digest,
-                                               fresh=step.fresh, revocation=revocation)
+                                               revocation=revocation)
 
 
 def _delete_entity(ctx: SyncContext, step: Step) -> Outcome:
@@ -211,7 +203,7 @@ def _end_certificate(ctx: SyncContext, step: Step) -> Outcome:
     def sync_first(upsert: Neighbour) -> None:
         data = Event.model_validate(upsert.payload)
         _record(ctx, upsert.pk, step.depth + 1,
-                _attempt(ctx, step.run, upsert.pk, data, step.depth + 1, retry=True))
+                _attempt(ctx, step.run, upsert.pk, data, step.depth + 1))
 
     def payload_of(data: Event) -> dict[str, Any]:
         uuids = references.resolve(ctx, step.run, data, step.depth, process, {})

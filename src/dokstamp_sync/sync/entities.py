@@ -34,6 +34,11 @@ class Spec:
     # The natural-key fields the docs show as where[...] filters (None: all of them); the
     # others are matched on each hit, paging through every answer.
     search: tuple[str, ...] | None = None
+    # The filters of a scope listing (see :mod:`.listing`): a search that must page through
+    # a wider set than the natural key (every enrollment of a course) records each row it read
+    # and, once it saw them all, stands in for the scope's other searches a while. None: the
+    # whole kind is the scope (listed only for a large backlog).
+    scope: tuple[str, ...] | None = None
     # (client resource, where[field]) of dependents that block a delete, as the docs' deletion
     # rules count them (per_page=1, meta.total), with documented filters only.
     dependents: tuple[tuple[str, str], ...] = ()
@@ -60,7 +65,8 @@ SPECS: dict[str, Spec] = {s.entity: s for s in (
          dependents=(("certificates", "student_uuid"),)),
     # Enrollments are filterable by course only: the course's enrollments are paged through.
     Spec("enrollment", "enrollments", ("student_uuid", "course_uuid"),
-         fixed=("student_uuid", "course_uuid"), search=("course_uuid",)),
+         fixed=("student_uuid", "course_uuid"), search=("course_uuid",),
+         scope=("course_uuid",)),
     Spec("file", "files", (), local=("url", "path", "content_base64", "filename",
                                      "content_type")),
     # The docs show no file filter for certificates: search by student and course, then find

@@ -21,13 +21,16 @@ from typing import Any
 
 from sqlalchemy import (
     delete,
-    exists,
     func,
     select,
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from dokstamp_sync.db import insert_ignore, once_more_if_disconnected, session_scope
+from dokstamp_sync.db import (
+    dialect_insert,
+    once_more_if_disconnected,
+    session_scope,
+)
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
 from dokstamp_sync.reporting import Report, Result, mark_reported
@@ -228,14 +231,6 @@ class Store:
                 InboxEvent.entity == entity, InboxEvent.op == "upsert",
                 InboxEvent.state.in_(OPEN))) or 0)
 
-    def others_open(self, entity: str, key: str, event_id: str) -> bool:
-        """Whether another event for (entity, ERP key) is open besides ``event_id`` (the
-        listing shortcut is only for an event alone on its key); ``ix_inbox_entity_key``."""
-        with self._tx() as session:
-            return bool(session.scalar(select(exists().where(
-                InboxEvent.entity == entity, InboxEvent.erp_key == key,
-                InboxEvent.event_id != event_id, InboxEvent.state.in_(OPEN)))))
-
     def file_companions(self, event_id: str, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
         """Other file upserts never tried yet: (pk, ERP key, payload), oldest first."""
         with self._tx() as session:
@@ -260,12 +255,15 @@ class Store:
             return _remember(session, entity, key, uuid)
 
     def remember_natural_keys(self, entity: str, pairs: Iterable[tuple[str, str]]) -> None:
-        """Record many (natural key, UUID) pairs, keeping what is recorded already."""
+        """Record many (natural key, UUID) pairs, keeping what is recorded already; a few
+        multi-row statements, not one per pair (a listing may hold tens of thousands)."""
+        rows = [{"entity": entity, "natural_key": key, "dokstamp_uuid": uuid}
+                for key, uuid in dict(reversed(list(pairs))).items()]  # the first UUID per key
         with self._tx() as session:
-            for key, uuid in pairs:
-                insert_ignore(session, NATURAL_KEYS, {
-                    "entity": entity, "natural_key": key, "dokstamp_uuid": uuid},
-                    ["entity", "natural_key"])
+            insert = dialect_insert(session.get_bind().dialect.name)
+            for start in range(0, len(rows), 1000):
+                session.execute(insert(NATURAL_KEYS).values(rows[start:start + 1000])
+                                .on_conflict_do_nothing(index_elements=["entity", "natural_key"]))
 
     def forget_natural_keys(self, entity: str, uuid: str) -> None:
         """A deleted entity's natural keys are free again: a later upsert searches and creates."""

@@ -38,7 +38,8 @@ from dokstamp_sync.sync.entities import (
     remote_value,
     same_value,
 )
-from dokstamp_sync.sync.listing import listing_is_fresh
+from dokstamp_sync.sync.listing import distrust, listing_trusted, read_scope, scope_of
+from dokstamp_sync.sync.marks import CreateMark
 from dokstamp_sync.sync.outcomes import Dead, Drifted, InFlight, Outcome
 from dokstamp_sync.sync.statements import Snapshot
 
@@ -88,15 +89,21 @@ def search(ctx: SyncContext, spec: Spec, payload: dict[str, Any]) -> Entity | No
     Only the filters the docs show are sent (``spec.search_filters``): a server may ignore any
     other and answer with all its rows, so each hit is checked here, reading every page. A
     listing that cannot be proven complete is no proof of absence: retry rather than create a
-    duplicate.
+    duplicate. A scoped kind's search reads its whole scope and records it (see :mod:`.listing`).
     """
     ctx.count("searches")
     resource = ctx.resource(spec.resource)
     where = {f: payload.get(f) for f in spec.search_filters}
-    listing = resource.listing(where)
-    for remote in listing:
-        if matches(spec, payload, remote):
-            return remote
+    if spec.scope is not None:
+        rows, listing = read_scope(ctx, spec, payload, where)
+        found = [remote for remote in rows if matches(spec, payload, remote)]
+        if found:
+            return found[0]
+    else:
+        listing = resource.listing(where)
+        for remote in listing:
+            if matches(spec, payload, remote):
+                return remote
     if not listing.complete:
         raise TransientError(f"the search for {spec.entity} {natural_key(spec, payload)} read "
                              f"{listing.seen} of {listing.total} rows in {listing.pages} pages "
@@ -105,26 +112,28 @@ def search(ctx: SyncContext, spec: Spec, payload: dict[str, Any]) -> Entity | No
     return None
 
 
-def wait_for_create_in_flight(ctx: SyncContext, entity: str, key: str) -> None:
+def wait_for_create_in_flight(ctx: SyncContext, entity: str, key: str,
+                              listing: str | None = None) -> CreateMark:
     """Raise :class:`InFlight` while a failed create of natural key ``key`` may still land:
     never search (and create) before it had time to, or a late write and ours would both
-    stay."""
-    if (left := ctx.creates.left(entity, key)) > 0:
+    stay. Else the key's marks (unresolved: no listing proves it absent), with whether the
+    scope ``listing`` is trusted (asked in the same round trip)."""
+    mark = ctx.creates.look(entity, key, listing)
+    if mark.left > 0:
         raise InFlight(f"a failed create of {entity} {key} may still land in DokStamp: "
-                       "searching once it had time to", retry_after=left)
+                       "searching once it had time to", retry_after=mark.left)
+    return mark
 
 
 def find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
-                   create: Callable[[dict[str, Any]], Entity], *,
-                   fresh: bool = False) -> tuple[str, Entity | None]:
+                   create: Callable[[dict[str, Any]], Entity]) -> tuple[str, Entity | None]:
     """Search before create, under a lock per natural key, with the database behind it.
 
-    ``fresh``: the event's first delivery and attempt, at the top level; then a fresh listing
-    (see :mod:`.listing`) may stand in for the search, unless another event for the same ERP key
-    is open (its attempt, maybe a lost one, may have created the entity after the listing). A
-    create refused as a duplicate (a 409, or a 422 after the listing shortcut) searches and
-    adopts an exact match. Returns the UUID and, when an existing entity was found, what
-    DokStamp holds for it.
+    A trusted listing of the key's scope (see :mod:`.listing`) stands in for the search,
+    unless a create of this key was sent and its outcome never recorded (a lost response, a
+    killed worker: the unresolved mark). A create refused as a duplicate (a 409, or a 422 after
+    the listing shortcut) distrusts the listing, searches and adopts an exact match. Returns
+    the UUID and, when an existing entity was found, what DokStamp holds for it.
     """
     resource = ctx.resource(spec.resource)
     adopt = (event.data or {}).get("uuid")
@@ -136,17 +145,17 @@ def find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str
     key = natural_key(spec, payload)
     with ctx.locks.take(f"nk:{spec.entity}:{sha256(key.encode()).hexdigest()}", wait=10):
         try:
-            return _find_or_create_locked(ctx, spec, event, payload, create, key, fresh=fresh)
+            return _find_or_create_locked(ctx, spec, event, payload, create, key)
         finally:
             ctx.creates.let_go(spec.entity, key)  # a mark left (a failure) expires on its own
 
 
 def _find_or_create_locked(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
-                           create: Callable[[dict[str, Any]], Entity], key: str, *,
-                           fresh: bool) -> tuple[str, Entity | None]:
+                           create: Callable[[dict[str, Any]], Entity],
+                           key: str) -> tuple[str, Entity | None]:
     """:func:`find_or_create` under the natural key's lock."""
     resource = ctx.resource(spec.resource)
-    wait_for_create_in_flight(ctx, spec.entity, key)
+    mark = wait_for_create_in_flight(ctx, spec.entity, key, scope_of(spec, payload))
     known = ctx.store.known_uuid(spec.entity, key)
     remote: Entity | None = None
     if known is not None:
@@ -155,8 +164,8 @@ def _find_or_create_locked(ctx: SyncContext, spec: Spec, event: Event, payload: 
         except NotFound:  # deleted in DokStamp meanwhile: forget it, search again
             ctx.store.forget_natural_keys(spec.entity, known)
             known = None
-    listed = known is None and fresh and listing_is_fresh(ctx, spec, resource) \
-        and not ctx.store.others_open(spec.entity, event.key, event.event_id)
+    listed = known is None and not mark.unresolved \
+        and listing_trusted(ctx, spec, payload, resource, marked=mark.scope_trusted)
     if known is None and not listed:
         remote = search(ctx, spec, payload)
     created: Entity | None = None
@@ -172,6 +181,7 @@ def _find_or_create_locked(ctx: SyncContext, spec: Spec, event: Event, payload: 
     held = ctx.store.remember_natural_key(spec.entity, key, uuid)
     ctx.creates.clear(spec.entity, key)  # recorded: the natural key now answers for it
     if held != uuid:
+        distrust(ctx, spec, payload)
         raise Dead(f"duplicate: {spec.entity} with {key} is {held} in the mapping store, "
                    f"but DokStamp returned {uuid}")
     return uuid, remote
@@ -184,9 +194,10 @@ def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
     adopted when DokStamp refused it as a duplicate)."""
     window = ctx.limits.create_window
     # Marked before the POST: a worker killed after sending it leaves the mark, so the next
-    # attempt (even a "fresh" one) waits for a late write and then searches. Renewed with the
-    # locks until the answer is recorded, and lasting a window longer than they do: a worker
-    # that takes over from this one (frozen with its request out) still waits, then searches.
+    # attempt waits for a late write and then searches (no listing trusted for it). Renewed
+    # with the locks until the answer is recorded, and lasting a window longer than they do: a
+    # worker that takes over from this one (frozen with its request out) still waits, then
+    # searches.
     ctx.creates.hold(spec.entity, key, window + ctx.locks.timeout)
     try:
         created = create(payload)
@@ -200,6 +211,8 @@ def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
                        retry_after=window) from exc
     except (Conflict, ValidationFailed) as exc:
         ctx.creates.clear(spec.entity, key)  # refused: nothing was created
+        if listed:
+            distrust(ctx, spec, payload)  # the listing missed a duplicate: read it again
         if isinstance(exc, ValidationFailed) and not listed:
             raise
         # Refused, maybe as a duplicate (409: a unique key taken; 422 after the listing
@@ -259,8 +272,7 @@ def _recheck_references(ctx: SyncContext, event: Event, refs: dict[str, Any],
 
 
 def upsert_entity(ctx: SyncContext, event: Event, payload: dict[str, Any],
-                  refs: dict[str, Any], snapshot: Snapshot | None, digest: str, *,
-                  fresh: bool = False) -> Outcome:
+                  refs: dict[str, Any], snapshot: Snapshot | None, digest: str) -> Outcome:
     """Create or update an entity other than a file or a certificate."""
     if (same := unchanged(ctx, snapshot, digest)) is not None:
         return same
@@ -279,7 +291,7 @@ def upsert_entity(ctx: SyncContext, event: Event, payload: dict[str, Any],
                         "forgotten, recreating it", event.entity, event.key, snapshot.uuid)
             note = f"recreated: {snapshot.uuid} was deleted in DokStamp outside dokstamp-sync"
     if uuid is None:
-        uuid, remote = find_or_create(ctx, spec, event, payload, resource.create, fresh=fresh)
+        uuid, remote = find_or_create(ctx, spec, event, payload, resource.create)
         created = remote is None
         if remote is not None:
             changes = {k: v for k, v in payload.items()
