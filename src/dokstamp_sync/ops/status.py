@@ -25,7 +25,7 @@ def report(session: Session, client: redis.Redis | None, stream: str, *,
     counts = dict.fromkeys([s.value for s in (EventState if finals else OPEN)], 0)
     by_state = select(InboxEvent.state, func.count()).group_by(InboxEvent.state)
     if not finals:
-        counts["dead"] = 0
+        counts[EventState.DEAD.value] = 0
         by_state = by_state.where(InboxEvent.state.in_(OPEN))
     for state, n in session.execute(by_state):
         counts[state] = n
