@@ -41,6 +41,8 @@ LISTING_UNTRUSTED = f"{NAMESPACE}dokstamp:listing-untrusted:"
 BREAKER = f"{NAMESPACE}dokstamp:breaker:"  # + tenant: the fleet's circuit breaker
 # + "<entity>:<sha256 of natural key>": a failed create may still land
 INFLIGHT = f"{NAMESPACE}dokstamp:inflight:"
+# + entity: the change guard's window, a sorted set of event_id -> arrival (epoch s)
+GUARD = f"{NAMESPACE}dokstamp:guard:"
 
 # The streams' default names (CONTRACT §1); settings may name others. Not namespaced: they are
 # the ERP's interface, named in its own configuration.

@@ -28,6 +28,7 @@ from dokstamp_sync.config import (
 from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.dokstamp import RateLimiter, RedisTokenStore, client_from_settings
 from dokstamp_sync.dokstamp.breaker import CircuitBreaker
+from dokstamp_sync.guard import GuardPolicy
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.files import FilePolicy
 
@@ -98,6 +99,7 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
         results_stream=settings.dokstamp_sync_results_stream,
         results_maxlen=settings.dokstamp_sync_results_maxlen,
         breaker=breaker,
+        guard_policy=GuardPolicy.from_settings(settings),
     )
     ctx = replace(ctx, **overrides) if overrides else ctx
     api.before_write = ctx.check_locks  # a run that lost a lock never writes

@@ -1,8 +1,9 @@
 """The outbox behind the outcome stream's "at least once" (CONTRACT §5).
 
-A final outcome is recorded with ``reported_at`` NULL: on its inbox row (synced, superseded or
-dead), on a dead letter that a newer event resolved (reported again as ``superseded``), or on
-the dead letter of a stream entry that is no valid event. After the XADD succeeded,
+A final outcome is recorded with ``reported_at`` NULL: on its inbox row (synced, superseded,
+dead or discarded, and the not-final ``held`` of CONTRACT §6), on a dead letter that a newer
+event resolved (reported again as ``superseded``), or on the dead letter of a stream entry
+that is no valid event. After the XADD succeeded,
 :func:`mark_reported` sets it in one short UPDATE. What a kill or a Redis outage left
 unreported, :func:`sweep` (the pump's sweeper thread) writes later, rebuilt from the database
 rows: only rows finished more than ``settle`` seconds ago, so that it does not race the normal
@@ -26,7 +27,7 @@ from dokstamp_sync.db import session_scope
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, utcnow
 from dokstamp_sync.pipeline.results import Report, Result
-from dokstamp_sync.states import FINAL, EventState, LetterStatus
+from dokstamp_sync.states import REPORTED, EventState, LetterStatus
 
 log = logging.getLogger("dokstamp_sync.results")
 
@@ -43,7 +44,7 @@ MAPPINGS = cast(Table, Mapping.__table__)
 # resolved meanwhile owes its ``superseded`` outcome still.
 _MARK_EVENTS = update(EVENTS).where(
     EVENTS.c.id.in_(bindparam("pks", expanding=True)), EVENTS.c.reported_at.is_(None),
-    EVENTS.c.state.in_(FINAL)).values(reported_at=bindparam("now"))
+    EVENTS.c.state.in_(REPORTED)).values(reported_at=bindparam("now"))
 _MARK_RESOLVED = update(LETTERS).where(
     LETTERS.c.id.in_(bindparam("ids", expanding=True)), LETTERS.c.reported_at.is_(None),
     LETTERS.c.status == LetterStatus.SUPERSEDED).values(reported_at=bindparam("now"))
@@ -80,7 +81,7 @@ def unreported(session: Session, *, settle: float = SETTLE, limit: int = BATCH) 
                MAPPINGS.c.dokstamp_uuid, MAPPINGS.c.status, MAPPINGS.c.verification_url)
         .outerjoin(MAPPINGS, and_(MAPPINGS.c.entity == EVENTS.c.entity,
                                   MAPPINGS.c.erp_key == EVENTS.c.erp_key))
-        .where(EVENTS.c.reported_at.is_(None), EVENTS.c.state.in_(FINAL),
+        .where(EVENTS.c.reported_at.is_(None), EVENTS.c.state.in_(REPORTED),
                EVENTS.c.finished_at < cutoff)
         .order_by(EVENTS.c.finished_at, EVENTS.c.id).limit(limit)).all()
     dead = [row.id for row in rows if row.state == EventState.DEAD]

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.dokstamp import DokStampClient, RateLimiter
 from dokstamp_sync.dokstamp.breaker import CircuitBreaker
+from dokstamp_sync.guard import Guard, GuardPolicy
 from dokstamp_sync.pipeline.results import RESULTS_MAXLEN, Publisher
 from dokstamp_sync.redis_keys import COUNTERS, LOCK, RESULTS_STREAM
 from dokstamp_sync.sync.files import FilePolicy
@@ -51,6 +52,7 @@ class SyncContext:
     results_stream: str = RESULTS_STREAM  # the outcome stream (CONTRACT §5)
     results_maxlen: int = RESULTS_MAXLEN
     breaker: CircuitBreaker | None = None  # the fleet's, on the client's transport
+    guard_policy: GuardPolicy = field(default_factory=GuardPolicy)  # CONTRACT §6
 
     held: list[Lock] = field(default_factory=list)  # the locks this process's run holds
     walk: list[tuple[str, str]] = field(default_factory=list)  # (entity, key) being synced
@@ -60,6 +62,7 @@ class SyncContext:
         # The store reports each final outcome after its commit; the publisher writes it.
         self.store = Store(self.sessions, report=Publisher(self.redis, self.results_stream,
                                                            self.results_maxlen))
+        self.guard = Guard(self.guard_policy, self.sessions, self.redis, self.store.report)
         self._renewer: threading.Thread | None = None
         self._guard = threading.Lock()
 

@@ -139,6 +139,10 @@ def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int, *, retry: bool
         return Outcome(state=EventState.SUPERSEDED, note=f"already {view}")
     if view.superseded:
         return Outcome(state=EventState.SUPERSEDED, note="a newer event for this entity came")
+    # The change guard (CONTRACT §6): parks it behind a held event of its entity, parks a
+    # delete or revoke until its settle delay passed, or holds it; None: go on.
+    if (stopped := ctx.guard.admit(pk, event)) is not None:
+        return stopped
     # Never tried before, never delivered before: no lost response can have created it. Only
     # at the top level: a dependency run inline may be another task's killed delivery.
     fresh = depth == 0 and not retry and view.attempts == 0 and view.deliveries <= 1

@@ -46,7 +46,7 @@ from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, NaturalKey, utcnow
 from dokstamp_sync.pipeline.outbox import mark_reported
 from dokstamp_sync.pipeline.results import Report, Result
-from dokstamp_sync.states import FINAL, OPEN, EventState, LetterStatus, MappingStatus
+from dokstamp_sync.states import OPEN, EventState, LetterStatus, MappingStatus
 from dokstamp_sync.sync.entities import REFERENCES
 from dokstamp_sync.sync.outcomes import Companion, Outcome
 
@@ -325,7 +325,7 @@ class Store:
         """The open event's payload, or the state it is in."""
         with self._tx() as session:
             record = session.get(InboxEvent, pk)
-            if record is None or record.state in FINAL:
+            if record is None or record.state not in OPEN:
                 return _state(session, pk)
             return record.payload
 
@@ -490,7 +490,7 @@ class Store:
         already or a newer event for its entity exists (then its own task decides)."""
         with self._recording() as (session, results):
             record = session.get(InboxEvent, companion.pk)
-            if record is None or record.state in FINAL or _newer_exists(session, record):
+            if record is None or record.state not in OPEN or _newer_exists(session, record):
                 return False
             _save_mapping(session, record, companion.uuid, sent=companion.sent,
                           digest=companion.digest)
@@ -503,11 +503,12 @@ class Store:
     def conclude(self, pk: int, *, completed: bool,
                  decide: Callable[[Facts], Decision]) -> str:
         """Record how a run ended, in one transaction: ``decide`` (the engine's) chooses from
-        the event's facts; the choice is applied here. An event already final is left alone.
+        the event's facts; the choice is applied here. An event no longer open (final, or held by
+        the guard) is left alone.
         Returns the state the event is in afterwards."""
         with self._recording() as (session, results):
             record = session.get(InboxEvent, pk)
-            if record is None or record.state in FINAL:
+            if record is None or record.state not in OPEN:
                 return _state(session, pk)
             if completed:  # this run ended normally: undo its delivery count
                 record.deliveries = max(0, record.deliveries - 1)
