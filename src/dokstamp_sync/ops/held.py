@@ -37,7 +37,7 @@ class Done:
     not_held: list[int]
 
 
-def decide(sessions: sessionmaker[Session], client: redis.Redis, report: Report,
+def decide(sessions: sessionmaker[Session], client: redis.Redis, report: Report | None,
            action: Decide, which: held.Selection) -> Done:
     """Release or discard (``action``) the chosen held events in one transaction; then take
     them out of the guard's window and report what the action reports."""
@@ -51,7 +51,7 @@ def decide(sessions: sessionmaker[Session], client: redis.Redis, report: Report,
         by_kind[entity].append(event_id)
     for entity, event_ids in by_kind.items():
         forget(client, entity, event_ids)
-    if decided.results and report(decided.results):
+    if decided.results and report is not None and report(decided.results):
         with session_scope(sessions) as session:
             mark_reported(session, decided.results)
     return done
