@@ -40,7 +40,7 @@ def test_status_counts_events_by_state(cli, h):
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
     assert status["events"] == {"pending": 0, "waiting": 0, "synced": len(cls),
-                                "superseded": 0, "dead": 2}
+                                "superseded": 0, "dead": 2, "held": 0, "discarded": 0}
     assert status["dead_letters_open"] == 2
     assert status["stream_depth"] == 0
     text = cli("status").stdout

@@ -1,7 +1,8 @@
 """Prometheus metrics (what Flower does not show), read fresh at each scrape.
 
 Gauges come from the mapping store and Redis (events by state, stream and queue depth, oldest
-unsynced event, open dead letters, heartbeat ages); counters come from the Redis hash every
+unsynced event, open dead letters, heartbeat ages, held events per kind); counters come from
+the Redis hash every
 worker process increments (API responses by status class, 429s, retries, event outcomes), so
 one endpoint speaks for the whole fleet. ``/metrics`` serves them, ``/healthz`` the health
 check (200 or 503).
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.ops.health import check
+from dokstamp_sync.pipeline import held
 from dokstamp_sync.redis_keys import COUNTERS
 
 PREFIX = "dokstamp_sync"
@@ -37,12 +39,18 @@ class SyncCollector:
     def collect(self) -> Iterator[Metric]:
         with session_scope(self.sessions) as session:
             health = check(session, self.redis, self.stream)
+            held_counts = held.counts(session)
         facts = health.facts
         events = GaugeMetricFamily(f"{PREFIX}_events", "Events in the inbox by state",
                                    labels=["state"])
         for state, n in facts["events"].items():
             events.add_metric([state], n)
         yield events
+        kinds = GaugeMetricFamily(f"{PREFIX}_held_events", "Events held by the change guard "
+                                  "(CONTRACT §6) by entity kind", labels=["entity"])
+        for entity, n in held_counts.items():
+            kinds.add_metric([entity], n)
+        yield kinds
         for name, key, text in (
                 ("stream_depth", "stream_depth", "Entries waiting in the Redis stream"),
                 ("queue_depth", "queue_depth", "Tasks waiting in the Celery queue"),
