@@ -7,8 +7,6 @@ import json
 import urllib.request
 from datetime import timedelta
 
-from test_cli_ops import cli  # noqa: F401  # the fixture
-
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.guard import GuardPolicy
 from dokstamp_sync.ops.metrics import serve
@@ -25,7 +23,7 @@ def held_burst(make_ctx, n: int = 22) -> Harness:
     return h
 
 
-def test_status_and_metrics_count_held_events_per_kind(cli, make_ctx):  # noqa: F811
+def test_status_and_metrics_count_held_events_per_kind(cli, make_ctx):
     """`status --json` counts held events under events.held and per kind under held; the
     text says how to see them; /metrics has dokstamp_sync_held_events{entity=...}."""
     h = held_burst(make_ctx)
@@ -43,7 +41,7 @@ def test_status_and_metrics_count_held_events_per_kind(cli, make_ctx):  # noqa: 
         server.server_close()
 
 
-def test_held_list_release_and_discard_from_the_command_line(cli, make_ctx,  # noqa: F811
+def test_held_list_release_and_discard_from_the_command_line(cli, make_ctx,
                                                              sandbox):
     """`held list --json` names each held event; `held discard ID` ends one discarded (on the
     outcome stream); `held release --all` releases the rest, and running them deletes the
