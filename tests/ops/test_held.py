@@ -4,14 +4,37 @@ an operator runs them (subprocesses on the test database and Redis)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import urllib.request
 from datetime import timedelta
+
+import pytest
 
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.guard import GuardPolicy
 from dokstamp_sync.ops.metrics import serve
 from dokstamp_sync.pipeline import results
 from dokstamp_sync.testing import STREAM, T0, Harness, live, student
+from testenv import TEST_ENGINE_REDIS_URL
+
+EXE = shutil.which("dokstamp-sync") or os.path.join(os.path.dirname(sys.executable),
+                                                    "dokstamp-sync")
+
+
+@pytest.fixture
+def cli(database_url, tmp_path):
+    """Runs `dokstamp-sync ...` on the test database and the engine's Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")} | {
+        "DATABASE_URL": database_url, "REDIS_URL": TEST_ENGINE_REDIS_URL}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([EXE, *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=60, check=False)
+
+    return run
 
 
 def held_burst(make_ctx, n: int = 22) -> Harness:
