@@ -229,14 +229,19 @@ def _enqueue(args: argparse.Namespace) -> int:
 
     settings = load_store_settings()
     client = redis.Redis.from_url(settings.redis_url)
+    stream = settings.dokstamp_sync_stream
     if args.file == "-":
-        report = enqueue_lines(sys.stdin, client=client, stream=settings.dokstamp_sync_stream)
+        report = enqueue_lines(sys.stdin, client=client, stream=stream, strict=args.strict)
     else:
         with open(args.file, encoding="utf-8") as fh:
-            report = enqueue_lines(fh, client=client, stream=settings.dokstamp_sync_stream)
+            report = enqueue_lines(fh, client=client, stream=stream, strict=args.strict)
+    fate = "nothing sent (--strict)" if args.strict else "will be dead-lettered"
     for line, reason in report.invalid:
-        print(f"line {line}: invalid, will be dead-lettered: {reason}", file=sys.stderr)
-    print(f"enqueued {report.sent} events on {settings.dokstamp_sync_stream}")
+        print(f"line {line}: invalid, {fate}: {reason}", file=sys.stderr)
+    if args.strict and report.invalid:
+        print(f"{len(report.invalid)} invalid line(s): nothing enqueued", file=sys.stderr)
+        return 1
+    print(f"enqueued {report.sent} events on {stream}")
     return 0
 
 
@@ -379,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     eq = sub.add_parser("enqueue", help="send events (one JSON per line) to the stream")
     eq.add_argument("file", help="a file, or - for standard input")
+    eq.add_argument("--strict", action="store_true",
+                    help="send nothing when any line is invalid (exit 1, every bad line named)")
     eq.set_defaults(func=_enqueue)
 
     fl = sub.add_parser("flower", help="the Celery dashboard for the worker's app")
