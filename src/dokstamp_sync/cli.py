@@ -10,7 +10,7 @@ from typing import Any
 
 from dokstamp_sync.config import ConfigError, load_settings
 from dokstamp_sync.dokstamp.errors import DokStampError
-from dokstamp_sync.ops import held
+from dokstamp_sync.ops import held, plan_view
 from dokstamp_sync.ops.check import StartRefused
 
 
@@ -381,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.set_defaults(func=_mapping)
 
     held.register(sub)
+    plan_view.register(sub)
 
     eq = sub.add_parser("enqueue", help="send events (one JSON per line) to the stream")
     eq.add_argument("file", help="a file, or - for standard input")
