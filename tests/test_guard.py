@@ -44,21 +44,20 @@ def discard(h: Harness, which: held.Selection):
 
 
 def test_a_burst_past_the_threshold_is_held_and_nothing_reaches_dokstamp(make_ctx, sandbox):
-    """25 deletes within the settle delay, threshold 20: the first 20 wait out the delay, the
-    21st passes the threshold and every one of the 25 is held: DokStamp still holds all 25
-    students and saw no DELETE; each is reported once as held, with how many and which
-    threshold."""
+    """25 deletes arrive at once, threshold 20: counted as they arrive, so the first attempt
+    already sees 25 and every one of them is held: DokStamp still holds all 25 students and
+    saw no DELETE; each is reported once as held, with how many and which threshold."""
     h = guarded(make_ctx, delay=30.0, minimum=20)
     h.sync(*students(25))
     states = h.run(h.send(*deletes(25)))
-    assert states == ["waiting"] * 20 + ["held"] * 5
+    assert states == ["held"] * 25
     assert set(h.states().values()) == {"synced", "held"}
     assert sum(s == "held" for s in h.states().values()) == 25
     assert len(live(sandbox, "students")) == 25
     assert not [r for r in calls(sandbox) if r.startswith("DELETE")]
     held_out = [r for r in outcomes(h.ctx) if r["state"] == "held"]
     assert len(held_out) == len({r["event_id"] for r in held_out}) == 25
-    assert "21 student deletes/revokes" in held_out[0]["reason"]
+    assert "25 student deletes/revokes" in held_out[0]["reason"]
     assert "threshold of 20" in held_out[0]["reason"]
 
 
@@ -153,15 +152,17 @@ def test_threshold_100_percent_turns_the_guard_off(make_ctx, sandbox):
 
 
 def test_two_guards_counting_one_burst_hold_each_event_once(make_ctx, sandbox):
-    """Two contexts (as two workers) take turns on one burst: the fleet-wide count in Redis
-    sees it once (21 > 20 at the 21st event whoever counts it) and each event is held and
-    reported exactly once."""
+    """Two contexts (as two workers) take turns counting one burst at its attempts (the
+    ingester's count at arrival left out): the fleet-wide count in Redis sees each event once
+    (21 > 20 at the 21st, whichever counts it), the first 20 wait out the settle delay, and
+    each event is held and reported exactly once."""
     a = guarded(make_ctx, delay=30.0, minimum=20)
+    a.ingester.arrivals = None
     b = Harness(make_ctx(guard_policy=GuardPolicy(delay=30.0, minimum=20)), stream="b")
     a.sync(*students(25))
     pks = a.send(*deletes(25))
-    for n, pk in enumerate(pks):
-        (a if n % 2 else b).run([pk])
+    states = [(a if n % 2 else b).run([pk])[0] for n, pk in enumerate(pks)]
+    assert states == ["waiting"] * 20 + ["held"] * 5
     assert list(a.states().values()).count("held") == 25
     held_out = [r["event_id"] for r in outcomes(a.ctx) if r["state"] == "held"]
     assert len(held_out) == len(set(held_out)) == 25
@@ -176,3 +177,16 @@ def test_the_threshold_setting_reads_a_percentage(value):
     settings = sandbox_settings("http://127.0.0.1:1", dokstamp_sync_guard_threshold=value)
     assert GuardPolicy.from_settings(settings).threshold == 10.0
     assert GuardPolicy.from_settings(settings).limit(1000) == 100
+
+
+def test_a_burst_behind_a_long_queue_is_counted_as_it_arrived(make_ctx, sandbox):
+    """The ingester counts deletes as they arrive: a burst whose first attempts come only
+    after its settle delay has passed (a long queue before it) is still seen whole, and the
+    very first attempt holds all of it; none reaches DokStamp."""
+    h = guarded(make_ctx, delay=0.5, minimum=20)
+    h.sync(*students(25))
+    pks = h.send(*deletes(25))
+    time.sleep(0.6)  # the queue: nothing attempted until every settle delay has passed
+    assert h.run(pks) == ["held"] * 25
+    assert len(live(sandbox, "students")) == 25
+    assert not [r for r in calls(sandbox) if r.startswith("DELETE")]

@@ -32,6 +32,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 
 import redis
@@ -141,6 +143,21 @@ class Guard:
         return int(self._count(keys=[f"{GUARD}{entity}"],
                                args=[event_id, repr(arrived), repr(start),
                                      math.ceil(self.policy.window) + 60]))
+
+    def note_arrivals(self, arrivals: Sequence[tuple[str, str]]) -> None:
+        """Count deletes and revokes as they arrive (the ingester calls this after its
+        commit), not only when first attempted: a burst behind a long queue is then seen whole
+        before the first of it has waited out its settle delay. Never raises: the first
+        attempt of each counts it anyway."""
+        if self.policy.off:
+            return
+        now = time.time()
+        with suppress(redis.RedisError), self.redis.pipeline(transaction=False) as pipe:
+            for entity, event_id in arrivals:
+                pipe.zadd(f"{GUARD}{entity}", {event_id: now}, nx=True)
+            for entity in {entity for entity, _ in arrivals}:
+                pipe.expire(f"{GUARD}{entity}", math.ceil(self.policy.window) + 60)
+            pipe.execute()
 
     def hold(self, entity: str, reason: str) -> Outcome:
         """Hold every open destructive event of ``entity`` not admitted yet; report them."""

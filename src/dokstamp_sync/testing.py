@@ -122,7 +122,8 @@ class Harness:
         self.dispatched: list[int] = []
         self.ingester = StreamIngester(ctx.redis, ctx.sessions, stream, consumer="test",
                                        dispatch=self.dispatched.extend, lease=600,
-                                       report=ctx.store.report)
+                                       report=ctx.store.report,
+                                       arrivals=ctx.guard.note_arrivals)
         self.ingester.ensure_group()
 
     def send(self, *events: dict[str, Any] | str) -> list[int]:

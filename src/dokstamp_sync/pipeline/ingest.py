@@ -42,6 +42,7 @@ __all__ = ["Dispatch", "StreamIngester", "record_entries", "record_entry"]
 log = logging.getLogger("dokstamp_sync.pipeline.ingest")
 
 Dispatch = Callable[[Sequence[int]], None]
+Arrivals = Callable[[Sequence[tuple[str, str]]], None]  # (entity, event_id) of deletes/revokes
 HEARTBEAT_TTL = 60  # s: a consumer that stops reading disappears from the health check
 FAILURE_TTL = 300  # s: a failure older than this no longer says ingestion "keeps" failing
 START = "0-0"
@@ -57,9 +58,12 @@ class StreamIngester:
     def __init__(self, client: redis.Redis, sessions: sessionmaker[Session], stream: str, *,
                  consumer: str, dispatch: Dispatch, lease: float, group: str = GROUP,
                  claim_idle_ms: int = 60_000, batch: int = 200,
-                 max_file_bytes: int = FILE_MAX_BYTES, report: Report | None = None) -> None:
+                 max_file_bytes: int = FILE_MAX_BYTES, report: Report | None = None,
+                 arrivals: Arrivals | None = None) -> None:
         self.redis, self.sessions, self.stream = client, sessions, stream
         self.report = report  # told the dead letters of entries that are no valid event
+        # told the new deletes and revokes (the change guard counts them as they arrive)
+        self.arrivals = arrivals
         self.consumer, self.dispatch, self.lease, self.group = consumer, dispatch, lease, group
         self.claim_idle_ms, self.batch = claim_idle_ms, batch
         self.max_file_bytes = max_file_bytes
@@ -163,6 +167,8 @@ class StreamIngester:
                 pipe.execute()
         if recorded.letters and self.report is not None and self.report(recorded.letters):
             self._mark_reported(recorded.letters)  # committed, then written (§5)
+        if recorded.arrivals and self.arrivals is not None:
+            self.arrivals(recorded.arrivals)
         if recorded.new:
             self.dispatch(recorded.new)
         return recorded
