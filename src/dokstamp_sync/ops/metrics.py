@@ -23,7 +23,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.ops.health import check
-from dokstamp_sync.pipeline import held
 from dokstamp_sync.redis_keys import COUNTERS
 
 PREFIX = "dokstamp_sync"
@@ -39,7 +38,6 @@ class SyncCollector:
     def collect(self) -> Iterator[Metric]:
         with session_scope(self.sessions) as session:
             health = check(session, self.redis, self.stream)
-            held_counts = held.counts(session)
         facts = health.facts
         events = GaugeMetricFamily(f"{PREFIX}_events", "Events in the inbox by state",
                                    labels=["state"])
@@ -48,7 +46,7 @@ class SyncCollector:
         yield events
         kinds = GaugeMetricFamily(f"{PREFIX}_held_events", "Events held by the change guard "
                                   "(CONTRACT §6) by entity kind", labels=["entity"])
-        for entity, n in held_counts.items():
+        for entity, n in facts["held"].items():
             kinds.add_metric([entity], n)
         yield kinds
         for name, key, text in (
