@@ -36,12 +36,14 @@ def run_migrations_online() -> None:
             context.run_migrations()
         return
     engine = make_engine(_url())
-    with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=Base.metadata,
-                          render_as_batch=True)
-        with context.begin_transaction():
-            context.run_migrations()
-    engine.dispose()
+    try:
+        with engine.connect() as connection:
+            context.configure(connection=connection, target_metadata=Base.metadata,
+                              render_as_batch=True)
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:  # a migration that refuses (0005's downgrade) must not leak the connection
+        engine.dispose()
 
 
 if context.is_offline_mode():
