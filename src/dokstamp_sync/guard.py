@@ -108,18 +108,17 @@ class Guard:
         self.policy, self.sessions, self.redis, self.report = policy, sessions, client, report
         self._count = client.register_script(_COUNT)
 
-    def admit(self, pk: int, event: Event) -> Outcome | None:
+    def admit(self, pk: int, event: Event, *, behind: bool = False) -> Outcome | None:
         """None: apply event ``pk`` now; an ``Outcome`` (held): record it; raises
-        :class:`Waiting` to park it (behind a held event, or until its settle delay passed)."""
-        guarded = destructive(event) and not self.policy.off
+        :class:`Waiting` to park it (behind a held event, or until its settle delay passed).
+        ``behind``: the store saw an older held event of the entity (read with the attempt,
+        so an ordinary upsert costs no query here)."""
+        if behind:
+            self.wait_behind(pk, event)
+        if not destructive(event) or self.policy.off:
+            return None
         with session_scope(self.sessions) as session:
-            blocker = held.older_held(session, event.entity, event.key, event.occurred_at, pk)
-            facts = held.facts(session, pk, event.entity) if guarded else None
-        if blocker is not None:
-            raise Waiting(f"waits behind held {blocker.op} event {blocker.event_id} of this "
-                          f"entity (#{blocker.pk}: `dokstamp-sync held release` or `discard`)",
-                          waiting_for=held.behind_tag(event.entity, event.key),
-                          delay=BEHIND_RECHECK)
+            facts = held.facts(session, pk, event.entity)
         if facts is None or facts.admitted:
             return None
         arrived = utc(facts.received_at).timestamp()
@@ -136,6 +135,17 @@ class Guard:
             if held.admit(session, pk):
                 return None
         return Outcome(state=EventState.HELD, note="held by the change guard meanwhile")
+
+    def wait_behind(self, pk: int, event: Event) -> None:
+        """Raise :class:`Waiting` naming the older held event of the entity, if one is still
+        held (woken when an operator releases or discards it)."""
+        with session_scope(self.sessions) as session:
+            blocker = held.older_held(session, event.entity, event.key, event.occurred_at, pk)
+        if blocker is not None:
+            raise Waiting(f"waits behind held {blocker.op} event {blocker.event_id} of this "
+                          f"entity (#{blocker.pk}: `dokstamp-sync held release` or `discard`)",
+                          waiting_for=held.behind_tag(event.entity, event.key),
+                          delay=BEHIND_RECHECK)
 
     def count(self, entity: str, event_id: str, arrived: float) -> int:
         """Add the event to its kind's window (once) and count the window."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Table, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
@@ -59,16 +59,23 @@ class Facts:
     active: int  # active mappings of its kind: the threshold's base
 
 
+def held_before(other: Any, entity: Any, key: Any, occurred_at: Any,
+                pk: Any) -> ColumnElement[bool]:
+    """``other`` is a held event of the same entity, older than event ``pk`` (by
+    ``occurred_at``, then arrival): the event waits behind it (``ix_inbox_entity_key``). The
+    store reads it with every attempt (``View.behind``)."""
+    return and_(other.entity == entity, other.erp_key == key,
+                other.state == EventState.HELD, other.id != pk,
+                or_(other.occurred_at < occurred_at,
+                    and_(other.occurred_at == occurred_at, other.id < pk)))
+
+
 def older_held(session: Session, entity: str, key: str, occurred_at: datetime,
                pk: int) -> Blocker | None:
-    """The oldest held event of (entity, key) older than event ``pk`` (by ``occurred_at``,
-    then arrival), if any (``ix_inbox_entity_key``)."""
+    """The oldest held event of (entity, key) older than event ``pk``, if any."""
     row = session.execute(
         select(EVENTS.c.id, EVENTS.c.event_id, EVENTS.c.op)
-        .where(EVENTS.c.entity == entity, EVENTS.c.erp_key == key,
-               EVENTS.c.state == EventState.HELD, EVENTS.c.id != pk,
-               or_(EVENTS.c.occurred_at < occurred_at,
-                   and_(EVENTS.c.occurred_at == occurred_at, EVENTS.c.id < pk)))
+        .where(held_before(EVENTS.c, entity, key, occurred_at, pk))
         .order_by(EVENTS.c.occurred_at, EVENTS.c.id).limit(1)).one_or_none()
     return Blocker(*row) if row is not None else None
 

@@ -141,7 +141,7 @@ def _attempt(ctx: SyncContext, pk: int, event: Event, depth: int, *, retry: bool
         return Outcome(state=EventState.SUPERSEDED, note="a newer event for this entity came")
     # The change guard (CONTRACT §6): parks it behind a held event of its entity, parks a
     # delete or revoke until its settle delay passed, or holds it; None: go on.
-    if (stopped := ctx.guard.admit(pk, event)) is not None:
+    if (stopped := ctx.guard.admit(pk, event, behind=view.behind)) is not None:
         return stopped
     # Never tried before, never delivered before: no lost response can have created it. Only
     # at the top level: a dependency run inline may be another task's killed delivery.

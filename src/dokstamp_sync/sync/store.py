@@ -44,6 +44,7 @@ from dokstamp_sync.db import dialect_insert, insert_ignore, once_more_if_disconn
 from dokstamp_sync.dokstamp.errors import PermanentError
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, NaturalKey, utcnow
+from dokstamp_sync.pipeline.held import held_before
 from dokstamp_sync.pipeline.outbox import mark_reported
 from dokstamp_sync.pipeline.results import Report, Result
 from dokstamp_sync.states import OPEN, EventState, LetterStatus, MappingStatus
@@ -119,6 +120,7 @@ class View:
     own: Snapshot | None  # the entity's own mapping
     refs: dict[tuple[str, str], Snapshot]  # the mappings of what it refers to
     lifecycle: Lifecycle | None = None  # a certificate's: its neighbours
+    behind: bool = False  # an older event of this entity is held (CONTRACT §6): wait for it
 
 
 @dataclass(frozen=True)
@@ -189,10 +191,13 @@ def _newer(other: Any, entity: Any, key: Any, occurred_at: Any, pk: Any) -> Colu
 
 _OPEN = and_(EVENTS.c.id == bindparam("pk"), EVENTS.c.state.in_(OPEN))
 _OTHER = EVENTS.alias("other")
+_HELD = EVENTS.alias("held")
 _READ_OPEN = select(
     EVENTS.c.attempts, EVENTS.c.deliveries,
     exists().where(_newer(_OTHER.c, EVENTS.c.entity, EVENTS.c.erp_key, EVENTS.c.occurred_at,
                           EVENTS.c.id)),
+    exists().where(held_before(_HELD.c, EVENTS.c.entity, EVENTS.c.erp_key,
+                               EVENTS.c.occurred_at, EVENTS.c.id)),
 ).where(_OPEN)
 _GET_MAPPINGS = select(MAPPINGS.c.entity, MAPPINGS.c.erp_key, MAPPINGS.c.dokstamp_uuid,
                        MAPPINGS.c.status, MAPPINGS.c.sent, MAPPINGS.c.data_hash,
@@ -340,7 +345,8 @@ class Store:
             mappings = _mappings(session, [own, *refs])
             life = _lifecycle(session, pk, own[1]) if own[0] == "certificate" else None
         superseded = life.superseded if life is not None else bool(row[2])
-        return View(row[0], row[1], superseded, mappings.pop(own, None), mappings, life)
+        return View(row[0], row[1], superseded, mappings.pop(own, None), mappings, life,
+                    behind=bool(row[3]))
 
     def mapping(self, entity: str, key: str) -> Snapshot | None:
         with self._tx() as session:
