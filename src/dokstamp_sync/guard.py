@@ -19,7 +19,10 @@ Destructive events are ``delete`` (any entity) and ``revoke`` (certificates). Th
                                                      instead if another worker held it first
 
 The count lives in Redis, one sorted set per kind under the app's namespace (``GUARD`` +
-entity): member the ``event_id``, score its arrival time. One Lua script adds the event (NX:
+entity): member the ``event_id``, score its arrival time. The ingester adds each delete and
+revoke as it records it (:meth:`Guard.note_arrivals`), so a burst behind a long queue is seen
+whole; the older-held check comes with the store's attempt query (``View.behind``), so an
+ordinary upsert costs the guard no query. One Lua script adds the event (NX:
 a second worker adding the same event changes nothing), drops what left the window and counts,
 atomically, so any number of workers count one burst once; holding is one UPDATE of the open,
 not-admitted events (:func:`~dokstamp_sync.pipeline.held.hold_kind`), so each is held once.
