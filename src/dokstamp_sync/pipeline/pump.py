@@ -19,6 +19,7 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.config import Settings
+from dokstamp_sync.guard import Guard, GuardPolicy
 from dokstamp_sync.pipeline import outbox, retention
 from dokstamp_sync.pipeline.ingest import Dispatch, StreamIngester
 from dokstamp_sync.pipeline.results import Publisher
@@ -56,7 +57,10 @@ class Pump:
             dispatch=dispatch, lease=self.lease,
             max_file_bytes=settings.dokstamp_sync_file_max_bytes,
             batch_bytes=settings.dokstamp_sync_ingest_batch_bytes,
-            report=self.publisher)
+            report=self.publisher,
+            # the change guard counts deletes and revokes as they arrive (CONTRACT §6)
+            arrivals=Guard(GuardPolicy.from_settings(settings), self.sessions,
+                           client).note_arrivals)
         self.threads = [threading.Thread(target=self._ingest, name="dokstamp-ingest",
                                          daemon=True),
                         threading.Thread(target=self._schedule, name="dokstamp-scheduler",
