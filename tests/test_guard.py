@@ -14,6 +14,7 @@ from dokstamp_sync.guard import GuardPolicy
 from dokstamp_sync.models import utcnow
 from dokstamp_sync.ops.held import decide
 from dokstamp_sync.pipeline import results
+from dokstamp_sync.redis_keys import RESULTS_STREAM
 from dokstamp_sync.testing import T0, Harness, calls, live, student
 
 LATER = T0 + timedelta(hours=1)
@@ -29,7 +30,7 @@ def deletes(n: int, at=LATER) -> list[dict]:
 
 
 def outcomes(ctx) -> list[dict]:
-    return [r for _, r in results.read(ctx.redis, ctx.results_stream)]
+    return [r for _, r in results.read(ctx.redis, RESULTS_STREAM)]
 
 
 def guarded(make_ctx, **policy) -> Harness:
