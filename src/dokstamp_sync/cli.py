@@ -234,6 +234,7 @@ def _held(args: argparse.Namespace, settings: StoreSettings) -> int:
     from dokstamp_sync.held import Selection
     from dokstamp_sync.ops import held
     from dokstamp_sync.pipeline.results import Publisher
+    from dokstamp_sync.redis_keys import RedisKeys
 
     sessions = _store(settings)
     if args.action == "list":
@@ -246,7 +247,8 @@ def _held(args: argparse.Namespace, settings: StoreSettings) -> int:
                        settings.dokstamp_sync_results_maxlen)
     return held.decide_command(sessions, client, report, args.action,
                                Selection(args.ids, args.entity, args.all),
-                               as_json=args.json)
+                               as_json=args.json, prefix=RedisKeys(
+                                   settings.dokstamp_sync_namespace.strip()).guard)
 
 
 def _plan(args: argparse.Namespace, settings: StoreSettings) -> int:

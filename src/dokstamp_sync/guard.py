@@ -191,10 +191,11 @@ class Guard:
                 mark_reported(session, results)
 
 
-def forget(client: redis.Redis, entity: str, event_ids: list[str]) -> None:
+def forget(client: redis.Redis, entity: str, event_ids: list[str], *,
+           prefix: str = GUARD) -> None:
     """Take released or discarded events out of their kind's window: an operator decided on
     them, so they no longer count against the threshold (the next ordinary revoke is not held
     for a burst already dealt with)."""
     if event_ids:
-        client.zrem(f"{GUARD}{entity}", *event_ids)
+        client.zrem(f"{prefix}{entity}", *event_ids)
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dokstamp_sync import held
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.guard import forget
+from dokstamp_sync.redis_keys import GUARD
 from dokstamp_sync.reporting import Report, mark_reported
 
 Decide = Callable[[Session, held.Selection], held.Decided]
@@ -35,7 +36,7 @@ class Done:
 
 
 def decide(sessions: sessionmaker[Session], client: redis.Redis, report: Report | None,
-           action: Decide, which: held.Selection) -> Done:
+           action: Decide, which: held.Selection, *, prefix: str = GUARD) -> Done:
     """Release or discard (``action``) the chosen held events in one transaction; then take
     them out of the guard's window and report what the action reports."""
     with session_scope(sessions) as session:
@@ -47,7 +48,7 @@ def decide(sessions: sessionmaker[Session], client: redis.Redis, report: Report 
     for entity, event_id in chosen:
         by_kind[entity].append(event_id)
     for entity, event_ids in by_kind.items():
-        forget(client, entity, event_ids)
+        forget(client, entity, event_ids, prefix=prefix)
     if decided.results and report is not None and report(decided.results):
         with session_scope(sessions) as session:
             mark_reported(session, decided.results)
@@ -55,10 +56,11 @@ def decide(sessions: sessionmaker[Session], client: redis.Redis, report: Report 
 
 
 def decide_command(sessions: sessionmaker[Session], client: redis.Redis, report: Report | None,
-                   action: str, which: held.Selection, *, as_json: bool) -> int:
+                   action: str, which: held.Selection, *, as_json: bool,
+                   prefix: str = GUARD) -> int:
     """``held release|discard``: print what was done; exit 1 when an id named was not held."""
     chosen: Decide = held.release if action == "release" else held.discard
-    done = decide(sessions, client, report, chosen, which)
+    done = decide(sessions, client, report, chosen, which, prefix=prefix)
     verb = "released" if action == "release" else "discarded"
     if as_json:
         print(json.dumps({verb: done.ids, "not_held": done.not_held}))
