@@ -136,3 +136,22 @@ def test_a_database_url_without_a_driver_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "mysqlx://u:s3cret@db/x")
     with pytest.raises(ConfigError, match="is not one SQLAlchemy knows"):
         load_store_settings()
+
+
+def test_the_change_guard_defaults_follow_contract_6(monkeypatch):
+    """Unset, the guard's settings are CONTRACT §6's: a 1 h window, 10 % of a kind's active
+    mappings and at least 20, a 60 s settle delay (tests set 0 in sandbox_settings, never
+    production); a threshold above 100 % is refused with a one-line error."""
+    from dokstamp_sync.guard import GuardPolicy
+
+    for name in ("DOKSTAMP_SYNC_GUARD_WINDOW", "DOKSTAMP_SYNC_GUARD_THRESHOLD",
+                 "DOKSTAMP_SYNC_GUARD_MIN", "DOKSTAMP_SYNC_GUARD_DELAY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DOKSTAMP_TENANT", "uni")
+    monkeypatch.setenv("DOKSTAMP_EMAIL", "a@uni.edu")
+    monkeypatch.setenv("DOKSTAMP_PASSWORD", "pw")
+    assert GuardPolicy.from_settings(load_settings()) == GuardPolicy(
+        window=3600.0, threshold=10.0, minimum=20, delay=60.0)
+    monkeypatch.setenv("DOKSTAMP_SYNC_GUARD_THRESHOLD", "150%")
+    with pytest.raises(ConfigError, match="DOKSTAMP_SYNC_GUARD_THRESHOLD"):
+        load_settings()

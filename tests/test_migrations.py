@@ -131,3 +131,40 @@ def test_0006_refuses_mappings_that_share_a_dokstamp_entity(tmp_path):
     engine.dispose()
     command.upgrade(cfg, "head")
     check(url)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_0007_downgrade_refuses_while_events_are_held(backend, tmp_path):
+    """0007 (held, discarded): the downgrade refuses while an event is held (the old schema
+    could neither apply nor drop it safely); once none is, it turns discarded into superseded
+    and the old CHECK constraint is back."""
+    def run(url: str) -> None:
+        cfg = alembic_config(url)
+        command.upgrade(cfg, "head")
+        engine = create_engine(url)
+        insert = text(
+            "INSERT INTO inbox (event_id, entity, op, erp_key, occurred_at, payload, state, "
+            "attempts, deliveries, next_attempt_at, received_at) VALUES (:e, 'student', "
+            "'delete', 'S-1', CURRENT_TIMESTAMP, '{}', :s, 0, 0, CURRENT_TIMESTAMP, "
+            "CURRENT_TIMESTAMP)")
+        with engine.begin() as conn:
+            conn.execute(insert, {"e": "h-1", "s": "held"})
+            conn.execute(insert, {"e": "d-1", "s": "discarded"})
+        with pytest.raises(RuntimeError, match="1 event"):
+            command.downgrade(cfg, "0006")
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE inbox SET state = 'pending' WHERE event_id = 'h-1'"))
+        command.downgrade(cfg, "0006")
+        with engine.connect() as conn:
+            states = dict(conn.execute(text("SELECT event_id, state FROM inbox")).all())
+        assert states == {"h-1": "pending", "d-1": "superseded"}
+        with engine.begin() as conn, pytest.raises(IntegrityError):
+            conn.execute(insert, {"e": "h-2", "s": "held"})
+        engine.dispose()
+        command.upgrade(cfg, "head")
+
+    if backend == "sqlite":
+        run(f"sqlite:///{tmp_path / 'store.db'}")
+    else:
+        with scratch_database(PG_ADMIN_URL, "dokstamp_sync_migrations") as url:
+            run(url)

@@ -209,7 +209,7 @@ def _enqueue(args: argparse.Namespace, settings: StoreSettings) -> int:
     client = _redis(settings)
     stream = settings.dokstamp_sync_stream
     if args.file == "-":
-        report = enqueue_lines(sys.stdin, client=client, stream=stream)
+        report = enqueue_lines(sys.stdin, client=client, stream=stream, strict=args.strict)
     else:
         path = Path(args.file)
         if path.is_dir():
@@ -219,11 +219,47 @@ def _enqueue(args: argparse.Namespace, settings: StoreSettings) -> int:
             raise CommandError(f"{args.file}: no such file (give a file with one JSON event "
                                "per line, or - for standard input)", 1)
         with path.open(encoding="utf-8") as fh:
-            report = enqueue_lines(fh, client=client, stream=stream)
+            report = enqueue_lines(fh, client=client, stream=stream, strict=args.strict)
+    fate = "nothing sent (--strict)" if args.strict else "will be dead-lettered"
     for line, reason in report.invalid:
-        print(f"line {line}: invalid, will be dead-lettered: {reason}", file=sys.stderr)
+        print(f"line {line}: invalid, {fate}: {reason}", file=sys.stderr)
+    if args.strict and report.invalid:
+        print(f"{len(report.invalid)} invalid line(s): nothing enqueued", file=sys.stderr)
+        return 1
     print(f"enqueued {report.sent} events on {stream}")
     return 0
+
+
+def _held(args: argparse.Namespace, settings: StoreSettings) -> int:
+    from dokstamp_sync.held import Selection
+    from dokstamp_sync.ops import held
+    from dokstamp_sync.pipeline.results import Publisher
+    from dokstamp_sync.redis_keys import RedisKeys
+
+    sessions = _store(settings)
+    if args.action == "list":
+        return held.list_command(sessions, args.entity, as_json=args.json)
+    if not (args.ids or args.all or args.entity):
+        raise CommandError(f"held {args.action}: say which: IDs (from held list), --entity E "
+                           "or --all")
+    client = _redis(settings)
+    report = Publisher(client, settings.dokstamp_sync_results_stream,
+                       settings.dokstamp_sync_results_maxlen)
+    return held.decide_command(sessions, client, report, args.action,
+                               Selection(args.ids, args.entity, args.all),
+                               as_json=args.json, prefix=RedisKeys(
+                                   settings.dokstamp_sync_namespace.strip()).guard)
+
+
+def _plan(args: argparse.Namespace, settings: StoreSettings) -> int:
+    from dokstamp_sync.ops import plan_view
+
+    if args.file != "-" and not Path(args.file).is_file():
+        raise CommandError(f"{args.file}: no such file (give a file with one JSON event per "
+                           "line, or - for standard input)", 1)
+    full = settings if isinstance(settings, Settings) else None
+    return plan_view.command(args.file, settings, _store(settings), _redis(settings), full,
+                             as_json=args.json, check_dokstamp=args.check_dokstamp)
 
 
 def _flower(args: argparse.Namespace, settings: StoreSettings) -> int:
@@ -285,6 +321,14 @@ def _settings(args: argparse.Namespace) -> StoreSettings | None:
         kind = "full" if args.use_settings else "none"
     elif args.command == "demo":
         kind = "store" if args.use_configured else "none"
+    elif args.command == "plan":  # the rate limit, and DokStamp's credentials when searching
+        if args.check_dokstamp:
+            kind = "full"
+        else:
+            try:
+                return load_settings()
+            except ConfigError:
+                return load_store_settings()
     if kind == "full":
         port = getattr(args, "metrics_port", None)
         return load_settings(**({"dokstamp_sync_metrics_port": port} if port else {}))

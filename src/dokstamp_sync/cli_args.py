@@ -206,6 +206,40 @@ def _dlq(sub: Any, cmds: Any) -> None:
                             "nothing")
 
 
+def _guard(sub: Any, cmds: Any) -> None:
+    hd = _add(sub, "held", cmds._held, "store",
+              "destructive changes held by the change guard: list, release, discard",
+              "Deletes and revokes held by the change guard (CONTRACT §6, docs/guard.md). "
+              "release applies them in the ERP's order and never holds them again; discard "
+              "ends them discarded (reported, never applied). An id that is not held exits 1.")
+    hs = hd.add_subparsers(dest="action", required=True, metavar="ACTION",
+                           help="what to do with held events (ACTION --help for its options)")
+    ls = _add(hs, "list", cmds._held, "store", "the held events, oldest first, with the reason")
+    ls.add_argument("--entity", type=entity, help="only this entity's held events")
+    _json(ls, "the held events")
+    for name, verb, does in (
+            ("release", "release", "apply held events after all (in the ERP's order)"),
+            ("discard", "discard", "drop held events (they end discarded, reported)")):
+        p = _add(hs, name, cmds._held, "store", does)
+        p.add_argument("ids", nargs="*", type=positive_int, metavar="ID",
+                       help=f"the inbox ids to {verb} (from held list)")
+        p.add_argument("--entity", type=entity, help=f"{verb} every held event of this entity")
+        p.add_argument("--all", action="store_true", help=f"{verb} every held event")
+        _json(p, "the ids done and those not held")
+
+    pl = _add(sub, "plan", cmds._plan, "store",
+              "a dry run: what each event of a file would do, and the API calls it takes",
+              "Reads events as enqueue does and prints, for each, what would happen against "
+              "the current mappings, then a summary per entity and action, the API calls and "
+              "the time at DOKSTAMP_RATE_LIMIT. Writes nothing.")
+    pl.add_argument("file", help="a file of events, one JSON object per line, or - for "
+                                 "standard input")
+    _json(pl, "the plan")
+    pl.add_argument("--check-dokstamp", action="store_true",
+                    help="also search DokStamp (GET only, within the rate limit): tell a "
+                         "create from an adoption, find entities gone")
+
+
 def _rest(sub: Any, cmds: Any) -> None:
     rs = _add(sub, "results", cmds._results, "store", "the outcome stream, readable",
               "The outcomes reported to the ERP (DOKSTAMP_SYNC_RESULTS_STREAM), oldest first.")
@@ -224,6 +258,8 @@ def _rest(sub: Any, cmds: Any) -> None:
               "send events (one JSON per line) to the stream")
     eq.add_argument("file", help="a file of events, one JSON object per line, or - for "
                                  "standard input")
+    eq.add_argument("--strict", action="store_true",
+                    help="send nothing when any line is invalid (exit 1, every bad line named)")
 
     fl = _add(sub, "flower", cmds._flower, "store",
               "the Celery dashboard for the worker's app (password: "
@@ -268,7 +304,7 @@ def build_parser(cmds: Any) -> argparse.ArgumentParser:
                         help="on an error, print the traceback as well")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="what to run (COMMAND --help for its arguments)")
-    for add in (_sandbox, _operations, _dlq, _rest):
+    for add in (_sandbox, _operations, _dlq, _guard, _rest):
         add(sub, cmds)
     _debug_everywhere(parser)
     return parser

@@ -63,6 +63,21 @@ class StoreSettings(BaseSettings):
     dokstamp_sync_console_readonly_auth: SecretStr | None = None
     # Flower's basic auth, "user:password" (`dokstamp-sync flower` refuses to start without).
     dokstamp_sync_flower_auth: SecretStr | None = None
+    # The change guard (CONTRACT §6, docs/guard.md): destructive events (deletes, revokes) are
+    # counted per entity kind over the window; past the threshold (a share of the kind's
+    # active mappings, never below the minimum) they are held for an operator. Each is applied
+    # no sooner than the delay after it arrived, so a burst is seen whole first. 100 % turns
+    # the guard off (no count, no delay).
+    dokstamp_sync_guard_window: float = Field(default=3600.0, gt=0)  # s
+    dokstamp_sync_guard_threshold: float = Field(default=10.0, gt=0, le=100)  # % of mappings
+    dokstamp_sync_guard_min: int = Field(default=20, ge=0)
+    dokstamp_sync_guard_delay: float = Field(default=60.0, ge=0)  # s
+
+    @field_validator("dokstamp_sync_guard_threshold", mode="before")
+    @classmethod
+    def _percent(cls, value: object) -> object:
+        # "10%" and "10" both mean ten per cent
+        return value.strip().removesuffix("%").strip() if isinstance(value, str) else value
 
     @field_validator("database_url")
     @classmethod

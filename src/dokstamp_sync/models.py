@@ -61,6 +61,9 @@ class InboxEvent(Base):
     # When its final outcome was written to the outcome stream (CONTRACT §5); NULL until then
     # (the outbox: see :mod:`dokstamp_sync.pipeline.outbox`).
     reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A destructive event the change guard let through (counted within its threshold, or
+    # released by an operator): never held afterwards (see :mod:`dokstamp_sync.guard`).
+    admitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_inbox_entity_key", "entity", "erp_key", "occurred_at"),

@@ -85,6 +85,10 @@ class RedisKeys:
     def unresolved(self) -> str:  # + as inflight: a create was sent, its outcome not recorded
         return f"{self.namespace}dokstamp:unresolved:"
 
+    @property
+    def guard(self) -> str:  # + entity: the change guard's window, event_id -> arrival (epoch s)
+        return f"{self.namespace}dokstamp:guard:"
+
 
 def _namespace() -> str:
     value = os.environ.get("DOKSTAMP_SYNC_NAMESPACE")
@@ -113,6 +117,8 @@ LISTING_UNTRUSTED = _DEFAULT.listing_untrusted
 BREAKER = _DEFAULT.breaker
 INFLIGHT = _DEFAULT.inflight
 UNRESOLVED = _DEFAULT.unresolved
+# + entity: the change guard's window, a sorted set of event_id -> arrival (epoch s)
+GUARD = _DEFAULT.guard
 
 # The streams' default names (CONTRACT §1); settings may name others.
 EVENTS_STREAM = "dokstamp:events"

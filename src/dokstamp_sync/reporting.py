@@ -18,7 +18,7 @@ from sqlalchemy import Table, bindparam, update
 from sqlalchemy.orm import Session
 
 from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
-from dokstamp_sync.states import FINAL, EventState, LetterStatus
+from dokstamp_sync.states import REPORTED, EventState, LetterStatus
 
 EVENTS = cast(Table, InboxEvent.__table__)
 LETTERS = cast(Table, DeadLetter.__table__)
@@ -32,7 +32,7 @@ class Result:
     entity: str | None
     key: str | None
     op: str | None
-    state: str  # synced, superseded or dead
+    state: str  # synced, superseded, dead, discarded, or held (CONTRACT §6: not final)
     at: datetime
     dokstamp_uuid: str | None = None
     mapping_status: str | None = None
@@ -70,7 +70,7 @@ Report = Callable[[Sequence[Result]], bool]  # True: written (the rows may be ma
 # resolved meanwhile owes its ``superseded`` outcome still.
 _MARK_EVENTS = update(EVENTS).where(
     EVENTS.c.id.in_(bindparam("pks", expanding=True)), EVENTS.c.reported_at.is_(None),
-    EVENTS.c.state.in_(FINAL)).values(reported_at=bindparam("now"))
+    EVENTS.c.state.in_(REPORTED)).values(reported_at=bindparam("now"))
 _MARK_RESOLVED = update(LETTERS).where(
     LETTERS.c.id.in_(bindparam("ids", expanding=True)), LETTERS.c.reported_at.is_(None),
     LETTERS.c.status == LetterStatus.SUPERSEDED).values(reported_at=bindparam("now"))

@@ -16,10 +16,16 @@ class EventState(StrEnum):
     SYNCED = "synced"
     SUPERSEDED = "superseded"  # a newer event for the same entity took its place
     DEAD = "dead"  # a dead letter says why
+    HELD = "held"  # a destructive change the guard holds for an operator (CONTRACT §6)
+    DISCARDED = "discarded"  # an operator dropped it while it was held
 
 
 OPEN: tuple[EventState, ...] = (EventState.PENDING, EventState.WAITING)
-FINAL: tuple[EventState, ...] = (EventState.SYNCED, EventState.SUPERSEDED, EventState.DEAD)
+FINAL: tuple[EventState, ...] = (EventState.SYNCED, EventState.SUPERSEDED, EventState.DEAD,
+                                 EventState.DISCARDED)
+# States reported on the outcome stream (CONTRACT §5): the final ones, and ``held`` (not final:
+# its final outcome follows once an operator released or discarded it).
+REPORTED: tuple[EventState, ...] = (*FINAL, EventState.HELD)
 
 
 class MappingStatus(StrEnum):

@@ -84,7 +84,10 @@ def sandbox_settings(url: str, *, account: Account | None = None, password: str 
     values: dict[str, Any] = {
         "dokstamp_api_url": url, "dokstamp_tenant": account.tenant, **login,
         "dokstamp_rate_limit": 1000.0, "dokstamp_timeout": 10.0,
-        "dokstamp_sync_file_max_bytes": 1_000_000} | overrides
+        "dokstamp_sync_file_max_bytes": 1_000_000,
+        # No settle delay: a test's delete or revoke is applied at once (tests of the change
+        # guard set their own); the production default is 60 s.
+        "dokstamp_sync_guard_delay": 0.0} | overrides
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
@@ -122,7 +125,8 @@ class Harness:
         self.dispatched: list[int] = []
         self.ingester = StreamIngester(ctx.redis, ctx.sessions, stream, consumer="test",
                                        dispatch=self.dispatched.extend, lease=600,
-                                       report=ctx.store.report)
+                                       report=ctx.store.report,
+                                       arrivals=ctx.guard.note_arrivals)
         self.ingester.ensure_group()
 
     def send(self, *events: dict[str, Any] | str) -> list[int]:

@@ -28,6 +28,7 @@ from dokstamp_sync.config import (
 from dokstamp_sync.db import make_engine, make_sessionmaker
 from dokstamp_sync.dokstamp import RateLimiter, RedisTokenStore, client_from_settings
 from dokstamp_sync.dokstamp.breaker import CircuitBreaker
+from dokstamp_sync.guard import Guard, GuardPolicy
 from dokstamp_sync.ops.recorder import MeasuredTransport, Recorder
 from dokstamp_sync.pipeline.results import Publisher
 from dokstamp_sync.redis_keys import RedisKeys
@@ -81,13 +82,14 @@ def redis_client(url: str, **options: Any) -> redis.Redis:
 def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None = None,
                   redis_client: redis.Redis | None = None,
                   limiter_sleep: Callable[[float], None] = time.sleep,
-                  **overrides: Any) -> SyncContext:
+                  guard_policy: GuardPolicy | None = None, **overrides: Any) -> SyncContext:
     """A complete :class:`SyncContext`: the DokStamp client with the shared token cache and
     rate limit, database sessions, Redis, the file policy and the engine's limits.
 
     ``sessions`` and ``redis_client`` reuse connections the caller already has (tests, the
-    benchmark); ``overrides`` replace any of the context's fields (``sleep``, ``rng``...). The Redis
-    names are built here, from ``dokstamp_sync_namespace``.
+    benchmark); ``guard_policy`` replaces the settings' change guard (tests); ``overrides``
+    replace any of the context's fields (``sleep``, ``rng``...). The Redis names are built
+    here, from ``dokstamp_sync_namespace``.
     """
     client_redis = redis_client or redis.Redis.from_url(settings.redis_url)
     limiter = RateLimiter(client_redis, settings.dokstamp_tenant, settings.dokstamp_rate_limit,
@@ -128,6 +130,8 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
                       create_window=2 * settings.dokstamp_timeout,
                       lease=settings.dokstamp_sync_lease),
         breaker=breaker,
+        guard=Guard(guard_policy or GuardPolicy.from_settings(settings), sessions, client_redis,
+                    publisher, prefix=keys.guard),
     )
     return replace(ctx, **overrides) if overrides else ctx
 

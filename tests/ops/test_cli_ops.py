@@ -40,7 +40,7 @@ def test_status_counts_events_by_state(cli, h):
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
     assert status["events"] == {"pending": 0, "waiting": 0, "synced": len(cls),
-                                "superseded": 0, "dead": 2}
+                                "superseded": 0, "dead": 2, "held": 0, "discarded": 0}
     assert status["dead_letters_open"] == 2
     assert status["stream_depth"] == 0
     text = cli("status").stdout
@@ -124,6 +124,25 @@ def test_enqueue_command_from_stdin(cli, ctx):
     assert "enqueued 2 events" in out.stdout
     assert "line 2: invalid" in out.stderr
     assert ctx.redis.xlen("test:events") == 2
+
+
+def test_enqueue_strict_refuses_a_file_with_any_invalid_line(cli, ctx, tmp_path):
+    """`enqueue --strict FILE` sends nothing when any line is invalid: exit 1, every bad line
+    named with its reason, the stream untouched; a clean file goes through as without it."""
+    good = json.dumps(event("student", "S-1", {"name": "M", "email": "m@ex.edu"}))
+    bad = json.dumps(event("student", "S-2", {"name": "M"}))  # no email
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join([good, "{bad", "", bad]) + "\n")
+    out = cli("enqueue", "--strict", str(path))
+    assert out.returncode == 1
+    assert "line 2: invalid, nothing sent" in out.stderr
+    assert "line 4: invalid, nothing sent" in out.stderr
+    assert "email" in out.stderr
+    assert "enqueued" not in out.stdout
+    assert not ctx.redis.exists("test:events")
+    path.write_text(good + "\n")
+    assert cli("enqueue", "--strict", str(path)).returncode == 0
+    assert ctx.redis.xlen("test:events") == 1
 
 
 def test_db_upgrade_is_idempotent(cli):

@@ -7,8 +7,8 @@ Two kinds, so that with several worker replicas scraped the numbers add up:
   Redis hash (:mod:`.recorder`). ``sum()`` over replicas is the fleet's; ``dokstamp-sync
   metrics`` alone (no worker) exports none.
 * **Fleet-wide gauges** (events by state, stream and queue depth, oldest unsynced event, open
-  dead letters, heartbeat ages, the breaker): the same value from every replica. Aggregate
-  them with ``max()``, never ``sum()``.
+  dead letters, heartbeat ages, the breaker, events held by the change guard per kind): the
+  same value from every replica. Aggregate them with ``max()``, never ``sum()``.
 
 A scrape's cost does not grow with the inbox's history: it counts open events and open dead
 letters through indexes that lead with their state (see ``bench/metrics_scrape.py``).
@@ -80,6 +80,12 @@ class SyncCollector:
         for state in OPEN:
             events.add_metric([state.value], facts["events"].get(state.value, 0))
         yield events
+        kinds = GaugeMetricFamily(f"{PREFIX}_held_events", "Events held by the change guard "
+                                  "(CONTRACT §6) by entity kind (fleet-wide: use max())",
+                                  labels=["entity"])
+        for entity, n in facts["held"].items():
+            kinds.add_metric([entity], n)
+        yield kinds
         for name, key, text in GAUGES:
             value = facts.get(key)
             default = 0.0 if key == "oldest_unsynced_age_s" else -1.0

@@ -1,5 +1,5 @@
 """What an operator sees with ``dokstamp-sync status``: events by state, queue depths, the
-oldest unsynced event's age, open dead letters."""
+oldest unsynced event's age, open dead letters, events held by the change guard per kind."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from dokstamp_sync import held
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
 from dokstamp_sync.redis_keys import QUEUE
@@ -42,6 +43,7 @@ def report(session: Session, client: redis.Redis | None, stream: str, *,
         "oldest_unsynced_age_s": round((utcnow() - utc(oldest)).total_seconds(), 1)
         if oldest else None,
         "dead_letters_open": open_letters,
+        "held": held.counts(session),  # per entity kind (CONTRACT §6)
     }
     if client is not None:
         try:
@@ -66,4 +68,8 @@ def render(status: dict[str, Any]) -> str:
                      f"task queue depth: {status['queue_depth']}")
     lines.append(f"open dead letters: {status['dead_letters_open']}"
                  + ("  (dokstamp-sync dlq list)" if status["dead_letters_open"] else ""))
+    if status.get("held"):
+        lines.append("held by the change guard: " + ", ".join(
+            f"{entity} {n}" for entity, n in status["held"].items())
+            + "  (dokstamp-sync held list)")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from dokstamp_sync.db import dialect_insert, insert_ignore
 from dokstamp_sync.events import Event, InvalidEvent, parse_event
+from dokstamp_sync.held import destructive
 from dokstamp_sync.limits import FILE_MAX_BYTES, safe_text
 from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
 from dokstamp_sync.pipeline.results import Result, reused_reason
@@ -62,6 +63,8 @@ class Recorded:
     new: list[int] = field(default_factory=list)
     failed: dict[bytes, str] = field(default_factory=dict)
     letters: list[Result] = field(default_factory=list)
+    # (entity, event_id) of the new deletes and revokes: the change guard counts arrivals
+    arrivals: list[tuple[str, str]] = field(default_factory=list)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -216,7 +219,9 @@ def record_entries(session: Session, entries: Sequence[StreamEntry], lease: floa
     try:
         with session.begin_nested():
             letters: list[Result] = []
-            return Recorded(_record_bulk(session, parsed, lease, letters), letters=letters)
+            arrivals: list[tuple[str, str]] = []
+            new = _record_bulk(session, parsed, lease, letters, arrivals)
+            return Recorded(new, letters=letters, arrivals=arrivals)
     except Exception as exc:
         if _away(exc):
             raise  # the database, not the data: the caller tries the batch again
@@ -237,11 +242,13 @@ def record_entries(session: Session, entries: Sequence[StreamEntry], lease: floa
         recorded.letters += letters
         if pk is not None:
             recorded.new.append(pk)
+            if entry.event is not None and destructive(entry.event.op):
+                recorded.arrivals.append((entry.event.entity, entry.event.event_id))
     return recorded
 
 
 def _record_bulk(session: Session, entries: Sequence[Entry], lease: float,
-                 results: list[Result]) -> list[int]:
+                 results: list[Result], arrivals: list[tuple[str, str]]) -> list[int]:
     rows: dict[str, dict[str, Any]] = {}  # by event_id: the first entry with it is the one
     origin: dict[str, Entry] = {}
     repeats: list[tuple[Entry, dict[str, Any]]] = []
@@ -274,6 +281,8 @@ def _record_bulk(session: Session, entries: Sequence[Entry], lease: float,
         kept = rows[event_id]["payload"] if event_id in inserted else known.get(event_id)
         if kept != row["payload"]:
             _reused(session, entry, results)
+    arrivals += [(e.entity, event_id) for event_id in inserted
+                 if (e := origin[event_id].event) is not None and destructive(e.op)]
     return sorted(inserted.values())
 
 

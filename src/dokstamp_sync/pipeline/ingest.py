@@ -45,6 +45,7 @@ __all__ = ["Dispatch", "StreamIngester", "record_entries", "record_entry"]
 log = logging.getLogger("dokstamp_sync.pipeline.ingest")
 
 Dispatch = Callable[[Sequence[int]], None]
+Arrivals = Callable[[Sequence[tuple[str, str]]], None]  # (entity, event_id) of deletes/revokes
 HEARTBEAT_TTL = 60  # s: a consumer that stops reading disappears from the health check
 FAILURE_TTL = 300  # s: a failure older than this no longer says ingestion "keeps" failing
 START = "0-0"
@@ -62,9 +63,12 @@ class StreamIngester:
                  consumer: str, dispatch: Dispatch, lease: float, group: str = GROUP,
                  claim_idle_ms: int = 60_000, batch: int = 200,
                  batch_bytes: int = INGEST_BATCH_BYTES,
-                 max_file_bytes: int = FILE_MAX_BYTES, report: Report | None = None) -> None:
+                 max_file_bytes: int = FILE_MAX_BYTES, report: Report | None = None,
+                 arrivals: Arrivals | None = None) -> None:
         self.redis, self.sessions, self.stream = client, sessions, stream
         self.report = report  # told the dead letters of entries that are no valid event
+        # told the new deletes and revokes (the change guard counts them as they arrive)
+        self.arrivals = arrivals
         self.consumer, self.dispatch, self.lease, self.group = consumer, dispatch, lease, group
         self.claim_idle_ms, self.batch = claim_idle_ms, batch
         self.reader = BoundedReader(client, stream, group, consumer, count=batch,
@@ -181,6 +185,8 @@ class StreamIngester:
                 pipe.execute()
         if recorded.letters and self.report is not None and self.report(recorded.letters):
             self._mark_reported(recorded.letters)  # committed, then written (§5)
+        if recorded.arrivals and self.arrivals is not None:
+            self.arrivals(recorded.arrivals)
         if recorded.new:
             self.dispatch(recorded.new)
         return recorded

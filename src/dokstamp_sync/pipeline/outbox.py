@@ -1,8 +1,9 @@
 """The outbox behind the outcome stream's "at least once" (CONTRACT §5).
 
-A final outcome is recorded with ``reported_at`` NULL: on its inbox row (synced, superseded or
-dead), on a dead letter that a newer event resolved (reported again as ``superseded``), or on
-the dead letter of a stream entry that is no valid event. After the XADD succeeded,
+A final outcome is recorded with ``reported_at`` NULL: on its inbox row (synced, superseded,
+dead or discarded, and the not-final ``held`` of CONTRACT §6), on a dead letter that a newer
+event resolved (reported again as ``superseded``), or on the dead letter of a stream entry
+that is no valid event. After the XADD succeeded,
 :func:`mark_reported` sets it in one short UPDATE. What a kill or a Redis outage left
 unreported, :func:`sweep` (the pump's sweeper thread) writes later, rebuilt from the database
 rows: only rows finished more than ``settle`` seconds ago, so that it does not race the normal
@@ -29,7 +30,7 @@ from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, utcnow
 from dokstamp_sync.pipeline.results import Report, Result, reused_reason
 from dokstamp_sync.reporting import RESOLVED as RESOLVED
 from dokstamp_sync.reporting import mark_reported as mark_reported
-from dokstamp_sync.states import FINAL, EventState, LetterStatus
+from dokstamp_sync.states import REPORTED, EventState, LetterStatus
 
 log = logging.getLogger("dokstamp_sync.results")
 
@@ -51,7 +52,7 @@ def unreported(session: Session, *, settle: float = SETTLE, limit: int = BATCH) 
                MAPPINGS.c.dokstamp_uuid, MAPPINGS.c.status, MAPPINGS.c.verification_url)
         .outerjoin(MAPPINGS, and_(MAPPINGS.c.entity == EVENTS.c.entity,
                                   MAPPINGS.c.erp_key == EVENTS.c.erp_key))
-        .where(EVENTS.c.reported_at.is_(None), EVENTS.c.state.in_(FINAL),
+        .where(EVENTS.c.reported_at.is_(None), EVENTS.c.state.in_(REPORTED),
                EVENTS.c.finished_at < cutoff)
         .order_by(EVENTS.c.finished_at, EVENTS.c.id).limit(limit)).all()
     dead = [row.id for row in rows if row.state == EventState.DEAD]

@@ -51,9 +51,28 @@ class EnqueueReport:
     invalid: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
 
 
-def enqueue_lines(lines: Iterable[str], *, client: redis.Redis, stream: str) -> EnqueueReport:
-    """Enqueue one JSON event per non-blank line; note the invalid ones (still enqueued)."""
+def invalid_lines(lines: Iterable[str]) -> list[tuple[int, str]]:
+    """(line number, reason) of every non-blank line that is not a valid event."""
+    out = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                parse_event(line.strip())
+            except InvalidEvent as exc:
+                out.append((number, exc.reason))
+    return out
+
+
+def enqueue_lines(lines: Iterable[str], *, client: redis.Redis, stream: str,
+                  strict: bool = False) -> EnqueueReport:
+    """Enqueue one JSON event per non-blank line; note the invalid ones (still enqueued).
+    ``strict``: when any line is invalid, send nothing (the report names every bad line)."""
     report = EnqueueReport()
+    if strict:
+        lines = list(lines)
+        report.invalid = invalid_lines(lines)
+        if report.invalid:
+            return report
     with client.pipeline(transaction=False) as pipe:
         for number, line in enumerate(lines, 1):
             text = line.strip()

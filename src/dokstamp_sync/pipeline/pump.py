@@ -19,11 +19,12 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.config import Settings
+from dokstamp_sync.guard import Guard, GuardPolicy
 from dokstamp_sync.pipeline import outbox, retention
 from dokstamp_sync.pipeline.ingest import Dispatch, StreamIngester
 from dokstamp_sync.pipeline.results import Publisher
 from dokstamp_sync.pipeline.scheduler import dispatch_due
-from dokstamp_sync.redis_keys import LOCK, QUEUE
+from dokstamp_sync.redis_keys import LOCK, QUEUE, RedisKeys
 
 log = logging.getLogger("dokstamp_sync.worker")
 
@@ -56,7 +57,11 @@ class Pump:
             dispatch=dispatch, lease=self.lease,
             max_file_bytes=settings.dokstamp_sync_file_max_bytes,
             batch_bytes=settings.dokstamp_sync_ingest_batch_bytes,
-            report=self.publisher)
+            report=self.publisher,
+            # the change guard counts deletes and revokes as they arrive (CONTRACT §6)
+            arrivals=Guard(GuardPolicy.from_settings(settings), self.sessions, client,
+                           prefix=RedisKeys(settings.dokstamp_sync_namespace.strip()).guard
+                           ).note_arrivals)
         self.threads = [threading.Thread(target=self._ingest, name="dokstamp-ingest",
                                          daemon=True),
                         threading.Thread(target=self._schedule, name="dokstamp-scheduler",

@@ -2,7 +2,8 @@
 
 - :class:`SyncContext`: the process-wide resources (the DokStamp client, the mapping store, the
   Redis seam: :class:`~.locks.Locks`, :class:`~.marks.CreateMarks`,
-  :class:`~.marks.ListingMarks`, :class:`~.marks.Counters`) and the frozen :class:`Limits`;
+  :class:`~.marks.ListingMarks`, :class:`~.marks.Counters`), the change guard
+  (:class:`~dokstamp_sync.guard.Guard`) and the frozen :class:`Limits`;
   built once per process by :func:`dokstamp_sync.wiring.build_context`;
 - :class:`Run`: one event's run, created by :func:`.engine.run` (the chain of entities being
   synced, for the cycle check), passed down explicitly and dropped when the run ends.
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dokstamp_sync.dokstamp import DokStampClient
 from dokstamp_sync.dokstamp.breaker import CircuitBreaker
 from dokstamp_sync.dokstamp.client import Resource
+from dokstamp_sync.guard import Guard
 from dokstamp_sync.sync.locks import Locks
 from dokstamp_sync.sync.marks import Counters, CreateMarks, ListingMarks
 from dokstamp_sync.sync.sources import FilePolicy
@@ -54,6 +56,7 @@ class SyncContext:
     # through the store and the Redis seam only.
     redis: redis.Redis
     sessions: sessionmaker[Session]
+    guard: Guard  # the change guard (CONTRACT §6): asked once per attempt
     limits: Limits = field(default_factory=Limits)
     breaker: CircuitBreaker | None = None  # the fleet's, on the client's transport
     sleep: Callable[[float], None] = time.sleep

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from dokstamp_sync.db import dialect_insert
 from dokstamp_sync.dokstamp.errors import PermanentError
 from dokstamp_sync.events import utc
+from dokstamp_sync.held import held_before
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, NaturalKey, utcnow
 from dokstamp_sync.reporting import Result
 from dokstamp_sync.states import OPEN, EventState, LetterStatus, MappingStatus, RunState
@@ -110,10 +111,15 @@ def _newer(other: Any, entity: Any, key: Any, occurred_at: Any, pk: Any) -> Colu
 
 _OPEN = and_(EVENTS.c.id == bindparam("pk"), EVENTS.c.state.in_(OPEN))
 _OTHER = EVENTS.alias("other")
+_HELD = EVENTS.alias("held")
+# The attempt's one read: counts, "a newer event exists", and "an older event of this entity is
+# held by the change guard" (CONTRACT §6), so an ordinary upsert costs the guard no query.
 _READ_OPEN = select(
     EVENTS.c.attempts, EVENTS.c.deliveries,
     exists().where(_newer(_OTHER.c, EVENTS.c.entity, EVENTS.c.erp_key, EVENTS.c.occurred_at,
                           EVENTS.c.id)),
+    exists().where(held_before(_HELD.c, EVENTS.c.entity, EVENTS.c.erp_key,
+                               EVENTS.c.occurred_at, EVENTS.c.id)),
 ).where(_OPEN)
 _GET_MAPPINGS = select(MAPPINGS.c.entity, MAPPINGS.c.erp_key, MAPPINGS.c.dokstamp_uuid,
                        MAPPINGS.c.status, MAPPINGS.c.sent, MAPPINGS.c.data_hash,

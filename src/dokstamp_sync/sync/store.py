@@ -34,7 +34,7 @@ from dokstamp_sync.db import (
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
 from dokstamp_sync.reporting import Report, Result, mark_reported
-from dokstamp_sync.states import FINAL, OPEN, EventState, MappingStatus
+from dokstamp_sync.states import OPEN, EventState, MappingStatus
 from dokstamp_sync.sync.outcomes import Companion, Decision, Facts, Letter, Outcome, Park
 from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transactions share
     _CLAIM,
@@ -84,6 +84,7 @@ class View:
     refs: dict[tuple[str, str], Snapshot]  # the mappings of what it refers to
     # a certificate's: its events, oldest first (the ordering rule: :func:`.certificates.place`)
     neighbours: tuple[Neighbour, ...] | None = None
+    behind: bool = False  # an older event of this entity is held (CONTRACT §6): wait for it
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ class Store:
         """The open event's payload, or the state it is in."""
         with self._tx() as session:
             record = session.get(InboxEvent, pk)
-            if record is None or record.state in FINAL:
+            if record is None or record.state not in OPEN:
                 return _state(session, pk)
             return record.payload
 
@@ -178,7 +179,8 @@ class Store:
                 return _state(session, pk)
             mappings = _mappings(session, [own, *refs])
             near = _neighbours(session, own[1]) if own[0] == "certificate" else None
-        return View(row[0], row[1], bool(row[2]), mappings.pop(own, None), mappings, near)
+        return View(row[0], row[1], bool(row[2]), mappings.pop(own, None), mappings, near,
+                    behind=bool(row[3]))
 
     def mapping(self, entity: str, key: str) -> Snapshot | None:
         with self._tx() as session:
@@ -324,7 +326,7 @@ class Store:
         already or a newer event for its entity exists (then its own task decides)."""
         with self._recording() as (session, results):
             record = session.get(InboxEvent, companion.pk)
-            if record is None or record.state in FINAL or _newer_exists(session, record):
+            if record is None or record.state not in OPEN or _newer_exists(session, record):
                 return False
             _save_mapping(session, record, companion.uuid, sent=companion.sent,
                           digest=companion.digest)
@@ -337,11 +339,12 @@ class Store:
     def conclude(self, pk: int, *, completed: bool,
                  decide: Callable[[Facts], Decision]) -> str:
         """Record how a run ended, in one transaction: ``decide`` (the engine's) chooses from
-        the event's facts; the choice is applied here. An event already final is left alone.
+        the event's facts; the choice is applied here. An event no longer open (final, or held by
+        the guard) is left alone.
         Returns the state the event is in afterwards."""
         with self._recording() as (session, results):
             record = session.get(InboxEvent, pk)
-            if record is None or record.state in FINAL:
+            if record is None or record.state not in OPEN:
                 return _state(session, pk)
             if completed:  # this run ended normally: undo its delivery count
                 record.deliveries = max(0, record.deliveries - 1)

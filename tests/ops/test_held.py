@@ -1,0 +1,87 @@
+"""`dokstamp-sync held ...`, `status` and `/metrics` on events the change guard holds, run as
+an operator runs them (subprocesses on the test database and Redis)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from datetime import timedelta
+
+import pytest
+
+from dokstamp_sync.demo.samples import event
+from dokstamp_sync.guard import GuardPolicy
+from dokstamp_sync.ops.metrics import serve
+from dokstamp_sync.pipeline import results
+from dokstamp_sync.redis_keys import RESULTS_STREAM
+from dokstamp_sync.testing import STREAM, T0, Harness, live, student
+from testenv import TEST_ENGINE_REDIS_URL
+
+EXE = shutil.which("dokstamp-sync") or os.path.join(os.path.dirname(sys.executable),
+                                                    "dokstamp-sync")
+
+
+@pytest.fixture
+def cli(database_url, tmp_path):
+    """Runs `dokstamp-sync ...` on the test database and the engine's Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")} | {
+        "DATABASE_URL": database_url, "REDIS_URL": TEST_ENGINE_REDIS_URL}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([EXE, *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=60, check=False)
+
+    return run
+
+
+def held_burst(make_ctx, n: int = 22) -> Harness:
+    """n students synced, then a delete of each: held (threshold 20, settle delay 30 s)."""
+    h = Harness(make_ctx(guard_policy=GuardPolicy(delay=30.0, minimum=20)))
+    h.sync(*[student(f"S-{i:03d}", email=f"s{i:03d}@example.edu") for i in range(n)])
+    h.run(h.send(*[event("student", f"S-{i:03d}", op="delete", at=T0 + timedelta(hours=1))
+                   for i in range(n)]))
+    return h
+
+
+def test_status_and_metrics_count_held_events_per_kind(cli, make_ctx):
+    """`status --json` counts held events under events.held and per kind under held; the
+    text says how to see them; /metrics has dokstamp_sync_held_events{entity=...}."""
+    h = held_burst(make_ctx)
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["events"]["held"] == 22
+    assert status["held"] == {"student": 22}
+    assert "held by the change guard: student 22" in cli("status").stdout
+    server = serve(h.ctx.sessions, h.ctx.redis, STREAM, port=0, background=True)
+    try:
+        port = server.server_address[1]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert 'dokstamp_sync_held_events{entity="student"} 22.0' in text
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_held_list_release_and_discard_from_the_command_line(cli, make_ctx,
+                                                             sandbox):
+    """`held list --json` names each held event; `held discard ID` ends one discarded (on the
+    outcome stream); `held release --all` releases the rest, and running them deletes the
+    students in DokStamp but the discarded one; a release without a selection is refused."""
+    h = held_burst(make_ctx)
+    listed = json.loads(cli("held", "list", "--json").stdout)
+    assert [e["key"] for e in listed] == [f"S-{i:03d}" for i in range(22)]
+    assert all(e["op"] == "delete" and "threshold of 20" in e["reason"] for e in listed)
+    assert cli("held", "release").returncode == 2
+    out = cli("held", "discard", str(listed[0]["id"]))
+    assert (out.returncode, out.stdout.strip()) == (0, "discarded 1")
+    assert cli("held", "release", "--all").stdout.strip() == "released 21"
+    assert cli("held", "release", str(listed[0]["id"])).returncode == 1  # not held any more
+    h.drain()
+    assert [s["email"] for s in live(sandbox, "students")] == ["s000@example.edu"]
+    last = {r["event_id"]: r["state"] for _, r in results.read(h.ctx.redis, RESULTS_STREAM)}
+    assert last[listed[0]["event_id"]] == "discarded"
+    assert sorted(set(last.values())) == ["discarded", "synced"]
+    assert "nothing is held" in cli("held", "list").stdout
