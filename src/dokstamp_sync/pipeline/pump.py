@@ -23,7 +23,7 @@ from dokstamp_sync.pipeline import outbox, retention
 from dokstamp_sync.pipeline.ingest import Dispatch, StreamIngester
 from dokstamp_sync.pipeline.results import Publisher
 from dokstamp_sync.pipeline.scheduler import dispatch_due
-from dokstamp_sync.redis_keys import LOCK, QUEUE
+from dokstamp_sync.redis_keys import RedisKeys
 
 log = logging.getLogger("dokstamp_sync.worker")
 
@@ -38,7 +38,7 @@ class Pump:
     def __init__(self, settings: Settings, dispatch: Dispatch, *,
                  sessions: sessionmaker[Session], redis_client: redis.Redis,
                  serve_metrics: MetricsServer | None = None,
-                 poll_interval: float = 1.0) -> None:
+                 keys: RedisKeys = RedisKeys(), poll_interval: float = 1.0) -> None:
         self.settings = settings
         self.dispatch = dispatch
         self.stop_event = threading.Event()
@@ -47,6 +47,7 @@ class Pump:
         self.lease = settings.dokstamp_sync_lease
         self.sessions = sessions
         self.serve_metrics = serve_metrics
+        self.keys = keys
         client = redis_client
         self.publisher = Publisher(client, settings.dokstamp_sync_results_stream,
                                    settings.dokstamp_sync_results_maxlen)
@@ -56,7 +57,7 @@ class Pump:
             dispatch=dispatch, lease=self.lease,
             max_file_bytes=settings.dokstamp_sync_file_max_bytes,
             batch_bytes=settings.dokstamp_sync_ingest_batch_bytes,
-            report=self.publisher)
+            report=self.publisher, keys=keys)
         self.threads = [threading.Thread(target=self._ingest, name="dokstamp-ingest",
                                          daemon=True),
                         threading.Thread(target=self._schedule, name="dokstamp-scheduler",
@@ -86,7 +87,7 @@ class Pump:
 
     def _queued(self) -> int:
         """Tasks waiting in Celery's queue (a Redis list on the same Redis)."""
-        return int(self.ingester.redis.llen(QUEUE))
+        return int(self.ingester.redis.llen(self.keys.queue))
 
     def _schedule(self) -> None:
         while not self.stop_event.is_set():
@@ -111,7 +112,8 @@ class Pump:
         sweepers would both write the same rows, so one sweeps at a time (a Redis lock)."""
         while not self.stop_event.wait(outbox.INTERVAL):
             try:
-                lock = self.ingester.redis.lock(f"{LOCK}outbox", timeout=120, blocking=False)
+                lock = self.ingester.redis.lock(f"{self.keys.lock}outbox", timeout=120,
+                                                blocking=False)
                 if lock.acquire():
                     try:
                         outbox.sweep(self.sessions, self.publisher)
