@@ -12,9 +12,6 @@ from pathlib import Path
 import dokstamp_sync
 
 ROOT = Path(dokstamp_sync.__file__).parent
-# redis_keys.py still reads DOKSTAMP_SYNC_NAMESPACE at import: the architecture work on the walk
-# (its own branch) replaces it with names built by wiring; remove it from here then.
-NOT_YET = {"redis_keys.py"}
 
 
 def environment_reads(tree: ast.Module) -> list[str]:
@@ -42,7 +39,7 @@ def test_only_config_reads_the_environment() -> None:
     offenders = {}
     for path in sorted(ROOT.rglob("*.py")):
         name = str(path.relative_to(ROOT))
-        if name == "config.py" or name in NOT_YET:
+        if name == "config.py":
             continue
         reads = environment_reads(ast.parse(path.read_text(), name))
         if reads:
@@ -76,13 +73,37 @@ def test_importing_the_worker_reads_no_settings() -> None:
 
 
 def test_celery_reads_the_broker_from_the_settings_when_it_starts() -> None:
-    """`celery -A dokstamp_sync.worker` (and Flower) still get REDIS_URL and the visibility
-    timeout: read from the settings when Celery first reads its configuration."""
+    """`celery -A dokstamp_sync.worker` (and Flower) still get REDIS_URL, the visibility
+    timeout and the namespace's queue: read from the settings when Celery first reads its
+    configuration."""
     out = _python("from dokstamp_sync.worker import app\n"
                   "print(app.conf.broker_url)\n"
                   "print(app.conf.broker_transport_options['visibility_timeout'])\n"
-                  "print(app.conf.task_serializer)",
+                  "print(app.conf.task_serializer)\n"
+                  "print(app.conf.task_default_queue)",
                   REDIS_URL="redis://127.0.0.1:6399/3",
-                  DOKSTAMP_SYNC_VISIBILITY_TIMEOUT="42")
+                  DOKSTAMP_SYNC_VISIBILITY_TIMEOUT="42", DOKSTAMP_SYNC_NAMESPACE=" blue: ")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["redis://127.0.0.1:6399/3", "42.0", "json"]
+    assert out.stdout.split() == ["redis://127.0.0.1:6399/3", "42.0", "json",
+                                  "blue:dokstamp-sync"]
+
+
+def test_celery_queue_without_a_namespace_or_usable_settings() -> None:
+    """No namespace: the queue keeps its earlier name; unusable settings (a bad visibility
+    timeout) still leave the app on that queue, not Celery's ``celery``."""
+    code = "from dokstamp_sync.worker import app\nprint(app.conf.task_default_queue)"
+    assert _python(code).stdout.split() == ["dokstamp-sync"]
+    bad = _python(code, DOKSTAMP_SYNC_VISIBILITY_TIMEOUT="-1")
+    assert bad.returncode == 0, bad.stderr
+    assert bad.stdout.split() == ["dokstamp-sync"]
+
+
+def test_importing_the_names_reads_no_namespace() -> None:
+    """`redis_keys` builds nothing from the environment: with DOKSTAMP_SYNC_NAMESPACE set,
+    ``RedisKeys()`` is still the empty namespace and no module-level name is left."""
+    out = _python("from dokstamp_sync import redis_keys as k\n"
+                  "print(repr(k.RedisKeys().namespace), hasattr(k, 'QUEUE'), "
+                  "hasattr(k, 'PAUSE'), hasattr(k, '_namespace'))",
+                  DOKSTAMP_SYNC_NAMESPACE="blue:")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["''", "False", "False", "False"]

@@ -131,7 +131,8 @@ def _health(args: argparse.Namespace, settings: StoreSettings) -> int:
 
     with session_scope(_store(settings)) as session:
         health = check(session, _redis(settings), settings.dokstamp_sync_stream,
-                       max_age=args.max_age, stall=args.stall)
+                       max_age=args.max_age, stall=args.stall,
+                       keys=wiring.redis_keys(settings))
     if args.json:
         print(json.dumps({"ok": health.ok, "problems": health.problems,
                           "facts": health.facts}))
@@ -147,7 +148,7 @@ def _metrics(args: argparse.Namespace, settings: StoreSettings) -> int:
     print(f"metrics on http://{args.address}:{args.port}/metrics (health: /healthz)",
           file=sys.stderr)
     serve(sessions, _redis(settings), settings.dokstamp_sync_stream,
-          address=args.address, port=args.port)
+          address=args.address, port=args.port, keys=wiring.redis_keys(settings))
     return 0
 
 
@@ -156,7 +157,8 @@ def _status(args: argparse.Namespace, settings: StoreSettings) -> int:
     from dokstamp_sync.ops.status import render, report
 
     with session_scope(_store(settings)) as session:
-        status = report(session, _redis(settings), settings.dokstamp_sync_stream)
+        status = report(session, _redis(settings), settings.dokstamp_sync_stream,
+                        keys=wiring.redis_keys(settings))
     print(json.dumps(status) if args.json else render(status))
     if "redis_error" in status:
         print(f"cannot reach Redis at {redact_url(settings.redis_url)}: check REDIS_URL and "

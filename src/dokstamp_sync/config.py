@@ -45,8 +45,8 @@ class StoreSettings(BaseSettings):
     # The outcome stream (CONTRACT §5) and its approximate length.
     dokstamp_sync_results_stream: str = RESULTS_STREAM
     dokstamp_sync_results_maxlen: int = Field(default=100_000, gt=0)
-    # Prefixes every other Redis name (group, queue, locks...): wiring builds the walk's
-    # `RedisKeys` from it; the modules not wired yet read it in `redis_keys` at import.
+    # Prefixes every other Redis name (group, queue, locks...): `wiring.redis_keys` builds the
+    # process's `RedisKeys` from it, handed to every part that touches Redis.
     dokstamp_sync_namespace: str = ""
     dokstamp_sync_visibility_timeout: float = Field(default=600.0, gt=0)  # s
     dokstamp_sync_log_json: bool = False  # one JSON object per log line

@@ -47,7 +47,7 @@ from dokstamp_sync import held
 from dokstamp_sync.config import StoreSettings
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.events import Event, utc
-from dokstamp_sync.redis_keys import GUARD
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.reporting import Report, Result, mark_reported
 from dokstamp_sync.states import EventState
 from dokstamp_sync.sync.outcomes import Outcome, Waiting
@@ -108,7 +108,7 @@ class Guard:
 
     def __init__(self, policy: GuardPolicy, sessions: sessionmaker[Session],
                  client: redis.Redis, report: Report | None = None, *,
-                 prefix: str = GUARD) -> None:
+                 prefix: str = RedisKeys().guard) -> None:
         self.policy, self.sessions, self.redis, self.report = policy, sessions, client, report
         self.prefix = prefix  # RedisKeys.guard: + entity, the kind's window
         self._count = client.register_script(_COUNT)
@@ -192,7 +192,7 @@ class Guard:
 
 
 def forget(client: redis.Redis, entity: str, event_ids: list[str], *,
-           prefix: str = GUARD) -> None:
+           prefix: str = RedisKeys().guard) -> None:
     """Take released or discarded events out of their kind's window: an operator decided on
     them, so they no longer count against the threshold (the next ordinary revoke is not held
     for a burst already dealt with)."""

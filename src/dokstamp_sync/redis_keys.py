@@ -9,16 +9,15 @@ versions.
 The event stream's and the outcome stream's names are settings (``DOKSTAMP_SYNC_STREAM``,
 ``DOKSTAMP_SYNC_RESULTS_STREAM``, CONTRACT §1), not namespaced: they are the ERP's interface.
 
-The module-level names below are the same keys for the modules that are not handed a
-:class:`RedisKeys` by wiring yet (the token cache, the rate limiter, the breaker, the pipeline
-and the operator tools); they still take the namespace from ``DOKSTAMP_SYNC_NAMESPACE`` (the
-environment or ``.env``) when this module is imported. The sync walk uses only
-:class:`RedisKeys`.
+Nothing here reads the environment or runs at import: every module that touches Redis (the
+walk, the token cache, the rate limiter, the breaker, the pipeline, the Celery queue, the
+operator tools) is handed a :class:`RedisKeys` or one of its names by its caller, built once per
+process by :func:`~.wiring.redis_keys`. Each takes ``RedisKeys()`` (no namespace) by default so
+that tests can build it alone.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 
@@ -39,6 +38,11 @@ class RedisKeys:
     @property
     def counters(self) -> str:  # hash of fleet-wide counters (API, retries, outcomes)
         return f"{self.namespace}dokstamp:metrics"
+
+    @property
+    def replica_counters(self) -> str:  # + replica name: what one worker replica's processes
+        # did (ops.recorder), for its /metrics
+        return f"{self.namespace}dokstamp:metrics:replica:"
 
     @property
     def heartbeat(self) -> str:  # + "task" or "ingest:<consumer>": epoch seconds
@@ -89,36 +93,6 @@ class RedisKeys:
     def guard(self) -> str:  # + entity: the change guard's window, event_id -> arrival (epoch s)
         return f"{self.namespace}dokstamp:guard:"
 
-
-def _namespace() -> str:
-    value = os.environ.get("DOKSTAMP_SYNC_NAMESPACE")
-    if value is None:  # as the settings do: the environment first, then a .env file
-        from dotenv import dotenv_values
-
-        value = dotenv_values(".env").get("DOKSTAMP_SYNC_NAMESPACE") or ""
-    return value.strip()
-
-
-_DEFAULT = RedisKeys(_namespace())
-NAMESPACE = _DEFAULT.namespace
-QUEUE = _DEFAULT.queue
-GROUP = _DEFAULT.group
-COUNTERS = _DEFAULT.counters
-# + replica name: what one worker replica's processes did (ops.recorder), for its /metrics
-REPLICA_COUNTERS = f"{NAMESPACE}dokstamp:metrics:replica:"
-HEARTBEAT = _DEFAULT.heartbeat
-INGEST_FAILURE = _DEFAULT.ingest_failure
-LOCK = _DEFAULT.lock
-LISTING = _DEFAULT.listing
-TOKEN = _DEFAULT.token
-RATE_LIMIT = _DEFAULT.rate_limit
-PAUSE = _DEFAULT.pause
-LISTING_UNTRUSTED = _DEFAULT.listing_untrusted
-BREAKER = _DEFAULT.breaker
-INFLIGHT = _DEFAULT.inflight
-UNRESOLVED = _DEFAULT.unresolved
-# + entity: the change guard's window, a sorted set of event_id -> arrival (epoch s)
-GUARD = _DEFAULT.guard
 
 # The streams' default names (CONTRACT §1); settings may name others.
 EVENTS_STREAM = "dokstamp:events"

@@ -53,7 +53,7 @@ def record(ctx: SyncContext) -> None:
     """Add this task's counts to the replica's (``/metrics``: they add up across replicas)."""
     recorder = wiring.recorder()
     recorder.counters(ctx.counters.unflushed)
-    recorder.flush(ctx.redis)
+    recorder.flush(ctx.redis, ctx.counters.keys)
 
 
 @app.task(name="dokstamp_sync.sync_event")  # type: ignore[untyped-decorator]

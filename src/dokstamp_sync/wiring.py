@@ -74,6 +74,12 @@ def database(url: str) -> sessionmaker[Session]:
     return make_sessionmaker(make_engine(url))
 
 
+def redis_keys(settings: StoreSettings) -> RedisKeys:
+    """The deployment's Redis names, from ``DOKSTAMP_SYNC_NAMESPACE`` (the only place they are
+    built from the settings: every process part that touches Redis is handed these)."""
+    return RedisKeys(settings.dokstamp_sync_namespace.strip())
+
+
 def redis_client(url: str, **options: Any) -> redis.Redis:
     """A client of ``url`` (a ``REDIS_URL``; ``options``: redis-py's, e.g. timeouts)."""
     return redis.Redis.from_url(url, **options)
@@ -92,20 +98,22 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
     here, from ``dokstamp_sync_namespace``.
     """
     client_redis = redis_client or redis.Redis.from_url(settings.redis_url)
+    keys = redis_keys(settings)
     limiter = RateLimiter(client_redis, settings.dokstamp_tenant, settings.dokstamp_rate_limit,
-                          sleep=limiter_sleep, max_pause=settings.dokstamp_sync_max_pause)
+                          sleep=limiter_sleep, max_pause=settings.dokstamp_sync_max_pause,
+                          keys=keys)
     breaker = CircuitBreaker(client_redis, settings.dokstamp_tenant,
                              threshold=settings.dokstamp_sync_breaker_failures,
                              interval=settings.dokstamp_sync_breaker_interval,
-                             probe_timeout=settings.dokstamp_timeout + 5)
-    keys = RedisKeys(settings.dokstamp_sync_namespace.strip())
+                             probe_timeout=settings.dokstamp_timeout + 5, keys=keys)
     locks = Locks(client_redis, keys.lock, settings.dokstamp_sync_lock_timeout)
     # A run that lost a lock never writes: checked in the innermost transport, after every wait.
     # Innermost, around the network: what each request costs, not the limiter's waits.
     network = MeasuredTransport(httpx.HTTPTransport(limits=httpx.Limits(
         max_connections=20, max_keepalive_connections=20)), recorder())
-    api = client_from_settings(settings, store=RedisTokenStore(client_redis), limiter=limiter,
-                               breaker=breaker, transport=network, fence=locks.check)
+    api = client_from_settings(settings, store=RedisTokenStore(client_redis, prefix=keys.token),
+                               limiter=limiter, breaker=breaker, transport=network,
+                               fence=locks.check)
     root = settings.dokstamp_sync_file_root
     sessions = sessions or make_sessionmaker(make_engine(settings.database_url))
     # The store reports each final outcome after its commit; the publisher writes it.

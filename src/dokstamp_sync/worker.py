@@ -32,7 +32,7 @@ from dokstamp_sync.config import ConfigError, Settings, StoreSettings
 from dokstamp_sync.ops import recorder
 from dokstamp_sync.ops.flower import TaskLabels, argsrepr
 from dokstamp_sync.pipeline.pump import MetricsServer, Pump
-from dokstamp_sync.redis_keys import QUEUE
+from dokstamp_sync.redis_keys import RedisKeys
 
 log = logging.getLogger("dokstamp_sync.worker")
 SYNC_EVENTS = "dokstamp_sync.sync_events"  # the task's name (see :mod:`.tasks`)
@@ -41,7 +41,7 @@ app = Celery("dokstamp_sync", include=["dokstamp_sync.tasks"])
 app.conf.update(
     task_serializer="json", accept_content=["json"], result_serializer="json",
     task_ignore_result=True, task_acks_late=True, task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1, task_default_queue=QUEUE,
+    worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
     worker_send_task_events=True,  # Flower's task list; producers send no task-sent events
     # A task whose events ended dead raises DeadEvents (Flower shows it failed): its message is
@@ -51,13 +51,16 @@ app.conf.update(
 
 
 def configure(settings: StoreSettings) -> Celery:
-    """Point the app at the settings' Redis, with the visibility timeout."""
+    """Point the app at the settings' Redis, with the visibility timeout and the namespace's
+    queue."""
     app.conf.update(_from_settings(settings))
     return app
 
 
 def _from_settings(settings: StoreSettings) -> dict[str, Any]:
+    # The queue is not set at import: the app's own settings there would override these.
     return {"broker_url": settings.redis_url,
+            "task_default_queue": wiring.redis_keys(settings).queue,
             "broker_transport_options": {
                 "visibility_timeout": settings.dokstamp_sync_visibility_timeout}}
 
@@ -66,9 +69,12 @@ def _from_settings(settings: StoreSettings) -> dict[str, Any]:
 def _configure_on_first_use(sender: Celery, **_: Any) -> None:
     """``celery -A dokstamp_sync.worker ...`` and Flower need the broker without our CLI: the
     settings are read when Celery first reads its configuration (at startup), never when this
-    module is imported. Unusable settings leave Celery's defaults (the CLI reports them)."""
-    with suppress(ConfigError):
+    module is imported. Unusable settings leave Celery's defaults (the CLI reports them) and
+    the queue of no namespace."""
+    try:
         sender.config_from_object(_from_settings(wiring.store_settings()))
+    except ConfigError:
+        sender.config_from_object({"task_default_queue": RedisKeys().queue})
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]
@@ -134,7 +140,8 @@ class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unty
         labels = TaskLabels(sessions)
         self.pump = Pump(settings, partial(dispatch, labels=labels), sessions=sessions,
                          redis_client=wiring.redis_client(settings.redis_url),
-                         serve_metrics=_metrics_server(settings))
+                         serve_metrics=_metrics_server(settings),
+                         keys=wiring.redis_keys(settings))
         self.pump.start()
 
     def stop(self, worker: Any) -> None:
@@ -156,7 +163,8 @@ def _metrics_server(settings: Settings) -> MetricsServer | None:
     def start(sessions: sessionmaker[Session], client: redis.Redis) -> None:
         serve(sessions, client, settings.dokstamp_sync_stream,
               address=settings.dokstamp_sync_metrics_address, port=port, background=True,
-              replica=recorder.replica(), tenant=settings.dokstamp_tenant)
+              replica=recorder.replica(), tenant=settings.dokstamp_tenant,
+              keys=wiring.redis_keys(settings))
 
     return start
 
@@ -178,7 +186,8 @@ def check_start(settings: Settings) -> None:
     from dokstamp_sync.ops.check import StartRefused, refusal
 
     store = wiring.redis_client(settings.redis_url)
-    client = client_from_settings(settings, store=RedisTokenStore(store))
+    client = client_from_settings(settings, store=RedisTokenStore(
+        store, prefix=wiring.redis_keys(settings).token))
     try:
         problem = refusal(client, settings)
     finally:
@@ -199,8 +208,9 @@ def run_worker(settings: Settings, *, concurrency: int, loglevel: str = "INFO") 
     check_start(settings)
     wiring.use(settings)
     configure(settings)
+    queue = wiring.redis_keys(settings).queue
     return _celery(["worker", f"--concurrency={concurrency}", "--pool=prefork",
-                    f"--queues={QUEUE}", f"--loglevel={loglevel}", "--without-gossip",
+                    f"--queues={queue}", f"--loglevel={loglevel}", "--without-gossip",
                     "--without-mingle", f"--hostname=dokstamp-sync-{os.getpid()}@%h",
                     "--task-events"])
 

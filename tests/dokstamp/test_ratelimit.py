@@ -18,14 +18,14 @@ from dokstamp_sync.dokstamp import (
     client_from_settings,
     errors,
 )
-from dokstamp_sync.redis_keys import PAUSE
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from testenv import MAIN
 
 
 def _limited(redis_client, key_prefix, handler, *, rate=1000.0, burst=None, sleep=None,
              max_wait=20.0):
-    limiter = RateLimiter(redis_client, "t", rate, burst=burst, prefix=key_prefix,
+    limiter = RateLimiter(redis_client, "t", rate, burst=burst, keys=RedisKeys(key_prefix),
                           max_wait=max_wait, **({"sleep": sleep} if sleep else {}))
     http = build_http_client("https://api.example", limiter=limiter,
                              transport=httpx.MockTransport(handler))
@@ -65,7 +65,7 @@ def test_a_429_pauses_the_tenant_for_its_retry_after(redis_client, key_prefix):
     with http:
         http.get("/students")
         http.get("/students")
-    assert 2500 < redis_client.pttl(f"{key_prefix}{PAUSE}t") <= 3000
+    assert 2500 < redis_client.pttl(f"{RedisKeys(key_prefix).pause}t") <= 3000
     assert limiter.unflushed == {"api_2xx": 1, "api_4xx": 1, "api_429": 1}
 
 
@@ -80,7 +80,7 @@ def test_a_pause_longer_than_max_wait_raises_paused_without_sending(redis_client
         return httpx.Response(200, json={"access_token": "t", "expires_in": 3600})
 
     _, http = _limited(redis_client, key_prefix, handler)
-    redis_client.set(f"{key_prefix}{PAUSE}t", "1", px=60_000)
+    redis_client.set(f"{RedisKeys(key_prefix).pause}t", "1", px=60_000)
     c = DokStampClient(http, tenant="t", tokens=TokenManager(
         http, PasswordLogin("a@b.c", "pw"), MemoryTokenStore()))
     with pytest.raises(errors.Paused) as info:
@@ -103,7 +103,7 @@ def test_client_from_settings_paces_through_the_limiter(sandbox, redis_client, k
         waits.append(seconds)
         time.sleep(seconds)
 
-    limiter = RateLimiter(redis_client, MAIN.tenant, 1000, prefix=key_prefix, sleep=sleep)
+    limiter = RateLimiter(redis_client, MAIN.tenant, 1000, keys=RedisKeys(key_prefix), sleep=sleep)
     settings = load_settings(dokstamp_api_url=sandbox.url, dokstamp_tenant=MAIN.tenant,
                              dokstamp_email=MAIN.email, dokstamp_password=MAIN.password,
                              dokstamp_client_id=None, dokstamp_client_secret=None)

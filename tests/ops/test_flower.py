@@ -20,7 +20,7 @@ from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.embedded import free_port
 from dokstamp_sync.models import DeadLetter
-from dokstamp_sync.redis_keys import QUEUE
+from dokstamp_sync.redis_keys import RedisKeys
 from test_worker import EXE, start_worker, wait_settled, wredis, xadd
 from testenv import TEST_WORKER_REDIS_URL
 
@@ -107,7 +107,7 @@ def test_flower_shows_a_task_with_a_dead_event_failed_and_acknowledged_once(
     assert sum(w.get("task-failed", 0) for w in workers) == 1
     time.sleep(10)  # past the worker's visibility timeout (8 s): a redelivery would show
     assert len([t for t in tasks_of(flower).values() if "S-BAD" in t["args"]]) == 1
-    assert wredis.llen(QUEUE) == 0
+    assert wredis.llen(RedisKeys().queue) == 0
     assert wredis.hlen("unacked") == 0
     if CHROMIUM is None and not os.environ.get("CI"):
         pytest.skip("Debian's chromium is not installed (CI installs it)")

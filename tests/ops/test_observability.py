@@ -23,7 +23,7 @@ from dokstamp_sync.models import InboxEvent
 from dokstamp_sync.ops import recorder
 from dokstamp_sync.ops.health import check
 from dokstamp_sync.ops.metrics import serve
-from dokstamp_sync.redis_keys import QUEUE
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.sync import engine
 from dokstamp_sync.testing import STREAM, student
@@ -53,7 +53,7 @@ def test_unhealthy_when_tasks_are_queued_but_none_finishes(h, ctx):
     """Tasks waiting in the Celery queue while no task finished lately: workers stopped
     consuming (the silent-after-reconnect failure)."""
     h.send(student())
-    ctx.redis.lpush(QUEUE, "a task nobody takes")
+    ctx.redis.lpush(RedisKeys().queue, "a task nobody takes")
     ctx.redis.set("dokstamp:heartbeat:task", str(time.time() - 600))
     result = health(ctx, stall=120)
     assert not result.ok

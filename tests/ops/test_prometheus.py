@@ -20,7 +20,7 @@ import yaml
 
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.embedded import free_port
-from dokstamp_sync.redis_keys import COUNTERS
+from dokstamp_sync.redis_keys import RedisKeys
 from test_worker import start_worker, wait_settled, wredis, xadd
 
 __all__ = ["start_worker", "wredis"]  # fixtures, used by name
@@ -117,7 +117,7 @@ def test_a_real_prometheus_evaluates_every_rule_and_panel_on_two_real_workers(
     wait_settled(sessions, len(events), proc=workers[0])
     # The fleet's own tally of runs that ended synced (every process adds to one Redis hash):
     # what the replicas' counters must add up to.
-    synced = int(wredis.hget(COUNTERS, "events_synced"))
+    synced = int(wredis.hget(RedisKeys().counters, "events_synced"))
     for proc, port in zip(workers, ports, strict=True):
         listening = [c.laddr for p in [psutil.Process(proc.pid), *psutil.Process(
             proc.pid).children(recursive=True)] for c in p.net_connections(kind="tcp")

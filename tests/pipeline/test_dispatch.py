@@ -6,7 +6,7 @@ import pytest
 
 from dokstamp_sync import wiring
 from dokstamp_sync.demo import samples
-from dokstamp_sync.redis_keys import COUNTERS
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.worker import EVENTS_PER_TASK, task_batches
 
 
@@ -29,12 +29,12 @@ def test_a_task_syncs_its_events_in_order_and_survives_a_missing_one(h, monkeypa
     monkeypatch.setattr(wiring, "context", lambda: h.ctx)
     events = samples.graduating_class(1)
     pks = h.send(*events)
-    h.ctx.redis.delete(COUNTERS)
+    h.ctx.redis.delete(RedisKeys().counters)
     states = sync_events.run([*pks, 10**9])
     assert states == ["synced"] * len(events) + ["missing"]
     assert set(h.states().values()) == {"synced"}
     # the batch's counters reach Redis once the task ends
-    assert int(h.ctx.redis.hget(COUNTERS, "events_synced")) == states.count("synced")
+    assert int(h.ctx.redis.hget(RedisKeys().counters, "events_synced")) == states.count("synced")
 
 
 def test_an_event_that_raises_does_not_stop_its_batch(h, monkeypatch):

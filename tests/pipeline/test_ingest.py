@@ -15,7 +15,7 @@ from dokstamp_sync.db import make_engine, make_sessionmaker, session_scope
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.ops.health import check
 from dokstamp_sync.pipeline.ingest import StreamIngester
-from dokstamp_sync.redis_keys import HEARTBEAT, INGEST_FAILURE
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.testing import STREAM, Harness, live
 
 GOOD = {"name": "Maria", "email": "m@example.edu", "date_of_birth": "1998-05-20"}
@@ -278,7 +278,7 @@ def test_an_entry_not_even_a_dead_letter_can_hold_stays_pending_alone(h, ctx):
     assert h.letters() == []
     assert ctx.redis.xlen(STREAM) == 1
     assert ctx.redis.xpending(STREAM, "dokstamp-sync")["pending"] == 1
-    note = json.loads(ctx.redis.get(INGEST_FAILURE))
+    note = json.loads(ctx.redis.get(RedisKeys().ingest_failure))
     assert note["reason"].startswith("1 stream entries could not be recorded")
     later = StreamIngester(ctx.redis, ctx.sessions, STREAM, consumer="later",
                            dispatch=h.dispatched.extend, lease=600, claim_idle_ms=0)
@@ -379,12 +379,12 @@ def test_health_tells_a_failing_ingester_from_a_stopped_one(h, ctx):
     """Red either way once the last heartbeat is older than the grace period: "failing" when a
     failure was noted after it, "no stream consumer has read recently" when none was."""
     h.ingester.poll(block_ms=10)
-    ctx.redis.set(f"{HEARTBEAT}ingest:test", str(time.time() - 100))
+    ctx.redis.set(f"{RedisKeys().heartbeat}ingest:test", str(time.time() - 100))
     assert _health(ctx, consumer_grace=30).problems[0].startswith(
         "no stream consumer has read recently")
-    ctx.redis.set(INGEST_FAILURE, json.dumps({"at": time.time() - 5, "consumer": "test",
+    ctx.redis.set(RedisKeys().ingest_failure, json.dumps({"at": time.time() - 5, "consumer": "test",
                                               "reason": "OperationalError: gone"}))
     assert _health(ctx, consumer_grace=30).problems == [
         "stream ingestion failing: OperationalError: gone"]
-    ctx.redis.set(f"{HEARTBEAT}ingest:test", str(time.time()))
+    ctx.redis.set(f"{RedisKeys().heartbeat}ingest:test", str(time.time()))
     assert _health(ctx, consumer_grace=30).ok

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from dokstamp_sync.redis_keys import INFLIGHT
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.testing import calls, live, student
 
@@ -34,7 +34,7 @@ def test_an_oversized_or_deeply_nested_create_answer_keeps_the_in_flight_mark(
     assert "POST /students -> 201" in error
     assert reason in error
     assert "internal error" not in error
-    assert list(ctx.redis.scan_iter(f"{INFLIGHT}student:*"))  # the mark is kept
+    assert list(ctx.redis.scan_iter(f"{RedisKeys().inflight}student:*"))  # the mark is kept
     assert len(live(sandbox, "students")) == 1  # the create did land
     time.sleep(0.6)
     h.drain()

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
-from dokstamp_sync.redis_keys import LISTING
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.testing import T0, calls, live, student
 
@@ -173,7 +173,7 @@ def test_capped_pages_listing_is_not_trusted_and_creates_no_duplicate(h, ctx, sa
     with caplog.at_level(logging.WARNING, logger="dokstamp_sync.sync"):
         h.run(pks)
     assert set(h.states().values()) == {"synced"}
-    assert not ctx.redis.exists(f"{LISTING}student")
+    assert not ctx.redis.exists(f"{RedisKeys().listing}student")
     assert sum("incomplete" in r.getMessage() for r in caplog.records) == 1
     assert len(live(sandbox, "students")) == n
     assert calls(sandbox).get("POST /students", 0) == n  # the dashboard's creates only
@@ -187,7 +187,7 @@ def test_409_on_create_searches_and_adopts_the_exact_match(h, ctx, sandbox, engi
     sandbox.sandbox.faults.configure(Faults(conflict_409=True))
     made = ctx.client.students.create({"name": "Maria", "email": "maria@example.edu",
                                        "date_of_birth": "1998-05-20"})
-    engine_redis.set(f"{LISTING}student", "1")  # a listing from before her creation
+    engine_redis.set(f"{RedisKeys().listing}student", "1")  # a listing from before her creation
     assert h.sync(student()) == ["synced"]
     assert h.mapping("student", "S-1").dokstamp_uuid == made["uuid"]
     assert len(live(sandbox, "students")) == 1
@@ -199,7 +199,7 @@ def test_409_without_an_exact_match_is_dead_naming_the_conflict(h, ctx, sandbox,
     so it is never adopted; the dead letter names the conflict."""
     sandbox.sandbox.faults.configure(Faults(conflict_409=True))
     h.sync(*samples.graduating_class(0, courses=2, modules_per_course=1))
-    engine_redis.set(f"{LISTING}cohort", "1")
+    engine_redis.set(f"{RedisKeys().listing}cohort", "1")
     taken = event("cohort", "COH-X", {"code": "BSC-1-2026", "course_key": "CRS-2"}, at=T0)
     assert h.sync(taken) == ["dead"]
     (letter,) = h.letters()

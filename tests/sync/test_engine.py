@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
-from dokstamp_sync.redis_keys import PAUSE
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.testing import T0, Harness, calls, dump, live, student
 
@@ -224,7 +224,7 @@ def test_429_sets_the_tenant_pause_and_is_retried(h, ctx, sandbox, engine_redis)
         ScriptedFault("GET", "/students", status=429, retry_after=2)]))
     seen_pause = []
     ctx.client.http.event_hooks["response"].append(
-        lambda r: seen_pause.append(engine_redis.pttl(f"{PAUSE}demo-university"))
+        lambda r: seen_pause.append(engine_redis.pttl(f"{RedisKeys().pause}demo-university"))
         if r.status_code == 429 else None)
     assert h.sync(student()) == ["synced"]
     assert 1000 < seen_pause[0] <= 2000  # set by the 429 itself

@@ -16,7 +16,7 @@ from dokstamp_sync.demo import samples
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.models import InboxEvent
 from dokstamp_sync.pipeline.scheduler import dispatch_due
-from dokstamp_sync.redis_keys import PAUSE
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.sync import engine
 from dokstamp_sync.testing import STREAM, T0, Harness, live, student
@@ -162,7 +162,7 @@ def test_long_pause_parks_the_event_instead_of_sleeping(engine_redis, make_ctx):
     locks held)."""
     ctx = make_ctx()
     harness = Harness(ctx)
-    engine_redis.set(f"{PAUSE}demo-university", "1", px=60_000)
+    engine_redis.set(f"{RedisKeys().pause}demo-university", "1", px=60_000)
     e = student()
     assert harness.sync(e) == ["waiting"]
     rec = harness.record(e["event_id"])

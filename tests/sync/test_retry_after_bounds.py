@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from dokstamp_sync.redis_keys import PAUSE
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.testing import live, student
 
@@ -24,11 +24,11 @@ def test_a_429_with_a_huge_retry_after_pauses_the_fleet_only_up_to_the_cap(h, ct
     e = student()
     before = datetime.now(UTC)
     assert h.sync(e) == ["waiting"]
-    pause_ms = ctx.redis.pttl(f"{PAUSE}{ctx.client.tenant}")
+    pause_ms = ctx.redis.pttl(f"{RedisKeys().pause}{ctx.client.tenant}")
     assert 0 < pause_ms <= 300_000
     parked = h.record(e["event_id"]).next_attempt_at
     assert parked <= before + timedelta(seconds=301)
-    ctx.redis.delete(f"{PAUSE}{ctx.client.tenant}")  # the pause is over
+    ctx.redis.delete(f"{RedisKeys().pause}{ctx.client.tenant}")  # the pause is over
     h.drain()
     assert h.state(e["event_id"]) == "synced"
     assert len(live(sandbox, "students")) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 
+from dokstamp_sync import wiring
 from dokstamp_sync.config import StoreSettings
 from dokstamp_sync.console.app import Console, build_app
 from dokstamp_sync.console.auth import AuthMissing, Logins
@@ -17,7 +18,8 @@ def console_for(settings: StoreSettings) -> Console:
     logins = Logins(settings.dokstamp_sync_console_auth,
                     settings.dokstamp_sync_console_readonly_auth)
     return Console(logins, make_sessionmaker(make_engine(settings.database_url)),
-                   redis.Redis.from_url(settings.redis_url), settings.dokstamp_sync_stream)
+                   redis.Redis.from_url(settings.redis_url), settings.dokstamp_sync_stream,
+                   wiring.redis_keys(settings))
 
 
 def serve(settings: StoreSettings, host: str, port: int) -> None:

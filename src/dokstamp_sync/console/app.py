@@ -28,6 +28,7 @@ from starlette.templating import Jinja2Templates
 from dokstamp_sync.console import actions, queries
 from dokstamp_sync.console.auth import COOKIE, LIFETIME, Logins, User
 from dokstamp_sync.db import session_scope
+from dokstamp_sync.redis_keys import RedisKeys
 
 log = logging.getLogger("dokstamp_sync.console")
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
@@ -51,8 +52,9 @@ class Console:
     """The app's state: the logins, the store, Redis and the stream's name."""
 
     def __init__(self, logins: Logins, sessions: sessionmaker[Session], client: redis.Redis,
-                 stream: str) -> None:
+                 stream: str, keys: RedisKeys = RedisKeys()) -> None:
         self.logins, self.sessions, self.redis, self.stream = logins, sessions, client, stream
+        self.keys = keys
 
     # -- helpers ---------------------------------------------------------------------------
     def user(self, request: Request) -> User:
@@ -114,7 +116,7 @@ class Console:
     async def overview(self, request: Request) -> Response:
         user = self.user(request)
         with session_scope(self.sessions) as session:
-            data = queries.overview(session, self.redis, self.stream)
+            data = queries.overview(session, self.redis, self.stream, self.keys)
         return self.render(request, "overview.html", user, data=data)
 
     async def letters(self, request: Request) -> Response:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from dokstamp_sync.models import DeadLetter, InboxEvent, LetterHistory, Mapping, utcnow
 from dokstamp_sync.ops.status import report
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.states import EventState, LetterStatus
 
 PAGE = 50  # rows per page
@@ -107,10 +108,11 @@ def ids(session: Session, f: Filter, before: int | None, size: int) -> list[int]
     return list(session.scalars(query))
 
 
-def overview(session: Session, client: redis.Redis, stream: str) -> dict[str, Any]:
+def overview(session: Session, client: redis.Redis, stream: str,
+             keys: RedisKeys = RedisKeys()) -> dict[str, Any]:
     """The overview page: open events, depths, oldest age, letters by entity and reason,
-    outcomes in the last minute and the last ten."""
-    status = report(session, client, stream, finals=False)
+    outcomes in the last minute and the last ten (``keys``: the deployment's Redis names)."""
+    status = report(session, client, stream, finals=False, keys=keys)
     open_letters = select(func.count()).where(DeadLetter.status == LetterStatus.OPEN)
     by_entity = session.execute(
         open_letters.add_columns(DeadLetter.entity).group_by(DeadLetter.entity)

@@ -29,7 +29,7 @@ import httpx
 import redis
 
 from dokstamp_sync.dokstamp.errors import CircuitOpen
-from dokstamp_sync.redis_keys import BREAKER
+from dokstamp_sync.redis_keys import RedisKeys
 
 # KEYS[1] the breaker; ARGV[1] how long a probe may take (ms), ARGV[2] interval (ms).
 # Returns 0: closed, send; 1: send as the probe; negative: open, wait that many ms.
@@ -78,9 +78,9 @@ class CircuitBreaker:
     """The fleet's breaker for one tenant (see the module docstring)."""
 
     def __init__(self, client: redis.Redis, tenant: str, *, threshold: int = 5,
-                 interval: float = 3.0, probe_timeout: float = 35.0, prefix: str = "",
+                 interval: float = 3.0, probe_timeout: float = 35.0, keys: RedisKeys = RedisKeys(),
                  ttl: float = 600.0) -> None:
-        self.key = f"{prefix}{BREAKER}{tenant}"
+        self.key = f"{keys.breaker}{tenant}"
         self.threshold = threshold
         self.interval = interval
         self.probe_timeout = probe_timeout

@@ -22,7 +22,7 @@ import httpx
 import redis
 
 from dokstamp_sync.dokstamp.errors import Paused, parse_retry_after
-from dokstamp_sync.redis_keys import PAUSE, RATE_LIMIT
+from dokstamp_sync.redis_keys import RedisKeys
 
 # KEYS[1] bucket, KEYS[2] pause, ARGV: rate (tokens/s), burst. Returns ms to wait (0: a token
 # was taken); negative: the tenant is paused (after a 429) for that many ms.
@@ -53,12 +53,12 @@ class RateLimiter:
     """Blocks until the shared bucket grants a request (see the module docstring)."""
 
     def __init__(self, client: redis.Redis, tenant: str, rate: float, *,
-                 burst: float | None = None, prefix: str = "",
+                 burst: float | None = None, keys: RedisKeys = RedisKeys(),
                  sleep: Callable[[float], None] = time.sleep, max_wait: float = 20.0,
                  max_pause: float = 300.0) -> None:
         self._redis = client
-        self._bucket = f"{prefix}{RATE_LIMIT}{tenant}"  # prefix: tests keep their keys apart
-        self._pause = f"{prefix}{PAUSE}{tenant}"
+        self._bucket = f"{keys.rate_limit}{tenant}"  # a namespace keeps tests' keys apart
+        self._pause = f"{keys.pause}{tenant}"
         self.rate = rate
         self.burst = burst if burst is not None else max(1.0, rate / 10)
         self._take = client.register_script(_TAKE)

@@ -22,7 +22,7 @@ from typing import Protocol, TypeVar
 import redis
 
 from dokstamp_sync.dokstamp.errors import TransportError
-from dokstamp_sync.redis_keys import TOKEN
+from dokstamp_sync.redis_keys import RedisKeys
 
 T = TypeVar("T")
 
@@ -94,7 +94,7 @@ class RedisTokenStore:
     upstream. Redis failures surface as the client's transient :class:`TransportError`.
     """
 
-    def __init__(self, client: redis.Redis, *, prefix: str = TOKEN,
+    def __init__(self, client: redis.Redis, *, prefix: str = RedisKeys().token,
                  lock_timeout: float = 120.0, wait_timeout: float = 130.0) -> None:
         self._redis = client
         self._prefix = prefix

@@ -22,7 +22,7 @@ import redis
 from sqlalchemy.orm import Session
 
 from dokstamp_sync.ops.status import report
-from dokstamp_sync.redis_keys import HEARTBEAT, INGEST_FAILURE
+from dokstamp_sync.redis_keys import RedisKeys
 
 
 @dataclass
@@ -36,9 +36,9 @@ def _age(raw: bytes | str | None, now: float) -> float | None:
     return None if raw is None else max(0.0, now - float(raw))
 
 
-def _last_failure(client: redis.Redis, now: float) -> tuple[float, str] | None:
+def _last_failure(client: redis.Redis, key: str, now: float) -> tuple[float, str] | None:
     """(age in seconds, reason) of the last failed ingest batch still on record, if any."""
-    raw = client.get(INGEST_FAILURE)
+    raw = client.get(key)
     try:
         note = json.loads(raw) if raw is not None else None
         return (max(0.0, now - float(note["at"])), str(note["reason"])) if note else None
@@ -47,18 +47,20 @@ def _last_failure(client: redis.Redis, now: float) -> tuple[float, str] | None:
 
 
 def check(session: Session, client: redis.Redis, stream: str, *, max_age: float = 3600.0,
-          stall: float = 120.0, consumer_grace: float = 30.0, finals: bool = True) -> Health:
-    """``finals``: count final events too (see :func:`~.status.report`)."""
+          stall: float = 120.0, consumer_grace: float = 30.0, finals: bool = True,
+          keys: RedisKeys = RedisKeys()) -> Health:
+    """``finals``: count final events too (see :func:`~.status.report`); ``keys``: the
+    deployment's Redis names (heartbeats, the ingest failure, the queue)."""
     problems: list[str] = []
-    status = report(session, client, stream, finals=finals)
+    status = report(session, client, stream, finals=finals, keys=keys)
     if "redis_error" in status:
         return Health(False, [f"Redis unreachable: {status['redis_error']}"], status)
     now = time.time()
-    consumers = list(client.scan_iter(f"{HEARTBEAT}ingest:*"))
+    consumers = list(client.scan_iter(f"{keys.heartbeat}ingest:*"))
     ages = [a for a in (_age(client.get(k), now) for k in consumers) if a is not None]
     consumer_age = min(ages) if ages else None
-    task_age = _age(client.get(f"{HEARTBEAT}task"), now)
-    failure = _last_failure(client, now)
+    task_age = _age(client.get(f"{keys.heartbeat}task"), now)
+    failure = _last_failure(client, keys.ingest_failure, now)
     if consumer_age is None or consumer_age > consumer_grace:
         if failure is not None and (consumer_age is None or failure[0] < consumer_age):
             problems.append(f"stream ingestion failing: {failure[1]}")

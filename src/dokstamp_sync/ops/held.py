@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dokstamp_sync import held
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.guard import forget
-from dokstamp_sync.redis_keys import GUARD
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.reporting import Report, mark_reported
 
 Decide = Callable[[Session, held.Selection], held.Decided]
@@ -36,7 +36,7 @@ class Done:
 
 
 def decide(sessions: sessionmaker[Session], client: redis.Redis, report: Report | None,
-           action: Decide, which: held.Selection, *, prefix: str = GUARD) -> Done:
+           action: Decide, which: held.Selection, *, prefix: str = RedisKeys().guard) -> Done:
     """Release or discard (``action``) the chosen held events in one transaction; then take
     them out of the guard's window and report what the action reports."""
     with session_scope(sessions) as session:
@@ -57,7 +57,7 @@ def decide(sessions: sessionmaker[Session], client: redis.Redis, report: Report 
 
 def decide_command(sessions: sessionmaker[Session], client: redis.Redis, report: Report | None,
                    action: str, which: held.Selection, *, as_json: bool,
-                   prefix: str = GUARD) -> int:
+                   prefix: str = RedisKeys().guard) -> int:
     """``held release|discard``: print what was done; exit 1 when an id named was not held."""
     chosen: Decide = held.release if action == "release" else held.discard
     done = decide(sessions, client, report, chosen, which, prefix=prefix)

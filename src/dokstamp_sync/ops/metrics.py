@@ -39,6 +39,7 @@ from dokstamp_sync.dokstamp.breaker import CircuitBreaker
 from dokstamp_sync.models import DeadLetter
 from dokstamp_sync.ops import recorder
 from dokstamp_sync.ops.health import check
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.states import OPEN, LetterStatus
 
 PREFIX = "dokstamp_sync"
@@ -55,22 +56,23 @@ GAUGES = (("stream_depth", "stream_depth", "Entries waiting in the Redis stream"
 
 class SyncCollector:
     """A Prometheus collector over the store and Redis: the fleet's gauges and, when
-    ``replica`` is given, that replica's counters."""
+    ``replica`` is given, that replica's counters (``keys``: the deployment's Redis names)."""
 
     def __init__(self, sessions: sessionmaker[Session], client: redis.Redis,
-                 stream: str, *, replica: str | None = None, tenant: str | None = None) -> None:
+                 stream: str, *, replica: str | None = None, tenant: str | None = None,
+                 keys: RedisKeys = RedisKeys()) -> None:
         self.sessions, self.redis, self.stream = sessions, client, stream
-        self.replica = replica
-        self.breaker = CircuitBreaker(client, tenant) if tenant else None
+        self.replica, self.keys = replica, keys
+        self.breaker = CircuitBreaker(client, tenant, keys=keys) if tenant else None
 
     def collect(self) -> Iterator[Metric]:
         yield from self.fleet()
         if self.replica is not None:
-            yield from replica_counters(self.redis, self.replica)
+            yield from replica_counters(self.redis, self.replica, self.keys)
 
     def fleet(self) -> Iterator[Metric]:
         with session_scope(self.sessions) as session:
-            health = check(session, self.redis, self.stream, finals=False)
+            health = check(session, self.redis, self.stream, finals=False, keys=self.keys)
             by_entity = session.execute(
                 select(DeadLetter.entity, func.count()).where(
                     DeadLetter.status == LetterStatus.OPEN).group_by(DeadLetter.entity)).all()
@@ -105,7 +107,8 @@ class SyncCollector:
                                     value=0.0 if self.breaker.open_for() is None else 1.0)
 
 
-def replica_counters(client: redis.Redis, name: str) -> Iterator[Metric]:
+def replica_counters(client: redis.Redis, name: str,
+                     keys: RedisKeys = RedisKeys()) -> Iterator[Metric]:
     """One replica's counters and latency histogram (see :mod:`.recorder`)."""
     api = CounterMetricFamily(f"{PREFIX}_api_requests", "DokStamp API responses by route, "
                               "method and status", labels=["route", "method", "status",
@@ -119,7 +122,7 @@ def replica_counters(client: redis.Redis, name: str) -> Iterator[Metric]:
     n429 = 0.0
     buckets: dict[tuple[str, str], dict[str, float]] = {}
     sums: dict[tuple[str, str], float] = {}
-    for parts, value in recorder.read(client, name):
+    for parts, value in recorder.read(client, name, keys):
         kind, labels = parts[0], parts[1:]
         if kind == "api" and len(labels) == 3:
             api.add_metric([*labels, f"{labels[2][:1]}xx"], value)
@@ -148,16 +151,18 @@ def replica_counters(client: redis.Redis, name: str) -> Iterator[Metric]:
 
 
 def app(sessions: sessionmaker[Session], client: redis.Redis, stream: str, *,
-        replica: str | None = None, tenant: str | None = None) -> Callable[..., Any]:
+        replica: str | None = None, tenant: str | None = None,
+        keys: RedisKeys = RedisKeys()) -> Callable[..., Any]:
     """A WSGI app: ``/metrics`` (Prometheus text) and ``/healthz``."""
     registry = CollectorRegistry()
-    registry.register(SyncCollector(sessions, client, stream, replica=replica, tenant=tenant))
+    registry.register(SyncCollector(sessions, client, stream, replica=replica, tenant=tenant,
+                                    keys=keys))
     metrics = make_wsgi_app(registry)
 
     def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == "/healthz":
             with session_scope(sessions) as session:
-                health = check(session, client, stream)
+                health = check(session, client, stream, keys=keys)
             body = json.dumps({"ok": health.ok, "problems": health.problems,
                                "facts": health.facts}).encode()
             start_response("200 OK" if health.ok else "503 Service Unavailable",
@@ -176,10 +181,11 @@ class _Quiet(WSGIRequestHandler):
 
 def serve(sessions: sessionmaker[Session], client: redis.Redis, stream: str, *,
           address: str = "127.0.0.1", port: int = 9464, background: bool = False,
-          replica: str | None = None, tenant: str | None = None) -> WSGIServer:
+          replica: str | None = None, tenant: str | None = None,
+          keys: RedisKeys = RedisKeys()) -> WSGIServer:
     """Serve the metrics; in a daemon thread when ``background``."""
     server = make_server(address, port, app(sessions, client, stream, replica=replica,
-                                            tenant=tenant), handler_class=_Quiet)
+                                            tenant=tenant, keys=keys), handler_class=_Quiet)
     if background:
         threading.Thread(target=server.serve_forever, name="dokstamp-metrics",
                          daemon=True).start()

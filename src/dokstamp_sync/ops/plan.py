@@ -38,7 +38,7 @@ from dokstamp_sync.events import Event, InvalidEvent, parse_event
 from dokstamp_sync.guard import GuardPolicy
 from dokstamp_sync.held import destructive
 from dokstamp_sync.models import InboxEvent, Mapping
-from dokstamp_sync.redis_keys import GUARD
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.states import EXISTING, EventState, MappingStatus
 from dokstamp_sync.sync.entities import REFERENCES, SPECS
 from dokstamp_sync.sync.references import MODULE_PIVOT, payload
@@ -126,8 +126,9 @@ class Planner:
     """Judges events against the mapping store (read only) and the guard's window."""
 
     def __init__(self, session: Session, client: redis.Redis | None, policy: GuardPolicy,
-                 rate_limit: float) -> None:
+                 rate_limit: float, keys: RedisKeys = RedisKeys()) -> None:
         self.session, self.redis, self.policy = session, client, policy
+        self.guard_prefix = keys.guard
         self.plan = Plan(rate_limit=rate_limit)
         self.known: dict[tuple[str, str], _Known | None] = {}
 
@@ -309,7 +310,7 @@ class Planner:
         if self.redis is None:
             return 0
         start = datetime.now().timestamp() - self.policy.window
-        return int(self.redis.zcount(f"{GUARD}{entity}", start, "+inf"))
+        return int(self.redis.zcount(f"{self.guard_prefix}{entity}", start, "+inf"))
 
 
 def _slot(event: Event) -> tuple[str, str, bool]:

@@ -25,6 +25,7 @@ def command(file: str, store: StoreSettings, sessions: sessionmaker[Session],
     transaction rolled back: nothing is written), search DokStamp when asked, print."""
     from dokstamp_sync.guard import GuardPolicy
     from dokstamp_sync.ops.plan import Planner, read_events
+    from dokstamp_sync.redis_keys import RedisKeys
 
     opened: IO[str] | nullcontext[IO[str]] = nullcontext(sys.stdin) if file == "-" \
         else open(file, encoding="utf-8")  # noqa: SIM115  # closed by the with below
@@ -32,15 +33,19 @@ def command(file: str, store: StoreSettings, sessions: sessionmaker[Session],
         events = read_events(fh)
     rate = settings.dokstamp_rate_limit if settings is not None else 10.0  # CONTRACT's default
     with sessions() as session:
-        plan = Planner(session, client, GuardPolicy.from_settings(store), rate).run(events)
+        keys = RedisKeys(store.dokstamp_sync_namespace.strip())
+        plan = Planner(session, client, GuardPolicy.from_settings(store), rate,
+                       keys).run(events)
         session.rollback()  # read only: nothing to keep
     if check_dokstamp and settings is not None:
         from dokstamp_sync.dokstamp import RateLimiter, RedisTokenStore, client_from_settings
         from dokstamp_sync.ops.plan_check import check, refuse_writes
 
         # the fence refuses any write before it leaves: the plan only reads
-        api = client_from_settings(settings, store=RedisTokenStore(client), limiter=RateLimiter(
-            client, settings.dokstamp_tenant, settings.dokstamp_rate_limit), fence=refuse_writes)
+        api = client_from_settings(
+            settings, store=RedisTokenStore(client, prefix=keys.token),
+            limiter=RateLimiter(client, settings.dokstamp_tenant, settings.dokstamp_rate_limit,
+                                keys=keys), fence=refuse_writes)
         with api.http:
             check(plan, api)
     print(json.dumps(plan.as_dict()) if as_json else render(plan))

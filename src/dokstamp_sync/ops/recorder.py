@@ -26,7 +26,7 @@ from contextlib import suppress
 import httpx
 import redis
 
-from dokstamp_sync.redis_keys import REPLICA_COUNTERS
+from dokstamp_sync.redis_keys import RedisKeys
 
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # s
 TTL = 86400  # s a replica's hash outlives its last flush or scrape
@@ -84,7 +84,7 @@ class Recorder:
             field = SEP.join(("latency_sum", *labels))
             self.sums[field] = self.sums.get(field, 0.0) + seconds
 
-    def flush(self, client: redis.Redis) -> None:
+    def flush(self, client: redis.Redis, keys: RedisKeys = RedisKeys()) -> None:
         """Add the counts to this replica's hash (kept if Redis is away: next time)."""
         with self._guard:
             counts, sums = Counter(self.counts), dict(self.sums)
@@ -92,7 +92,7 @@ class Recorder:
             self.sums.clear()
         if not counts and not sums:
             return
-        key = f"{REPLICA_COUNTERS}{replica()}"
+        key = f"{keys.replica_counters}{replica()}"
         try:
             with client.pipeline(transaction=False) as pipe:
                 for field, n in counts.items():
@@ -108,9 +108,10 @@ class Recorder:
                     self.sums[field] = self.sums.get(field, 0.0) + total
 
 
-def read(client: redis.Redis, name: str) -> Iterator[tuple[list[str], float]]:
+def read(client: redis.Redis, name: str,
+         keys: RedisKeys = RedisKeys()) -> Iterator[tuple[list[str], float]]:
     """The replica's fields as (parts, value), keeping its hash alive while it is scraped."""
-    key = f"{REPLICA_COUNTERS}{name}"
+    key = f"{keys.replica_counters}{name}"
     raw = client.hgetall(key)
     with suppress(redis.RedisError):
         client.expire(key, TTL)

@@ -12,17 +12,18 @@ from sqlalchemy.orm import Session
 from dokstamp_sync import held
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
-from dokstamp_sync.redis_keys import QUEUE
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.states import OPEN, EventState, LetterStatus
 
 
 def report(session: Session, client: redis.Redis | None, stream: str, *,
-           finals: bool = True) -> dict[str, Any]:
+           finals: bool = True, keys: RedisKeys = RedisKeys()) -> dict[str, Any]:
     """The status as a JSON-ready dict (CONTRACT §4: at least ``events`` by state).
 
     ``finals=False`` (a metrics scrape): only open events are counted, through the index that
     leads with ``state``, so the cost follows the backlog, not the inbox's whole history; the
-    final states are left out (``dead`` is the open dead letters)."""
+    final states are left out (``dead`` is the open dead letters). ``keys``: the deployment's
+    Redis names (its Celery queue)."""
     counts = dict.fromkeys([s.value for s in (EventState if finals else OPEN)], 0)
     by_state = select(InboxEvent.state, func.count()).group_by(InboxEvent.state)
     if not finals:
@@ -48,7 +49,7 @@ def report(session: Session, client: redis.Redis | None, stream: str, *,
     if client is not None:
         try:
             out["stream_depth"] = int(client.xlen(stream)) if client.exists(stream) else 0
-            out["queue_depth"] = int(client.llen(QUEUE))
+            out["queue_depth"] = int(client.llen(keys.queue))
         except redis.RedisError as exc:
             out |= {"stream_depth": None, "queue_depth": None,
                     "redis_error": f"{type(exc).__name__}: {exc}"}

@@ -12,7 +12,7 @@ entry id; it never holds up the entries read with it (:mod:`dokstamp_sync.pipeli
 A consumer group that is gone (the stream key deleted, Redis restarted empty) is created again
 from the start of the stream. The health check sees progress, not a process: the heartbeat is
 written only after a batch was recorded (or there was nothing to read), and a failing batch
-leaves its time and reason in Redis (``INGEST_FAILURE``).
+leaves its time and reason in Redis (:attr:`~.redis_keys.RedisKeys.ingest_failure`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from dokstamp_sync.pipeline.inbox import (
 )
 from dokstamp_sync.pipeline.outbox import mark_reported
 from dokstamp_sync.pipeline.results import Report, Result
-from dokstamp_sync.redis_keys import GROUP, HEARTBEAT, INGEST_FAILURE
+from dokstamp_sync.redis_keys import RedisKeys
 
 __all__ = ["Dispatch", "StreamIngester", "record_entries", "record_entry"]
 
@@ -60,7 +60,7 @@ class StreamIngester:
     """One consumer of the group; :meth:`poll` handles one batch."""
 
     def __init__(self, client: redis.Redis, sessions: sessionmaker[Session], stream: str, *,
-                 consumer: str, dispatch: Dispatch, lease: float, group: str = GROUP,
+                 consumer: str, dispatch: Dispatch, lease: float, keys: RedisKeys = RedisKeys(),
                  claim_idle_ms: int = 60_000, batch: int = 200,
                  batch_bytes: int = INGEST_BATCH_BYTES,
                  max_file_bytes: int = FILE_MAX_BYTES, report: Report | None = None,
@@ -69,9 +69,10 @@ class StreamIngester:
         self.report = report  # told the dead letters of entries that are no valid event
         # told the new deletes and revokes (the change guard counts them as they arrive)
         self.arrivals = arrivals
-        self.consumer, self.dispatch, self.lease, self.group = consumer, dispatch, lease, group
+        self.consumer, self.dispatch, self.lease = consumer, dispatch, lease
+        self.keys, self.group = keys, keys.group
         self.claim_idle_ms, self.batch = claim_idle_ms, batch
-        self.reader = BoundedReader(client, stream, group, consumer, count=batch,
+        self.reader = BoundedReader(client, stream, keys.group, consumer, count=batch,
                                     max_bytes=batch_bytes)
         self.claimed: list[bytes] = []  # ids claimed from others, not read yet
         self.max_file_bytes = max_file_bytes
@@ -202,13 +203,13 @@ class StreamIngester:
     def _beat(self) -> None:
         # The health check's proof that this consumer makes progress (expires if it stops).
         self.last_read = time.time()
-        self.redis.set(f"{HEARTBEAT}ingest:{self.consumer}", str(self.last_read),
+        self.redis.set(f"{self.keys.heartbeat}ingest:{self.consumer}", str(self.last_read),
                        ex=HEARTBEAT_TTL)
 
     def _note_failure(self, reason: str) -> None:
         """Leave the failure where the health check looks (no secret: a short reason)."""
         try:
-            self.redis.set(INGEST_FAILURE, json.dumps(
+            self.redis.set(self.keys.ingest_failure, json.dumps(
                 {"at": time.time(), "consumer": self.consumer, "reason": reason}),
                 ex=FAILURE_TTL)
         except redis.RedisError:  # Redis itself is away: the health check says so already

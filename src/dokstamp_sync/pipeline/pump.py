@@ -24,7 +24,7 @@ from dokstamp_sync.pipeline import outbox, retention
 from dokstamp_sync.pipeline.ingest import Dispatch, StreamIngester
 from dokstamp_sync.pipeline.results import Publisher
 from dokstamp_sync.pipeline.scheduler import dispatch_due
-from dokstamp_sync.redis_keys import LOCK, QUEUE, RedisKeys
+from dokstamp_sync.redis_keys import RedisKeys
 
 log = logging.getLogger("dokstamp_sync.worker")
 
@@ -39,7 +39,7 @@ class Pump:
     def __init__(self, settings: Settings, dispatch: Dispatch, *,
                  sessions: sessionmaker[Session], redis_client: redis.Redis,
                  serve_metrics: MetricsServer | None = None,
-                 poll_interval: float = 1.0) -> None:
+                 keys: RedisKeys = RedisKeys(), poll_interval: float = 1.0) -> None:
         self.settings = settings
         self.dispatch = dispatch
         self.stop_event = threading.Event()
@@ -48,6 +48,7 @@ class Pump:
         self.lease = settings.dokstamp_sync_lease
         self.sessions = sessions
         self.serve_metrics = serve_metrics
+        self.keys = keys
         client = redis_client
         self.publisher = Publisher(client, settings.dokstamp_sync_results_stream,
                                    settings.dokstamp_sync_results_maxlen)
@@ -57,11 +58,10 @@ class Pump:
             dispatch=dispatch, lease=self.lease,
             max_file_bytes=settings.dokstamp_sync_file_max_bytes,
             batch_bytes=settings.dokstamp_sync_ingest_batch_bytes,
-            report=self.publisher,
-            # the change guard counts deletes and revokes as they arrive (CONTRACT §6)
+            report=self.publisher, keys=keys,
+            # the change guard counts deletes and revokes as they arrive
             arrivals=Guard(GuardPolicy.from_settings(settings), self.sessions, client,
-                           prefix=RedisKeys(settings.dokstamp_sync_namespace.strip()).guard
-                           ).note_arrivals)
+                           prefix=keys.guard).note_arrivals)
         self.threads = [threading.Thread(target=self._ingest, name="dokstamp-ingest",
                                          daemon=True),
                         threading.Thread(target=self._schedule, name="dokstamp-scheduler",
@@ -91,7 +91,7 @@ class Pump:
 
     def _queued(self) -> int:
         """Tasks waiting in Celery's queue (a Redis list on the same Redis)."""
-        return int(self.ingester.redis.llen(QUEUE))
+        return int(self.ingester.redis.llen(self.keys.queue))
 
     def _schedule(self) -> None:
         while not self.stop_event.is_set():
@@ -116,7 +116,8 @@ class Pump:
         sweepers would both write the same rows, so one sweeps at a time (a Redis lock)."""
         while not self.stop_event.wait(outbox.INTERVAL):
             try:
-                lock = self.ingester.redis.lock(f"{LOCK}outbox", timeout=120, blocking=False)
+                lock = self.ingester.redis.lock(f"{self.keys.lock}outbox", timeout=120,
+                                                blocking=False)
                 if lock.acquire():
                     try:
                         outbox.sweep(self.sessions, self.publisher)
