@@ -27,7 +27,8 @@ def test_an_oversized_or_deeply_nested_create_answer_keeps_the_in_flight_mark(
     created: DokStamp holds exactly one student, POSTed once."""
     ctx.limits = replace(ctx.limits, in_call_attempts=1, create_window=0.5)
     sandbox.sandbox.faults.configure(Faults(script=[
-        ScriptedFault("POST", "/students", body=body)]))
+        ScriptedFault("POST", "/students", body=body,
+                      then=[ScriptedFault("GET", "/students", status=503)])]))
     e = student()
     assert h.sync(e) == ["waiting"]
     error = h.record(e["event_id"]).last_error

@@ -238,7 +238,8 @@ def test_malformed_success_body_is_retried_with_status_and_excerpt(h, ctx, sandb
     # a malformed answer to a create may hide a write: wait, then search
     ctx.limits = replace(ctx.limits, create_window=0.2)
     sandbox.sandbox.faults.configure(Faults(script=[
-        ScriptedFault("POST", "/students", body="empty")]))
+        ScriptedFault("POST", "/students", body="empty",
+                      then=[ScriptedFault("GET", "/students", status=503)])]))
     e = student()
     with caplog.at_level(logging.INFO):
         assert h.sync(e) == ["waiting"]

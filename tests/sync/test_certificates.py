@@ -123,7 +123,8 @@ def test_created_but_unmapped_after_a_lost_response_is_found_and_revoked(hh, san
     hh.ctx.limits = replace(hh.ctx.limits, in_call_attempts=1)
     # the failed create may still land: searched after this
     hh.ctx.limits = replace(hh.ctx.limits, create_window=0.2)
-    script(sandbox, ScriptedFault("POST", "/certificates", status=500, after_commit=True))
+    script(sandbox, ScriptedFault("POST", "/certificates", status=500, after_commit=True,
+                                  then=[ScriptedFault("GET", "/certificates", status=503)]))
     assert hh.sync(cert) == ["waiting"]
     assert hh.mapping("certificate", "CERT-00001") is None
     time.sleep(0.25)

@@ -50,7 +50,8 @@ def test_a_created_but_unmapped_student_is_found_and_deleted(h, sandbox):
     deletes it: the sandbox ends with no live student, the mapping says deleted. (The old
     code ended this delete "nothing to delete: not in DokStamp" and left the student.)"""
     short_window(h)
-    script(sandbox, ScriptedFault("POST", "/students", status=500, after_commit=True))
+    script(sandbox, ScriptedFault("POST", "/students", status=500, after_commit=True,
+                                  then=[ScriptedFault("GET", "/students", status=503)]))
     up = student()
     assert h.sync(up) == ["waiting"]
     assert len(live(sandbox, "students")) == 1
@@ -106,7 +107,8 @@ def test_strict_an_unmapped_institution_is_matched_by_name_and_deleted(h, sandbo
     sandbox.sandbox.config.strict = True
     short_window(h)
     assert h.sync(institution("OTHER", "Beta University")) == ["synced"]
-    script(sandbox, ScriptedFault("POST", "/institutions", status=500, after_commit=True))
+    script(sandbox, ScriptedFault("POST", "/institutions", status=500, after_commit=True,
+                                  then=[ScriptedFault("GET", "/institutions", status=503)]))
     assert h.sync(institution("INST", "Alpha University")) == ["waiting"]
     assert len(live(sandbox, "institutions")) == 2
     gone = event("institution", "INST", op="delete", at=T0 + timedelta(hours=1))
@@ -125,7 +127,8 @@ def test_an_unmapped_module_is_located_through_its_institution(h, sandbox):
     institution, and deleted."""
     short_window(h)
     assert h.sync(institution("INST", "Alpha University")) == ["synced"]
-    script(sandbox, ScriptedFault("POST", "/modules", status=500, after_commit=True))
+    script(sandbox, ScriptedFault("POST", "/modules", status=500, after_commit=True,
+                                  then=[ScriptedFault("GET", "/modules", status=503)]))
     module = event("module", "MOD-1", {"name": "Algebra", "code": "ALG",
                                        "institution_key": "INST"}, at=T0)
     assert h.sync(module) == ["waiting"]
@@ -146,7 +149,8 @@ def test_a_stale_deleted_mapping_does_not_hide_a_recreated_student(h, sandbox):
     h.sync(student())
     h.sync(student(op="delete", at=T0 + timedelta(hours=1)))
     assert live(sandbox, "students") == []
-    script(sandbox, ScriptedFault("POST", "/students", status=500, after_commit=True))
+    script(sandbox, ScriptedFault("POST", "/students", status=500, after_commit=True,
+                                  then=[ScriptedFault("GET", "/students", status=503)]))
     assert h.sync(student(at=T0 + timedelta(hours=2))) == ["waiting"]
     assert len(live(sandbox, "students")) == 1
     assert h.mapping("student", "S-1").status == "deleted"
