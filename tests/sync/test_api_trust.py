@@ -232,7 +232,8 @@ def test_blocked_delete_without_archive_status_is_dead_naming_the_dependents(h, 
 
 
 def test_malformed_success_body_is_retried_with_status_and_excerpt(h, ctx, sandbox, caplog):
-    """An empty 201 to a create (the student was created): the event waits with the status
+    """An empty 201 to a create (the student was created), the search right after it answered
+    503: the event waits with the status
     and reason in its error, no traceback is logged, and the retry adopts the student."""
     ctx.limits = replace(ctx.limits, in_call_attempts=1)
     # a malformed answer to a create may hide a write: wait, then search
