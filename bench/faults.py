@@ -1,7 +1,9 @@
-"""Benchmark: recovery after kill -9 of every worker process, and a DokStamp outage.
+"""Benchmark: recovery after kill -9 of every worker process, and a DokStamp outage; with
+``--ratios``, what faults cost against the same cohort undisturbed (issue 22).
 
     python bench/faults.py                                   # this checkout's worker
     python bench/faults.py --worker-bin /tmp/before11/.venv/bin --label before
+    python bench/faults.py --ratios --runs 3 --before-pythonpath /work/wt/before22/src
 
 Everything is real: the DokStamp sandbox over HTTP on loopback (run in this process, from this
 checkout, so both workers face the same API), the machine's Redis (``BENCH_REDIS_URL``, default
@@ -19,6 +21,15 @@ routes), so it measures the code before issue 11 and after it alike:
    makes every API request answer 503 for ``--outage`` seconds. Measured: the requests the
    sandbox received during the outage (``outage_requests``), and seconds from its end until every
    event is settled.
+
+``--ratios`` runs instead, each in a fresh sandbox, Redis database and PostgreSQL database with
+a fresh worker (measured from the XADD of the cohort until every event is settled):
+``clean``, the cohort undisturbed; ``5xx``, 10 % of writes (not GETs) answered 500/502/503 as a
+proxy's HTML page, half of them after the write was applied (lost responses); ``dbkill``, every
+PostgreSQL connection of the worker terminated (``pg_terminate_backend``) three times, once 20,
+45 and 70 % of the events are synced. Each faulty run is divided by the clean run of the same
+round and variant; ``--before-pythonpath`` adds a variant whose worker imports another checkout's
+code (rounds interleave: before, then after, scenario by scenario).
 
 Both waits are capped (``--timeout``); a wait that hit the cap is reported as a lower bound
 (``"settled": false``). The last line printed is one JSON object with the figures.
@@ -171,6 +182,123 @@ def outage_run(server: SandboxServer, client: redis.Redis, inbox: Inbox, worker:
             "states": inbox.states("O-")}
 
 
+SCENARIOS = ("clean", "5xx", "dbkill")
+KILL_AT = (0.2, 0.45, 0.7)
+
+
+def kill_connections(inbox: Inbox) -> int:
+    """Terminate every other connection to the benchmark's database (the worker's)."""
+    rows = inbox.conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+    return len(rows)
+
+
+def scenario_run(scenario: str, env: dict[str, str], label: str,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """One cohort through a fresh worker, database, Redis database and sandbox."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    name = f"dokstamp_sync_faults_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    db_url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") \
+        + f"/{name}"
+    logs = Path(os.environ.get("BENCH_LOG_DIR", "bench-logs"))
+    logs.mkdir(parents=True, exist_ok=True)
+    worker: Worker | None = None
+    try:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")}
+        subprocess.run([str(args.worker_bin / "dokstamp-sync"), "db", "upgrade"],  # noqa: S603
+                       env=base | env | {"DATABASE_URL": db_url, "REDIS_URL": REDIS_URL},
+                       check=True, capture_output=True)
+        inbox = Inbox(db_url.replace("postgresql+psycopg://", "postgresql://"))
+        with SandboxServer(Sandbox(SandboxConfig(accounts=[ACCOUNT]))) as server:
+            faults = Faults(rate_limit=args.rate, latency_ms=args.latency_ms, seed=args.seed)
+            if scenario == "5xx":
+                faults = Faults(rate_limit=args.rate, latency_ms=args.latency_ms,
+                                seed=args.seed, error_rate=0.1, lost_response_share=0.5,
+                                error_writes=True, error_html=True)
+            server.sandbox.faults.configure(faults)
+            worker = Worker(args.worker_bin, server.url, db_url, concurrency=args.concurrency,
+                            rate=args.rate, log=logs / f"faults-{label}-{scenario}.log",
+                            extra=env)
+            worker.wait_ready(client)
+            events = cohort(args.certificates, "R-")
+            t0 = time.monotonic()
+            xadd(client, events)
+            killed = []
+            if scenario == "dbkill":
+                for share in KILL_AT:
+                    if not inbox.wait("R-", some_synced(share, len(events)), args.timeout,
+                                      worker):
+                        raise RuntimeError("the cohort did not progress")
+                    killed.append(kill_connections(inbox))
+            ok = inbox.wait("R-", settled(len(events)), args.timeout, worker)
+            wall = time.monotonic() - t0
+            stats = httpx.get(f"{server.url}/_sandbox/stats", timeout=10).json()
+            holds = held(server)
+        states = inbox.states("R-")
+        inbox.conn.close()
+    finally:
+        if worker is not None:
+            worker.stop()
+        client.flushdb()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    expected = dict(Counter(e["entity"] for e in events))
+    return {"variant": label, "scenario": scenario, "wall_s": round(wall, 2), "settled": ok,
+            "states": states, "killed_connections": killed,
+            "requests": stats["requests"], "injected_5xx": stats["injected_5xx"],
+            "lost_responses": stats["lost_responses"],
+            "duplicates": {k: holds.get(f"{k}s", 0) - n for k, n in expected.items()
+                           if holds.get(f"{k}s", 0) != n}}
+
+
+def ratios(args: argparse.Namespace) -> int:
+    """``--ratios``: each scenario beside the clean run, per variant, medians over rounds."""
+    variants: list[tuple[str, dict[str, str]]] = []
+    if args.before_pythonpath:
+        variants.append(("before", {"PYTHONPATH": args.before_pythonpath}))
+    variants.append(("after", dict(item.split("=", 1) for item in args.env)))
+    runs: list[dict[str, Any]] = []
+    for rnd in range(args.runs):
+        for scenario in ("clean", *args.scenarios):
+            for label, env in variants:
+                r = scenario_run(scenario, env, label, args) | {"round": rnd}
+                runs.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+    summary: dict[str, Any] = {}
+    for label, _ in variants:
+        mine = [r for r in runs if r["variant"] == label]
+        done = ["clean", *args.scenarios]
+        walls = {s: sorted(r["wall_s"] for r in mine if r["scenario"] == s) for s in done}
+        per_round = {s: sorted(
+            round(a["wall_s"] / c["wall_s"], 2) for a in mine for c in mine
+            if a["scenario"] == s and c["scenario"] == "clean" and a["round"] == c["round"])
+            for s in done[1:]}
+        summary[label] = {
+            "median_wall_s": {s: w[len(w) // 2] for s, w in walls.items()},
+            "ratio_of_medians": {s: round(walls[s][len(walls[s]) // 2]
+                                          / walls["clean"][len(walls["clean"]) // 2], 2)
+                                 for s in done[1:]},
+            "ratios_per_round": per_round,
+            "all_settled": all(r["settled"] for r in mine),
+            "duplicates": [r["duplicates"] for r in mine if r["duplicates"]]}
+        print(f"{label}: " + ", ".join(
+            f"{s} {summary[label]['median_wall_s'][s]} s" for s in done) + "; ratios "
+            + ", ".join(f"{s} {v}x" for s, v in summary[label]["ratio_of_medians"].items()),
+            file=sys.stderr)
+    print(json.dumps({"runs": runs, "summary": summary,
+                      "settings": {"certificates": args.certificates, "rounds": args.runs,
+                                   "concurrency": args.concurrency, "rate_limit": args.rate,
+                                   "latency_ms": args.latency_ms, "seed": args.seed,
+                                   "kill_at": KILL_AT},
+                      "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), "
+                                 f"Python {platform.python_version()}"}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker-bin", type=Path, default=Path(sys.executable).parent)
@@ -187,7 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=700.0, help="cap on each wait, s")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="a setting for the worker (repeatable), e.g. DOKSTAMP_SYNC_LEASE=10")
+    p.add_argument("--ratios", action="store_true",
+                   help="issue 22: clean, 5xx and dbkill runs of one cohort, and their ratios")
+    p.add_argument("--runs", type=int, default=3, help="--ratios: rounds (medians)")
+    p.add_argument("--scenarios", nargs="*", default=list(SCENARIOS[1:]),
+                   choices=SCENARIOS[1:], help="--ratios: the faulty runs (beside clean)")
+    p.add_argument("--seed", type=int, default=22, help="--ratios: the sandbox's fault seed")
+    p.add_argument("--before-pythonpath", default="",
+                   help="--ratios: also run a worker importing this source folder (before)")
     args = p.parse_args(argv)
+    if args.ratios:
+        return ratios(args)
     extra = dict(item.split("=", 1) for item in args.env)
     logs = Path(os.environ.get("BENCH_LOG_DIR", "bench-logs"))
     logs.mkdir(parents=True, exist_ok=True)

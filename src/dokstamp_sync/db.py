@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from sqlalchemy import Dialect, Engine, MetaData, String, Table, create_engine, event
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -80,6 +80,18 @@ def once_more_if_disconnected(fn: Callable[[], T]) -> T:
         if not exc.connection_invalidated:
             raise
         return fn()
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database connection failed (dropped, refused, reset), not
+    that a statement was wrong: the same work can simply be done again on a new connection."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated or isinstance(exc, InterfaceError):
+        return True
+    # SQLSTATE class 08: connection exception; 57P: the server ended it (shutdown, crash).
+    state = str(getattr(exc.orig, "sqlstate", None) or "")
+    return isinstance(exc, OperationalError) and state.startswith(("08", "57P"))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

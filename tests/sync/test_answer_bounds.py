@@ -22,12 +22,14 @@ from dokstamp_sync.testing import calls, live, student
 def test_an_oversized_or_deeply_nested_create_answer_keeps_the_in_flight_mark(
         h, ctx, sandbox, body, reason):
     """POST /students is applied and answered 201 with a 12 MiB body (cap 8 MiB) or JSON
-    nested 100,000 levels: the event waits with the reason in its error, the in-flight mark of
-    the create is kept, and once the window is over the retry adopts the student that was
-    created: DokStamp holds exactly one student, POSTed once."""
+    nested 100,000 levels, and the search right after it answers 503: the event waits with the
+    reason in its error, the in-flight mark of the create is kept, and once the window is over
+    the retry adopts the student that was created: DokStamp holds exactly one student, POSTed
+    once."""
     ctx.limits = replace(ctx.limits, in_call_attempts=1, create_window=0.5)
     sandbox.sandbox.faults.configure(Faults(script=[
-        ScriptedFault("POST", "/students", body=body)]))
+        ScriptedFault("POST", "/students", body=body,
+                      then=[ScriptedFault("GET", "/students", status=503)])]))
     e = student()
     assert h.sync(e) == ["waiting"]
     error = h.record(e["event_id"]).last_error

@@ -232,13 +232,15 @@ def test_blocked_delete_without_archive_status_is_dead_naming_the_dependents(h, 
 
 
 def test_malformed_success_body_is_retried_with_status_and_excerpt(h, ctx, sandbox, caplog):
-    """An empty 201 to a create (the student was created): the event waits with the status
+    """An empty 201 to a create (the student was created), the search right after it answered
+    503: the event waits with the status
     and reason in its error, no traceback is logged, and the retry adopts the student."""
     ctx.limits = replace(ctx.limits, in_call_attempts=1)
     # a malformed answer to a create may hide a write: wait, then search
     ctx.limits = replace(ctx.limits, create_window=0.2)
     sandbox.sandbox.faults.configure(Faults(script=[
-        ScriptedFault("POST", "/students", body="empty")]))
+        ScriptedFault("POST", "/students", body="empty",
+                      then=[ScriptedFault("GET", "/students", status=503)])]))
     e = student()
     with caplog.at_level(logging.INFO):
         assert h.sync(e) == ["waiting"]

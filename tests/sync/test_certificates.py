@@ -115,15 +115,16 @@ def test_an_older_upsert_after_a_synced_revoke_is_created_revoked(hh, sandbox):
 
 
 def test_created_but_unmapped_after_a_lost_response_is_found_and_revoked(hh, sandbox):
-    """Case 1: POST /certificates applied but answered 500 (so no mapping), the upsert parked
-    for a retry; the revoke then syncs the upsert (which finds it, no second certificate)
-    and revokes it."""
+    """Case 1: POST /certificates applied but answered 500 and the search right after it
+    answered 503 (so no mapping), the upsert parked for a retry; the revoke then syncs the
+    upsert (which finds it, no second certificate) and revokes it."""
     rest, (cert,) = graph()
     hh.sync(*rest)
     hh.ctx.limits = replace(hh.ctx.limits, in_call_attempts=1)
     # the failed create may still land: searched after this
     hh.ctx.limits = replace(hh.ctx.limits, create_window=0.2)
-    script(sandbox, ScriptedFault("POST", "/certificates", status=500, after_commit=True))
+    script(sandbox, ScriptedFault("POST", "/certificates", status=500, after_commit=True,
+                                  then=[ScriptedFault("GET", "/certificates", status=503)]))
     assert hh.sync(cert) == ["waiting"]
     assert hh.mapping("certificate", "CERT-00001") is None
     time.sleep(0.25)

@@ -45,12 +45,14 @@ def institution(key: str, name: str, at: Any = T0, **kw: Any) -> dict[str, Any]:
 
 
 def test_a_created_but_unmapped_student_is_found_and_deleted(h, sandbox):
-    """POST /students applied but answered 500 (no mapping recorded, the upsert parked); the
+    """POST /students applied but answered 500 and the search right after it answered 503
+    (no mapping recorded, the upsert parked); the
     delete arriving before any retry searches by the upsert's email, finds the student and
     deletes it: the sandbox ends with no live student, the mapping says deleted. (The old
     code ended this delete "nothing to delete: not in DokStamp" and left the student.)"""
     short_window(h)
-    script(sandbox, ScriptedFault("POST", "/students", status=500, after_commit=True))
+    script(sandbox, ScriptedFault("POST", "/students", status=500, after_commit=True,
+                                  then=[ScriptedFault("GET", "/students", status=503)]))
     up = student()
     assert h.sync(up) == ["waiting"]
     assert len(live(sandbox, "students")) == 1
@@ -100,13 +102,14 @@ def test_a_delete_after_an_upsert_that_never_landed_searches_and_finds_none(h, s
 
 def test_strict_an_unmapped_institution_is_matched_by_name_and_deleted(h, sandbox):
     """Strict mode (filters the docs do not show are ignored; institutions have none): an
-    institution created but unmapped (lost response) is found by listing every institution
-    and matching its name in the client, then deleted; another institution, listed first,
-    is untouched."""
+    institution created but unmapped (lost response, the search after it failed) is found by
+    listing every institution and matching its name in the client, then deleted; another
+    institution, listed first, is untouched."""
     sandbox.sandbox.config.strict = True
     short_window(h)
     assert h.sync(institution("OTHER", "Beta University")) == ["synced"]
-    script(sandbox, ScriptedFault("POST", "/institutions", status=500, after_commit=True))
+    script(sandbox, ScriptedFault("POST", "/institutions", status=500, after_commit=True,
+                                  then=[ScriptedFault("GET", "/institutions", status=503)]))
     assert h.sync(institution("INST", "Alpha University")) == ["waiting"]
     assert len(live(sandbox, "institutions")) == 2
     gone = event("institution", "INST", op="delete", at=T0 + timedelta(hours=1))
@@ -121,11 +124,13 @@ def test_strict_an_unmapped_institution_is_matched_by_name_and_deleted(h, sandbo
 
 def test_an_unmapped_module_is_located_through_its_institution(h, sandbox):
     """A module's natural key includes its institution: the reference is taken from the
-    institution's mapping, the module (created, answer lost) is searched by code and
+    institution's mapping, the module (created, answer lost, the search after it failed) is
+    searched by code and
     institution, and deleted."""
     short_window(h)
     assert h.sync(institution("INST", "Alpha University")) == ["synced"]
-    script(sandbox, ScriptedFault("POST", "/modules", status=500, after_commit=True))
+    script(sandbox, ScriptedFault("POST", "/modules", status=500, after_commit=True,
+                                  then=[ScriptedFault("GET", "/modules", status=503)]))
     module = event("module", "MOD-1", {"name": "Algebra", "code": "ALG",
                                        "institution_key": "INST"}, at=T0)
     assert h.sync(module) == ["waiting"]
@@ -139,14 +144,16 @@ def test_an_unmapped_module_is_located_through_its_institution(h, sandbox):
 
 
 def test_a_stale_deleted_mapping_does_not_hide_a_recreated_student(h, sandbox):
-    """Created, deleted (mapping: deleted), upserted anew with its answer lost (the mapping
+    """Created, deleted (mapping: deleted), upserted anew with its answer lost and the search
+    after it failed (the mapping
     still says deleted): a second delete does not trust that mapping, searches, and deletes
     the recreated student."""
     short_window(h)
     h.sync(student())
     h.sync(student(op="delete", at=T0 + timedelta(hours=1)))
     assert live(sandbox, "students") == []
-    script(sandbox, ScriptedFault("POST", "/students", status=500, after_commit=True))
+    script(sandbox, ScriptedFault("POST", "/students", status=500, after_commit=True,
+                                  then=[ScriptedFault("GET", "/students", status=503)]))
     assert h.sync(student(at=T0 + timedelta(hours=2))) == ["waiting"]
     assert len(live(sandbox, "students")) == 1
     assert h.mapping("student", "S-1").status == "deleted"

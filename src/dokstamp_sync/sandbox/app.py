@@ -157,10 +157,13 @@ class Sandbox:
         self.stats.record(key, response.status_code, malformed=malformed)
         return response
 
-    def _fault(self, decision: Decision) -> JSONResponse:
+    def _fault(self, decision: Decision) -> Response:
         assert decision.status is not None
         retry_after = decision.retry_after or (1 if decision.status == 429 else None)
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        if decision.html and decision.status >= 500:  # a proxy's page, not the API's JSON
+            return HTMLResponse(HTML_PAGE.replace("Sign in to continue", "Bad Gateway"),
+                                status_code=decision.status, headers=headers)
         if decision.status == 429:
             return self.error(429, {"message": "Too Many Attempts."}, headers)
         return self.error(decision.status, {"message": "Server Error"}, headers)

@@ -5,15 +5,18 @@
 * ``rate_limit`` (requests/s per tenant) and ``burst``: a token bucket; an empty bucket answers
   429 with ``Retry-After`` (whole seconds, at least 1, as HTTP requires);
 * ``error_rate``: the share of requests answered 5xx; ``lost_response_share`` of those fail
-  AFTER the request was applied (the entity exists, the client saw a 500);
+  AFTER the request was applied (the entity exists, the client saw a 500); ``error_writes``:
+  only writes (not GET) are answered so; ``error_html``: the 5xx is an HTML page, as a proxy in
+  front of the API answers (502 Bad Gateway and the like);
 * ``latency_ms``: added to every request; ``slow_rate``/``slow_seconds``: some requests hang
   past a client's timeout (the write, if any, is applied after the hang);
 * ``script``: deterministic one-shot faults for tests, e.g.
   ``{"method": "POST", "route": "/students", "status": 500, "after_commit": true}``;
   each matches the next request of that method and route, then is spent. A scripted fault may
   also be slow (``delay_s``: the request is applied only after the delay, so a client that gave
-  up sees nothing yet), carry ``retry_after`` (sent as ``Retry-After`` with any status, 429 or
-  5xx), or replace a success answer's body (``body``, see :class:`ScriptedFault`);
+  up sees nothing yet), arm more faults once spent (``then``), carry ``retry_after`` (sent as
+  ``Retry-After`` with any status, 429 or 5xx), or replace a success answer's body (``body``,
+  see :class:`ScriptedFault`);
 * unkind but documented-compatible behaviours: ``reorder_uploads`` (``POST /files`` answers
   its records in reverse order), ``page_cap`` (list pages hold at most N rows while
   ``meta.per_page`` echoes the asked size), ``conflict_409`` (a broken uniqueness rule is a 409,
@@ -68,8 +71,13 @@ class ScriptedFault:
     times: int = 1
     delay_s: float = 0.0
     body: MalformedBody | None = None
+    # faults armed once this one is spent: ``then=[{"method": "GET", "route": "/students",
+    # "status": 503}]`` fails the search a client makes right after a lost create
+    then: list[ScriptedFault] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.then = [t if isinstance(t, ScriptedFault) else ScriptedFault(**t)
+                     for t in self.then]
         if self.body is not None and self.body not in MALFORMED_BODIES:
             raise ValueError(f"body must be one of {', '.join(MALFORMED_BODIES)}")
 
@@ -82,6 +90,8 @@ class Faults:
     burst: float | None = None
     error_rate: float = 0.0
     lost_response_share: float = 0.5
+    error_writes: bool = False
+    error_html: bool = False
     latency_ms: float = 0.0
     slow_rate: float = 0.0
     slow_seconds: float = 0.0
@@ -118,6 +128,7 @@ class Decision:
     retry_after: int | None = None
     delay_s: float = 0.0
     body: MalformedBody | None = None  # replace a success answer's body
+    html: bool = False  # an error answered as a proxy's HTML page, not the API's JSON
 
 
 @dataclass
@@ -202,6 +213,7 @@ class FaultInjector:
                     scripted.times -= 1
                     if scripted.times == 0:
                         f.script.remove(scripted)
+                        f.script[0:0] = scripted.then
                     error = scripted.status >= 400 and scripted.body is None
                     return Decision(scripted.status if error else None,
                                     scripted.after_commit, scripted.retry_after,
@@ -216,10 +228,11 @@ class FaultInjector:
                     return Decision(429, retry_after=max(1, math.ceil(wait)))
             delay = f.slow_seconds if f.slow_rate and self._random.random() < f.slow_rate \
                 else 0.0
-            if f.error_rate and self._random.random() < f.error_rate:
+            if f.error_rate and (method != "GET" or not f.error_writes) \
+                    and self._random.random() < f.error_rate:
                 lost = self._random.random() < f.lost_response_share
                 status = self._random.choice((500, 502, 503))
-                return Decision(status, after_commit=lost, delay_s=delay)
+                return Decision(status, after_commit=lost, delay_s=delay, html=f.error_html)
             return Decision(delay_s=delay)
 
 

@@ -27,6 +27,7 @@ from redis.lock import Lock
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
+from dokstamp_sync.db import connection_lost
 from dokstamp_sync.dokstamp.errors import CircuitOpen, TransientError
 from dokstamp_sync.events import Event, InvalidEvent
 from dokstamp_sync.models import utcnow
@@ -76,8 +77,16 @@ def run(ctx: SyncContext, pk: int, *, flush: bool = True) -> str:
         try:
             state = process(ctx, Run(), pk, payload=claimed.payload)
         except Exception as exc:  # a bug must neither kill the worker nor lose the event
-            log.exception("event %s: internal error", pk)
-            state = _settle(ctx, pk, 0, classify(exc))
+            if connection_lost(exc):
+                # The database dropped the connection (a restart, a failover, a killed
+                # backend): not the event's fault. Hand it back at once, rather than leave it
+                # leased until the lease runs out or spend its retry budget.
+                log.warning("event %s: the database connection failed (%s): due again at once",
+                            pk, type(exc).__name__)
+                state = ctx.store.release(pk)
+            else:
+                log.exception("event %s: internal error", pk)
+                state = _settle(ctx, pk, 0, classify(exc))
     ctx.count(f"events_{state}")
     if flush:
         flush_counters(ctx)

@@ -92,6 +92,13 @@ class CreateMarks:
         if self.locks is not None:
             self.locks.drop(f"{self.prefix}{self._key(entity, natural_key)}")
 
+    def landed(self, entity: str, natural_key: str) -> None:
+        """The create is known to have landed, but its outcome could not be recorded (the
+        database failed): nothing may land late, so no window to wait out; the unresolved
+        mark stays (no listing read before it proves anything: the next attempt searches)."""
+        self.let_go(entity, natural_key)
+        self.redis.delete(f"{self.prefix}{self._key(entity, natural_key)}")
+
     def clear(self, entity: str, natural_key: str) -> None:
         self.let_go(entity, natural_key)
         key = self._key(entity, natural_key)

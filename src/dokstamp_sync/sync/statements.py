@@ -132,6 +132,11 @@ _CLAIM = update(EVENTS).where(_OPEN).values(
 _LEASE = update(EVENTS).where(EVENTS.c.id.in_(bindparam("pks", expanding=True)),
                               EVENTS.c.state.in_(OPEN)).values(
     next_attempt_at=bindparam("until"))
+# A run that failed on a dropped database connection hands its event back (see Store.release).
+_RELEASE = update(EVENTS).where(EVENTS.c.id == bindparam("pk"), EVENTS.c.state.in_(OPEN)).values(
+    next_attempt_at=bindparam("now"),
+    deliveries=case((EVENTS.c.deliveries > 0, EVENTS.c.deliveries - 1),
+                    else_=EVENTS.c.deliveries))
 # A heartbeat's renewal: only events still under the lease it set (or a later claim's), never an
 # event a run has just parked for less than that (``floor``), never shortening a longer wait.
 _RENEW = update(EVENTS).where(EVENTS.c.id.in_(bindparam("pks", expanding=True)),

@@ -41,6 +41,7 @@ from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transa
     _FINISH_SYNCED,
     _LEASE,
     _READ_OPEN,
+    _RELEASE,
     _RENEW,
     NATURAL_KEYS,
     Neighbour,
@@ -160,6 +161,23 @@ class Store:
         with self._tx() as session:
             session.execute(_RENEW, {"pks": pks, "floor": floor, "until": until})
         return until
+
+    def release(self, pk: int) -> str:
+        """A run that failed on the database's side (a dropped connection) hands its open event
+        back: due at once, its delivery count undone (the worker was not lost), no attempt
+        counted. Returns the state the event is in (``error`` when even this fails: then the
+        lease runs out as after a lost worker)."""
+        def run() -> str:
+            with self._tx() as session:
+                session.execute(_RELEASE, {"pk": pk, "now": utcnow()})
+                return _state(session, pk)
+
+        try:
+            return once_more_if_disconnected(run)
+        except Exception as exc:
+            log.warning("event %s: could not hand it back (%s); due once its lease ends", pk,
+                        type(exc).__name__)
+            return "error"
 
     def payload(self, pk: int) -> dict[str, Any] | str:
         """The open event's payload, or the state it is in."""

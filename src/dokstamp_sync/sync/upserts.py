@@ -169,16 +169,22 @@ def _find_or_create_locked(ctx: SyncContext, spec: Spec, event: Event, payload: 
     if known is None and not listed:
         remote = search(ctx, spec, payload)
     created: Entity | None = None
-    if remote is None:
+    sent = remote is None
+    if sent:
         created, remote = _create(ctx, spec, event, payload, create, key, listed)
-    if remote is not None:
-        check_identity(spec, event, payload, remote)
-        uuid = str(remote["uuid"])
-        check_owner(ctx, event, uuid, found_by=", ".join(spec.natural_key))
-    else:
-        assert created is not None
-        uuid = str(created["uuid"])
-    held = ctx.store.remember_natural_key(spec.entity, key, uuid)
+    try:
+        if remote is not None:
+            check_identity(spec, event, payload, remote)
+            uuid = str(remote["uuid"])
+            check_owner(ctx, event, uuid, found_by=", ".join(spec.natural_key))
+        else:
+            assert created is not None
+            uuid = str(created["uuid"])
+        held = ctx.store.remember_natural_key(spec.entity, key, uuid)
+    except Exception:  # (not a process going down: that leaves the mark, as kill -9 does)
+        if sent:  # the create's outcome is known (it landed): nothing may land late any more
+            ctx.creates.landed(spec.entity, key)
+        raise
     ctx.creates.clear(spec.entity, key)  # recorded: the natural key now answers for it
     if held != uuid:
         distrust(ctx, spec, payload)
@@ -205,8 +211,14 @@ def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
         return created, None
     except (TransportError, ServerError, MalformedResponse) as exc:
         # The write may have happened, or may still happen (a slow write lands after the
-        # client gave up): wait twice the HTTP timeout, then search first.
+        # client gave up). Marked first (a worker lost from here on leaves the window), then
+        # searched at once: a lost response (the common case) is found and adopted now. Only
+        # when nothing is found does the event wait out the window before it searches again,
+        # never creating before a late write had time to land.
         ctx.creates.mark(spec.entity, key, window)
+        landed = search_after_failure(ctx, spec, event, payload)
+        if landed is not None:
+            return None, landed
         raise InFlight(f"{exc} (the create may still land: searching after {window:g} s)",
                        retry_after=window) from exc
     except (Conflict, ValidationFailed) as exc:
@@ -232,6 +244,24 @@ def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
     except BaseException:
         ctx.creates.clear(spec.entity, key)  # not sent (the breaker, a pause)
         raise
+
+
+def search_after_failure(ctx: SyncContext, spec: Spec, event: Event,
+                         payload: dict[str, Any]) -> Entity | None:
+    """The entity a create that just failed (5xx, timeout, a malformed answer) wrote after
+    all, searched at once; None when the search finds nothing or cannot be done now (DokStamp
+    failing, the breaker open): the create's window is then waited out as before."""
+    try:
+        found = search(ctx, spec, payload)
+    except TransientError as exc:
+        log.info("%s %s: the search after a failed create failed too (%s): waiting out the "
+                 "create window", event.entity, event.key, type(exc).__name__)
+        return None
+    if found is not None:
+        ctx.count("lost_responses_adopted")
+        log.info("%s %s: a failed create had landed (%s): adopted at once", event.entity,
+                 event.key, found.get("uuid"))
+    return found
 
 
 @contextmanager
