@@ -93,7 +93,7 @@ def wait_settled(sessions, total, timeout=120.0, proc=None):
             assert proc.poll() is None, "the worker exited"
         time.sleep(0.25)
     with session_scope(sessions) as s:
-        stuck = [(e.entity, e.key, e.attempts, e.next_attempt_at, e.waiting_for, e.last_error)
+        stuck = [(e.entity, e.erp_key, e.attempts, e.next_attempt_at, e.waiting_for, e.last_error)
                  for e in s.scalars(select(InboxEvent).where(
                      InboxEvent.state.in_(("pending", "waiting"))))]
     raise AssertionError(f"not settled in {timeout}s: {counts}; still open: {stuck}")

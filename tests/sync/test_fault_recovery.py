@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import psycopg
 
 from dokstamp_sync.demo import samples
-from dokstamp_sync.redis_keys import INFLIGHT
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.testing import Harness, calls, dump, live, student
 
@@ -39,7 +39,7 @@ def test_a_lost_response_on_a_course_create_is_adopted_at_once(h, sandbox):
     assert len(dump(sandbox)["course_modules"][course["uuid"]]) == 2
     assert len(live(sandbox, "cohorts")) == 1
     assert len(live(sandbox, "enrollments")) == len(live(sandbox, "certificates")) == 3
-    assert not list(h.ctx.redis.scan_iter(f"{INFLIGHT}*"))  # recorded: no window left
+    assert not list(h.ctx.redis.scan_iter(f"{RedisKeys().inflight}*"))  # recorded: no window left
 
 
 def test_a_slow_write_landing_after_the_immediate_search_yields_one_entity(make_ctx, sandbox):
@@ -97,7 +97,7 @@ def test_a_dropped_database_connection_hands_the_event_back_at_once(h, sandbox, 
     rec = h.record(e["event_id"])
     assert rec.next_attempt_at <= datetime.now(UTC)
     assert (rec.attempts, rec.deliveries) == (0, 0)
-    assert not list(h.ctx.redis.scan_iter(f"{INFLIGHT}*"))
+    assert not list(h.ctx.redis.scan_iter(f"{RedisKeys().inflight}*"))
     assert len(live(sandbox, "students")) == 1
     assert h.run([rec.id]) == ["synced"]
     (held,) = live(sandbox, "students")
