@@ -58,6 +58,14 @@ def test_no_page_cites_the_contract():
         assert "CONTRACT" not in page.read_text(), page.name
 
 
+def test_no_help_text_or_docstring_cites_the_contract():
+    """The CLI's help, the metrics' help and the code's docstrings point at our own docs/ pages,
+    never at a "CONTRACT §N" a user of the repository cannot read."""
+    cited = [str(p.relative_to(ROOT)) for p in (ROOT / "src").rglob("*.py")
+             if "CONTRACT" in p.read_text()]
+    assert cited == []
+
+
 def test_the_readme_keeps_the_commands_ci_and_a_new_user_run():
     """The test command of .ci/run and the install-and-demo one-liner."""
     readme = (ROOT / "README.md").read_text()

@@ -21,7 +21,7 @@ Command = Callable[..., int]
 
 
 def entity(value: str) -> str:
-    """An entity name of CONTRACT §2 (lower case), else a clear error naming the valid ones."""
+    """An entity name (docs/erp-guide.md, lower case), else a clear error naming the valid ones."""
     if value in ENTITIES:
         return value
     hint = f" (did you mean {value.lower()}?)" if value.lower() in ENTITIES else ""
@@ -209,7 +209,7 @@ def _dlq(sub: Any, cmds: Any) -> None:
 def _guard(sub: Any, cmds: Any) -> None:
     hd = _add(sub, "held", cmds._held, "store",
               "destructive changes held by the change guard: list, release, discard",
-              "Deletes and revokes held by the change guard (CONTRACT §6, docs/guard.md). "
+              "Deletes and revokes held by the change guard (docs/guard.md). "
               "release applies them in the ERP's order and never holds them again; discard "
               "ends them discarded (reported, never applied). An id that is not held exits 1.")
     hs = hd.add_subparsers(dest="action", required=True, metavar="ACTION",

@@ -1,8 +1,8 @@
 """The one typed settings object, read once from the environment and ``.env``; the only module
 that reads the environment (a test fails on any other read in ``src/``).
 
-The variables are those of CONTRACT §1, plus a few optional extensions documented in the README
-(they never change the meaning of the contract's). Secrets are ``SecretStr``: printing, logging or
+Every variable is listed in docs/configuration.md (the extensions never change the meaning of
+the original ones). Secrets are ``SecretStr``: printing, logging or
 ``repr``-ing the settings shows ``**********``. :func:`load_settings` turns a validation failure
 into one :class:`ConfigError` line naming the variable, never its value.
 """
@@ -42,7 +42,7 @@ class StoreSettings(BaseSettings):
     database_url: str = Field(default="postgresql+psycopg://postgres@localhost/dokstamp_sync",
                               repr=False)
     dokstamp_sync_stream: str = EVENTS_STREAM
-    # The outcome stream (CONTRACT §5) and its approximate length.
+    # The outcome stream (docs/erp-guide.md) and its approximate length.
     dokstamp_sync_results_stream: str = RESULTS_STREAM
     dokstamp_sync_results_maxlen: int = Field(default=100_000, gt=0)
     # Prefixes every other Redis name (group, queue, locks...): `wiring.redis_keys` builds the
@@ -63,7 +63,7 @@ class StoreSettings(BaseSettings):
     dokstamp_sync_console_readonly_auth: SecretStr | None = None
     # Flower's basic auth, "user:password" (`dokstamp-sync flower` refuses to start without).
     dokstamp_sync_flower_auth: SecretStr | None = None
-    # The change guard (CONTRACT §6, docs/guard.md): destructive events (deletes, revokes) are
+    # The change guard (docs/guard.md): destructive events (deletes, revokes) are
     # counted per entity kind over the window; past the threshold (a share of the kind's
     # active mappings, never below the minimum) they are held for an operator. Each is applied
     # no sooner than the delay after it arrived, so a burst is seen whole first. 100 % turns
@@ -103,7 +103,7 @@ class StoreSettings(BaseSettings):
 
 
 class Settings(StoreSettings):
-    """Everything dokstamp-sync reads from its environment (CONTRACT §1)."""
+    """Everything dokstamp-sync reads from its environment (docs/configuration.md)."""
 
     dokstamp_api_url: str = "https://api.dokstamp.com"
     dokstamp_tenant: str = Field(min_length=1)

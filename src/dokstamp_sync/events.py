@@ -1,9 +1,9 @@
-"""The ERP change event (CONTRACT §2) and its validation.
+"""The ERP change event (docs/erp-guide.md) and its validation.
 
 :func:`parse_event` turns raw stream text into an :class:`Event` or raises :class:`InvalidEvent`
 with one clear reason ("not JSON: ...", "data.email is required for a student", ...). Bad input
 never raises anything else, so the consumer can dead-letter it and go on. The limits of
-CONTRACT §2 (size, nesting, strings, the range of ``occurred_at``) are checked here too
+docs/erp-guide.md (size, nesting, strings, the range of ``occurred_at``) are checked here too
 (:mod:`dokstamp_sync.limits`), before the JSON is decoded where they must be.
 """
 
@@ -26,7 +26,7 @@ from dokstamp_sync import limits
 
 Entity = Literal["institution", "module", "course", "cohort", "student", "enrollment", "file",
                  "certificate"]
-# CONTRACT §2: the fields an upsert's data must carry, per entity.
+# docs/erp-guide.md: the fields an upsert's data must carry, per entity.
 REQUIRED: dict[str, tuple[str, ...]] = {
     "institution": ("name", "country"),
     "module": ("name", "code", "institution_key"),
@@ -151,7 +151,7 @@ def parse_event(raw: str | bytes | dict[str, Any], *,
                 max_file_bytes: int = limits.FILE_MAX_BYTES,
                 now: datetime | None = None) -> Event:
     """Validate one event (JSON text or an already-decoded dict) within the limits of
-    CONTRACT §2: ``max_file_bytes`` is the file size limit (``DOKSTAMP_SYNC_FILE_MAX_BYTES``),
+    docs/erp-guide.md: ``max_file_bytes`` is the file size limit (``DOKSTAMP_SYNC_FILE_MAX_BYTES``),
     ``now`` the worker's clock (the current time if not given)."""
     body, size = (raw, None) if isinstance(raw, dict) else _decode(raw, max_file_bytes)
     if not isinstance(body, dict):

@@ -1,4 +1,4 @@
-"""The change guard (CONTRACT §6): a mass delete or revoke is held for an operator.
+"""The change guard (docs/guard.md): a mass delete or revoke is held for an operator.
 
 Destructive events are ``delete`` (any entity) and ``revoke`` (certificates). The engine asks
 :meth:`Guard.admit` once per attempt, just before it would apply an event::
@@ -69,7 +69,7 @@ return redis.call('ZCARD', KEYS[1])
 
 @dataclass(frozen=True)
 class GuardPolicy:
-    """The guard's settings (``DOKSTAMP_SYNC_GUARD_*``; defaults as CONTRACT §6)."""
+    """The guard's settings (``DOKSTAMP_SYNC_GUARD_*``; defaults as docs/guard.md)."""
 
     window: float = 3600.0  # s
     threshold: float = 10.0  # % of the kind's active mappings

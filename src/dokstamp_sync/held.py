@@ -1,4 +1,4 @@
-"""The inbox's held events (CONTRACT §6): the queries and state changes of the change guard.
+"""The inbox's held events (docs/guard.md): the queries and state changes of the change guard.
 
 An event goes ``pending``/``waiting`` -> ``held`` when the guard holds its kind
 (:func:`hold_kind`: every open destructive event of the kind not admitted yet, in one UPDATE,
@@ -32,7 +32,7 @@ RELEASE_STEP = timedelta(milliseconds=1)  # released events fall due this far ap
 
 
 def destructive(op: str) -> bool:
-    """Whether an event of ``op`` is destructive (CONTRACT §6): a delete, or a revoke."""
+    """Whether an event of ``op`` is destructive (docs/guard.md): a delete, or a revoke."""
     return op in DESTRUCTIVE_OPS
 
 

@@ -1,4 +1,4 @@
-"""The limits of one ERP event (CONTRACT §2, "Limits"): size, nesting, strings, time range.
+"""The limits of one ERP event (docs/erp-guide.md, "Limits"): size, nesting, strings, time range.
 
 :func:`dokstamp_sync.events.parse_event` applies them, the size and the nesting before the JSON
 is decoded (so no entry can exhaust the parser), the rest after. Each check returns ``None`` or

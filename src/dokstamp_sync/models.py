@@ -36,7 +36,7 @@ def utcnow() -> datetime:
 
 
 class InboxEvent(Base):
-    """The inbox: one ERP event and where it stands (CONTRACT §3)."""
+    """The inbox: one ERP event and where it stands (docs/erp-guide.md)."""
 
     __tablename__ = "inbox"
 
@@ -58,7 +58,7 @@ class InboxEvent(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     first_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # When its final outcome was written to the outcome stream (CONTRACT §5); NULL until then
+    # When its final outcome was written to the outcome stream (docs/erp-guide.md); NULL until then
     # (the outbox: see :mod:`dokstamp_sync.pipeline.outbox`).
     reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # A destructive event the change guard let through (counted within its threshold, or
@@ -99,7 +99,7 @@ class Mapping(Base):
     verification_url: Mapped[str | None] = mapped_column(String(500))
     # The event that produced ``dokstamp_uuid`` (created or found it), and its occurred_at:
     # kept while later events act on the same entity, replaced with the UUID. A revoke or
-    # delete acts on this entity only when it was produced before it (CONTRACT §2); NULL
+    # delete acts on this entity only when it was produced before it (docs/erp-guide.md); NULL
     # (mappings older than this column) is taken as produced before any event.
     produced_by: Mapped[str | None] = mapped_column(String(255))
     produced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

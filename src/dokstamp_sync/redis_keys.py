@@ -7,7 +7,8 @@ Celery queue, locks, counters or tokens. Empty by default: the names are then th
 versions.
 
 The event stream's and the outcome stream's names are settings (``DOKSTAMP_SYNC_STREAM``,
-``DOKSTAMP_SYNC_RESULTS_STREAM``, CONTRACT §1), not namespaced: they are the ERP's interface.
+``DOKSTAMP_SYNC_RESULTS_STREAM``, docs/configuration.md), not namespaced: they are the ERP's
+interface.
 
 Nothing here reads the environment or runs at import: every module that touches Redis (the
 walk, the token cache, the rate limiter, the breaker, the pipeline, the Celery queue, the
@@ -94,6 +95,6 @@ class RedisKeys:
         return f"{self.namespace}dokstamp:guard:"
 
 
-# The streams' default names (CONTRACT §1); settings may name others.
+# The streams' default names (docs/configuration.md); settings may name others.
 EVENTS_STREAM = "dokstamp:events"
 RESULTS_STREAM = "dokstamp:results"

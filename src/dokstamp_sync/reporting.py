@@ -1,4 +1,4 @@
-"""An outcome as the outcome stream carries it (CONTRACT §5), and marking its rows reported.
+"""An outcome as the outcome stream carries it (docs/erp-guide.md), and marking its rows reported.
 
 The shared piece below the walk and the pipeline: the store records results and hands them to a
 :data:`Report` (the pipeline's publisher, injected by wiring), then marks their rows reported;
@@ -26,13 +26,13 @@ LETTERS = cast(Table, DeadLetter.__table__)
 
 @dataclass(frozen=True, kw_only=True)
 class Result:
-    """One outcome as CONTRACT §5 shows it (field names and order are the contract's)."""
+    """One outcome as docs/erp-guide.md shows it (field names and order are the contract's)."""
 
     event_id: str | None
     entity: str | None
     key: str | None
     op: str | None
-    state: str  # synced, superseded, dead, discarded, or held (CONTRACT §6: not final)
+    state: str  # synced, superseded, dead, discarded, or held (docs/guard.md: not final)
     at: datetime
     dokstamp_uuid: str | None = None
     mapping_status: str | None = None

@@ -1,4 +1,4 @@
-"""The named states of an inbox event, a mapping and a dead letter (CONTRACT §3).
+"""The named states of an inbox event, a mapping and a dead letter (docs/erp-guide.md).
 
 Each is a ``StrEnum``: stored as its plain value, compared equal to it, and checked by a CHECK
 constraint in the database. The groups the code asks about (open events, final events, mapped
@@ -16,15 +16,15 @@ class EventState(StrEnum):
     SYNCED = "synced"
     SUPERSEDED = "superseded"  # a newer event for the same entity took its place
     DEAD = "dead"  # a dead letter says why
-    HELD = "held"  # a destructive change the guard holds for an operator (CONTRACT §6)
+    HELD = "held"  # a destructive change the guard holds for an operator (docs/guard.md)
     DISCARDED = "discarded"  # an operator dropped it while it was held
 
 
 OPEN: tuple[EventState, ...] = (EventState.PENDING, EventState.WAITING)
 FINAL: tuple[EventState, ...] = (EventState.SYNCED, EventState.SUPERSEDED, EventState.DEAD,
                                  EventState.DISCARDED)
-# States reported on the outcome stream (CONTRACT §5): the final ones, and ``held`` (not final:
-# its final outcome follows once an operator released or discarded it).
+# States reported on the outcome stream (docs/erp-guide.md): the final ones, and ``held``
+# (not final: its final outcome follows once an operator released or discarded it).
 REPORTED: tuple[EventState, ...] = (*FINAL, EventState.HELD)
 
 

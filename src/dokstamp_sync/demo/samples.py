@@ -1,6 +1,6 @@
 """Realistic ERP events for a graduating class: used by the tests, the demo and the benchmark.
 
-:func:`graduating_class` returns the whole graph as CONTRACT §2 events: one institution, its
+:func:`graduating_class` returns the whole graph as docs/erp-guide.md events: one institution, its
 modules, courses with modules attached, cohorts, and per student a student, an enrollment, a
 diploma PDF (``content_base64``) and an issued certificate.
 """
@@ -41,7 +41,7 @@ def diploma_pdf(name: str, course: str) -> bytes:
 
 def event(entity: str, key: str, data: dict[str, Any] | None = None, *, op: str = "upsert",
           at: datetime | None = None, event_id: str | None = None) -> dict[str, Any]:
-    """One CONTRACT §2 event."""
+    """One docs/erp-guide.md event."""
     when = at or datetime.now(UTC)
     out: dict[str, Any] = {"event_id": event_id or f"erp-{next(_ids):08d}-{entity}-{key}",
                            "entity": entity, "op": op, "key": key,

@@ -158,7 +158,8 @@ class TokenManager:
         ident = f"{http.base_url}|{type(credentials).__name__}|{credentials.identity}"
         self.key = hashlib.sha256(ident.encode()).hexdigest()[:32]
         self.renewals = 0  # how many times this process obtained a token (for tests and metrics)
-        # CONTRACT §1: secrets are never stored in clear, so the shared cache holds ciphertext.
+        # Secrets are never stored in clear (docs/configuration.md): the shared cache holds
+        # ciphertext.
         self._fernet = Fernet(credentials.cache_key())
 
     def _load(self) -> CachedToken | None:

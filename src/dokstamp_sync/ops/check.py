@@ -1,5 +1,5 @@
-"""What must hold before the worker runs: ``dokstamp-sync check`` (CONTRACT §4) and the worker's
-own start-up check.
+"""What must hold before the worker runs: ``dokstamp-sync check`` (docs/operator-guide.md) and
+the worker's own start-up check.
 
 Each check gives one :class:`Line` (ok or FAIL with a reason, never a secret): DokStamp reachable,
 the credentials accepted, the tenant right (``GET /auth/me``: its ``tenant.domain`` is the value

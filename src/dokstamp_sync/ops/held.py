@@ -1,5 +1,5 @@
 """``dokstamp-sync held list|release|discard``: the operator's side of the change guard
-(CONTRACT §6, docs/guard.md).
+(docs/guard.md).
 
 ``release`` puts held events back to ``pending``, admitted: the workers' scheduler applies them
 within a second, in the ERP's order, and the guard never holds them again. ``discard`` ends them

@@ -83,7 +83,7 @@ class SyncCollector:
             events.add_metric([state.value], facts["events"].get(state.value, 0))
         yield events
         kinds = GaugeMetricFamily(f"{PREFIX}_held_events", "Events held by the change guard "
-                                  "(CONTRACT §6) by entity kind (fleet-wide: use max())",
+                                  "(docs/guard.md) by entity kind (fleet-wide: use max())",
                                   labels=["entity"])
         for entity, n in facts["held"].items():
             kinds.add_metric([entity], n)

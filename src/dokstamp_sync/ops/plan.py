@@ -1,5 +1,5 @@
 """``dokstamp-sync plan FILE|-``: what a batch of events would do, without doing any of it
-(CONTRACT §7, docs/guard.md).
+(docs/guard.md).
 
 Events are read as ``enqueue`` reads them (one JSON event per line) and judged against the
 current mappings, in the file's order, as if each earlier line had been applied (a student
@@ -315,7 +315,7 @@ class Planner:
 
 def _slot(event: Event) -> tuple[str, str, bool]:
     # Newer events supersede older ones of the same entity; a certificate's upserts and its
-    # revokes/deletes only their own kind (CONTRACT §2).
+    # revokes/deletes only their own kind (docs/erp-guide.md).
     kind = event.op == "upsert" if event.entity == "certificate" else True
     return event.entity, event.key, kind
 

@@ -31,7 +31,7 @@ def command(file: str, store: StoreSettings, sessions: sessionmaker[Session],
         else open(file, encoding="utf-8")  # noqa: SIM115  # closed by the with below
     with opened as fh:
         events = read_events(fh)
-    rate = settings.dokstamp_rate_limit if settings is not None else 10.0  # CONTRACT's default
+    rate = settings.dokstamp_rate_limit if settings is not None else 10.0  # the documented default
     with sessions() as session:
         keys = RedisKeys(store.dokstamp_sync_namespace.strip())
         plan = Planner(session, client, GuardPolicy.from_settings(store), rate,

@@ -18,7 +18,7 @@ from dokstamp_sync.states import OPEN, EventState, LetterStatus
 
 def report(session: Session, client: redis.Redis | None, stream: str, *,
            finals: bool = True, keys: RedisKeys = RedisKeys()) -> dict[str, Any]:
-    """The status as a JSON-ready dict (CONTRACT §4: at least ``events`` by state).
+    """The status as a JSON-ready dict (docs/operator-guide.md: at least ``events`` by state).
 
     ``finals=False`` (a metrics scrape): only open events are counted, through the index that
     leads with ``state``, so the cost follows the backlog, not the inbox's whole history; the
@@ -44,7 +44,7 @@ def report(session: Session, client: redis.Redis | None, stream: str, *,
         "oldest_unsynced_age_s": round((utcnow() - utc(oldest)).total_seconds(), 1)
         if oldest else None,
         "dead_letters_open": open_letters,
-        "held": held.counts(session),  # per entity kind (CONTRACT §6)
+        "held": held.counts(session),  # per entity kind (docs/guard.md)
     }
     if client is not None:
         try:

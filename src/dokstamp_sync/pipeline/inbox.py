@@ -166,7 +166,7 @@ def _row(event: Event, lease: float) -> dict[str, Any]:
 
 def _reused(session: Session, entry: Entry, results: list[Result]) -> None:
     # An ERP bug: keep it visible, never drop it silently.
-    # Reported with refused_duplicate (CONTRACT §5): not the outcome of the kept event.
+    # Reported with refused_duplicate (docs/erp-guide.md): not the outcome of the kept event.
     dead_letter(session, entry, reused_reason(entry.event_id), results, refused_duplicate=True)
 
 
@@ -299,7 +299,7 @@ def replay_letters(session: Session, ids: Sequence[int], now: datetime) -> Repla
     """Replay the open letters among ``ids`` (one short transaction is the caller's): each
     becomes ``replayed`` and its event, if dead, ``pending`` as if just received (attempts and
     deliveries reset, a fresh dependency timeout, due now, its next outcome reported again,
-    CONTRACT §5). A malformed stream entry is parsed again: still invalid, it stays open with
+    docs/erp-guide.md). A malformed stream entry is parsed again: still invalid, it stays open with
     its reason refreshed; valid, it is recorded as a new event. Letters no longer open (replayed,
     discarded, superseded, or resolved meanwhile by a worker) are left as they are."""
     done = Replayed()

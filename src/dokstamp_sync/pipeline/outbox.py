@@ -1,7 +1,7 @@
-"""The outbox behind the outcome stream's "at least once" (CONTRACT §5).
+"""The outbox behind the outcome stream's "at least once" (docs/erp-guide.md).
 
 A final outcome is recorded with ``reported_at`` NULL: on its inbox row (synced, superseded,
-dead or discarded, and the not-final ``held`` of CONTRACT §6), on a dead letter that a newer
+dead or discarded, and the not-final ``held`` of docs/guard.md), on a dead letter that a newer
 event resolved (reported again as ``superseded``), or on the dead letter of a stream entry
 that is no valid event. After the XADD succeeded,
 :func:`mark_reported` sets it in one short UPDATE. What a kill or a Redis outage left

@@ -1,4 +1,5 @@
-"""Sending ERP events (CONTRACT §2): ``XADD <stream> * event '<json>'``, from Python or a file.
+"""Sending ERP events (docs/erp-guide.md): ``XADD <stream> * event '<json>'``, from Python
+or a file.
 
 Events are not validated here: a malformed one still goes through, so that it ends as a dead
 letter with its reason instead of being lost; :func:`enqueue_lines` also reports it at once.
@@ -35,7 +36,7 @@ _target: tuple[redis.Redis, str] | None = None
 
 def _default_target() -> tuple[redis.Redis, str]:
     """``REDIS_URL``'s client and ``DOKSTAMP_SYNC_STREAM``, read once per process (on the first
-    call without both: the public ``enqueue(event)`` of CONTRACT §2)."""
+    call without both: the public ``enqueue(event)`` of docs/erp-guide.md)."""
     global _target
     if _target is None:
         from dokstamp_sync.config import load_store_settings

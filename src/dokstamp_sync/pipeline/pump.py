@@ -1,6 +1,6 @@
 """The pump: the stream ingester and the retry scheduler, each in a thread of the worker's main
 process, feeding Celery through a ``dispatch`` callable (so this module never imports the app);
-and the outbox's sweeper, writing the outcomes the normal path could not (CONTRACT §5).
+and the outbox's sweeper, writing the outcomes the normal path could not (docs/erp-guide.md).
 
 Its connections and the metrics endpoint are handed to it (by the worker, from ``wiring`` and
 ``ops.metrics``): this module imports neither a higher layer nor builds connections itself.

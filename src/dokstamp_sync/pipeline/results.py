@@ -1,4 +1,5 @@
-"""The outcome stream of CONTRACT §5: one entry per final outcome, back to the ERP, at least once.
+"""The outcome stream (docs/erp-guide.md): one entry per final outcome, back to the ERP, at
+least once.
 
 An outcome is written with ``XADD <stream> MAXLEN ~ <maxlen> * result <json>`` right after the
 database transaction that recorded it has committed (the store hands its results to a

@@ -2,7 +2,7 @@
 deleted, keeping what deduplication and ordering need.
 
 Kept whatever their age: open events, events with a dead letter (the letter's page shows its
-event), events whose outcome is not reported yet (CONTRACT §5), and the newest event of each
+event), events whose outcome is not reported yet (docs/erp-guide.md), and the newest event of each
 (entity, ERP key). So an old ``event_id`` the ERP sends again after its row was deleted is
 recorded again and ends ``superseded`` by the newer event kept for its key: never applied
 twice. Deleted in short batches (one short transaction each), oldest first; unset (the

@@ -1,4 +1,4 @@
-"""A certificate's whole lifecycle in DokStamp (CONTRACT §2), in one place:
+"""A certificate's whole lifecycle in DokStamp (docs/erp-guide.md), in one place:
 
 - the ordering rule (:func:`place`): upserts decide the data, the newest of a run of upserts
   wins; a revoke (or delete) is applied on top of the newest upsert before it, and neither kind
@@ -74,7 +74,7 @@ def place(events: tuple[Neighbour, ...], pk: int) -> Lifecycle:
 
 
 def wait_for_end(key: str, end: Neighbour) -> Waiting:
-    """An upsert newer than an open revoke or delete applies after it (CONTRACT §2): it
+    """An upsert newer than an open revoke or delete applies after it (docs/erp-guide.md): it
     waits, woken when that event ends (synced or dead)."""
     return Waiting(f"certificate {key}: the older {end.op} {end.payload.get('event_id')} "
                    "applies first", waiting_for=f"certificate:{key}")

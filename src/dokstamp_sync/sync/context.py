@@ -56,7 +56,7 @@ class SyncContext:
     # through the store and the Redis seam only.
     redis: redis.Redis
     sessions: sessionmaker[Session]
-    guard: Guard  # the change guard (CONTRACT §6): asked once per attempt
+    guard: Guard  # the change guard (docs/guard.md): asked once per attempt
     limits: Limits = field(default_factory=Limits)
     breaker: CircuitBreaker | None = None  # the fleet's, on the client's transport
     sleep: Callable[[float], None] = time.sleep

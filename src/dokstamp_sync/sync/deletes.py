@@ -1,4 +1,4 @@
-"""Deleting an entity in DokStamp (CONTRACT §2): locate it (by its mapping, else by searching
+"""Deleting an entity in DokStamp (docs/erp-guide.md): locate it (by its mapping, else by searching
 with its recent upserts' data), count what depends on it, delete it, or archive it where
 DokStamp refuses and the entity has a status for that. Certificates are never deleted here:
 their deletes revoke (:mod:`.certificates`).

@@ -163,7 +163,7 @@ def _attempt(ctx: SyncContext, run: Run, pk: int, event: Event, depth: int) -> O
     life = certificates.place(view.neighbours, pk) if view.neighbours is not None else None
     if life.superseded if life is not None else view.superseded:
         return Outcome(state=EventState.SUPERSEDED, note="a newer event for this entity came")
-    # The change guard (CONTRACT §6): parks it behind a held event of its entity, parks a
+    # The change guard (docs/guard.md): parks it behind a held event of its entity, parks a
     # delete or revoke until its settle delay passed, or holds it; None: go on.
     if (stopped := ctx.guard.admit(pk, event, behind=view.behind)) is not None:
         return stopped

@@ -1,4 +1,4 @@
-"""Per-entity rules of the graph walk (CONTRACT §2's table, in DokStamp's field names).
+"""Per-entity rules of the graph walk (docs/erp-guide.md's table, in DokStamp's field names).
 
 For each entity: the client resource, the natural key that identifies it, the ``where[...]``
 filters the DokStamp docs show for that search (``search``: a server may ignore any other filter

@@ -145,7 +145,7 @@ def classify(exc: BaseException) -> Verdict:
     if isinstance(exc, Dead):
         return Verdict(next=Next.DEAD, reason=exc.reason, error=exc.error)
     if isinstance(exc, AuthenticationError | PermissionDenied):
-        # CONTRACT §3: a 4xx other than 429 is dead. Say plainly that the credentials, not the
+        # docs/erp-guide.md: a 4xx other than 429 is dead. Say plainly that the credentials, not the
         # event, are at fault: after fixing them, `dlq replay --all` sends it again.
         return Verdict(next=Next.DEAD, error=exc,
                        reason=f"credentials refused (fix them, then replay): {describe(exc)}")

@@ -96,7 +96,7 @@ def resolve(ctx: SyncContext, run: Run, event: Event, depth: int, process: Proce
                            | {k: m[k] for k in MODULE_PIVOT if k in m}
                            for m in data["modules"]]
     if event.entity == "certificate" and "institution_uuid" not in refs:
-        # CONTRACT §2: the certificate's institution is its course's, unless given.
+        # docs/erp-guide.md: the certificate's institution is its course's, unless given.
         course = known.get(("course", str(data["course_key"])))
         if course is None:
             found = ctx.store.mapping("course", str(data["course_key"]))

@@ -113,7 +113,7 @@ _OPEN = and_(EVENTS.c.id == bindparam("pk"), EVENTS.c.state.in_(OPEN))
 _OTHER = EVENTS.alias("other")
 _HELD = EVENTS.alias("held")
 # The attempt's one read: counts, "a newer event exists", and "an older event of this entity is
-# held by the change guard" (CONTRACT §6), so an ordinary upsert costs the guard no query.
+# held by the change guard" (docs/guard.md), so an ordinary upsert costs the guard no query.
 _READ_OPEN = select(
     EVENTS.c.attempts, EVENTS.c.deliveries,
     exists().where(_newer(_OTHER.c, EVENTS.c.entity, EVENTS.c.erp_key, EVENTS.c.occurred_at,
@@ -156,7 +156,7 @@ _WAKE = update(EVENTS).where(EVENTS.c.state == EventState.WAITING,
     next_attempt_at=bindparam("now"))
 _KNOWN_UUID = select(NATURAL_KEYS.c.dokstamp_uuid).where(
     NATURAL_KEYS.c.entity == bindparam("entity"), NATURAL_KEYS.c.natural_key == bindparam("key"))
-# The open dead letters a newly synced event resolves (CONTRACT §3): those of the same entity
+# The open dead letters a newly synced event resolves (docs/erp-guide.md): those of the same entity
 # whose event is older (the order of :func:`_newer`) and of the same kind (an upsert's by an
 # upsert; a revoke's or delete's only by a revoke or delete: an upsert never resolves a
 # destructive event's letter), and those of malformed stream entries that named the entity and

@@ -85,7 +85,7 @@ class View:
     refs: dict[tuple[str, str], Snapshot]  # the mappings of what it refers to
     # a certificate's: its events, oldest first (the ordering rule: :func:`.certificates.place`)
     neighbours: tuple[Neighbour, ...] | None = None
-    behind: bool = False  # an older event of this entity is held (CONTRACT §6): wait for it
+    behind: bool = False  # an older event of this entity is held (docs/guard.md): wait for it
 
 
 @dataclass(frozen=True)

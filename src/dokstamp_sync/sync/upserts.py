@@ -69,7 +69,7 @@ def check_identity(spec: Spec, event: Event, payload: dict[str, Any], remote: En
 
 
 def check_owner(ctx: SyncContext, event: Event, uuid: str, *, found_by: str) -> None:
-    """One DokStamp entity belongs to one ERP key (CONTRACT §2): an entity found (by a search,
+    """One DokStamp entity belongs to one ERP key (docs/erp-guide.md): an entity found (by a search,
     the natural-key table or ``data.uuid``) that another key's mapping holds is a conflict,
     never adopted: sharing it, one key would rename the other's entity and delete it."""
     if event.entity == "file":  # DokStamp deduplicates uploads: equal contents share one

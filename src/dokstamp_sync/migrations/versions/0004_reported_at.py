@@ -1,4 +1,4 @@
-"""The outbox of the outcome stream: when each final outcome was reported (CONTRACT §5).
+"""The outbox of the outcome stream: when each final outcome was reported (docs/erp-guide.md).
 
 ``reported_at`` stays NULL from the moment an outcome is recorded until its XADD succeeded; a
 partial index keeps "final but not reported" cheap to find. Rows that exist at the upgrade are

@@ -1,5 +1,5 @@
 """A mapping remembers which event produced its DokStamp entity; one DokStamp entity belongs to
-one ERP key (CONTRACT §2).
+one ERP key (docs/erp-guide.md).
 
 ``produced_by`` (the event's ``event_id``) and ``produced_at`` (its ``occurred_at``) are set when
 a mapping gets a DokStamp UUID and kept while later events act on the same entity: a revoke or

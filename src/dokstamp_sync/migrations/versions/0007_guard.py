@@ -1,4 +1,4 @@
-"""The change guard (CONTRACT §6): events may be ``held`` for an operator, or ``discarded`` by
+"""The change guard (docs/guard.md): events may be ``held`` for an operator, or ``discarded`` by
 one, and the inbox notes when the guard admitted a destructive event (``admitted_at``: counted
 within the threshold, or released by an operator), so that it is never held afterwards.
 
