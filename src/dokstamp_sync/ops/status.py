@@ -44,7 +44,7 @@ def report(session: Session, client: redis.Redis | None, stream: str, *,
         "oldest_unsynced_age_s": round((utcnow() - utc(oldest)).total_seconds(), 1)
         if oldest else None,
         "dead_letters_open": open_letters,
-        "held": held.counts(session),  # per entity kind (docs/guard.md)
+        EventState.HELD.value: held.counts(session),  # per entity kind (docs/guard.md)
     }
     if client is not None:
         try:
@@ -69,8 +69,8 @@ def render(status: dict[str, Any]) -> str:
                      f"task queue depth: {status['queue_depth']}")
     lines.append(f"open dead letters: {status['dead_letters_open']}"
                  + ("  (dokstamp-sync dlq list)" if status["dead_letters_open"] else ""))
-    if status.get("held"):
+    if held_counts := status.get(EventState.HELD.value):
         lines.append("held by the change guard: " + ", ".join(
-            f"{entity} {n}" for entity, n in status["held"].items())
+            f"{entity} {n}" for entity, n in held_counts.items())
             + "  (dokstamp-sync held list)")
     return "\n".join(lines)
