@@ -16,11 +16,12 @@ import uvicorn
 from pydantic import SecretStr
 from sqlalchemy import func, insert, select
 
+from dokstamp_sync import held
 from dokstamp_sync.console.app import Console, build_app
 from dokstamp_sync.console.auth import Logins
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo.embedded import free_port
-from dokstamp_sync.models import DeadLetter, LetterHistory, utcnow
+from dokstamp_sync.models import DeadLetter, InboxEvent, LetterHistory, utcnow
 from dokstamp_sync.testing import STREAM
 from test_worker import EXE
 
@@ -193,3 +194,37 @@ def test_letters_filter_by_http_status_reason_text_and_day(app, sessions):
         assert keys("reason=INVALID") == ["C-422-old", "B-422"]
         assert keys(f"http_status=422&since={today}") == ["B-422"]
         assert keys(f"until={(now - timedelta(days=1)).date().isoformat()}") == ["C-422-old"]
+
+
+def held_box(page: str) -> str:
+    return re.search(r'<div class="box" id="held">(.*?)</div>', page, re.S).group(1)
+
+
+def test_the_overview_shows_the_changes_held_by_the_guard_per_kind(app, sessions):
+    """Two student deletes and a certificate revoke held by the guard (its own UPDATE), and a
+    pending student delete: the overview counts the held ones per kind (2 and 1), links each
+    kind to its `dokstamp-sync held list` command; once they are released it says none."""
+    now = utcnow()
+    with session_scope(sessions) as s:
+        s.execute(insert(InboxEvent), [
+            {"event_id": f"ev-{entity}-{key}", "entity": entity, "op": op, "erp_key": key,
+             "occurred_at": now, "payload": {}, "state": "pending"}
+            for entity, op, key in (("student", "delete", "S-1"), ("student", "delete", "S-2"),
+                                    ("certificate", "revoke", "C-1"))])
+        held.hold_kind(s, "student", "held by the change guard: test burst")
+        held.hold_kind(s, "certificate", "held by the change guard: test burst")
+        s.execute(insert(InboxEvent), [{
+            "event_id": "ev-student-S-3", "entity": "student", "op": "delete",
+            "erp_key": "S-3", "occurred_at": now, "payload": {}, "state": "pending"}])
+    with app() as client:
+        login(client, "viewer", "viewer-pw")
+        box = held_box(client.get("/").text)
+        assert re.findall(r'class="held-kind">([^<]+)</td><td>(\d+)<', box) == [
+            ("certificate", "1"), ("student", "2")]
+        assert "dokstamp-sync held list --entity student" in box
+        assert "dokstamp-sync held list --entity certificate" in box
+        with session_scope(sessions) as s:
+            held.release(s, held.Selection(everything=True))
+        box = held_box(client.get("/").text)
+        assert "held-kind" not in box
+        assert '<td class="ok">none</td>' in box

@@ -108,11 +108,17 @@ def test_a_real_prometheus_evaluates_every_rule_and_panel_on_two_real_workers(
     """Two worker replicas serve /metrics on loopback only (the default address); Prometheus
     scrapes both: sum() of their outcome counters equals the fleet's tally (not twice), and
     every alert rule's and dashboard panel's expression runs without error and names only
-    metrics the worker exports; Prometheus reports every loaded rule healthy."""
+    metrics the worker exports (three deletes held by the guard give the held gauge samples,
+    max() of it is 3, not 6, and the guard's alert fires for them); Prometheus reports every
+    loaded rule healthy."""
     ports = [free_port(), free_port()]
-    workers = [start_worker(concurrency=1, DOKSTAMP_SYNC_METRICS_PORT=str(p)) for p in ports]
+    # A guard floor of 0: three student deletes pass the threshold (10 % of at most 4 mapped
+    # students) and are held, so the held gauge has samples too.
+    workers = [start_worker(concurrency=1, DOKSTAMP_SYNC_METRICS_PORT=str(p),
+                            DOKSTAMP_SYNC_GUARD_MIN="0") for p in ports]
     bad = samples.event("student", "S-BAD", {"name": "Rui Sem Data", "email": "rui@x.edu"})
-    events = [*samples.graduating_class(4), bad]  # a dead letter: its gauges have samples
+    gone = [samples.event("student", f"S-GONE-{i}", op="delete") for i in range(3)]
+    events = [*samples.graduating_class(4), bad, *gone]  # a dead letter and held deletes
     xadd(wredis, events)
     wait_settled(sessions, len(events), proc=workers[0])
     # The fleet's own tally of runs that ended synced (every process adds to one Redis hash):
@@ -144,6 +150,8 @@ def test_a_real_prometheus_evaluates_every_rule_and_panel_on_two_real_workers(
         synced, synced]  # each replica counts its own runs, not the fleet's
     assert float(query(base, 'sum(dokstamp_sync_task_outcomes_total{state="synced"})')
                  ["data"]["result"][0]["value"][1]) == synced
+    held = query(base, "max by (entity) (dokstamp_sync_held_events)")["data"]["result"]
+    assert [(r["metric"]["entity"], r["value"][1]) for r in held] == [("student", "3")]
     names = exported_names(ports[0]) | exported_names(ports[1])
     exprs = rule_exprs() | panel_exprs()
     for where, expr in exprs.items():
@@ -161,3 +169,14 @@ def test_a_real_prometheus_evaluates_every_rule_and_panel_on_two_real_workers(
             rules = [r for g in json.loads(answer.read())["data"]["groups"]
                      for r in g["rules"]]
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+    deadline = time.monotonic() + 10
+    while True:  # the held deletes fire the guard's alert, once, for their kind
+        with urllib.request.urlopen(f"{base}/api/v1/alerts", timeout=10) as answer:
+            firing = [(a["labels"].get("entity"), a["annotations"]["summary"])
+                      for a in json.loads(answer.read())["data"]["alerts"]
+                      if a["labels"]["alertname"] == "DokStampSyncChangesHeld"
+                      and a["state"] == "firing"]
+        if firing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert firing == [("student", "3 student deletes/revokes held by the change guard")]

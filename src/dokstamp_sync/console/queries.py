@@ -110,8 +110,9 @@ def ids(session: Session, f: Filter, before: int | None, size: int) -> list[int]
 
 def overview(session: Session, client: redis.Redis, stream: str,
              keys: RedisKeys = RedisKeys()) -> dict[str, Any]:
-    """The overview page: open events, depths, oldest age, letters by entity and reason,
-    outcomes in the last minute and the last ten (``keys``: the deployment's Redis names)."""
+    """The overview page: open events, depths, oldest age, events held by the change guard
+    per kind (the status report's ``held``), letters by entity and reason, outcomes in the
+    last minute and the last ten (``keys``: the deployment's Redis names)."""
     status = report(session, client, stream, finals=False, keys=keys)
     open_letters = select(func.count()).where(DeadLetter.status == LetterStatus.OPEN)
     by_entity = session.execute(
