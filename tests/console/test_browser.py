@@ -72,8 +72,21 @@ def browser(tmp_path):
                 "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER or "chromedriver"), options=options)
+    driver.implicitly_wait(10)  # an element of a page still loading is waited for, not missed
     yield driver
     driver.quit()
+
+
+def click_through(driver, by: str, value: str) -> None:
+    """Click a link or a submit button and wait until the next page replaced this one: a click
+    returns before the navigation it starts has finished (it failed under load)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    page = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(by, value).click()
+    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(page))
 
 
 def text_of(driver, css: str) -> str:
@@ -104,29 +117,29 @@ def test_an_operator_fixes_a_cause_and_replays_a_letter_in_the_browser(
     assert browser.current_url.endswith("/login")
     browser.find_element(By.ID, "user").send_keys(OPERATOR[0])
     browser.find_element(By.ID, "password").send_keys("not-the-password")
-    browser.find_element(By.ID, "login").click()
+    click_through(browser, By.ID, "login")
     assert text_of(browser, "#error") == "Wrong user or password."
     browser.find_element(By.ID, "user").send_keys(OPERATOR[0])
     browser.find_element(By.ID, "password").send_keys(OPERATOR[1])
-    browser.find_element(By.ID, "login").click()
+    click_through(browser, By.ID, "login")
     assert text_of(browser, "#open-letters") == "2"
 
     browser.get(f"{console}/letters")
     browser.find_element(By.ID, "f-entity").send_keys("student")
-    browser.find_element(By.ID, "apply").click()
+    click_through(browser, By.ID, "apply")
     keys = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#letters td.key")]
     assert keys == ["S-REFUSED"]
     browser.save_screenshot(str(DOCS / "console-letters.png"))
-    browser.find_element(By.CSS_SELECTOR, "#letters a.letter").click()
+    click_through(browser, By.CSS_SELECTOR, "#letters a.letter")
     assert "403" in text_of(browser, "#reason")
     assert text_of(browser, "#key") == "S-REFUSED"
     browser.save_screenshot(str(DOCS / "console-letter.png"))
     letter_url = browser.current_url
 
     sandbox.sandbox.faults.configure(Faults())  # the cause fixed (DokStamp accepts again)
-    browser.find_element(By.ID, "replay").click()
+    click_through(browser, By.ID, "replay")
     assert "Replay 1 dead letter?" in text_of(browser, "h1")
-    browser.find_element(By.ID, "confirm").click()
+    click_through(browser, By.ID, "confirm")
     assert text_of(browser, "#done") == "1 letter replayed"
     deadline = time.monotonic() + 60
     while True:

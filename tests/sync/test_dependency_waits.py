@@ -3,10 +3,18 @@ dead-lettered naming the cycle."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo.samples import event
+from dokstamp_sync.events import utc
+from dokstamp_sync.models import InboxEvent, Mapping, utcnow
 from dokstamp_sync.sandbox import Faults
+from dokstamp_sync.states import MappingStatus
+from dokstamp_sync.sync.outcomes import Park
+from dokstamp_sync.sync.statements import _wake
 from dokstamp_sync.testing import calls
 
 
@@ -53,3 +61,51 @@ def test_a_reference_cycle_is_dead_lettered_naming_it(h):
     reasons = [letter.reason for letter in h.letters()]
     assert any("reference cycle" in r and "course CRS-1" in r and "cohort COH-1" in r
                for r in reasons), reasons
+
+
+def _park_on(ctx, pk, tag):
+    """The dependent's run ends: it read its dependency unsynced and parks for a minute."""
+    return ctx.store.conclude(pk, completed=False, decide=lambda _facts: Park(
+        delay=60.0, error=f"dependency {tag} is waiting", waiting_for=tag, counted=False))
+
+
+def _due_in(ctx, pk) -> float:
+    with session_scope(ctx.sessions) as s:
+        record = s.get(InboxEvent, pk)
+        return (utc(record.next_attempt_at) - utcnow()).total_seconds()
+
+
+def test_a_dependency_synced_while_its_dependent_ran_wakes_it(h, ctx):
+    """The lost wake-up (seen as a certificate asleep 20 s after an outage): a module reads
+    its institution unsynced, the institution syncs and wakes its waiters, then the module's
+    park commits. The park sees the institution in DokStamp and is due at once, not in 60 s."""
+    inst, module = h.send(_institution(), _module("M-LATE"))
+    assert h.run([inst]) == ["synced"]
+    assert _park_on(ctx, module, "institution:INST") == "waiting"
+    assert _due_in(ctx, module) < 1
+    # Still unsynced: the park keeps its delay.
+    other = h.send(_module("M-WAITS", inst="INST-2"))[0]
+    _park_on(ctx, other, "institution:INST-2")
+    assert _due_in(ctx, other) > 50
+
+
+def test_a_park_racing_the_wake_waits_for_it_and_sees_the_dependency(h, ctx):
+    """The wake's transaction holds the tag's lock until it commits: a park of that tag made
+    meanwhile blocks, then reads the committed mapping and is due at once (without the lock it
+    would read the mapping before the commit and sleep its whole delay)."""
+    module = h.send(_module("M-RACE", inst="INST-R"))[0]
+    waker = ctx.sessions()
+    try:
+        _wake(waker, "institution", "INST-R")  # the wake ran, its transaction not committed
+        waker.add(Mapping(entity="institution", erp_key="INST-R", dokstamp_uuid="uuid-r",
+                          status=MappingStatus.ACTIVE))
+        waker.flush()
+        with ThreadPoolExecutor(1) as pool:
+            parked = pool.submit(_park_on, ctx, module, "institution:INST-R")
+            time.sleep(0.5)
+            assert not parked.done()  # blocked on the tag's lock
+            waker.commit()
+            assert parked.result(timeout=10) == "waiting"
+    finally:
+        waker.close()
+    assert _due_in(ctx, module) < 1

@@ -38,7 +38,7 @@ from dokstamp_sync.events import utc
 from dokstamp_sync.held import held_before
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, NaturalKey, utcnow
 from dokstamp_sync.reporting import Result
-from dokstamp_sync.states import OPEN, EventState, LetterStatus, MappingStatus, RunState
+from dokstamp_sync.states import EXISTING, OPEN, EventState, LetterStatus, MappingStatus, RunState
 from dokstamp_sync.sync.entities import REFERENCES
 from dokstamp_sync.sync.outcomes import Park
 
@@ -154,6 +154,8 @@ _FINISH_SYNCED = update(EVENTS).where(_OPEN).values(
 _WAKE = update(EVENTS).where(EVENTS.c.state == EventState.WAITING,
                              EVENTS.c.waiting_for == bindparam("tag")).values(
     next_attempt_at=bindparam("now"))
+# Advisory lock per waiting tag (class 7301: this module's); see _lock_tag.
+_TAG_LOCK = select(func.pg_advisory_xact_lock(7301, func.hashtext(bindparam("tag"))))
 _KNOWN_UUID = select(NATURAL_KEYS.c.dokstamp_uuid).where(
     NATURAL_KEYS.c.entity == bindparam("entity"), NATURAL_KEYS.c.natural_key == bindparam("key"))
 # The open dead letters a newly synced event resolves (docs/erp-guide.md): those of the same entity
@@ -234,7 +236,36 @@ def _wake(session: Session, entity: str, key: str) -> None:
     """The events that wait for (entity, key) are due now (it has just been synced, or, a
     certificate's, its revoke or delete ended: a newer upsert waits for it)."""
     if entity in REFERENCED or entity == "certificate":
-        session.execute(_WAKE, {"tag": f"{entity}:{key}", "now": utcnow()})
+        tag = f"{entity}:{key}"
+        _lock_tag(session, tag)
+        session.execute(_WAKE, {"tag": tag, "now": utcnow()})
+
+
+def _lock_tag(session: Session, tag: str) -> None:
+    """Serialise waking the waiters of ``tag`` with parking one more (held to the commit).
+
+    Without it a wake-up is lost: an event reads its dependency unsynced, the dependency syncs
+    and wakes its waiters before the event's park committed (the wake does not see that row),
+    and the event sleeps out its whole delay. With it, a park either commits before the wake
+    (which then sees it) or reads the dependency after the wake committed (:func:`_ready`).
+    SQLite has one writer at a time already."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_TAG_LOCK, {"tag": tag})
+
+
+def _ready(session: Session, record: InboxEvent, tag: str) -> bool:
+    """What ``record`` parks waiting for is there already (woken before this park committed):
+    the referenced entity is in DokStamp, or, for a certificate's upsert, no older revoke or
+    delete of it is still open."""
+    entity, _, key = tag.partition(":")
+    if entity == "certificate":
+        return session.scalar(select(EVENTS.c.id).where(
+            EVENTS.c.entity == entity, EVENTS.c.erp_key == key, EVENTS.c.op != "upsert",
+            EVENTS.c.state.in_(OPEN), EVENTS.c.occurred_at <= record.occurred_at,
+            EVENTS.c.id != record.id).limit(1)) is None
+    status = session.scalar(select(MAPPINGS.c.status).where(
+        MAPPINGS.c.entity == entity, MAPPINGS.c.erp_key == key))
+    return status in EXISTING
 
 
 def _known_uuid(session: Session, entity: str, key: str) -> str | None:

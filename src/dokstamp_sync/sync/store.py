@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -51,10 +51,12 @@ from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transa
     _Finished,
     _forget,
     _known_uuid,
+    _lock_tag,
     _mappings,
     _neighbours,
     _newer_exists,
     _park,
+    _ready,
     _remember,
     _result,
     _save_mapping,
@@ -364,11 +366,15 @@ class Store:
             record = session.get(InboxEvent, pk)
             if record is None or record.state not in OPEN:
                 return _state(session, pk)
-            if completed:  # this run ended normally: undo its delivery count
-                record.deliveries = max(0, record.deliveries - 1)
             decision = decide(Facts(record.attempts, utc(record.received_at),
                                     utc(record.first_failed_at) if record.first_failed_at
                                     else None))
+            if isinstance(decision, Park) and decision.waiting_for:
+                _lock_tag(session, decision.waiting_for)  # before this row is written
+                if _ready(session, record, decision.waiting_for):  # woken while we ran
+                    decision = replace(decision, delay=0.0)
+            if completed:  # this run ended normally: undo its delivery count
+                record.deliveries = max(0, record.deliveries - 1)
             if isinstance(decision, Letter):
                 letter = _dead_letter(session, record, decision.reason, decision.error)
                 log_outcome(record, EventState.DEAD, decision.reason)
