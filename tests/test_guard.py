@@ -192,3 +192,33 @@ def test_a_burst_behind_a_long_queue_is_counted_as_it_arrived(make_ctx, sandbox)
     assert h.run(pks) == ["held"] * 25
     assert len(live(sandbox, "students")) == 25
     assert not [r for r in calls(sandbox) if r.startswith("DELETE")]
+
+
+def test_a_release_applies_the_held_delete_before_the_newer_upsert_behind_it(make_ctx, sandbox):
+    """A student's delete is held and a newer rename waits behind it; `held release --entity
+    student` applies them in the ERP's order: the delete first (superseded by the newer upsert,
+    so no DELETE is sent), then the rename; DokStamp holds the student renamed."""
+    h = guarded(make_ctx, delay=30.0, minimum=20)
+    h.sync(*students(25))
+    h.run(h.send(*deletes(25)))
+    renamed = student("S-000", email="s000@example.edu", name="Renamed",
+                      at=LATER + timedelta(minutes=1))
+    assert h.run(h.send(renamed)) == ["waiting"]
+    done = release(h, held.Selection(entity="student"))
+    assert len(done.ids) == 25
+    assert h.record(renamed["event_id"]).next_attempt_at <= utcnow()  # woken by the release
+    h.drain()
+    names = {s["email"]: s["name"] for s in live(sandbox, "students")}
+    assert names == {"s000@example.edu": "Renamed"}  # the other 24 deleted, S-000 renamed
+    assert h.state(renamed["event_id"]) == "synced"
+
+
+def test_a_held_burst_is_logged_as_a_warning(make_ctx, caplog):
+    """Holding a kind writes one warning line naming how many and the threshold."""
+    h = guarded(make_ctx, delay=30.0, minimum=20)
+    h.sync(*students(21))
+    with caplog.at_level("WARNING", logger="dokstamp_sync"):
+        h.run(h.send(*deletes(21)))
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(line.startswith("21 student event(s) held by the change guard") and
+               "threshold of 20" in line for line in lines), lines

@@ -241,9 +241,10 @@ def _held(args: argparse.Namespace, settings: StoreSettings) -> int:
     sessions = _store(settings)
     if args.action == "list":
         return held.list_command(sessions, args.entity, as_json=args.json)
-    if not (args.ids or args.all or args.entity):
-        raise CommandError(f"held {args.action}: say which: IDs (from held list), --entity E "
-                           "or --all")
+    given = sum((bool(args.ids), bool(args.entity), bool(args.all)))
+    if given != 1:  # one selection only: discard is final, so never guess what was meant
+        raise CommandError(f"held {args.action}: say which, one of: IDs (from held list), "
+                           "--entity E or --all" + (" (not several)" if given else ""))
     client = _redis(settings)
     report = Publisher(client, settings.dokstamp_sync_results_stream,
                        settings.dokstamp_sync_results_maxlen)

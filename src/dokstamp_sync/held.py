@@ -134,12 +134,16 @@ class Decided:
     results: list[Result] = field(default_factory=list)  # to report after the commit
 
 
-def list_held(session: Session, entity: str | None = None) -> list[InboxEvent]:
-    """Held events in the ERP's order (``occurred_at``, then arrival)."""
+def list_held(session: Session, entity: str | None = None, *,
+              lock: bool = False) -> list[InboxEvent]:
+    """Held events in the ERP's order (``occurred_at``, then arrival); ``lock``: locked until
+    the caller commits, so that two operators deciding at once never decide one event twice
+    (the second sees it no longer held)."""
     query = select(InboxEvent).where(InboxEvent.state == EventState.HELD)
     if entity:
         query = query.where(InboxEvent.entity == entity)
-    return list(session.scalars(query.order_by(InboxEvent.occurred_at, InboxEvent.id)))
+    query = query.order_by(InboxEvent.occurred_at, InboxEvent.id)
+    return list(session.scalars(query.with_for_update() if lock else query))
 
 
 def counts(session: Session) -> dict[str, int]:
@@ -151,7 +155,7 @@ def counts(session: Session) -> dict[str, int]:
 
 def _chosen(session: Session, which: Selection) -> tuple[list[InboxEvent], list[int]]:
     if which.everything or which.entity:
-        return list_held(session, None if which.everything else which.entity), []
+        return list_held(session, None if which.everything else which.entity, lock=True), []
     found = {e.id: e for e in session.scalars(select(InboxEvent).where(
         InboxEvent.id.in_(which.ids)).with_for_update())}
     held = [found[i] for i in which.ids if i in found and found[i].state == EventState.HELD]

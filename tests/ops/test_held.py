@@ -60,6 +60,8 @@ def test_status_and_metrics_count_held_events_per_kind(cli, make_ctx):
         port = server.server_address[1]
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         assert 'dokstamp_sync_held_events{entity="student"} 22.0' in text
+        # every other kind reads 0: a series that vanished would read "no data" on a panel
+        assert 'dokstamp_sync_held_events{entity="certificate"} 0.0' in text
     finally:
         server.shutdown()
         server.server_close()
@@ -75,6 +77,12 @@ def test_held_list_release_and_discard_from_the_command_line(cli, make_ctx,
     assert [e["key"] for e in listed] == [f"S-{i:03d}" for i in range(22)]
     assert all(e["op"] == "delete" and "threshold of 20" in e["reason"] for e in listed)
     assert cli("held", "release").returncode == 2
+    # IDs with --entity (or --all) are refused, not widened to the whole kind: discard is final
+    both = cli("held", "discard", str(listed[0]["id"]), "--entity", "student")
+    assert both.returncode == 2
+    assert "not several" in both.stderr
+    assert cli("held", "release", "--entity", "student", "--all").returncode == 2
+    assert len(json.loads(cli("held", "list", "--json").stdout)) == 22  # nothing was decided
     out = cli("held", "discard", str(listed[0]["id"]))
     assert (out.returncode, out.stdout.strip()) == (0, "discarded 1")
     assert cli("held", "release", "--all").stdout.strip() == "released 21"

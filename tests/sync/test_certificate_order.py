@@ -160,3 +160,29 @@ def test_revoking_an_expired_certificate_records_expired_not_revoked(h, sandbox)
     assert (mapping.status, mapping.remote_status) == ("expired", "expired")
     assert "expired" in h.record(r["event_id"]).last_error
     assert h.letters() == []
+
+
+# -- with the change guard: a held revoke keeps the ERP's order when released ------------------
+def test_a_held_revoke_released_applies_before_the_reissue_waiting_behind_it(make_ctx, sandbox):
+    """The guard holds revoke R (threshold 0: every destructive event is held); the re-issue
+    U2 arrives and waits behind it, DokStamp untouched. Released, R revokes U1's certificate
+    and then U2 issues its own: U1's revoked, U2's issued, nothing out of order."""
+    from dokstamp_sync import held
+    from dokstamp_sync.guard import GuardPolicy
+    from dokstamp_sync.ops.held import decide
+    from dokstamp_sync.testing import Harness
+
+    h = Harness(make_ctx(guard_policy=GuardPolicy(delay=0.0, minimum=0, threshold=0.0)))
+    rest, u1 = graph()
+    assert h.sync(*rest, u1)[-1] == "synced"
+    r = revoke(days=1)
+    assert h.sync(r) == ["held"]
+    file, u2 = reissue(u1, days=2)
+    assert h.sync(file, u2)[-1] == "waiting"
+    assert set(by_file(sandbox).values()) == {"issued"}  # nothing applied while held
+    decide(h.ctx.sessions, h.ctx.redis, h.ctx.store.report, held.release,
+           held.Selection(entity="certificate"))
+    h.drain()
+    assert h.state(r["event_id"]) == h.state(u2["event_id"]) == "synced"
+    assert by_file(sandbox) == {file_uuid(h, "DIP-00001"): "revoked",
+                                file_uuid(h, "DIP-B"): "issued"}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, get_args
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import redis
@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.dokstamp.breaker import CircuitBreaker
+from dokstamp_sync.events import Entity
 from dokstamp_sync.models import DeadLetter
 from dokstamp_sync.ops import recorder
 from dokstamp_sync.ops.health import check
@@ -85,8 +86,8 @@ class SyncCollector:
         kinds = GaugeMetricFamily(f"{PREFIX}_held_events", "Events held by the change guard "
                                   "(docs/guard.md) by entity kind (fleet-wide: use max())",
                                   labels=["entity"])
-        for entity, n in facts["held"].items():
-            kinds.add_metric([entity], n)
+        for entity in get_args(Entity):  # 0, not a vanished series, once nothing is held
+            kinds.add_metric([entity], facts["held"].get(entity, 0))
         yield kinds
         for name, key, text in GAUGES:
             value = facts.get(key)
