@@ -107,7 +107,9 @@ def test_discard_ends_them_discarded_reported_and_never_applied(make_ctx, sandbo
     ids = [e["id"] for e in _held(h)][:3]
     done = discard(h, held.Selection(ids=[*ids, 999999]))
     assert done.ids == ids
-    assert done.not_held == [999999]
+    assert (done.not_held, done.missing) == ([], [999999])
+    again = discard(h, held.Selection(ids=ids[:1]))  # twice: decided before, named, not missing
+    assert (again.ids, again.not_held, again.missing) == ([], ids[:1], [])
     h.drain()
     assert list(h.states().values()).count("discarded") == 3
     assert list(h.states().values()).count("held") == 22

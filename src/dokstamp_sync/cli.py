@@ -88,7 +88,7 @@ def _redis(settings: StoreSettings) -> Any:
 
 
 def _db_upgrade(args: argparse.Namespace, settings: StoreSettings) -> int:
-    from dokstamp_sync.migrate import pending, revisions, upgrade
+    from dokstamp_sync.migrate import NEWER_SCHEMA, newer_than_this, pending, revisions, upgrade
 
     url = settings.database_url
     engine = wiring.database(url).kw["bind"]
@@ -100,6 +100,9 @@ def _db_upgrade(args: argparse.Namespace, settings: StoreSettings) -> int:
         print(f"schema up to date on {redact_url(url)} (at {before.head}, the newest "
               "revision: nothing to migrate)")
         return 0
+    if newer_than_this(url, before.current):
+        raise CommandError(f"the database at {redact_url(url)} is at revision "
+                           f"{before.current}, {NEWER_SCHEMA}", status=1)
     steps = pending(url, before.current)
     upgrade(url)
     print(f"migrated {redact_url(url)} from {before.current or 'an empty database'} to "

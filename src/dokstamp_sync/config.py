@@ -79,6 +79,17 @@ class StoreSettings(BaseSettings):
         # "10%" and "10" both mean ten per cent
         return value.strip().removesuffix("%").strip() if isinstance(value, str) else value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _usable_redis_url(cls, value: str) -> str:
+        # redis-py's own ValueError would come at first use, as an "unexpected error".
+        scheme = value.partition("://")[0].lower() if "://" in value else ""
+        if scheme not in ("redis", "rediss", "unix"):
+            shown = f"the scheme {scheme}://" if scheme else "it has no scheme"
+            raise ValueError(f"{shown} is not Redis's: write redis://HOST:6379/0 (rediss:// "
+                             "for TLS, unix:///PATH for a socket)")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _usable_database_url(cls, value: str) -> str:

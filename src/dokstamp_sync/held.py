@@ -130,7 +130,8 @@ class Decided:
     """What :func:`release` or :func:`discard` did."""
 
     done: list[InboxEvent] = field(default_factory=list)
-    not_held: list[int] = field(default_factory=list)  # named, but not held (or not found)
+    not_held: list[int] = field(default_factory=list)  # named, found, decided before: not held
+    missing: list[int] = field(default_factory=list)  # named, no such event
     results: list[Result] = field(default_factory=list)  # to report after the commit
 
 
@@ -153,14 +154,18 @@ def counts(session: Session) -> dict[str, int]:
         .group_by(InboxEvent.entity).order_by(InboxEvent.entity))}
 
 
-def _chosen(session: Session, which: Selection) -> tuple[list[InboxEvent], list[int]]:
+def _chosen(session: Session, which: Selection) -> Decided:
+    """The held events chosen (locked), in the ERP's order; of the ids named, those no longer
+    held and those that do not exist."""
     if which.everything or which.entity:
-        return list_held(session, None if which.everything else which.entity, lock=True), []
+        return Decided(list_held(session, None if which.everything else which.entity,
+                                 lock=True))
     found = {e.id: e for e in session.scalars(select(InboxEvent).where(
         InboxEvent.id.in_(which.ids)).with_for_update())}
     held = [found[i] for i in which.ids if i in found and found[i].state == EventState.HELD]
     held.sort(key=lambda e: (e.occurred_at, e.id))
-    return held, [i for i in which.ids if i not in found or found[i].state != EventState.HELD]
+    return Decided(held, [i for i in which.ids if i in found and found[i].state != EventState.HELD],
+                   [i for i in which.ids if i not in found])
 
 
 def _wake_behind(session: Session, events: Sequence[InboxEvent]) -> None:
@@ -174,7 +179,8 @@ def _wake_behind(session: Session, events: Sequence[InboxEvent]) -> None:
 def release(session: Session, which: Selection) -> Decided:
     """Held -> pending, admitted (never held again by the burst that held them), due one
     after another in the ERP's order; the events waiting behind them are due too."""
-    events, other = _chosen(session, which)
+    chosen = _chosen(session, which)
+    events = chosen.done
     now = utcnow()
     for rank, event in enumerate(events):
         event.state = EventState.PENDING
@@ -183,23 +189,24 @@ def release(session: Session, which: Selection) -> Decided:
         event.finished_at, event.waiting_for, event.deliveries = None, None, 0
         event.last_error = "released by an operator"
     _wake_behind(session, events)
-    return Decided(events, other)
+    return chosen
 
 
 def discard(session: Session, which: Selection) -> Decided:
     """Held -> discarded (final, never applied, reported); the events waiting behind them are
     due at once."""
-    events, other = _chosen(session, which)
+    chosen = _chosen(session, which)
+    events = chosen.done
     now = utcnow()
     reason = "discarded by an operator: never applied"
     for event in events:
         event.state = EventState.DISCARDED
         event.finished_at, event.reported_at, event.last_error = now, None, reason
     _wake_behind(session, events)
-    results = [Result(event_id=e.event_id, entity=e.entity, key=e.erp_key, op=e.op,
-                      state=EventState.DISCARDED, at=now, reason=reason, event_pk=e.id)
-               for e in events]
-    return Decided(events, other, results)
+    chosen.results = [Result(event_id=e.event_id, entity=e.entity, key=e.erp_key, op=e.op,
+                             state=EventState.DISCARDED, at=now, reason=reason, event_pk=e.id)
+                      for e in events]
+    return chosen
 
 
 def as_dict(event: InboxEvent) -> dict[str, Any]:

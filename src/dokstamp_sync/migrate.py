@@ -64,10 +64,19 @@ def require_current(engine: Engine) -> None:
                                "run dokstamp-sync db upgrade")
     if not _known(scripts, found.current):
         raise SchemaNotCurrent(f"the database at {where} is at revision {found.current}, "
-                               f"which this version does not know (its newest is {found.head}):"
-                               " it was migrated by a newer dokstamp-sync")
+                               f"{NEWER_SCHEMA}; this version's newest is {found.head}")
     raise SchemaNotCurrent(f"the database at {where} is at revision {found.current}, this "
                            f"version needs {found.head}: run dokstamp-sync db upgrade")
+
+
+def newer_than_this(database_url: str, current: str | None) -> bool:
+    """The schema is at a revision this version has no migration of: a newer dokstamp-sync
+    migrated it (``db upgrade`` cannot help; run that version, or downgrade with it)."""
+    return current is not None and not _known(_scripts(database_url), current)
+
+
+NEWER_SCHEMA = ("which this version does not know: it was migrated by a newer dokstamp-sync "
+                "(run that version, or downgrade the schema with it)")
 
 
 def _known(scripts: ScriptDirectory, revision: str) -> bool:
@@ -83,12 +92,19 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 
 
 def pending(database_url: str, current: str | None) -> list[tuple[str, str]]:
-    """(revision, first docstring line) of each migration from ``current`` to head, oldest
-    first: what an upgrade applies."""
+    """(revision, its docstring's first paragraph, shortened) of each migration from
+    ``current`` to head, oldest first: what an upgrade applies."""
     scripts = _scripts(database_url)
     steps = scripts.iterate_revisions("head", current or "base")
-    return [(s.revision, (s.doc or "").strip().splitlines()[0] if s.doc else "")
-            for s in reversed(list(steps))]
+    return [(s.revision, _summary(s.doc)) for s in reversed(list(steps))]
+
+
+def _summary(doc: str | None, width: int = 90) -> str:
+    """A migration's first paragraph on one line, cut at a word past ``width`` characters."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    if len(text) <= width:
+        return text
+    return text[:width].rsplit(" ", 1)[0].rstrip(",;:") + " …"
 
 
 def check(database_url: str) -> None:

@@ -181,3 +181,20 @@ def test_worker_stopped_on_request_exits_zero(sandbox, database_url, tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_check_names_a_schema_migrated_by_a_newer_version(run):
+    """A schema at a revision this version does not know: the schema line says a newer
+    dokstamp-sync migrated it, and does not send the user to `db upgrade` (which cannot help)."""
+    from dokstamp_sync.migrate import upgrade
+    from dokstamp_sync.testing import scratch_database
+    from testenv import PG_ADMIN_URL, set_revision
+
+    with scratch_database(PG_ADMIN_URL, "dokstamp_sync_newer", migrated=False) as url:
+        upgrade(url)
+        set_revision(url, "0099")
+        out = run("check", DATABASE_URL=url)
+    assert out.returncode == 1
+    schema = next(line for line in out.stdout.splitlines() if "schema:" in line)
+    assert schema.startswith("FAIL  schema: at revision 0099, which this version does not know")
+    assert "db upgrade" not in schema

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from dokstamp_sync.demo.samples import event
-from testenv import PG_ADMIN_URL, TEST_ENGINE_REDIS_URL
+from testenv import PG_ADMIN_URL, TEST_ENGINE_REDIS_URL, set_revision
 
 EXE = shutil.which("dokstamp-sync") or os.path.join(os.path.dirname(sys.executable),
                                                     "dokstamp-sync")
@@ -77,6 +77,15 @@ def test_a_postgres_scheme_is_a_configuration_error(cli):
     assert out.returncode == 2
     assert one_line(out) == ("configuration error: DATABASE_URL: the scheme postgres:// names "
                              "no driver dokstamp-sync installs: write postgresql+psycopg://...")
+
+
+def test_a_redis_url_of_another_scheme_is_a_configuration_error(cli):
+    """`REDIS_URL=http://...`: a configuration line naming the schemes Redis takes, exit 2
+    (redis-py's ValueError at first use was an "unexpected error")."""
+    out = cli("results", REDIS_URL="http://user:redis-secret@127.0.0.1/0")
+    assert out.returncode == 2
+    line = one_line(out)
+    assert line.startswith("configuration error: REDIS_URL: the scheme http:// is not Redis's")
 
 
 def test_an_unmigrated_database_says_to_run_db_upgrade(cli, empty_database):
@@ -235,4 +244,18 @@ def test_dlq_help_explains_its_actions(cli):
     replay = cli("dlq", "replay", "--help").stdout
     for flag in ("--all", "--entity", "--dry-run", "ID"):
         assert flag in replay
+
+
+
+def test_a_schema_newer_than_this_version_is_named_not_upgraded(cli, empty_database):
+    """A database a newer dokstamp-sync migrated (a revision this version has no script of):
+    `db upgrade` says so in one line, exit 1, not alembic's ResolutionError (`check`'s line:
+    tests/ops/test_check.py)."""
+    assert cli("db", "upgrade", DATABASE_URL=empty_database).returncode == 0
+    set_revision(empty_database, "0099")
+    upgrade = cli("db", "upgrade", DATABASE_URL=empty_database)
+    assert upgrade.returncode == 1
+    line = one_line(upgrade)
+    assert "at revision 0099" in line
+    assert "migrated by a newer dokstamp-sync" in line
 

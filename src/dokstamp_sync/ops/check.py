@@ -87,7 +87,7 @@ def database_lines(database_url: str) -> list[Line]:
     """The database reachable, and its schema at this version's head revision (a database
     never migrated, or migrated by an older version, is not ready)."""
     from dokstamp_sync.db import make_engine
-    from dokstamp_sync.migrate import revisions
+    from dokstamp_sync.migrate import NEWER_SCHEMA, newer_than_this, revisions
 
     engine = make_engine(database_url)
     try:
@@ -102,6 +102,8 @@ def database_lines(database_url: str) -> list[Line]:
     reachable = Line("database", True, f"reachable at {redact_url(database_url)}")
     if found.at_head:
         return [reachable, Line("schema", True, f"at the newest revision ({found.head})")]
+    if newer_than_this(database_url, found.current):
+        return [reachable, Line("schema", False, f"at revision {found.current}, {NEWER_SCHEMA}")]
     what = "no dokstamp-sync schema" if found.current is None else \
         f"at revision {found.current}, this version needs {found.head}"
     return [reachable, Line("schema", False, f"{what}: run dokstamp-sync db upgrade")]

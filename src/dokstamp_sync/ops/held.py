@@ -29,10 +29,12 @@ Decide = Callable[[Session, held.Selection], held.Decided]
 
 @dataclass(frozen=True)
 class Done:
-    """The inbox ids released or discarded, and those named that were not held."""
+    """The inbox ids released or discarded; of those named, the ones decided before (not held
+    any more) and the ones that do not exist."""
 
     ids: list[int]
     not_held: list[int]
+    missing: list[int]
 
 
 def decide(sessions: sessionmaker[Session], client: redis.Redis, report: Report | None,
@@ -43,7 +45,7 @@ def decide(sessions: sessionmaker[Session], client: redis.Redis, report: Report 
         decided = action(session, which)
         session.flush()
         chosen = [(e.entity, e.event_id) for e in decided.done]
-        done = Done([e.id for e in decided.done], decided.not_held)
+        done = Done([e.id for e in decided.done], decided.not_held, decided.missing)
     by_kind: dict[str, list[str]] = defaultdict(list)
     for entity, event_id in chosen:
         by_kind[entity].append(event_id)
@@ -58,16 +60,20 @@ def decide(sessions: sessionmaker[Session], client: redis.Redis, report: Report 
 def decide_command(sessions: sessionmaker[Session], client: redis.Redis, report: Report | None,
                    action: str, which: held.Selection, *, as_json: bool,
                    prefix: str = RedisKeys().guard) -> int:
-    """``held release|discard``: print what was done; exit 1 when an id named was not held."""
+    """``held release|discard``: print what was done. As ``dlq``: an id decided before (not
+    held any more) is named and not an error, so running a command twice is safe; an id that
+    does not exist exits 1."""
     chosen: Decide = held.release if action == "release" else held.discard
     done = decide(sessions, client, report, chosen, which, prefix=prefix)
     verb = "released" if action == "release" else "discarded"
     if as_json:
-        print(json.dumps({verb: done.ids, "not_held": done.not_held}))
+        print(json.dumps({verb: done.ids, "not_held": done.not_held,
+                          "not_found": done.missing}))
     else:
         print(f"{verb} {len(done.ids)}"
-              + (f"; not held or not found {done.not_held}" if done.not_held else ""))
-    return 1 if done.not_held else 0
+              + (f"; not held (decided before) {done.not_held}" if done.not_held else "")
+              + (f"; not found {done.missing}" if done.missing else ""))
+    return 1 if done.missing else 0
 
 
 def list_command(sessions: sessionmaker[Session], entity: str | None, *, as_json: bool) -> int:
