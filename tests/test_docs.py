@@ -53,9 +53,12 @@ def test_every_page_is_reachable_from_the_readme():
 
 
 def test_no_page_cites_the_contract():
-    """The docs are ours: no "CONTRACT §N" in the README, docs/ or .env.example."""
+    """The docs are ours: no "CONTRACT §N", nor any other "§N" of a text outside the
+    repository, in the README, docs/ or .env.example."""
     for page in [*PAGES, ROOT / ".env.example"]:
-        assert "CONTRACT" not in page.read_text(), page.name
+        text = page.read_text()
+        assert "CONTRACT" not in text, page.name
+        assert "§" not in text, page.name
 
 
 def test_no_help_text_or_docstring_cites_the_contract():

@@ -148,10 +148,10 @@ def _metrics(args: argparse.Namespace, settings: StoreSettings) -> int:
     from dokstamp_sync.ops.metrics import serve
 
     sessions = _store(settings)
-    print(f"metrics on http://{args.address}:{args.port}/metrics (health: /healthz)",
-          file=sys.stderr)
     serve(sessions, _redis(settings), settings.dokstamp_sync_stream,
-          address=args.address, port=args.port, keys=wiring.redis_keys(settings))
+          address=args.address, port=args.port, keys=wiring.redis_keys(settings),
+          listening=lambda url: print(f"metrics on {url} (health: /healthz)", file=sys.stderr,
+                                      flush=True))
     return 0
 
 
@@ -208,6 +208,18 @@ def _mapping(args: argparse.Namespace, settings: StoreSettings) -> int:
     return 0
 
 
+def _readable(file: str) -> Path:
+    """A file of events named on the command line (enqueue, plan): one line if it is not."""
+    path = Path(file)
+    if path.is_dir():
+        raise CommandError(f"{file} is a folder: give a file with one JSON event per line, or "
+                           "- for standard input")
+    if not path.exists():
+        raise CommandError(f"{file}: no such file (give a file with one JSON event per line, "
+                           "or - for standard input)", 1)
+    return path
+
+
 def _enqueue(args: argparse.Namespace, settings: StoreSettings) -> int:
     from dokstamp_sync.pipeline.producer import enqueue_lines
 
@@ -216,14 +228,7 @@ def _enqueue(args: argparse.Namespace, settings: StoreSettings) -> int:
     if args.file == "-":
         report = enqueue_lines(sys.stdin, client=client, stream=stream, strict=args.strict)
     else:
-        path = Path(args.file)
-        if path.is_dir():
-            raise CommandError(f"{args.file} is a folder: give a file with one JSON event per "
-                               "line, or - for standard input")
-        if not path.exists():
-            raise CommandError(f"{args.file}: no such file (give a file with one JSON event "
-                               "per line, or - for standard input)", 1)
-        with path.open(encoding="utf-8") as fh:
+        with _readable(args.file).open(encoding="utf-8") as fh:
             report = enqueue_lines(fh, client=client, stream=stream, strict=args.strict)
     fate = "nothing sent (--strict)" if args.strict else "will be dead-lettered"
     for line, reason in report.invalid:
@@ -260,9 +265,8 @@ def _held(args: argparse.Namespace, settings: StoreSettings) -> int:
 def _plan(args: argparse.Namespace, settings: StoreSettings) -> int:
     from dokstamp_sync.ops import plan_view
 
-    if args.file != "-" and not Path(args.file).is_file():
-        raise CommandError(f"{args.file}: no such file (give a file with one JSON event per "
-                           "line, or - for standard input)", 1)
+    if args.file != "-":
+        _readable(args.file)
     full = settings if isinstance(settings, Settings) else None
     return plan_view.command(args.file, settings, _store(settings), _redis(settings), full,
                              as_json=args.json, check_dokstamp=args.check_dokstamp)

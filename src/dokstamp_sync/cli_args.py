@@ -85,11 +85,12 @@ def _sandbox(sub: Any, cmds: Any) -> None:
     sb.add_argument("--email", default="admin@demo-university.edu",
                     help="password login's email (default: %(default)s)")
     sb.add_argument("--password", default="sandbox-password",
-                    help="password login's password (default: the README's sandbox password)")
+                    help="password login's password (default: %(default)s, as docs/sandbox.md "
+                         "says; the sandbox is a test double)")
     sb.add_argument("--client-id", default="sandbox-client",
                     help="client-credentials login's id (default: %(default)s)")
     sb.add_argument("--client-secret", default="sandbox-secret",
-                    help="client-credentials login's secret (default: the README's)")
+                    help="client-credentials login's secret (default: %(default)s)")
     sb.add_argument("--token-ttl", type=positive_float, default=3600.0,
                     help="access token lifetime, seconds (default: %(default)s)")
     sb.add_argument("--generation", choices=("a", "b"), default="a",

@@ -10,6 +10,8 @@ failure                                the line says                            
 database unreachable or refusing       the redacted DATABASE_URL, the driver's first line      1
 Redis unreachable or refusing          the redacted REDIS_URL, redis-py's first line           1
 a file that cannot be read             the file and why                                        1
+input that is not UTF-8 text           that, and that nothing was sent                          2
+a port in use                          to pick another with --port                              2
 DokStamp refused / unreachable         the status and DokStamp's message                       1
 the worker must not start              why (credentials, tenant, schema)                       1
 anything else                          its type and first line, and to rerun with --debug      1
@@ -21,6 +23,7 @@ message is cut to its first line (psycopg names host, port and user, never the p
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 import redis
@@ -78,6 +81,11 @@ def explain(exc: BaseException, where: Where = Where()) -> Explained:
         return Explained(_redis(exc, where.redis_url), 1)
     if isinstance(exc, OSError) and exc.filename is not None:
         return Explained(f"cannot read {exc.filename}: {exc.strerror or first_line(exc)}", 1)
+    if isinstance(exc, UnicodeDecodeError):  # read before anything is sent: nothing was
+        return Explained(f"the input is not UTF-8 text (byte {exc.start} of a line cannot be "
+                         "read): nothing was sent; events are JSON lines in UTF-8", 2)
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return Explained("the port is in use by another program: pick another with --port", 2)
     if isinstance(exc, DokStampError):
         return Explained(f"DokStamp error: {exc}", 1)
     return Explained(f"unexpected error: {first_line(exc)} (run again with --debug, or "

@@ -113,6 +113,18 @@ def test_worker_refuses_to_start_on_a_database_that_is_not_migrated(run):
     assert line.endswith("has no dokstamp-sync schema: run dokstamp-sync db upgrade")
 
 
+def test_worker_with_redis_down_refuses_in_one_line(run):
+    """`dokstamp-sync worker` with Redis not reachable at start: one line naming the redacted
+    REDIS_URL, exit 1; no Celery banner, no traceback."""
+    out = run("worker", "--concurrency", "1", REDIS_URL="redis://:r-secret@127.0.0.1:9/0",
+              timeout=60)
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("cannot reach Redis at redis://:***@127.0.0.1:9/0")
+    assert "r-secret" not in out.stdout + out.stderr
+    assert "celery@" not in out.stdout + out.stderr
+
+
 def test_worker_exits_non_zero_after_a_fatal_error(run):
     """Celery stopping on an unrecoverable error (here the event stream's key holds a string, so
     the pump cannot create its consumer group) ends `dokstamp-sync worker` with exit status 1,

@@ -42,6 +42,16 @@ def cli(database_url, tmp_path):
 
 
 @pytest.fixture
+def wredis_stream_len():
+    """The length of the stream the cli fixture's commands write to."""
+    import redis
+
+    client = redis.Redis.from_url(TEST_ENGINE_REDIS_URL)
+    yield lambda: client.xlen("test:events")
+    client.close()
+
+
+@pytest.fixture
 def empty_database() -> Iterator[str]:
     """A PostgreSQL database that was never migrated."""
     from dokstamp_sync.testing import scratch_database
@@ -137,6 +147,26 @@ def test_enqueue_a_missing_file_or_a_folder(cli, tmp_path):
     folder = cli("enqueue", str(tmp_path))
     assert folder.returncode == 2
     assert one_line(folder).startswith(f"{tmp_path} is a folder")
+
+
+@pytest.mark.parametrize("command", ["enqueue", "plan"])
+def test_enqueue_and_plan_agree_on_a_folder_and_refuse_a_binary_file(cli, wredis_stream_len,
+                                                                      tmp_path, command):
+    """`plan` answers a folder as `enqueue` does (exit 2); a file that is not UTF-8 text is one
+    line saying so and that nothing was sent (exit 2), and the stream is unchanged."""
+    folder = cli(command, str(tmp_path))
+    assert folder.returncode == 2
+    assert one_line(folder).startswith(f"{tmp_path} is a folder")
+    good = json.dumps(event("student", "S-1", {"name": "A", "email": "a@example.edu",
+                                                "date_of_birth": "2000-01-01"}))
+    binary = tmp_path / "events.bin"
+    binary.write_bytes(good.encode() + b"\n\xff\xfe\x00garbage\n")
+    before = wredis_stream_len()
+    out = cli(command, str(binary))
+    assert out.returncode == 2
+    assert one_line(out).startswith("the input is not UTF-8 text")
+    assert "nothing was sent" in out.stderr
+    assert wredis_stream_len() == before
 
 
 def test_results_since_garbage_is_refused_before_redis(cli):
@@ -259,3 +289,17 @@ def test_a_schema_newer_than_this_version_is_named_not_upgraded(cli, empty_datab
     assert "at revision 0099" in line
     assert "migrated by a newer dokstamp-sync" in line
 
+
+
+def test_a_metrics_port_in_use_is_one_line_and_not_announced(cli):
+    """`metrics --port N` with N taken: one line saying to pick another port, exit 2, and no
+    "metrics on http://..." line announcing a server that never listened."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = cli("metrics", "--port", str(taken.getsockname()[1]))
+    assert out.returncode == 2
+    assert one_line(out) == "the port is in use by another program: pick another with --port"
+    assert "metrics on" not in out.stdout + out.stderr

@@ -183,10 +183,14 @@ class _Quiet(WSGIRequestHandler):
 def serve(sessions: sessionmaker[Session], client: redis.Redis, stream: str, *,
           address: str = "127.0.0.1", port: int = 9464, background: bool = False,
           replica: str | None = None, tenant: str | None = None,
-          keys: RedisKeys = RedisKeys()) -> WSGIServer:
-    """Serve the metrics; in a daemon thread when ``background``."""
+          keys: RedisKeys = RedisKeys(),
+          listening: Callable[[str], None] | None = None) -> WSGIServer:
+    """Serve the metrics; in a daemon thread when ``background``. ``listening`` is told the
+    URL once the port is bound (never before: a port in use must not be announced)."""
     server = make_server(address, port, app(sessions, client, stream, replica=replica,
                                             tenant=tenant, keys=keys), handler_class=_Quiet)
+    if listening is not None:
+        listening(f"http://{address}:{server.server_address[1]}/metrics")
     if background:
         threading.Thread(target=server.serve_forever, name="dokstamp-metrics",
                          daemon=True).start()

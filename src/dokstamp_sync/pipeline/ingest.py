@@ -185,7 +185,7 @@ class StreamIngester:
                 pipe.xdel(self.stream, *done)  # durable in the database; keep the stream short
                 pipe.execute()
         if recorded.letters and self.report is not None and self.report(recorded.letters):
-            self._mark_reported(recorded.letters)  # committed, then written (§5)
+            self._mark_reported(recorded.letters)  # committed, then written (docs/outcomes.md)
         if recorded.arrivals and self.arrivals is not None:
             self.arrivals(recorded.arrivals)
         if recorded.new:

@@ -82,11 +82,13 @@ class Pump:
             thread.join(timeout=10)
 
     def _ingest(self) -> None:
+        failures = Failures("stream ingester: poll failed")
         while not self.stop_event.is_set():
             try:
                 self.ingester.poll(block_ms=int(self.poll_interval * 1000))
-            except Exception:  # Redis or the database away: log, wait, go on
-                log.exception("stream ingester: poll failed")
+                failures.ok()
+            except Exception as exc:  # Redis or the database away: log, wait, go on
+                failures.failed(exc)
                 self.stop_event.wait(self.poll_interval)
 
     def _queued(self) -> int:
@@ -94,12 +96,14 @@ class Pump:
         return int(self.ingester.redis.llen(self.keys.queue))
 
     def _schedule(self) -> None:
+        failures = Failures("retry scheduler: dispatch failed")
         while not self.stop_event.is_set():
             try:
                 dispatch_due(self.sessions, self.dispatch, lease=self.lease,
                              queued=self._queued)
-            except Exception:
-                log.exception("retry scheduler: dispatch failed")
+                failures.ok()
+            except Exception as exc:
+                failures.failed(exc)
             self.stop_event.wait(self.poll_interval)
 
     def _prune(self) -> None:
@@ -114,6 +118,7 @@ class Pump:
         """Every few seconds, write the outcomes left unreported (a process killed between a
         commit and its XADD, Redis away at that moment). Every worker's pump runs one: two
         sweepers would both write the same rows, so one sweeps at a time (a Redis lock)."""
+        failures = Failures("outbox sweeper: sweep failed")
         while not self.stop_event.wait(outbox.INTERVAL):
             try:
                 lock = self.ingester.redis.lock(f"{self.keys.lock}outbox", timeout=120,
@@ -124,5 +129,36 @@ class Pump:
                         self._prune()
                     finally:
                         lock.release()
-            except Exception:
-                log.exception("outbox sweeper: sweep failed")
+                failures.ok()
+            except Exception as exc:
+                failures.failed(exc)
+
+
+class Failures:
+    """How a loop that retries every second logs an outage: the first failure with its
+    traceback, then one line a minute while it lasts (not a traceback a second: a Redis outage
+    of minutes wrote tens of thousands of lines), and one line when it is over."""
+
+    EVERY = 60.0  # s between the lines of an ongoing outage
+
+    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.what, self.clock = what, clock
+        self.count, self.since, self.said = 0, 0.0, 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        now = self.clock()
+        self.count += 1
+        if self.count == 1:
+            self.since = self.said = now
+            log.error(self.what, exc_info=exc)
+        elif now - self.said >= self.EVERY:
+            self.said = now
+            log.error("%s: still failing, %d times in %.0f s (%s: %s)", self.what, self.count,
+                      now - self.since, type(exc).__name__, str(exc).splitlines()[0][:200]
+                      if str(exc) else "")
+
+    def ok(self) -> None:
+        if self.count:
+            log.warning("%s: recovered after %d failures in %.0f s", self.what, self.count,
+                        self.clock() - self.since)
+            self.count = 0
