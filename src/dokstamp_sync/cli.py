@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import traceback
 from collections.abc import Sequence
@@ -346,6 +347,10 @@ def _setup_logs(args: argparse.Namespace, settings: StoreSettings | None) -> Non
     from dokstamp_sync.logs import setup
 
     setup(bool(settings and settings.dokstamp_sync_log_json), "WARNING")
+    # The audit lines (who replayed or discarded which letters, console logins) are INFO:
+    # shown although the rest of a command's logging is kept to warnings.
+    for audit in ("dokstamp_sync.dlq", "dokstamp_sync.console"):
+        logging.getLogger(audit).setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from dokstamp_sync.demo.embedded import free_port
 from dokstamp_sync.models import DeadLetter, InboxEvent, LetterHistory, utcnow
 from dokstamp_sync.testing import STREAM
 from test_worker import EXE
+from testenv import TEST_ENGINE_REDIS_URL
 
 
 @pytest.fixture
@@ -68,6 +69,55 @@ def letters(sessions, n: int, entity: str = "student") -> None:
              "reason": "DokStamp refused POST /students (422)", "http_status": 422,
              "attempts": 1, "status": "open", "first_failed_at": now, "last_failed_at": now}
             for i in range(n)])
+
+
+def dead_events(sessions, *keys: str) -> list[int]:
+    """A dead student event and its open letter per key; the letters' ids."""
+    now = utcnow()
+    out = []
+    with session_scope(sessions) as s:
+        for key in keys:
+            ev = InboxEvent(event_id=f"ev-{key}", entity="student", op="upsert", erp_key=key,
+                            occurred_at=now, payload={"key": key}, state="dead")
+            s.add(ev)
+            s.flush()
+            letter = DeadLetter(event_pk=ev.id, event_id=ev.event_id, entity="student",
+                                erp_key=key, reason="DokStamp refused POST /students (422)",
+                                http_status=422, attempts=1, status="open",
+                                first_failed_at=now, last_failed_at=now)
+            s.add(letter)
+            s.flush()
+            out.append(letter.id)
+    return out
+
+
+def history_rows(page: str) -> list[tuple[str, str]]:
+    table = re.search(r'<table id="history">(.*?)</table>', page, re.S).group(1)
+    return re.findall(r"<tr><td>[^<]*</td><td>([^<]+)</td><td>([^<]+)</td></tr>", table)
+
+
+def test_a_cli_replay_and_discard_show_in_the_letters_history(app, sessions, database_url,
+                                                              tmp_path):
+    """`dlq replay` and `dlq discard` keep who (cli:<os user>), when and what in each letter's
+    history, shown on its console page, and log one line per batch naming who did what."""
+    import getpass
+
+    replayed, discarded = dead_events(sessions, "S-1", "S-2")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOKSTAMP")} | {
+        "DATABASE_URL": database_url, "REDIS_URL": TEST_ENGINE_REDIS_URL}
+    runs = [subprocess.run([EXE, "dlq", action, str(ident)], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60, check=False)
+            for action, ident in (("replay", replayed), ("discard", discarded))]
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    who = f"cli:{getpass.getuser()}"
+    assert f"{who} replay letters [{replayed}]" in runs[0].stderr
+    assert f"{who} discard letters [{discarded}]" in runs[1].stderr
+    with app() as client:
+        login(client, "viewer", "viewer-pw")
+        assert history_rows(client.get(f"/letters/{replayed}").text) == [
+            ("dead-lettered", "dokstamp-sync"), ("replayed", who)]
+        assert history_rows(client.get(f"/letters/{discarded}").text) == [
+            ("dead-lettered", "dokstamp-sync"), ("discarded", who)]
 
 
 def test_the_console_refuses_to_start_without_a_password(tmp_path):
