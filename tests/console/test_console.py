@@ -278,3 +278,23 @@ def test_the_overview_shows_the_changes_held_by_the_guard_per_kind(app, sessions
         box = held_box(client.get("/").text)
         assert "held-kind" not in box
         assert '<td class="ok">none</td>' in box
+
+
+def test_the_overviews_malformed_link_lists_the_letters_with_no_entity(app, sessions):
+    """A malformed stream entry's letter has no entity: the overview counts it as
+    "malformed", and that row's link lists it (and only it)."""
+    letters(sessions, 2)
+    now = utcnow()
+    with session_scope(sessions) as s:
+        s.add(DeadLetter(entity=None, raw="not json", stream_id="1-0", reason="invalid event",
+                         attempts=1, status="open", first_failed_at=now, last_failed_at=now))
+    with app() as client:
+        login(client, "viewer", "viewer-pw")
+        links = dict(re.findall(r'<a href="(/letters\?entity=[^"]*)">([^<]+)</a>',
+                                client.get("/").text))
+        assert sorted(links.values()) == ["malformed", "student"]
+        url = next(u for u, name in links.items() if name == "malformed")
+        page = client.get(url).text
+        ids = re.findall(r'class="letter">(\d+)<', page)
+        assert ids == ["3"]
+        assert "<td>malformed</td>" in page

@@ -23,13 +23,14 @@ from dokstamp_sync.states import EventState, LetterStatus
 PAGE = 50  # rows per page
 RELATED = 50  # an ERP key's other events shown at most
 REASONS_OF = 5000  # the overview's reasons: among this many newest open letters
+MALFORMED = "malformed"  # the entity shown for (and filtering) letters with none
 
 
 @dataclass(frozen=True)
 class Filter:
     """The dead-letter list's filter (every field optional; ``status`` open by default)."""
 
-    entity: str = ""
+    entity: str = ""  # MALFORMED: the letters with no entity (malformed stream entries)
     status: str = LetterStatus.OPEN.value  # "" for every status
     http_status: int | None = None
     reason: str = ""  # text the reason contains (case-insensitive)
@@ -60,7 +61,9 @@ class Filter:
                "until": self.until.isoformat() if self.until else ""}
 
     def apply(self, query: Select[Any]) -> Select[Any]:
-        if self.entity:
+        if self.entity == MALFORMED:
+            query = query.where(DeadLetter.entity.is_(None))
+        elif self.entity:
             query = query.where(DeadLetter.entity == self.entity)
         if self.status:
             query = query.where(DeadLetter.status == self.status)
@@ -134,7 +137,7 @@ def overview(session: Session, client: redis.Redis, stream: str,
                 .where(InboxEvent.finished_at >= now - timedelta(minutes=minutes))
                 .group_by(InboxEvent.state)):
             outcomes.setdefault(state, [0, 0])[slot] = n
-    return status | {"by_entity": [(e or "malformed", n) for n, e in by_entity],
+    return status | {"by_entity": [(e or MALFORMED, n) for n, e in by_entity],
                      "by_reason": [(r, n) for n, r in by_reason],
                      "outcomes": outcomes}
 
