@@ -298,3 +298,41 @@ def test_the_overviews_malformed_link_lists_the_letters_with_no_entity(app, sess
         ids = re.findall(r'class="letter">(\d+)<', page)
         assert ids == ["3"]
         assert "<td>malformed</td>" in page
+
+
+def test_no_secret_is_shown_on_a_letters_page(app, sessions):
+    """A letter whose event, DokStamp response and (malformed) raw text hold secret-named
+    keys at any depth shows `***` for each, never the value; other fields are shown; no page
+    holds the console's passwords."""
+    (ident,) = dead_events(sessions, "S-SECRET")
+    now = utcnow()
+    with session_scope(sessions) as s:
+        letter = s.get(DeadLetter, ident)
+        s.get(InboxEvent, letter.event_pk).payload = {
+            "key": "S-SECRET", "name": "Ana", "password": "hunter2",
+            "login": {"api_key": "ak-123", "Client-Secret": "cs-456"}}
+        letter.response_body = {"errors": {"name": ["too short"]}, "access_token": "tok-789",
+                                "headers": [{"Authorization": "Bearer zz-000"}]}
+        s.add(DeadLetter(entity=None, raw='{"entity": "student", "db_password": "raw-pw-1",'
+                         ' "token": "raw-tok-2", broken', stream_id="9-0",
+                         reason="invalid event", attempts=1, status="open",
+                         first_failed_at=now, last_failed_at=now))
+    secrets = ["hunter2", "ak-123", "cs-456", "tok-789", "zz-000", "raw-pw-1", "raw-tok-2",
+               "ops-pw", "viewer-pw"]
+    with app() as client:
+        login(client, "ops", "ops-pw")
+        page = client.get(f"/letters/{ident}").text
+        event = re.search(r'<pre id="event">(.*?)</pre>', page, re.S).group(1)
+        response = re.search(r'<pre id="response">(.*?)</pre>', page, re.S).group(1)
+        assert "&#34;password&#34;: &#34;***&#34;" in event
+        assert "&#34;api_key&#34;: &#34;***&#34;" in event
+        assert "&#34;name&#34;: &#34;Ana&#34;" in event
+        assert "&#34;access_token&#34;: &#34;***&#34;" in response
+        assert "too short" in response
+        raw = client.get(f"/letters/{ident + 1}").text
+        assert "&#34;db_password&#34;: &#34;***&#34;" in re.search(
+            r'<pre id="raw">(.*?)</pre>', raw, re.S).group(1)
+        pages = [page, raw] + [client.get(p).text for p in (
+            "/", "/letters", "/letters?status=", "/mapping?entity=student&key=S-SECRET")]
+        for text in pages:
+            assert not [s for s in secrets if s in text]

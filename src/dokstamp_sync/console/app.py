@@ -28,6 +28,7 @@ from starlette.templating import Jinja2Templates
 from dokstamp_sync.console import actions, queries
 from dokstamp_sync.console.auth import COOKIE, LIFETIME, Logins, User
 from dokstamp_sync.db import session_scope
+from dokstamp_sync.dokstamp.errors import redact, redact_text
 from dokstamp_sync.redis_keys import RedisKeys
 
 log = logging.getLogger("dokstamp_sync.console")
@@ -41,11 +42,18 @@ HEADERS = {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
 
 
 def pretty(value: Any) -> str:
-    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    """JSON for a page, every secret-named key's value shown as ``***`` (:func:`redact`)."""
+    text = json.dumps(redact(value), indent=2, ensure_ascii=False, default=str)
     return text if len(text) <= SHOWN_MAX else text[:SHOWN_MAX] + "\n… (cut)"
 
 
+def raw(text: str) -> str:
+    """A malformed entry's raw text for a page, secret-named members' values hidden."""
+    return redact_text(text[:SHOWN_MAX])
+
+
 TEMPLATES.env.filters["pretty"] = pretty
+TEMPLATES.env.filters["raw"] = raw
 
 
 class Console:
