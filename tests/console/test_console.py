@@ -336,3 +336,57 @@ def test_no_secret_is_shown_on_a_letters_page(app, sessions):
             "/", "/letters", "/letters?status=", "/mapping?entity=student&key=S-SECRET")]
         for text in pages:
             assert not [s for s in secrets if s in text]
+
+
+def test_out_of_range_numbers_and_odd_text_give_400_or_404_never_500(app, sessions):
+    """Numbers past PostgreSQL's bigint (ids, before=, http_status=, POSTed ids) and a NUL in
+    a text field answer 404 (a letter that cannot exist), 400 (a POST) or the page without
+    that filter: never a 500."""
+    letters(sessions, 2)
+    huge = "9" * 20
+    with app() as client:
+        login(client, "ops", "ops-pw")
+        for path in (f"/letters?before={huge}", f"/letters?http_status={huge}",
+                     "/letters?http_status=99999999999", f"/waiting?before={huge}",
+                     "/letters?reason=a%00b", "/letters?entity=%00",
+                     "/mapping?entity=student&key=a%00b"):
+            answer = client.get(path)
+            assert answer.status_code == 200, path
+        assert client.get(f"/letters?before={huge}").text.count('class="letter"') == 2
+        assert client.get(f"/letters/{huge}").status_code == 404
+        assert client.get(f"/letters/{2**63}").status_code == 404
+        token = csrf_of(client.get("/letters"))
+        for confirmed in ("", "yes"):
+            answer = client.post("/letters/action", data={
+                "csrf": token, "action": "discard", "ids": ["1", huge], "confirmed": confirmed})
+            assert answer.status_code == 400
+    with session_scope(sessions) as s:
+        assert s.scalars(select(DeadLetter.status)).all() == ["open", "open"]
+
+
+def test_the_reason_filter_takes_percent_and_underscore_literally(app, sessions):
+    """`reason=%` or `_` are no wildcards: they match only reasons holding that character,
+    so "Replay all matching" for them never means every letter."""
+    now = utcnow()
+    with session_scope(sessions) as s:
+        s.execute(insert(DeadLetter), [
+            {"entity": "student", "erp_key": key, "reason": reason, "attempts": 1,
+             "status": "open", "first_failed_at": now, "last_failed_at": now}
+            for key, reason in (("P", "quota at 100% used"), ("U", "bad date_of_birth"),
+                                ("N", "plain refusal"), ("B", r"path C:\tmp refused"))])
+    with app() as client:
+        login(client, "ops", "ops-pw")
+
+        def keys(reason: str) -> list[str]:
+            return re.findall(r'class="key">([^<]+)<',
+                              client.get("/letters", params={"reason": reason}).text)
+
+        assert keys("%") == ["P"]
+        assert keys("_") == ["U"]
+        assert keys("100%") == ["P"]
+        assert keys("\\") == ["B"]
+        token = csrf_of(client.get("/letters"))
+        confirm = client.post("/letters/action", data={
+            "csrf": token, "action": "replay", "scope": "filter", "reason": "%",
+            "status": "open"})
+        assert "Replay 1 dead letter" in confirm.text

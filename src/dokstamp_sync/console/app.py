@@ -130,30 +130,33 @@ class Console:
     async def letters(self, request: Request) -> Response:
         user = self.user(request)
         f = queries.Filter.from_params(request.query_params)
-        before = request.query_params.get("before", "")
+        before = queries.row_id(request.query_params.get("before"))
         with session_scope(self.sessions) as session:
-            page = queries.letters(session, f, int(before) if before.isdigit() else None)
+            page = queries.letters(session, f, before)
         return self.render(request, "letters.html", user, page=page, f=f)
 
     async def letter(self, request: Request) -> Response:
         user = self.user(request)
+        letter_id = int(request.path_params["letter_id"])
+        if not 0 < letter_id <= queries.ID_MAX:
+            raise HTTPException(404, "no such dead letter")
         with session_scope(self.sessions) as session:
-            data = queries.letter(session, int(request.path_params["letter_id"]))
+            data = queries.letter(session, letter_id)
         if data is None:
             raise HTTPException(404, "no such dead letter")
         return self.render(request, "letter.html", user, **data)
 
     async def waiting(self, request: Request) -> Response:
         user = self.user(request)
-        before = request.query_params.get("before", "")
+        before = queries.row_id(request.query_params.get("before"))
         with session_scope(self.sessions) as session:
-            page = queries.waiting(session, int(before) if before.isdigit() else None)
+            page = queries.waiting(session, before)
         return self.render(request, "waiting.html", user, page=page)
 
     async def mapping(self, request: Request) -> Response:
         user = self.user(request)
-        entity = request.query_params.get("entity", "").strip()
-        key = request.query_params.get("key", "").strip()
+        entity = queries.clean(request.query_params.get("entity"))
+        key = queries.clean(request.query_params.get("key"))
         data: dict[str, Any] = {}
         if entity and key:
             with session_scope(self.sessions) as session:
@@ -169,7 +172,12 @@ class Console:
             raise HTTPException(400, "unknown action")
         f = queries.Filter.from_params(form)
         everything = form.get("scope") == "filter"
-        chosen = [int(v) for v in form.getlist("ids") if isinstance(v, str) and v.isdigit()]
+        chosen: list[int] = []
+        for value in form.getlist("ids"):
+            letter_id = queries.row_id(value)
+            if letter_id is None:
+                raise HTTPException(400, "not a dead letter id")
+            chosen.append(letter_id)
         if form.get("confirmed") != "yes":
             with session_scope(self.sessions) as session:
                 matched = queries.count(session, queries.Filter(
