@@ -292,14 +292,15 @@ def _flower(args: argparse.Namespace, settings: StoreSettings) -> int:
 
 
 def _console(args: argparse.Namespace, settings: StoreSettings | None) -> int:
-    from dokstamp_sync.console import AuthMissing, serve
+    from dokstamp_sync.console import AuthMissing, console_for, serve
 
     assert settings is not None
     try:
-        print(f"console on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-        serve(settings, args.host, args.port)
+        console = console_for(settings)  # refuses (AuthMissing) before anything is printed
     except AuthMissing as exc:
         raise CommandError(str(exc)) from None
+    print(f"console on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    serve(console, args.host, args.port)
     return 0
 
 

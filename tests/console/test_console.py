@@ -127,6 +127,7 @@ def test_the_console_refuses_to_start_without_a_password(tmp_path):
                          capture_output=True, text=True, timeout=30, check=False)
     assert out.returncode == 2
     assert "refusing to start the console without a password" in out.stderr
+    assert "http://" not in out.stdout + out.stderr  # no URL of a console that never ran
 
 
 def test_pages_need_a_login_and_a_wrong_password_is_refused(app):
