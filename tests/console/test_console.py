@@ -391,3 +391,23 @@ def test_the_reason_filter_takes_percent_and_underscore_literally(app, sessions)
             "csrf": token, "action": "replay", "scope": "filter", "reason": "%",
             "status": "open"})
         assert "Replay 1 dead letter" in confirm.text
+
+
+def test_logging_out_ends_the_session_a_copied_cookie_included(app):
+    """After a logout, the session's cookie copied beforehand no longer opens a page nor
+    passes a form (this console process keeps the ended session's nonce until it expires);
+    another session of the same user goes on."""
+    with app() as client, app() as other:
+        login(client, "ops", "ops-pw")
+        login(other, "ops", "ops-pw")
+        copied = client.cookies["dokstamp_console"]
+        token = csrf_of(client.get("/letters"))
+        assert client.post("/logout", data={"csrf": token}).status_code == 303
+        with app() as thief:
+            thief.cookies.set("dokstamp_console", copied)
+            answer = thief.get("/")
+            assert (answer.status_code, answer.headers["location"]) == (303, "/login")
+            answer = thief.post("/letters/action", data={
+                "csrf": token, "action": "discard", "ids": "1", "confirmed": "yes"})
+            assert answer.status_code == 303
+        assert other.get("/").status_code == 200

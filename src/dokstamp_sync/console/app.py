@@ -115,7 +115,9 @@ class Console:
         return response
 
     async def logout(self, request: Request) -> Response:
-        await self.form(request, change=False)
+        user, _ = await self.form(request, change=False)
+        self.logins.end(request.cookies.get(COOKIE))
+        log.info("console: %s logged out", user.name)
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE)
         return response
