@@ -21,7 +21,7 @@ from dokstamp_sync.console.app import Console, build_app
 from dokstamp_sync.console.auth import Logins
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo.embedded import free_port
-from dokstamp_sync.models import DeadLetter, InboxEvent, LetterHistory, utcnow
+from dokstamp_sync.models import DeadLetter, InboxEvent, LetterHistory, Mapping, utcnow
 from dokstamp_sync.testing import STREAM
 from test_worker import EXE
 from testenv import TEST_ENGINE_REDIS_URL
@@ -71,17 +71,17 @@ def letters(sessions, n: int, entity: str = "student") -> None:
             for i in range(n)])
 
 
-def dead_events(sessions, *keys: str) -> list[int]:
-    """A dead student event and its open letter per key; the letters' ids."""
+def dead_events(sessions, *keys: str, entity: str = "student") -> list[int]:
+    """A dead event and its open letter per key; the letters' ids."""
     now = utcnow()
     out = []
     with session_scope(sessions) as s:
         for key in keys:
-            ev = InboxEvent(event_id=f"ev-{key}", entity="student", op="upsert", erp_key=key,
+            ev = InboxEvent(event_id=f"ev-{key}", entity=entity, op="upsert", erp_key=key,
                             occurred_at=now, payload={"key": key}, state="dead")
             s.add(ev)
             s.flush()
-            letter = DeadLetter(event_pk=ev.id, event_id=ev.event_id, entity="student",
+            letter = DeadLetter(event_pk=ev.id, event_id=ev.event_id, entity=entity,
                                 erp_key=key, reason="DokStamp refused POST /students (422)",
                                 http_status=422, attempts=1, status="open",
                                 first_failed_at=now, last_failed_at=now)
@@ -411,3 +411,162 @@ def test_logging_out_ends_the_session_a_copied_cookie_included(app):
                 "csrf": token, "action": "discard", "ids": "1", "confirmed": "yes"})
             assert answer.status_code == 303
         assert other.get("/").status_code == 200
+
+
+def cells(page: str, table_id: str) -> list[list[str]]:
+    """The text of each data row's cells in the table ``table_id`` (tags dropped)."""
+    table = re.search(rf'<table[^>]*id="{table_id}"[^>]*>(.*?)</table>', page, re.S).group(1)
+    return [[re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>",
+                                                                    row, re.S)]
+            for row in re.findall(r"<tr>(.*?)</tr>", table, re.S) if "<td" in row]
+
+
+def test_the_waiting_page_says_why_until_when_and_which_dependency(app, sessions):
+    """A certificate parked for its course shows its key, what it waits for, the next attempt's
+    time and the reason; a pending event is not listed; with nothing waiting it says so."""
+    from datetime import timedelta
+
+    now = utcnow()
+    with session_scope(sessions) as s:
+        s.add_all([
+            InboxEvent(event_id="ev-cert-1", entity="certificate", op="upsert", erp_key="CERT-1",
+                       occurred_at=now, payload={}, state="waiting", attempts=2,
+                       waiting_for="course:CRS-9", next_attempt_at=now + timedelta(minutes=5),
+                       last_error="waiting for course CRS-9 (not synced yet)"),
+            InboxEvent(event_id="ev-pending", entity="student", op="upsert", erp_key="S-P",
+                       occurred_at=now, payload={}, state="pending")])
+    with session_scope(sessions) as s:
+        until = str(s.scalar(select(InboxEvent.next_attempt_at).where(
+            InboxEvent.event_id == "ev-cert-1")))
+    with app() as client:
+        login(client, "viewer", "viewer-pw")
+        page = client.get("/waiting").text
+        (row,) = cells(page, "waiting")
+        assert row[1:] == ["certificate", "CERT-1", "ev-cert-1", "course:CRS-9", until, "2",
+                           "waiting for course CRS-9 (not synced yet)"]
+        assert '/mapping?entity=certificate&amp;key=CERT-1' in page
+        with session_scope(sessions) as s:
+            s.get(InboxEvent, int(row[0])).state = "synced"
+        assert "Nothing waits." in client.get("/waiting").text
+
+
+def test_the_mapping_lookup_shows_the_uuid_status_url_and_the_keys_events(app, sessions):
+    """entity + ERP key: the DokStamp UUID, our status and DokStamp's, the verification URL,
+    the key's events (newest first, with their outcome) and its dead letters; an unknown key
+    says there is no mapping."""
+    from datetime import timedelta
+
+    now = utcnow()
+    (letter_id,) = dead_events(sessions, "CERT-7", entity="certificate")
+    with session_scope(sessions) as s:
+        s.add(InboxEvent(event_id="ev-CERT-7-new", entity="certificate", op="upsert",
+                         erp_key="CERT-7", occurred_at=now + timedelta(hours=1), payload={},
+                         state="synced"))
+        s.add(Mapping(entity="certificate", erp_key="CERT-7",
+                      dokstamp_uuid="6f1c9a52-0000-4000-8000-00000000c007", status="active",
+                      remote_status="issued", event_id="ev-CERT-7-new",
+                      verification_url="https://verify.example.edu/c/6f1c9a52"))
+    with app() as client:
+        login(client, "viewer", "viewer-pw")
+        page = client.get("/mapping", params={"entity": "certificate", "key": "CERT-7"}).text
+        mapping = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]*)", page))
+        assert mapping["DokStamp UUID"] == "6f1c9a52-0000-4000-8000-00000000c007"
+        assert mapping["status"].startswith("active (DokStamp: issued)")
+        assert mapping["verification URL"] == "https://verify.example.edu/c/6f1c9a52"
+        events = [(r[1], r[2], r[4]) for r in cells(page, "events")]
+        assert events == [("ev-CERT-7-new", "upsert", "synced"),
+                          ("ev-CERT-7", "upsert", "dead")]
+        assert f'<a href="/letters/{letter_id}">{letter_id}</a></td><td>open</td>' in page
+        other = client.get("/mapping", params={"entity": "certificate", "key": "NOPE"}).text
+        assert "No mapping for certificate NOPE." in other
+
+
+def test_a_letters_page_shows_the_request_response_attempts_event_and_mapping(app, sessions):
+    """A letter's page: DokStamp's request (method and path), HTTP status, attempts, first and
+    last failure, DokStamp's response, the event's JSON, the key's events and its mapping."""
+    from datetime import timedelta
+
+    (ident,) = dead_events(sessions, "S-42")
+    with session_scope(sessions) as s:
+        letter = s.get(DeadLetter, ident)
+        letter.request_method, letter.request_path = "POST", "/students"
+        letter.attempts = 3
+        letter.first_failed_at = letter.last_failed_at - timedelta(hours=2)
+        letter.response_body = {"message": "The given data was invalid.",
+                                "errors": {"date_of_birth": ["is required"]}}
+        s.get(InboxEvent, letter.event_pk).payload = {"key": "S-42", "name": "Ana Lima"}
+        s.add(Mapping(entity="student", erp_key="S-42", status="active",
+                      dokstamp_uuid="0b7e0000-0000-4000-8000-000000000042"))
+    with session_scope(sessions) as s:
+        letter = s.get(DeadLetter, ident)
+        failures = f"{letter.first_failed_at} / {letter.last_failed_at}"
+    with app() as client:
+        login(client, "viewer", "viewer-pw")
+        page = client.get(f"/letters/{ident}").text
+
+        def cell(name: str) -> str:
+            return re.search(rf'<td id="{name}">([^<]*)</td>', page).group(1).strip()
+
+        assert (cell("request"), cell("http-status"), cell("attempts")) == (
+            "POST /students", "422", "3")
+        assert cell("failures") == failures
+        response = re.search(r'<pre id="response">(.*?)</pre>', page, re.S).group(1)
+        assert "The given data was invalid." in response
+        assert "is required" in response
+        assert "Ana Lima" in re.search(r'<pre id="event">(.*?)</pre>', page, re.S).group(1)
+        assert [(r[1], r[4]) for r in cells(page, "events")] == [("ev-S-42", "dead")]
+        assert "0b7e0000-0000-4000-8000-000000000042" in re.search(
+            r'<table id="mapping">(.*?)</table>', page, re.S).group(1)
+        assert '<span id="event-state">dead</span>' in page
+
+
+def event_states(sessions) -> dict[str, str]:
+    with session_scope(sessions) as s:
+        return dict(s.execute(select(InboxEvent.erp_key, InboxEvent.state)).all())
+
+
+def test_replaying_the_ticked_letters_confirms_their_count_and_replays_only_them(app,
+                                                                                sessions):
+    """Tick two of three letters, Replay selected: the confirmation names the two, then both
+    are replayed (their events pending again, the operator in their history), the third
+    stays open."""
+    first, second, third = dead_events(sessions, "S-1", "S-2", "S-3")
+    with app() as client:
+        login(client, "ops", "ops-pw")
+        token = csrf_of(client.get("/letters"))
+        form = {"csrf": token, "action": "replay", "ids": [str(first), str(third)]}
+        confirm = client.post("/letters/action", data=form).text
+        assert "Replay 2 dead letters?" in confirm
+        assert f"Letters {first}, {third}." in confirm
+        assert event_states(sessions) == {"S-1": "dead", "S-2": "dead", "S-3": "dead"}
+        done = client.post("/letters/action", data=form | {"confirmed": "yes"}).text
+        assert "2 letters replayed" in done
+    assert event_states(sessions) == {"S-1": "pending", "S-2": "dead", "S-3": "pending"}
+    with session_scope(sessions) as s:
+        assert dict(s.execute(select(DeadLetter.id, DeadLetter.status)).all()) == {
+            first: "replayed", second: "open", third: "replayed"}
+        assert sorted(s.execute(select(LetterHistory.letter_id, LetterHistory.action,
+                                       LetterHistory.actor)).all()) == [
+            (first, "replayed", "ops"), (third, "replayed", "ops")]
+
+
+def test_replaying_everything_a_filter_matches(app, sessions):
+    """Replay all matching, filter entity=student: the confirmation counts the open student
+    letters (3), then they are all replayed; the course letter and the already discarded
+    student letter are left as they were."""
+    students = dead_events(sessions, "S-1", "S-2", "S-3", "S-4")
+    (course,) = dead_events(sessions, "CRS-1", entity="course")
+    with session_scope(sessions) as s:
+        s.get(DeadLetter, students[-1]).status = "discarded"
+    with app() as client:
+        login(client, "ops", "ops-pw")
+        token = csrf_of(client.get("/letters?entity=student"))
+        form = {"csrf": token, "action": "replay", "scope": "filter", "entity": "student",
+                "status": "open"}
+        assert "Replay 3 dead letters?" in client.post("/letters/action", data=form).text
+        done = client.post("/letters/action", data=form | {"confirmed": "yes"}).text
+        assert "3 letters replayed" in done
+    assert event_states(sessions) == {"S-1": "pending", "S-2": "pending", "S-3": "pending",
+                                      "S-4": "dead", "CRS-1": "dead"}
+    with session_scope(sessions) as s:
+        assert s.scalar(select(DeadLetter.status).where(DeadLetter.id == course)) == "open"
