@@ -83,3 +83,28 @@ def test_every_setting_is_documented():
     text = (ROOT / "docs/configuration.md").read_text()
     missing = [name.upper() for name in Settings.model_fields if f"`{name.upper()}`" not in text]
     assert missing == []
+
+
+def test_every_picture_in_the_docs_is_taken_by_a_test():
+    """Each .png the README or docs/ embed is written by a test (so it shows what the code
+    does today): its name appears in a test under tests/."""
+    tests = "".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py")
+                    if p.name != "test_docs.py")
+    pictures = {Path(t).name for page in PAGES for t in LINK.findall(page.read_text())
+                if t.endswith(".png")}
+    assert pictures >= {"console-letters.png", "console-letter.png", "flower-tasks.png"}
+    assert sorted(p for p in pictures if f'"{p}"' not in tests) == []
+
+
+def test_the_readme_and_the_operator_guide_show_the_console():
+    """The README shows the console's two screenshots; the operator guide names the console
+    in its commands table and its dead-letter section, and sends Flower's details to
+    monitoring.md."""
+    readme = (ROOT / "README.md").read_text()
+    assert "![Dead letters filtered by entity](docs/console-letters.png)" in readme
+    assert "![A dead letter's page](docs/console-letter.png)" in readme
+    guide = (ROOT / "docs/operator-guide.md").read_text()
+    table = guide.split("## Operator commands")[1].split("\n## ")[0]
+    assert "| `dokstamp-sync console" in table
+    assert "dokstamp-sync console" in guide.split("## Dead letters")[1].split("\n## ")[0]
+    assert "(monitoring.md#flower)" in guide

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import traceback
 from collections.abc import Sequence
@@ -298,14 +299,15 @@ def _flower(args: argparse.Namespace, settings: StoreSettings) -> int:
 
 
 def _console(args: argparse.Namespace, settings: StoreSettings | None) -> int:
-    from dokstamp_sync.console import AuthMissing, serve
+    from dokstamp_sync.console import AuthMissing, console_for, serve
 
     assert settings is not None
     try:
-        print(f"console on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-        serve(settings, args.host, args.port)
+        console = console_for(settings)  # refuses (AuthMissing) before anything is printed
     except AuthMissing as exc:
         raise CommandError(str(exc)) from None
+    print(f"console on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    serve(console, args.host, args.port)
     return 0
 
 
@@ -353,6 +355,10 @@ def _setup_logs(args: argparse.Namespace, settings: StoreSettings | None) -> Non
     from dokstamp_sync.logs import setup
 
     setup(bool(settings and settings.dokstamp_sync_log_json), "WARNING")
+    # The audit lines (who replayed or discarded which letters, console logins) are INFO:
+    # shown although the rest of a command's logging is kept to warnings.
+    for audit in ("dokstamp_sync.dlq", "dokstamp_sync.console"):
+        logging.getLogger(audit).setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

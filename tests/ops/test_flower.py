@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -26,6 +27,7 @@ from testenv import TEST_WORKER_REDIS_URL
 
 __all__ = ["start_worker", "wredis"]  # fixtures, used by name
 CHROMIUM = shutil.which("chromium")
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 AUTH = ("ops", "flower-test-pw")
 
 
@@ -113,13 +115,23 @@ def test_flower_shows_a_task_with_a_dead_event_failed_and_acknowledged_once(
         pytest.skip("Debian's chromium is not installed (CI installs it)")
     assert CHROMIUM, "chromium is required in CI"
     url = flower.replace("//", f"//{AUTH[0]}:{AUTH[1]}@", 1) + "tasks"
-    dom = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=8000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=120, check=False).stdout
+
+    def chromium(profile: str, *args: str) -> str:
+        return subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={tmp_path / profile}",
+             "--virtual-time-budget=8000", *args, url],
+            capture_output=True, text=True, timeout=120, check=False).stdout
+
+    dom = chromium("profile", "--dump-dom")
     assert "S-BAD" in dom
     assert "ev-bad-1" in dom
     assert "FAILURE" in dom
     assert re.search(rf"dead letter {letter_id}: student S-BAD", dom), dom[-1500:]
+    # The operator guide's and monitoring.md's picture of Flower is this page, taken here.
+    shot, taken = DOCS / "flower-tasks.png", time.time()
+    chromium("profile-shot", "--window-size=1500,560", "--hide-scrollbars",
+             f"--screenshot={shot}")
+    assert shot.stat().st_mtime >= taken - 1
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -22,9 +22,9 @@ def console_for(settings: StoreSettings) -> Console:
                    wiring.redis_keys(settings))
 
 
-def serve(settings: StoreSettings, host: str, port: int) -> None:
-    """Serve the console until interrupted (uvicorn, one process)."""
+def serve(console: Console, host: str, port: int) -> None:
+    """Serve ``console`` (see :func:`console_for`) until interrupted (uvicorn, one process)."""
     import uvicorn
 
-    uvicorn.run(build_app(console_for(settings)), host=host, port=port, log_level="warning",
+    uvicorn.run(build_app(console), host=host, port=port, log_level="warning",
                 access_log=False)

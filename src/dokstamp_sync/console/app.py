@@ -28,6 +28,7 @@ from starlette.templating import Jinja2Templates
 from dokstamp_sync.console import actions, queries
 from dokstamp_sync.console.auth import COOKIE, LIFETIME, Logins, User
 from dokstamp_sync.db import session_scope
+from dokstamp_sync.dokstamp.errors import redact, redact_text
 from dokstamp_sync.redis_keys import RedisKeys
 
 log = logging.getLogger("dokstamp_sync.console")
@@ -41,11 +42,18 @@ HEADERS = {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
 
 
 def pretty(value: Any) -> str:
-    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    """JSON for a page, every secret-named key's value shown as ``***`` (:func:`redact`)."""
+    text = json.dumps(redact(value), indent=2, ensure_ascii=False, default=str)
     return text if len(text) <= SHOWN_MAX else text[:SHOWN_MAX] + "\n… (cut)"
 
 
+def raw(text: str) -> str:
+    """A malformed entry's raw text for a page, secret-named members' values hidden."""
+    return redact_text(text[:SHOWN_MAX])
+
+
 TEMPLATES.env.filters["pretty"] = pretty
+TEMPLATES.env.filters["raw"] = raw
 
 
 class Console:
@@ -107,7 +115,9 @@ class Console:
         return response
 
     async def logout(self, request: Request) -> Response:
-        await self.form(request, change=False)
+        user, _ = await self.form(request, change=False)
+        self.logins.end(request.cookies.get(COOKIE))
+        log.info("console: %s logged out", user.name)
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE)
         return response
@@ -122,30 +132,33 @@ class Console:
     async def letters(self, request: Request) -> Response:
         user = self.user(request)
         f = queries.Filter.from_params(request.query_params)
-        before = request.query_params.get("before", "")
+        before = queries.row_id(request.query_params.get("before"))
         with session_scope(self.sessions) as session:
-            page = queries.letters(session, f, int(before) if before.isdigit() else None)
+            page = queries.letters(session, f, before)
         return self.render(request, "letters.html", user, page=page, f=f)
 
     async def letter(self, request: Request) -> Response:
         user = self.user(request)
+        letter_id = int(request.path_params["letter_id"])
+        if not 0 < letter_id <= queries.ID_MAX:
+            raise HTTPException(404, "no such dead letter")
         with session_scope(self.sessions) as session:
-            data = queries.letter(session, int(request.path_params["letter_id"]))
+            data = queries.letter(session, letter_id)
         if data is None:
             raise HTTPException(404, "no such dead letter")
         return self.render(request, "letter.html", user, **data)
 
     async def waiting(self, request: Request) -> Response:
         user = self.user(request)
-        before = request.query_params.get("before", "")
+        before = queries.row_id(request.query_params.get("before"))
         with session_scope(self.sessions) as session:
-            page = queries.waiting(session, int(before) if before.isdigit() else None)
+            page = queries.waiting(session, before)
         return self.render(request, "waiting.html", user, page=page)
 
     async def mapping(self, request: Request) -> Response:
         user = self.user(request)
-        entity = request.query_params.get("entity", "").strip()
-        key = request.query_params.get("key", "").strip()
+        entity = queries.clean(request.query_params.get("entity"))
+        key = queries.clean(request.query_params.get("key"))
         data: dict[str, Any] = {}
         if entity and key:
             with session_scope(self.sessions) as session:
@@ -161,7 +174,12 @@ class Console:
             raise HTTPException(400, "unknown action")
         f = queries.Filter.from_params(form)
         everything = form.get("scope") == "filter"
-        chosen = [int(v) for v in form.getlist("ids") if isinstance(v, str) and v.isdigit()]
+        chosen: list[int] = []
+        for value in form.getlist("ids"):
+            letter_id = queries.row_id(value)
+            if letter_id is None:
+                raise HTTPException(400, "not a dead letter id")
+            chosen.append(letter_id)
         if form.get("confirmed") != "yes":
             with session_scope(self.sessions) as session:
                 matched = queries.count(session, queries.Filter(

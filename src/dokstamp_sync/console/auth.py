@@ -5,7 +5,9 @@ Two logins, each ``user:password``: ``DOKSTAMP_SYNC_CONSOLE_AUTH`` (may replay a
 cookie ``user|role|expiry|nonce|mac`` signed with a key drawn when the console starts (a restart
 logs everyone out); it is ``HttpOnly`` and ``SameSite=Strict``. Every form carries a CSRF token,
 an HMAC of the session cookie under the same key: a POST without it, or with another
-session's, is refused (403).
+session's, is refused (403). Logging out ends the session in this console process: its nonce
+is kept (in memory, until the cookie would have expired) and a cookie bearing it is refused,
+a copy included.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Logins:
         if ro is not None:
             self.accounts.setdefault(ro[0], (ro[1], READONLY))
         self.key = key or secrets.token_bytes(32)
+        self.ended: dict[str, int] = {}  # nonce of a logged-out session -> its expiry
 
     def check(self, name: str, password: str) -> User | None:
         """The user when the password is right (compared in constant time)."""
@@ -78,15 +81,34 @@ class Logins:
         body = f"{user.name}|{user.role}|{int(time.time()) + LIFETIME}|{nonce}"
         return f"{body}|{self._mac(body)}"
 
-    def user(self, cookie: str | None) -> User | None:
-        """The user a session cookie belongs to, or None (absent, forged, expired)."""
+    def _session(self, cookie: str | None) -> tuple[User, int, str] | None:
+        """A valid cookie's user, expiry and nonce (even if logged out); None otherwise."""
         if not cookie or cookie.count("|") != 4:
             return None
         body, _, mac = cookie.rpartition("|")
-        name, role, expiry, _nonce = body.split("|")
+        name, role, expiry, nonce = body.split("|")
         if not hmac.compare_digest(mac, self._mac(body)) or not expiry.isdigit():
             return None
-        return User(name, role) if int(expiry) > time.time() else None
+        if int(expiry) <= time.time():
+            return None
+        return User(name, role), int(expiry), nonce
+
+    def user(self, cookie: str | None) -> User | None:
+        """The user a session cookie belongs to, or None (absent, forged, expired, logged
+        out)."""
+        session = self._session(cookie)
+        if session is None or session[2] in self.ended:
+            return None
+        return session[0]
+
+    def end(self, cookie: str | None) -> None:
+        """Log the session out: its cookie is refused from now on (in this process)."""
+        now = time.time()
+        for nonce in [n for n, expiry in self.ended.items() if expiry <= now]:
+            del self.ended[nonce]  # expired anyway: refused without the list
+        session = self._session(cookie)
+        if session is not None:
+            self.ended[session[2]] = session[1]
 
     def csrf(self, cookie: str) -> str:
         return self._mac(f"csrf|{cookie}")

@@ -23,16 +23,33 @@ from dokstamp_sync.states import EventState, LetterStatus
 PAGE = 50  # rows per page
 RELATED = 50  # an ERP key's other events shown at most
 REASONS_OF = 5000  # the overview's reasons: among this many newest open letters
+MALFORMED = "malformed"  # the entity shown for (and filtering) letters with none
+
+
+ID_MAX = 2**63 - 1  # PostgreSQL's bigint: a larger number is no id (and would fail a query)
+
+
+def row_id(value: Any) -> int | None:
+    """``value`` as a row id when it is one (ASCII digits, 1 to :data:`ID_MAX`), else None."""
+    if not isinstance(value, str) or not (value.isascii() and value.isdigit()):
+        return None
+    n = int(value)
+    return n if 0 < n <= ID_MAX else None
+
+
+def clean(value: Any) -> str:
+    """A text parameter as a query may use it: stripped, without NUL (PostgreSQL refuses it)."""
+    return (value if isinstance(value, str) else "").replace("\x00", "").strip()
 
 
 @dataclass(frozen=True)
 class Filter:
     """The dead-letter list's filter (every field optional; ``status`` open by default)."""
 
-    entity: str = ""
+    entity: str = ""  # MALFORMED: the letters with no entity (malformed stream entries)
     status: str = LetterStatus.OPEN.value  # "" for every status
     http_status: int | None = None
-    reason: str = ""  # text the reason contains (case-insensitive)
+    reason: str = ""  # text the reason contains (case-insensitive, literally)
     since: date | None = None  # last failure on or after (UTC day)
     until: date | None = None  # last failure on or before (UTC day)
 
@@ -45,11 +62,11 @@ class Filter:
                 return None
 
         status = params.get("status", LetterStatus.OPEN.value)
-        code = params.get("http_status") or ""
-        return cls(entity=(params.get("entity") or "").strip(),
+        code = row_id(params.get("http_status"))  # not an HTTP status: no such filter
+        return cls(entity=clean(params.get("entity")),
                    status=status if status in {s.value for s in LetterStatus} else "",
-                   http_status=int(code) if code.isdigit() else None,
-                   reason=(params.get("reason") or "").strip(), since=day("since"),
+                   http_status=code if code is not None and 100 <= code <= 599 else None,
+                   reason=clean(params.get("reason")), since=day("since"),
                    until=day("until"))
 
     def params(self) -> dict[str, str]:
@@ -60,14 +77,17 @@ class Filter:
                "until": self.until.isoformat() if self.until else ""}
 
     def apply(self, query: Select[Any]) -> Select[Any]:
-        if self.entity:
+        if self.entity == MALFORMED:
+            query = query.where(DeadLetter.entity.is_(None))
+        elif self.entity:
             query = query.where(DeadLetter.entity == self.entity)
         if self.status:
             query = query.where(DeadLetter.status == self.status)
         if self.http_status is not None:
             query = query.where(DeadLetter.http_status == self.http_status)
         if self.reason:
-            query = query.where(DeadLetter.reason.ilike(f"%{self.reason}%"))
+            # Taken literally: % and _ in the text are no wildcards.
+            query = query.where(DeadLetter.reason.icontains(self.reason, autoescape=True))
         if self.since:
             query = query.where(DeadLetter.last_failed_at >= datetime.combine(
                 self.since, time.min).replace(tzinfo=utcnow().tzinfo))
@@ -134,7 +154,7 @@ def overview(session: Session, client: redis.Redis, stream: str,
                 .where(InboxEvent.finished_at >= now - timedelta(minutes=minutes))
                 .group_by(InboxEvent.state)):
             outcomes.setdefault(state, [0, 0])[slot] = n
-    return status | {"by_entity": [(e or "malformed", n) for n, e in by_entity],
+    return status | {"by_entity": [(e or MALFORMED, n) for n, e in by_entity],
                      "by_reason": [(r, n) for n, r in by_reason],
                      "outcomes": outcomes}
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -55,9 +56,15 @@ from dokstamp_sync.limits import RESPONSE_MAX_BYTES as MAX_BODY_BYTES
 from dokstamp_sync.limits import scan
 
 EXCERPT_CHARS = 200  # of a malformed body, to recognise it (an HTML error page, a proxy's text)
-# Keys whose values are secrets: a JSON body holding any of them is never excerpted.
+# Keys whose values are secrets: a JSON body holding any of them is never excerpted, and the
+# console shows their values as REDACTED (:func:`redact`). A key is one when its name, in lower
+# case with ``-`` as ``_``, is listed or ends with one of SECRET_ENDINGS (``db_password``,
+# ``x_api_key``, ``access_token``).
 SECRET_KEYS = frozenset({"access_token", "refresh_token", "token", "id_token", "password",
-                         "client_secret", "secret", "authorization"})
+                         "client_secret", "secret", "authorization", "api_key", "apikey",
+                         "private_key", "passwd", "cookie", "set_cookie"})
+SECRET_ENDINGS = ("password", "passwd", "secret", "token", "api_key", "apikey", "private_key")
+REDACTED = "***"
 
 
 class DokStampError(Exception):
@@ -259,9 +266,38 @@ def from_httpx_error(exc: httpx.HTTPError, request: httpx.Request) -> TransportE
     return TransportError(f"{kind}: {exc}", method=method, path=path)
 
 
+def is_secret_key(name: Any) -> bool:
+    """Whether a JSON key's value is a secret (see :data:`SECRET_KEYS`)."""
+    key = str(name).lower().replace("-", "_")
+    return key in SECRET_KEYS or key.endswith(SECRET_ENDINGS)
+
+
+def redact(value: Any) -> Any:
+    """``value`` (parsed JSON) with every secret-named key's value replaced by
+    :data:`REDACTED`, at any depth."""
+    if isinstance(value, dict):
+        return {k: REDACTED if is_secret_key(k) else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+# A JSON member in text that may not parse (a malformed stream entry): "key": value.
+_MEMBER = re.compile(r'"((?:[^"\\]|\\.){1,200})"(\s*:\s*)("(?:[^"\\]|\\.)*"?|[^,}\]\s]+)')
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the value of every ``"secret-named key": value`` it holds replaced by
+    ``"***"``: for text that is not JSON, or not whole (a malformed entry's raw text)."""
+    def hide(m: re.Match[str]) -> str:
+        return f'"{m[1]}"{m[2]}"{REDACTED}"' if is_secret_key(m[1]) else m[0]
+
+    return _MEMBER.sub(hide, text)
+
+
 def _holds_secret(value: Any) -> bool:
     if isinstance(value, dict):
-        return any(str(k).lower() in SECRET_KEYS or _holds_secret(v) for k, v in value.items())
+        return any(is_secret_key(k) or _holds_secret(v) for k, v in value.items())
     if isinstance(value, list):
         return any(_holds_secret(v) for v in value)
     return False

@@ -5,11 +5,17 @@ Replaying puts the event back to ``pending`` (attempts and retry budget reset); 
 scheduler dispatches it within a second. Replay and discard are idempotent: only open letters
 are acted on, a letter already resolved is reported as skipped (not an error). They run in
 short batches, one transaction each, so workers are never held up by a long one. The state
-transitions themselves are the inbox's (:mod:`dokstamp_sync.pipeline.inbox`).
+transitions themselves are the inbox's (:mod:`dokstamp_sync.pipeline.inbox`). As the console's,
+each letter replayed, discarded or still invalid gets a :class:`LetterHistory` row (who: the
+``actor``, ``cli:<os user>`` by default; when; what) in its batch's transaction, and each batch
+logs one line naming who did what.
 """
 
 from __future__ import annotations
 
+import getpass
+import logging
+import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,10 +25,28 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.db import session_scope
-from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
+from dokstamp_sync.models import DeadLetter, InboxEvent, LetterHistory, utcnow
 from dokstamp_sync.pipeline import inbox
 from dokstamp_sync.pipeline.inbox import EXCERPT
 from dokstamp_sync.states import LetterStatus
+
+log = logging.getLogger("dokstamp_sync.dlq")
+
+
+def cli_actor() -> str:
+    """Who runs a CLI replay/discard, for the letters' history: ``cli:<os user>``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
+        user = f"uid{os.getuid()}"
+    return f"cli:{user}"[:100]
+
+
+def history(session: Session, action: str, letter_ids: Sequence[int], actor: str) -> None:
+    """Keep ``action`` (replayed, discarded, still_invalid) by ``actor`` in each letter's
+    history, in the caller's transaction."""
+    session.add_all([LetterHistory(letter_id=i, action=action, actor=actor)
+                     for i in letter_ids])
 
 
 def excerpt(letter: DeadLetter) -> str | None:
@@ -158,16 +182,22 @@ def _chunks(ids: Sequence[int], size: int) -> Iterator[Sequence[int]]:
 
 def replay(sessions: sessionmaker[Session], ids: Sequence[int] = (), *,
            entity: str | None = None, everything: bool = False,
-           batch: int = BATCH) -> ReplayReport:
+           batch: int = BATCH, actor: str | None = None) -> ReplayReport:
     """Replay the open letters ``ids``, or every open one (of ``entity``), ``batch`` letters
     per short transaction (see :func:`~.pipeline.inbox.replay_letters`); idempotent: a letter
-    not open is skipped."""
+    not open is skipped. Each letter acted on is kept in its history as ``actor``'s
+    (:func:`cli_actor` by default)."""
+    actor = actor or cli_actor()
     with session_scope(sessions) as session:
         found = targets(session, Selection(tuple(ids), entity, everything))
     report = ReplayReport(skipped=found.not_open, missing=found.missing)
     for chunk in _chunks(found.open, batch):
         with session_scope(sessions) as session:
             done = inbox.replay_letters(session, chunk, utcnow())
+            history(session, "replayed", done.replayed, actor)
+            history(session, "still_invalid", done.still_invalid, actor)
+        log.info("dlq: %s replay letters %s (replayed %d, still invalid %d)", actor,
+                 list(chunk), len(done.replayed), len(done.still_invalid))
         report.replayed += done.replayed
         report.still_invalid += done.still_invalid
         report.skipped += done.not_open  # resolved meanwhile (a newer event synced)
@@ -176,15 +206,18 @@ def replay(sessions: sessionmaker[Session], ids: Sequence[int] = (), *,
 
 def discard(sessions: sessionmaker[Session], ids: Sequence[int] = (), *,
             entity: str | None = None, everything: bool = False,
-            batch: int = BATCH) -> DiscardReport:
+            batch: int = BATCH, actor: str | None = None) -> DiscardReport:
     """Discard open letters as :func:`replay` selects them (their events stay dead), ``batch``
-    per short transaction; idempotent as :func:`replay`."""
+    per short transaction; idempotent as :func:`replay`, kept in history as it."""
+    actor = actor or cli_actor()
     with session_scope(sessions) as session:
         found = targets(session, Selection(tuple(ids), entity, everything))
     report = DiscardReport(skipped=found.not_open, missing=found.missing)
     for chunk in _chunks(found.open, batch):
         with session_scope(sessions) as session:
             done = inbox.discard_letters(session, chunk, utcnow())
+            history(session, "discarded", done, actor)
+        log.info("dlq: %s discard letters %s (discarded %d)", actor, list(chunk), len(done))
         report.discarded += done
         report.skipped += [i for i in chunk if i not in set(done)]
     return report
