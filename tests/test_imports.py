@@ -149,3 +149,32 @@ def test_an_upward_arrow_is_found_when_there_is_one():
              "dokstamp_sync.cli": {"dokstamp_sync.ops.status"}}
     assert upward_arrows(graph) == ["dokstamp_sync.pipeline.pump -> dokstamp_sync.ops.metrics",
                                     "dokstamp_sync.sandbox.admin -> dokstamp_sync.sandbox.app"]
+
+
+SYNC = Path(__file__).resolve().parents[1] / "src" / "dokstamp_sync" / "sync"
+# The walk's modules reach Redis only through its named objects (locks, marks, the breaker,
+# the guard, the listing's marks), never through a client of their own.
+WALK = ("engine.py", "upserts.py", "certificates.py", "deletes.py", "listing.py", "files.py",
+        "references.py")
+
+
+def test_no_module_of_the_walk_is_over_400_lines():
+    """sync/ stays in files a reader can hold: none over 400 lines."""
+    long = {p.name: n for p in SYNC.glob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}
+
+
+def raw_redis(tree: ast.Module) -> list[str]:
+    """A Redis client reached or made: an attribute named ``redis`` (``ctx.redis``,
+    ``self.redis``) or ``Redis``/``from_url`` (its exception types may be named)."""
+    return [f"{n.lineno}: .{n.attr}" for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and n.attr in ("redis", "Redis", "from_url")]
+
+
+def test_the_walk_calls_no_raw_redis():
+    """No raw Redis client in the walk: a new call would bypass the seam (and the namespace)."""
+    found = {name: hits for name in WALK
+             if (hits := raw_redis(ast.parse((SYNC / name).read_text())))}
+    assert found == {}
+    assert raw_redis(ast.parse("x = ctx.redis.get('k')\n")) == ["1: .redis"]  # the check bites

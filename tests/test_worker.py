@@ -21,6 +21,7 @@ from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.models import InboxEvent
 from dokstamp_sync.sandbox import Faults
+from dokstamp_sync.states import EventState
 from testenv import TEST_WORKER_REDIS_URL as WORKER_REDIS_URL
 
 STREAM = "worker-test:events"
@@ -86,8 +87,8 @@ def wait_settled(sessions, total, timeout=120.0, proc=None):
         with session_scope(sessions) as s:
             counts = dict(s.execute(select(InboxEvent.state, func.count())
                                     .group_by(InboxEvent.state)).all())
-        if sum(counts.values()) >= total and not counts.get("pending") \
-                and not counts.get("waiting"):
+        if sum(counts.values()) >= total and not counts.get(EventState.PENDING) \
+                and not counts.get(EventState.WAITING):
             return counts
         if proc is not None:
             assert proc.poll() is None, "the worker exited"

@@ -180,7 +180,7 @@ class Guard:
             results = held.hold_kind(session, entity, reason)
         if results:
             log.warning("%d %s event(s) %s", len(results), entity, reason,
-                        extra={"entity": entity, "state": "held"})
+                        extra={"entity": entity, "state": EventState.HELD.value})
             self.publish(results)
         return Outcome(state=EventState.HELD, note=reason)
 

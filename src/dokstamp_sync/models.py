@@ -47,9 +47,8 @@ class InboxEvent(Base):
     erp_key: Mapped[str] = mapped_column(String(255))
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    # Read back as an EventState. Annotated `str` only until the walk's store hands `_finish` an
-    # EventState (sync/ is being rewritten on its own branch); then `Mapped[EventState]`.
-    state: Mapped[str] = mapped_column(EnumText(EventState, 12), default=EventState.PENDING)
+    state: Mapped[EventState] = mapped_column(EnumText(EventState, 12),
+                                              default=EventState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # transient failures so far
     deliveries: Mapped[int] = mapped_column(Integer, default=0)  # times a task started on it
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

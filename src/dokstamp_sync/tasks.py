@@ -7,6 +7,7 @@ import logging
 from dokstamp_sync import wiring
 from dokstamp_sync.models import utcnow
 from dokstamp_sync.ops.flower import DeadEvents, raise_if_dead
+from dokstamp_sync.states import RunState
 from dokstamp_sync.sync import engine
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.lease import Heartbeat
@@ -41,7 +42,7 @@ def sync_events(event_pks: list[int]) -> list[str]:
                 states.append(engine.run(ctx, pk, flush=False))
             except Exception:  # e.g. the database away: this event waits for the scheduler,
                 log.exception("event %s: not run", pk)  # the next ones are still tried
-                states.append("error")
+                states.append(RunState.ERROR)
             heartbeat.done(pk)
     record(ctx)
     engine.flush_counters(ctx)  # one Redis round trip for the batch

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import redis
-
 from dokstamp_sync import wiring
 from dokstamp_sync.config import StoreSettings
 from dokstamp_sync.console.app import Console, build_app
 from dokstamp_sync.console.auth import AuthMissing, Logins
-from dokstamp_sync.db import make_engine, make_sessionmaker
 
 __all__ = ["AuthMissing", "console_for", "serve"]
 
@@ -17,8 +14,8 @@ def console_for(settings: StoreSettings) -> Console:
     """The console's state from the settings; :class:`AuthMissing` without a login."""
     logins = Logins(settings.dokstamp_sync_console_auth,
                     settings.dokstamp_sync_console_readonly_auth)
-    return Console(logins, make_sessionmaker(make_engine(settings.database_url)),
-                   redis.Redis.from_url(settings.redis_url), settings.dokstamp_sync_stream,
+    return Console(logins, wiring.database(settings.database_url),
+                   wiring.redis_client(settings.redis_url), settings.dokstamp_sync_stream,
                    wiring.redis_keys(settings))
 
 

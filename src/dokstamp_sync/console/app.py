@@ -30,6 +30,7 @@ from dokstamp_sync.console.auth import COOKIE, LIFETIME, Logins, User
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.dokstamp.errors import redact, redact_text
 from dokstamp_sync.redis_keys import RedisKeys
+from dokstamp_sync.states import LetterStatus
 
 log = logging.getLogger("dokstamp_sync.console")
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
@@ -183,7 +184,7 @@ class Console:
         if form.get("confirmed") != "yes":
             with session_scope(self.sessions) as session:
                 matched = queries.count(session, queries.Filter(
-                    **{**f.__dict__, "status": "open"})) if everything else len(chosen)
+                    **{**f.__dict__, "status": LetterStatus.OPEN})) if everything else len(chosen)
             return self.render(request, "confirm.html", user, action=action, count=matched,
                                everything=everything, ids=chosen, f=f)
         if everything:

@@ -28,6 +28,7 @@ from dokstamp_sync.dokstamp.pages import MAX_PAGES, Listing, Page, parse_page
 from dokstamp_sync.dokstamp.ratelimit import RateLimitedTransport, RateLimiter
 from dokstamp_sync.dokstamp.uploads import Upload, check_upload
 from dokstamp_sync.limits import RESPONSE_MAX_BYTES
+from dokstamp_sync.states import CertificateStatus
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ class Certificates(Resource):
         if self.issue_style == "finish":
             return {"finish": True}
         when = issued_at or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return {"status": "issued", "issued_at": when}
+        return {"status": CertificateStatus.ISSUED.value, "issued_at": when}
 
     def create(self, fields: Mapping[str, Any], *, issue: bool = False,
                issued_at: str | None = None) -> Entity:
@@ -291,7 +292,7 @@ class Certificates(Resource):
         if issue:
             payload |= self.issue_fields(issued_at or fields.get("issued_at"))
         elif self.issue_style == "status":
-            payload["status"] = "draft"
+            payload["status"] = CertificateStatus.DRAFT.value
         return super().create(payload)
 
     def revoke(self, uuid: str, reason: str | None = None) -> Entity:

@@ -308,7 +308,7 @@ def _save_mapping(session: Session, record: InboxEvent | _Finished, uuid: str, *
                                     with_remote), values)
 
 
-def _finish(session: Session, record: InboxEvent, state: str, note: str | None) -> None:
+def _finish(session: Session, record: InboxEvent, state: EventState, note: str | None) -> None:
     """Mark an event final; when synced, wake the events that waited for its entity."""
     record.state = state
     record.finished_at = utcnow()

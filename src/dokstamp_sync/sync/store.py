@@ -34,7 +34,7 @@ from dokstamp_sync.db import (
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
 from dokstamp_sync.reporting import Report, Result, mark_reported
-from dokstamp_sync.states import OPEN, EventState, MappingStatus
+from dokstamp_sync.states import OPEN, EventState, MappingStatus, RunState
 from dokstamp_sync.sync.outcomes import Companion, Decision, Facts, Letter, Outcome, Park
 from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transactions share
     _CLAIM,
@@ -179,7 +179,7 @@ class Store:
         except Exception as exc:
             log.warning("event %s: could not hand it back (%s); due once its lease ends", pk,
                         type(exc).__name__)
-            return "error"
+            return RunState.ERROR
 
     def payload(self, pk: int) -> dict[str, Any] | str:
         """The open event's payload, or the state it is in."""
