@@ -104,6 +104,47 @@ def test_a_revoke_arriving_after_the_reissue_synced_revokes_the_older_certificat
         "active")
 
 
+def test_a_late_revoke_leaves_a_draft_reissued_in_place_issued(h, sandbox):
+    """U1 creates a draft (``issue: false``); the re-issue U2 (day 2, a new file, ``issue:
+    true``) updates that draft in place and issues it (the same DokStamp uuid). Then revoke R
+    (day 1, meant for U1's draft) arrives late. In the ERP's order U1's draft is gone and U2's
+    certificate is issued: R leaves the certificate U2 wrote alone, and DokStamp holds it
+    issued with U2's file."""
+    rest, u1 = graph()
+    u1 = u1 | {"data": u1["data"] | {"issue": False}}
+    assert h.sync(*rest, u1)[-1] == "synced"
+    file, u2 = reissue(u1, days=2)
+    u2["data"]["issue"] = True
+    assert h.sync(file, u2) == ["synced", "synced"]
+    (cert,) = live(sandbox, "certificates")
+    r = revoke(days=1)
+    assert h.sync(r) == ["synced"]
+    assert by_file(sandbox) == {file_uuid(h, "DIP-B"): "issued"}
+    mapping = h.mapping("certificate", KEY)
+    assert (mapping.dokstamp_uuid, mapping.status) == (cert["uuid"], "active")
+    assert "newer upsert" in h.record(r["event_id"]).last_error
+
+
+def test_a_late_revoke_leaves_a_draft_then_issued_by_the_same_data_issued(h, sandbox):
+    """Plain "draft, then issue": U1 creates a draft, U2 (day 2, the same file) issues it in
+    place. A revoke R (day 1, meant for U1's draft) arrives late; the search by U1's data finds
+    the mapped certificate itself, which U2 wrote: it is left alone (a note says so), never
+    revoked. DokStamp holds one certificate, issued."""
+    rest, u1 = graph()
+    u1 = u1 | {"data": u1["data"] | {"issue": False}}
+    assert h.sync(*rest, u1)[-1] == "synced"
+    u2 = event("certificate", KEY, u1["data"] | {"issue": True}, at=T0 + timedelta(days=2))
+    assert h.sync(u2) == ["synced"]
+    r = revoke(days=1)
+    assert h.sync(r) == ["synced"]
+    (cert,) = live(sandbox, "certificates")
+    assert cert["status"] == "issued"
+    mapping = h.mapping("certificate", KEY)
+    assert (mapping.dokstamp_uuid, mapping.status, mapping.produced_by) == (
+        cert["uuid"], "active", u2["event_id"])
+    assert "left alone" in h.record(r["event_id"]).last_error
+
+
 # -- 2. a revoke's dead letter is never resolved by an upsert --------------------------------
 
 def test_a_revoke_letter_survives_a_resent_upsert_and_its_replay_revokes(h, sandbox):

@@ -187,16 +187,20 @@ def _insert_natural_key(dialect: str) -> Any:
 
 
 @functools.cache
-def _upsert_mapping(dialect: str, with_sent: bool, with_remote: bool = False) -> Any:
+def _upsert_mapping(dialect: str, with_sent: bool, with_remote: bool = False,
+                    produced: bool = False) -> Any:
     stmt = dialect_insert(dialect)(MAPPINGS)
     updated = [*_MAPPING_VALUES, *(["sent"] if with_sent else []),
                *(["remote_status", "verification_url"] if with_remote else [])]
-    # The producer changes with the UUID only: an event acting on the same entity keeps it.
+    # The producer is the event that wrote the entity: one that created, changed or issued it
+    # (``produced``), or one that brought a new UUID. An event only acting on the same entity
+    # (a revoke, an unchanged re-send) keeps it.
     same = MAPPINGS.c.dokstamp_uuid == stmt.excluded.dokstamp_uuid
-    produced = {c: case((same, MAPPINGS.c[c]), else_=stmt.excluded[c])
+    producer = {c: stmt.excluded[c] if produced else
+                case((same, MAPPINGS.c[c]), else_=stmt.excluded[c])
                 for c in ("produced_by", "produced_at")}
     return stmt.on_conflict_do_update(index_elements=["entity", "erp_key"],
-                                      set_={c: stmt.excluded[c] for c in updated} | produced)
+                                      set_={c: stmt.excluded[c] for c in updated} | producer)
 
 
 # -- row-level steps the store's transactions share -------------------------------------------
@@ -287,12 +291,14 @@ def _forget(session: Session, entity: str, uuid: str) -> None:
 def _save_mapping(session: Session, record: InboxEvent | _Finished, uuid: str, *,
                   status: str = MappingStatus.ACTIVE, sent: dict[str, Any] | None = None,
                   digest: str | None = None,
-                  remote: tuple[str | None, str | None] = (None, None)) -> None:
+                  remote: tuple[str | None, str | None] = (None, None),
+                  produced: bool = False) -> None:
     """Insert or update the event's mapping in one statement (INSERT ... ON CONFLICT).
 
     ``sent`` None keeps the last payload sent; ``digest`` None (after a delete or archive)
     makes the next upsert send again. ``remote``: a certificate's DokStamp status and
-    verification URL; (None, None) keeps what the mapping holds.
+    verification URL; (None, None) keeps what the mapping holds. ``produced``: the event wrote
+    the entity (see :class:`.outcomes.Outcome`), it becomes the producer.
     """
     values: dict[str, Any] = {
         "entity": record.entity, "erp_key": record.erp_key, "dokstamp_uuid": uuid,
@@ -305,7 +311,7 @@ def _save_mapping(session: Session, record: InboxEvent | _Finished, uuid: str, *
     if with_remote:
         values["remote_status"], values["verification_url"] = remote
     session.execute(_upsert_mapping(session.get_bind().dialect.name, sent is not None,
-                                    with_remote), values)
+                                    with_remote, produced), values)
 
 
 def _finish(session: Session, record: InboxEvent, state: str, note: str | None) -> None:

@@ -333,7 +333,8 @@ class Store:
             if outcome.uuid is not None:
                 _save_mapping(session, done, outcome.uuid, status=outcome.status,
                               sent=outcome.sent, digest=outcome.digest,
-                              remote=(outcome.remote_status, outcome.verification_url))
+                              remote=(outcome.remote_status, outcome.verification_url),
+                              produced=outcome.produced)
                 if outcome.status == MappingStatus.DELETED:
                     _forget(session, done.entity, outcome.uuid)
             log_outcome(done, EventState.SYNCED, outcome.note)
