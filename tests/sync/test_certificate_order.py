@@ -8,6 +8,7 @@ an expired certificate is recorded as DokStamp says. Every test asserts what the
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -180,6 +181,52 @@ def test_a_revoke_letter_is_resolved_by_a_newer_revoke_that_synced(h, sandbox):
     (held,) = live(sandbox, "certificates")
     assert held["status"] == "revoked"
     assert [letter.status for letter in h.letters()] == ["superseded"]
+
+
+def test_a_malformed_revoke_entrys_letter_survives_a_resent_upsert(h, sandbox):
+    """A revoke entry that fails validation (``occurred_at: "yesterday"``) but names its
+    entity and key is a dead letter with no inbox event. The ERP's nightly re-send of U1 then
+    syncs: the letter stays open (it may be a fraud revocation; only a revoke or delete, or an
+    operator, resolves it), it records the op it carried, and DokStamp's certificate is still
+    issued (nothing revoked behind the operator's back)."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    bad = revoke(days=1, reason="Fraud")
+    bad["occurred_at"] = "yesterday"
+    h.send(json.dumps(bad))
+    again = event("certificate", KEY, u1["data"], at=T0 + timedelta(days=2))
+    assert h.sync(again) == ["synced"]
+    (letter,) = h.letters()
+    assert (letter.status, letter.entity, letter.erp_key, letter.entry_op) == (
+        "open", "certificate", KEY, "revoke")
+    assert set(by_file(sandbox).values()) == {"issued"}
+
+
+def test_a_malformed_upsert_entrys_letter_is_resolved_by_a_newer_upsert(h, sandbox):
+    """The same-kind rule for malformed entries: an upsert entry that fails validation
+    (readable op ``upsert``) is resolved by a newer upsert of that key that synced."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    bad = event("certificate", KEY, u1["data"], at=T0 + timedelta(days=1))
+    bad["occurred_at"] = "yesterday"
+    h.send(json.dumps(bad))
+    again = event("certificate", KEY, u1["data"], at=T0 + timedelta(days=2))
+    assert h.sync(again) == ["synced"]
+    assert [(letter.status, letter.entry_op) for letter in h.letters()] == [
+        ("superseded", "upsert")]
+
+
+def test_a_malformed_entry_of_unknown_op_is_never_resolved_by_an_upsert(h, sandbox):
+    """A malformed entry whose op cannot be read (``op: 42``) may be a revoke: no upsert
+    resolves its letter; it stays open for an operator."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    bad = revoke(days=1, reason="Fraud") | {"op": 42}
+    h.send(json.dumps(bad))
+    again = event("certificate", KEY, u1["data"], at=T0 + timedelta(days=2))
+    assert h.sync(again) == ["synced"]
+    assert [(letter.status, letter.entry_op) for letter in h.letters()] == [("open", None)]
+    assert set(by_file(sandbox).values()) == {"issued"}
 
 
 # -- 3. an expired certificate is recorded as DokStamp says ----------------------------------

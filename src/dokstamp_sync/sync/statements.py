@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from dokstamp_sync.db import dialect_insert
 from dokstamp_sync.dokstamp.errors import PermanentError
-from dokstamp_sync.events import utc
+from dokstamp_sync.events import entry_op, utc
 from dokstamp_sync.held import held_before
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, NaturalKey, utcnow
 from dokstamp_sync.reporting import Result
@@ -161,8 +161,9 @@ _KNOWN_UUID = select(NATURAL_KEYS.c.dokstamp_uuid).where(
 # The open dead letters a newly synced event resolves (docs/erp-guide.md): those of the same entity
 # whose event is older (the order of :func:`_newer`) and of the same kind (an upsert's by an
 # upsert; a revoke's or delete's only by a revoke or delete: an upsert never resolves a
-# destructive event's letter), and those of malformed stream entries that named the entity and
-# were filed before the synced event was received.
+# destructive event's letter). Malformed stream entries that named the entity and key and were
+# filed before the synced event was received follow the same rule by the op their raw text
+# names (:func:`_malformed_resolved`); one whose op cannot be read is never resolved by itself.
 _LETTER_EVENT = EVENTS.alias("lettered")
 _SUPERSEDE_LETTERS = update(LETTERS).where(
     LETTERS.c.status == LetterStatus.OPEN, LETTERS.c.entity == bindparam("l_entity"),
@@ -172,10 +173,14 @@ _SUPERSEDE_LETTERS = update(LETTERS).where(
                        (_LETTER_EVENT.c.occurred_at < bindparam("occurred_at"))
                        | ((_LETTER_EVENT.c.occurred_at == bindparam("occurred_at"))
                           & (_LETTER_EVENT.c.id < bindparam("pk")))),
-        and_(LETTERS.c.event_pk.is_(None), LETTERS.c.first_failed_at <= bindparam("received")))
+        LETTERS.c.id.in_(bindparam("l_malformed", expanding=True)))
 ).values(status=LetterStatus.SUPERSEDED, resolved_at=bindparam("l_now"),
          reported_at=None).returning(
-    LETTERS.c.id, LETTERS.c.event_id, LETTERS.c.event_pk)
+    LETTERS.c.id, LETTERS.c.event_id, LETTERS.c.event_pk, LETTERS.c.raw)
+_MALFORMED_LETTERS = select(LETTERS.c.id, LETTERS.c.raw).where(
+    LETTERS.c.status == LetterStatus.OPEN, LETTERS.c.entity == bindparam("l_entity"),
+    LETTERS.c.erp_key == bindparam("l_key"), LETTERS.c.event_pk.is_(None),
+    LETTERS.c.first_failed_at <= bindparam("received"))
 _MAPPING_VALUES = ("dokstamp_uuid", "status", "data_hash", "occurred_at", "event_id",
                    "synced_at")
 
@@ -365,26 +370,38 @@ def _synced_result(record: InboxEvent | _Finished, uuid: str | None, status: str
                    public_verification_url=url)
 
 
+def _malformed_resolved(session: Session, record: InboxEvent | _Finished,
+                        kinds: list[str]) -> list[int]:
+    """The open letters of malformed entries of ``record``'s entity and key, filed before it
+    was received, whose raw text names an op of ``kinds`` (the same-kind rule); an entry whose
+    op cannot be read may be a revoke or a delete and stays open."""
+    rows = session.execute(_MALFORMED_LETTERS, {
+        "l_entity": record.entity, "l_key": record.erp_key, "received": record.received_at})
+    return [letter_id for letter_id, raw in rows if entry_op(raw) in kinds]
+
+
 def _supersede_letters(session: Session, record: InboxEvent | _Finished) -> list[Result]:
-    """Resolve the open dead letters this synced event makes stale (one UPDATE); each is
-    reported again as ``superseded``."""
+    """Resolve the open dead letters this synced event makes stale (one UPDATE, after one
+    read of the entity's malformed entries' letters); each is reported again as
+    ``superseded``."""
     kinds = ["upsert"] if record.op == "upsert" else list(DESTRUCTIVE)
     rows = session.execute(_SUPERSEDE_LETTERS, {
         "l_entity": record.entity, "l_key": record.erp_key, "l_ops": kinds,
-        "occurred_at": record.occurred_at,
-        "pk": record.id, "received": record.received_at, "l_now": utcnow()}).all()
+        "occurred_at": record.occurred_at, "pk": record.id, "l_now": utcnow(),
+        "l_malformed": _malformed_resolved(session, record, kinds)}).all()
     if not rows:
         return []
-    pks = [event_pk for _, _, event_pk in rows if event_pk is not None]
+    pks = [event_pk for _, _, event_pk, _ in rows if event_pk is not None]
     ops = dict(session.execute(select(InboxEvent.id, InboxEvent.op)
                                .where(InboxEvent.id.in_(pks))).all()) if pks else {}
     reason = f"resolved: a newer event of this entity synced ({record.event_id})"
     log.info("%s %s: %d dead letter(s) resolved by event %s", record.entity, record.erp_key,
              len(rows), record.event_id)
     return [Result(event_id=event_id, entity=record.entity, key=record.erp_key,
-                   op=ops.get(event_pk), state=EventState.SUPERSEDED, at=utcnow(),
+                   op=ops.get(event_pk) if event_pk is not None else entry_op(raw),
+                   state=EventState.SUPERSEDED, at=utcnow(),
                    reason=reason, dead_letter_id=letter_id)
-            for letter_id, event_id, event_pk in rows]
+            for letter_id, event_id, event_pk, raw in rows]
 
 
 def _park(record: InboxEvent, park: Park) -> None:
