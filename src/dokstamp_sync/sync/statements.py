@@ -293,6 +293,15 @@ def _forget(session: Session, entity: str, uuid: str) -> None:
                                              NaturalKey.dokstamp_uuid == uuid))
 
 
+def _held_elsewhere(session: Session, entity: str, key: str, uuid: str) -> bool:
+    """Another key's mapping, not deleted, holds ``uuid`` (a file shared by equal contents):
+    its natural keys are not forgotten."""
+    return session.scalar(select(MAPPINGS.c.erp_key).where(
+        MAPPINGS.c.entity == entity, MAPPINGS.c.dokstamp_uuid == uuid,
+        MAPPINGS.c.erp_key != key, MAPPINGS.c.status != MappingStatus.DELETED).limit(1)
+    ) is not None
+
+
 def _save_mapping(session: Session, record: InboxEvent | _Finished, uuid: str, *,
                   status: str = MappingStatus.ACTIVE, sent: dict[str, Any] | None = None,
                   digest: str | None = None,

@@ -50,6 +50,7 @@ from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transa
     _finish,
     _Finished,
     _forget,
+    _held_elsewhere,
     _known_uuid,
     _lock_tag,
     _mappings,
@@ -235,13 +236,17 @@ class Store:
                        InboxEvent.op == "upsert")
                 .order_by(InboxEvent.occurred_at.desc(), InboxEvent.id.desc()).limit(limit)))
 
-    def mapped_key(self, entity: str, uuid: str, *, deleted: bool = False) -> str | None:
+    def mapped_key(self, entity: str, uuid: str, *, deleted: bool = False,
+                   besides: str | None = None) -> str | None:
         """The ERP key whose mapping (in any status but deleted; ``deleted``: in any status)
-        holds DokStamp's ``uuid``: at most one (``uq_mappings_entity_dokstamp_uuid``)."""
+        holds DokStamp's ``uuid``: at most one (``uq_mappings_entity_dokstamp_uuid``), files
+        apart (equal contents share one file: ``besides`` names a key to leave out)."""
         query = select(Mapping.erp_key).where(Mapping.entity == entity,
                                               Mapping.dokstamp_uuid == uuid)
         if not deleted:
             query = query.where(Mapping.status != MappingStatus.DELETED)
+        if besides is not None:
+            query = query.where(Mapping.erp_key != besides).order_by(Mapping.erp_key)
         with self._tx() as session:
             key: str | None = session.scalar(query.limit(1))
             return key
@@ -335,7 +340,8 @@ class Store:
                               sent=outcome.sent, digest=outcome.digest,
                               remote=(outcome.remote_status, outcome.verification_url),
                               produced=outcome.produced)
-                if outcome.status == MappingStatus.DELETED:
+                if outcome.status == MappingStatus.DELETED and not _held_elsewhere(
+                        session, done.entity, done.erp_key, outcome.uuid):
                     _forget(session, done.entity, outcome.uuid)
             log_outcome(done, EventState.SYNCED, outcome.note)
             results.append(_synced_result(done, outcome.uuid, outcome.status, outcome))
