@@ -146,6 +146,41 @@ def test_a_late_revoke_leaves_a_draft_then_issued_by_the_same_data_issued(h, san
     assert "left alone" in h.record(r["event_id"]).last_error
 
 
+def test_an_older_revoke_arriving_after_a_refused_reissue_lets_the_reissue_issue(h, sandbox):
+    """Arrival order U1, U2 (day 2, a new file), R (day 1). U2 first meets U1's issued
+    certificate and is refused ("already issued ... revoke it"): a dead letter. When R syncs
+    (revoking U1's certificate), U2's letter is replayed automatically: in the ERP's order U1's
+    certificate ends revoked and U2's issued, and no letter stays open."""
+    rest, u1 = graph()
+    assert h.sync(*rest, u1)[-1] == "synced"
+    file, u2 = reissue(u1, days=2)
+    assert h.sync(file, u2) == ["synced", "dead"]
+    r = revoke(days=1)
+    assert h.sync(r) == ["synced"]
+    h.drain()
+    assert h.state(u2["event_id"]) == "synced"
+    assert by_file(sandbox) == {file_uuid(h, "DIP-00001"): "revoked",
+                                file_uuid(h, "DIP-B"): "issued"}
+    assert [letter.status for letter in h.letters()] == ["replayed"]
+    mapping = h.mapping("certificate", KEY)
+    assert (mapping.status, mapping.remote_status) == ("active", "issued")
+
+
+def test_a_newer_revoke_never_replays_an_older_refused_reissue(h, sandbox):
+    """The automatic replay is for upserts newer than the revoke only: U1 issued, U2 (day 1, a
+    new file) refused ("already issued"), then revoke R (day 2) syncs. In the ERP's order U2
+    came before R and was refused; R revokes U1's certificate and U2's letter stays open (no
+    certificate for U2's file in DokStamp)."""
+    rest, u1 = graph()
+    assert h.sync(*rest, u1)[-1] == "synced"
+    file, u2 = reissue(u1, days=1)
+    assert h.sync(file, u2) == ["synced", "dead"]
+    assert h.sync(revoke(days=2)) == ["synced"]
+    h.drain()
+    assert h.state(u2["event_id"]) == "dead"
+    assert by_file(sandbox) == {file_uuid(h, "DIP-00001"): "revoked"}
+    assert [letter.status for letter in h.letters()] == ["open"]
+
 # -- 2. a revoke's dead letter is never resolved by an upsert --------------------------------
 
 def test_a_revoke_letter_survives_a_resent_upsert_and_its_replay_revokes(h, sandbox):

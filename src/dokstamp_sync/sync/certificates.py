@@ -32,7 +32,7 @@ from dokstamp_sync.states import (
 )
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.entities import SPECS, Spec, matches, remote_value
-from dokstamp_sync.sync.outcomes import Dead, Outcome, Waiting
+from dokstamp_sync.sync.outcomes import REISSUE_REFUSED, Dead, Outcome, Waiting
 from dokstamp_sync.sync.statements import Neighbour, Snapshot
 from dokstamp_sync.sync.upserts import find_or_create, search, unchanged
 
@@ -145,7 +145,7 @@ def update_existing(ctx: SyncContext, key: str, cert: Entity, changes: dict[str,
     if is_issued(cert):
         if changes:
             raise Dead(f"certificate {key} is already issued in DokStamp ({uuid}) and cannot be "
-                       f"changed ({', '.join(sorted(changes))}): revoke it and issue a new one")
+                       f"changed ({', '.join(sorted(changes))}): {REISSUE_REFUSED}")
         return cert
     certs = ctx.client.certificates
     body = changes | (certs.issue_fields(issued_at) if issue else {})
@@ -180,7 +180,7 @@ def upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
         if was_issued and changed:
             raise Dead(f"certificate {event.key} is already issued in DokStamp "
                        f"({snapshot.uuid}) and cannot be changed ({', '.join(sorted(changed))}):"
-                       " revoke it and issue a new one")
+                       f" {REISSUE_REFUSED}")
         wrote = bool(changed) or (issue and not was_issued)
         if revocation is not None or wrote:
             # The mapping may be stale (a lost answer issued it already): read, then act.

@@ -77,6 +77,11 @@ class Waiting(Exception):
         self.never_arrived = never_arrived  # dead-letter once the dependency timeout passes
 
 
+# The end of a certificate upsert's refusal to change an issued certificate: once an older
+# revoke or delete of that certificate syncs, the refused upsert is replayed (store.py).
+REISSUE_REFUSED = "revoke it and issue a new one"
+
+
 class Dead(Exception):
     """The event can never succeed as it is: dead-letter it with ``reason``."""
 

@@ -36,11 +36,19 @@ from dokstamp_sync.db import dialect_insert
 from dokstamp_sync.dokstamp.errors import PermanentError
 from dokstamp_sync.events import entry_op, utc
 from dokstamp_sync.held import held_before
-from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, NaturalKey, utcnow
+from dokstamp_sync.models import (
+    DeadLetter,
+    InboxEvent,
+    LetterHistory,
+    Mapping,
+    NaturalKey,
+    utcnow,
+)
+from dokstamp_sync.pipeline.inbox import replay_letters
 from dokstamp_sync.reporting import Result
 from dokstamp_sync.states import EXISTING, OPEN, EventState, LetterStatus, MappingStatus, RunState
 from dokstamp_sync.sync.entities import REFERENCES
-from dokstamp_sync.sync.outcomes import Park
+from dokstamp_sync.sync.outcomes import REISSUE_REFUSED, Park
 
 log = logging.getLogger("dokstamp_sync.sync")
 REFERENCED = {*REFERENCES.values(), "module"}  # entities other events can wait for
@@ -411,6 +419,35 @@ def _supersede_letters(session: Session, record: InboxEvent | _Finished) -> list
                    state=EventState.SUPERSEDED, at=utcnow(),
                    reason=reason, dead_letter_id=letter_id)
             for letter_id, event_id, event_pk, raw in rows]
+
+
+def _replay_refused_reissues(session: Session, record: InboxEvent | _Finished) -> list[int]:
+    """A certificate's revoke or delete just synced: the open dead letters of upserts of the
+    same certificate **newer** than it that died refusing to change the issued certificate
+    ("... revoke it and issue a new one") are replayed, as ``dlq replay`` would (their events
+    pending, due now). In the ERP's order they come after this revoke, so they apply now (a
+    re-issue that arrived before the older revoke creates its certificate). Returns the
+    letters replayed."""
+    if record.entity != "certificate" or record.op not in DESTRUCTIVE:
+        return []
+    ids = list(session.scalars(
+        select(LETTERS.c.id).join(EVENTS, EVENTS.c.id == LETTERS.c.event_pk).where(
+            LETTERS.c.status == LetterStatus.OPEN, EVENTS.c.state == EventState.DEAD,
+            EVENTS.c.entity == record.entity, EVENTS.c.erp_key == record.erp_key,
+            EVENTS.c.op == "upsert", LETTERS.c.reason.like(f"%{REISSUE_REFUSED}"),
+            (EVENTS.c.occurred_at > record.occurred_at)
+            | ((EVENTS.c.occurred_at == record.occurred_at) & (EVENTS.c.id > record.id)))
+        .order_by(LETTERS.c.id)))
+    if not ids:
+        return []
+    now = utcnow()
+    replayed = replay_letters(session, ids, now).replayed
+    actor = f"dokstamp-sync: {record.op} {record.event_id} synced"[:100]
+    session.add_all([LetterHistory(letter_id=letter_id, action="replayed", actor=actor, at=now)
+                     for letter_id in replayed])
+    log.info("%s %s: %d refused re-issue(s) replayed after %s %s synced", record.entity,
+             record.erp_key, len(replayed), record.op, record.event_id)
+    return replayed
 
 
 def _park(record: InboxEvent, park: Park) -> None:

@@ -59,6 +59,7 @@ from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transa
     _park,
     _ready,
     _remember,
+    _replay_refused_reissues,
     _result,
     _save_mapping,
     _state,
@@ -346,6 +347,7 @@ class Store:
             log_outcome(done, EventState.SYNCED, outcome.note)
             results.append(_synced_result(done, outcome.uuid, outcome.status, outcome))
             results += _supersede_letters(session, done)
+            _replay_refused_reissues(session, done)
         return EventState.SYNCED
 
     def finish_companion(self, companion: Companion, note: str) -> bool:
@@ -399,6 +401,7 @@ class Store:
                 if decision.state == EventState.SYNCED:
                     results.append(_synced_result(record, decision.uuid, decision.status, decision))
                     results += _supersede_letters(session, record)
+                    _replay_refused_reissues(session, record)
                 else:
                     results.append(_result(record, decision.state, reason=decision.note))
                 state = decision.state
