@@ -285,6 +285,26 @@ def test_revoking_an_expired_certificate_records_expired_not_revoked(h, sandbox)
     assert h.letters() == []
 
 
+def test_revoking_an_expired_certificate_dokstamp_allows_records_revoked(h, sandbox):
+    """The other reading of the docs: this DokStamp lets an expired certificate be revoked
+    (the sandbox switched to allow it). U1 issued, expired by DokStamp, then a revoke: it is
+    revoked, DokStamp holds it ``revoked`` with the reason, and the mapping says ``revoked``
+    (status and ``remote_status``), the note "expired, then revoked"."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    uuid = h.mapping("certificate", KEY).dokstamp_uuid
+    tenant = sandbox.sandbox.tenants["demo-university"]
+    tenant.revoke_expired = True
+    tenant.expire(uuid)
+    r = revoke(days=1, reason="Fraud")
+    assert h.sync(r) == ["synced"]
+    (held,) = live(sandbox, "certificates")
+    assert (held["status"], held["revocation_reason"]) == ("revoked", "Fraud")
+    mapping = h.mapping("certificate", KEY)
+    assert (mapping.status, mapping.remote_status) == ("revoked", "revoked")
+    assert h.record(r["event_id"]).last_error == "expired, then revoked"
+    assert h.letters() == []
+
 # -- with the change guard: a held revoke keeps the ERP's order when released ------------------
 def test_a_held_revoke_released_applies_before_the_reissue_waiting_behind_it(make_ctx, sandbox):
     """The guard holds revoke R (threshold 0: every destructive event is held); the re-issue
