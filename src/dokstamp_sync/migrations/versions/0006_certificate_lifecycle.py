@@ -2,8 +2,9 @@
 one ERP key (docs/erp-guide.md).
 
 ``produced_by`` (the event's ``event_id``) and ``produced_at`` (its ``occurred_at``) are set when
-a mapping gets a DokStamp UUID and kept while later events act on the same entity: a revoke or
-delete acts on the mapped certificate only when it was produced by an upsert before it. Rows
+a mapping gets a DokStamp UUID, or an upsert writes the certificate (creates, changes or issues
+it), and kept while other events only act on the same entity: a revoke or delete acts on the
+mapped certificate only when it was produced by an upsert before it. Rows
 that exist at the upgrade keep NULL, read as "produced before any event" (today's behaviour).
 
 ``uq_mappings_entity_dokstamp_uuid``: no two ERP keys map to one DokStamp entity (files apart:
