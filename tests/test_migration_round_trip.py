@@ -1,7 +1,9 @@
 """A downgrade never loses data silently (issue 17, item 13): going below 0004 while outcomes
 are still unwritten to the outcome stream, or below 0003 while certificate mappings hold
 DokStamp's status or verification URL, is refused with a message naming what would be lost,
-and the data stays as it was; ``-x lose_data=yes`` is the operator's explicit way through."""
+or below 0006 while mappings record which event produced their entity (``produced_by``,
+``produced_at``), and the data stays as it was; ``-x lose_data=yes`` is the operator's explicit
+way through."""
 
 from __future__ import annotations
 
@@ -86,3 +88,65 @@ def test_a_downgrade_that_would_lose_data_is_refused_on_sqlite(tmp_path: Path) -
     url = f"sqlite:///{tmp_path / 'store.db'}"
     command.upgrade(alembic_config(url), "head")
     _round_trip_keeps_the_data(url)
+
+
+def _producers(url: str) -> list[tuple[object, object]]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = [tuple(row) for row in conn.execute(text(
+            "SELECT produced_by, produced_at FROM mappings ORDER BY erp_key"))]
+    engine.dispose()
+    return rows
+
+
+def _producers_are_kept_or_refused(url: str) -> None:
+    cfg = alembic_config(url)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO mappings (entity, erp_key, dokstamp_uuid, status, synced_at, "
+            "produced_by, produced_at) VALUES ('certificate', 'C-2', 'u-2', 'active', "
+            "CURRENT_TIMESTAMP, 'erp-u2', CURRENT_TIMESTAMP)"))
+    engine.dispose()
+    ((by, at),) = _producers(url)
+    assert (by, at is not None) == ("erp-u2", True)
+    with pytest.raises(RuntimeError, match=r"1 mapping\(s\) recording which event produced"):
+        command.downgrade(cfg, "0005")
+    command.upgrade(cfg, "head")
+    assert _producers(url) == [(by, at)]
+    cfg.cmd_opts = argparse.Namespace(x=["lose_data=yes"])  # the operator insists
+    command.downgrade(cfg, "0005")
+    command.upgrade(cfg, "head")
+    assert _producers(url) == [(None, None)]
+
+
+def test_0006_downgrade_refuses_to_drop_the_producers_on_postgres() -> None:
+    """On PostgreSQL: a mapping records its producer (``produced_by``/``produced_at``); the
+    downgrade below 0006 is refused, naming them, and the upgrade finds them intact; with
+    ``-x lose_data=yes`` they are dropped (NULL after the next upgrade)."""
+    with scratch_database(PG_ADMIN_URL, "dokstamp_sync_migrations") as url:
+        command.upgrade(alembic_config(url), "head")
+        _producers_are_kept_or_refused(url)
+
+
+def test_0006_downgrade_refuses_to_drop_the_producers_on_sqlite(tmp_path: Path) -> None:
+    """The same on SQLite (the demo's store)."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    command.upgrade(alembic_config(url), "head")
+    _producers_are_kept_or_refused(url)
+
+
+def test_0006_downgrade_refuses_an_expired_mapping_naming_the_right_revisions(
+        tmp_path: Path) -> None:
+    """A mapping saying ``expired``: refused below 0006, the message naming 0006 and 0005."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "head")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO mappings (entity, erp_key, dokstamp_uuid, status, synced_at) VALUES "
+            "('certificate', 'C-3', 'u-3', 'expired', CURRENT_TIMESTAMP)"))
+    engine.dispose()
+    with pytest.raises(RuntimeError, match=r"below 0006: 1 mapping.* which 0005 cannot record"):
+        command.downgrade(cfg, "0005")

@@ -4,6 +4,11 @@ Worker A is frozen (SIGSTOP on its whole process group) while its course create 
 rate limiter, for longer than the lock, lease and create-window times; worker B takes the event
 over and syncs it; then A resumes (SIGCONT). The lock check happens inside the innermost
 transport, after every wait, so A's POST never leaves; DokStamp holds exactly one course.
+
+The other half: A is frozen AFTER its POST left (the sandbox holds that write a few seconds
+before applying it). The in-flight mark A renewed with its locks outlives them by the create
+window, so B, taking the event over, waits for it, then searches and adopts A's course rather
+than creating a second one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.models import InboxEvent
 from dokstamp_sync.redis_keys import RedisKeys
+from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.testing import T0, calls, live
 from test_worker import start_worker, wait_settled, wredis, xadd  # noqa: F401  # fixtures
 
@@ -77,4 +83,62 @@ def test_a_worker_frozen_in_the_rate_limiter_never_posts_after_a_take_over(
     courses = live(sandbox, "courses")
     assert [c["code"] for c in courses] == ["BSC-1"]
     assert calls(sandbox).get("POST /courses", 0) == posts_before + 1
+    assert state(sessions, COURSE["event_id"]) == "synced"
+
+
+# A's HTTP timeout of 3 s makes the create window 6 s. The sandbox holds A's POST 8 s before
+# applying it; A, waiting for the answer, renews its locks and the in-flight mark for 2 s, then
+# freezes. The renewed mark lives until 7.5 s (lock 1.5 s + window) after A's last renewal,
+# about 9.5 s after the POST: past the write. A mark set once before the POST, not renewed,
+# would be gone 6 s after it: B would search too early, find nothing and create a duplicate.
+SLOW_POST = FAST | {"DOKSTAMP_TIMEOUT": "3"}
+HELD_FOR = 8.0
+FREEZE_AFTER = 2.0
+
+
+def test_a_worker_frozen_after_its_post_left_is_adopted_not_duplicated(
+        start_worker, wredis, sessions, sandbox):  # noqa: F811  # the imported fixtures
+    """A's course POST has left (the sandbox received it and holds it HELD_FOR seconds before
+    applying it); A waits for the answer FREEZE_AFTER seconds, then freezes, past its lock and
+    lease. B takes the event over, finds the in-flight mark A renewed while its request was out
+    (it outlives the locks by the create window), waits (the event ``waiting``: "may still
+    land"), then searches and adopts the course A's POST created. DokStamp ends with one
+    course, the only POST /courses being A's; then A resumes and sends nothing more."""
+    a = start_worker(concurrency=1, **SLOW_POST)
+    xadd(wredis, [INSTITUTION])
+    wait_settled(sessions, 1, timeout=60, proc=a)
+    faults = sandbox.sandbox.faults
+    faults.configure(Faults(script=[ScriptedFault("POST", "/courses", status=201,
+                                                  delay_s=HELD_FOR)]))
+    xadd(wredis, [COURSE])
+    # The scripted fault is spent when the sandbox receives the POST: it has left A.
+    wait_until(lambda: not faults.faults.script, 60, "A's POST reached the sandbox")
+    time.sleep(FREEZE_AFTER)  # the answer still outstanding, A renewing its marks
+    os.killpg(a.pid, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    seen_waiting = False
+    try:
+        b = start_worker(concurrency=1, **SLOW_POST)
+
+        def synced() -> bool:
+            nonlocal seen_waiting
+            with session_scope(sessions) as s:
+                row = s.execute(select(InboxEvent.state, InboxEvent.last_error).where(
+                    InboxEvent.event_id == COURSE["event_id"])).one()
+            seen_waiting |= row[0] == "waiting" and "may still land" in (row[1] or "")
+            return row[0] == "synced"
+
+        wait_until(synced, 60, "B synced the course")
+        assert time.monotonic() - frozen_at > 2  # A's lease was gone: B did it
+        assert seen_waiting  # B met A's mark and waited for it
+        courses = live(sandbox, "courses")
+        assert [c["code"] for c in courses] == ["BSC-1"]
+        assert calls(sandbox).get("POST /courses", 0) == 1  # A's; B adopted, never created
+    finally:
+        os.killpg(a.pid, signal.SIGCONT)
+    time.sleep(3)  # A resumes: its answer (or timeout) is recorded, nothing more is sent
+    assert a.poll() is None
+    assert b.poll() is None
+    assert len(live(sandbox, "courses")) == 1
+    assert calls(sandbox).get("POST /courses", 0) == 1
     assert state(sessions, COURSE["event_id"]) == "synced"

@@ -40,6 +40,21 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 FILE_SOURCES = ("url", "path", "content_base64")
 
 
+OPS = ("upsert", "delete", "revoke")
+
+
+def entry_op(raw: str | None) -> str | None:
+    """The ``op`` a stream entry's raw text names, when it can be read (a JSON object whose
+    ``op`` is one of :data:`OPS`); else None, unknown: it may be a revoke or a delete."""
+    if not raw:
+        return None
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    op = body.get("op") if isinstance(body, dict) else None
+    return op if isinstance(op, str) and op in OPS else None
+
 class InvalidEvent(ValueError):
     """An event that cannot be processed; ``reason`` says why. ``event_id``, ``entity`` and
     ``key`` are what the entry said, as far as they are strings (as sent: they may hold what

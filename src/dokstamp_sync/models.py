@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dokstamp_sync.db import Base, EnumText
+from dokstamp_sync.events import entry_op
 from dokstamp_sync.states import EventState, LetterStatus, MappingStatus, check_in
 
 SHARED_FILES = "entity <> 'file'"  # the one entity whose DokStamp records keys may share
@@ -133,7 +134,8 @@ class NaturalKey(Base):
 class DeadLetter(Base):
     """An event that could not be synced, with everything an operator needs to fix it.
 
-    ``event_pk`` is set for valid events; a malformed stream entry keeps its ``raw`` text.
+    ``event_pk`` is set for valid events; a malformed stream entry keeps its ``raw`` text,
+    and with it the ``op`` it named (:attr:`entry_op`, when readable).
     Never holds a secret: the request is described by method and path only.
     """
 
@@ -158,6 +160,12 @@ class DeadLetter(Base):
     last_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # as inbox's
+
+    @property
+    def entry_op(self) -> str | None:
+        """A malformed entry's ``op`` as its raw text names it; None when unreadable (or for a
+        valid event's letter, whose op is its event's)."""
+        return entry_op(self.raw) if self.event_pk is None else None
 
     __table_args__ = (Index("ix_dead_letters_status_entity", "status", "entity"),
                       # The console's pages, newest first by keyset (id < the last shown).

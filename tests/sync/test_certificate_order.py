@@ -8,6 +8,7 @@ an expired certificate is recorded as DokStamp says. Every test asserts what the
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -104,6 +105,82 @@ def test_a_revoke_arriving_after_the_reissue_synced_revokes_the_older_certificat
         "active")
 
 
+def test_a_late_revoke_leaves_a_draft_reissued_in_place_issued(h, sandbox):
+    """U1 creates a draft (``issue: false``); the re-issue U2 (day 2, a new file, ``issue:
+    true``) updates that draft in place and issues it (the same DokStamp uuid). Then revoke R
+    (day 1, meant for U1's draft) arrives late. In the ERP's order U1's draft is gone and U2's
+    certificate is issued: R leaves the certificate U2 wrote alone, and DokStamp holds it
+    issued with U2's file."""
+    rest, u1 = graph()
+    u1 = u1 | {"data": u1["data"] | {"issue": False}}
+    assert h.sync(*rest, u1)[-1] == "synced"
+    file, u2 = reissue(u1, days=2)
+    u2["data"]["issue"] = True
+    assert h.sync(file, u2) == ["synced", "synced"]
+    (cert,) = live(sandbox, "certificates")
+    r = revoke(days=1)
+    assert h.sync(r) == ["synced"]
+    assert by_file(sandbox) == {file_uuid(h, "DIP-B"): "issued"}
+    mapping = h.mapping("certificate", KEY)
+    assert (mapping.dokstamp_uuid, mapping.status) == (cert["uuid"], "active")
+    assert "newer upsert" in h.record(r["event_id"]).last_error
+
+
+def test_a_late_revoke_leaves_a_draft_then_issued_by_the_same_data_issued(h, sandbox):
+    """Plain "draft, then issue": U1 creates a draft, U2 (day 2, the same file) issues it in
+    place. A revoke R (day 1, meant for U1's draft) arrives late; the search by U1's data finds
+    the mapped certificate itself, which U2 wrote: it is left alone (a note says so), never
+    revoked. DokStamp holds one certificate, issued."""
+    rest, u1 = graph()
+    u1 = u1 | {"data": u1["data"] | {"issue": False}}
+    assert h.sync(*rest, u1)[-1] == "synced"
+    u2 = event("certificate", KEY, u1["data"] | {"issue": True}, at=T0 + timedelta(days=2))
+    assert h.sync(u2) == ["synced"]
+    r = revoke(days=1)
+    assert h.sync(r) == ["synced"]
+    (cert,) = live(sandbox, "certificates")
+    assert cert["status"] == "issued"
+    mapping = h.mapping("certificate", KEY)
+    assert (mapping.dokstamp_uuid, mapping.status, mapping.produced_by) == (
+        cert["uuid"], "active", u2["event_id"])
+    assert "left alone" in h.record(r["event_id"]).last_error
+
+
+def test_an_older_revoke_arriving_after_a_refused_reissue_lets_the_reissue_issue(h, sandbox):
+    """Arrival order U1, U2 (day 2, a new file), R (day 1). U2 first meets U1's issued
+    certificate and is refused ("already issued ... revoke it"): a dead letter. When R syncs
+    (revoking U1's certificate), U2's letter is replayed automatically: in the ERP's order U1's
+    certificate ends revoked and U2's issued, and no letter stays open."""
+    rest, u1 = graph()
+    assert h.sync(*rest, u1)[-1] == "synced"
+    file, u2 = reissue(u1, days=2)
+    assert h.sync(file, u2) == ["synced", "dead"]
+    r = revoke(days=1)
+    assert h.sync(r) == ["synced"]
+    h.drain()
+    assert h.state(u2["event_id"]) == "synced"
+    assert by_file(sandbox) == {file_uuid(h, "DIP-00001"): "revoked",
+                                file_uuid(h, "DIP-B"): "issued"}
+    assert [letter.status for letter in h.letters()] == ["replayed"]
+    mapping = h.mapping("certificate", KEY)
+    assert (mapping.status, mapping.remote_status) == ("active", "issued")
+
+
+def test_a_newer_revoke_never_replays_an_older_refused_reissue(h, sandbox):
+    """The automatic replay is for upserts newer than the revoke only: U1 issued, U2 (day 1, a
+    new file) refused ("already issued"), then revoke R (day 2) syncs. In the ERP's order U2
+    came before R and was refused; R revokes U1's certificate and U2's letter stays open (no
+    certificate for U2's file in DokStamp)."""
+    rest, u1 = graph()
+    assert h.sync(*rest, u1)[-1] == "synced"
+    file, u2 = reissue(u1, days=1)
+    assert h.sync(file, u2) == ["synced", "dead"]
+    assert h.sync(revoke(days=2)) == ["synced"]
+    h.drain()
+    assert h.state(u2["event_id"]) == "dead"
+    assert by_file(sandbox) == {file_uuid(h, "DIP-00001"): "revoked"}
+    assert [letter.status for letter in h.letters()] == ["open"]
+
 # -- 2. a revoke's dead letter is never resolved by an upsert --------------------------------
 
 def test_a_revoke_letter_survives_a_resent_upsert_and_its_replay_revokes(h, sandbox):
@@ -141,6 +218,52 @@ def test_a_revoke_letter_is_resolved_by_a_newer_revoke_that_synced(h, sandbox):
     assert [letter.status for letter in h.letters()] == ["superseded"]
 
 
+def test_a_malformed_revoke_entrys_letter_survives_a_resent_upsert(h, sandbox):
+    """A revoke entry that fails validation (``occurred_at: "yesterday"``) but names its
+    entity and key is a dead letter with no inbox event. The ERP's nightly re-send of U1 then
+    syncs: the letter stays open (it may be a fraud revocation; only a revoke or delete, or an
+    operator, resolves it), it records the op it carried, and DokStamp's certificate is still
+    issued (nothing revoked behind the operator's back)."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    bad = revoke(days=1, reason="Fraud")
+    bad["occurred_at"] = "yesterday"
+    h.send(json.dumps(bad))
+    again = event("certificate", KEY, u1["data"], at=T0 + timedelta(days=2))
+    assert h.sync(again) == ["synced"]
+    (letter,) = h.letters()
+    assert (letter.status, letter.entity, letter.erp_key, letter.entry_op) == (
+        "open", "certificate", KEY, "revoke")
+    assert set(by_file(sandbox).values()) == {"issued"}
+
+
+def test_a_malformed_upsert_entrys_letter_is_resolved_by_a_newer_upsert(h, sandbox):
+    """The same-kind rule for malformed entries: an upsert entry that fails validation
+    (readable op ``upsert``) is resolved by a newer upsert of that key that synced."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    bad = event("certificate", KEY, u1["data"], at=T0 + timedelta(days=1))
+    bad["occurred_at"] = "yesterday"
+    h.send(json.dumps(bad))
+    again = event("certificate", KEY, u1["data"], at=T0 + timedelta(days=2))
+    assert h.sync(again) == ["synced"]
+    assert [(letter.status, letter.entry_op) for letter in h.letters()] == [
+        ("superseded", "upsert")]
+
+
+def test_a_malformed_entry_of_unknown_op_is_never_resolved_by_an_upsert(h, sandbox):
+    """A malformed entry whose op cannot be read (``op: 42``) may be a revoke: no upsert
+    resolves its letter; it stays open for an operator."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    bad = revoke(days=1, reason="Fraud") | {"op": 42}
+    h.send(json.dumps(bad))
+    again = event("certificate", KEY, u1["data"], at=T0 + timedelta(days=2))
+    assert h.sync(again) == ["synced"]
+    assert [(letter.status, letter.entry_op) for letter in h.letters()] == [("open", None)]
+    assert set(by_file(sandbox).values()) == {"issued"}
+
+
 # -- 3. an expired certificate is recorded as DokStamp says ----------------------------------
 
 def test_revoking_an_expired_certificate_records_expired_not_revoked(h, sandbox):
@@ -161,6 +284,26 @@ def test_revoking_an_expired_certificate_records_expired_not_revoked(h, sandbox)
     assert "expired" in h.record(r["event_id"]).last_error
     assert h.letters() == []
 
+
+def test_revoking_an_expired_certificate_dokstamp_allows_records_revoked(h, sandbox):
+    """The other reading of the docs: this DokStamp lets an expired certificate be revoked
+    (the sandbox switched to allow it). U1 issued, expired by DokStamp, then a revoke: it is
+    revoked, DokStamp holds it ``revoked`` with the reason, and the mapping says ``revoked``
+    (status and ``remote_status``), the note "expired, then revoked"."""
+    rest, u1 = graph()
+    h.sync(*rest, u1)
+    uuid = h.mapping("certificate", KEY).dokstamp_uuid
+    tenant = sandbox.sandbox.tenants["demo-university"]
+    tenant.revoke_expired = True
+    tenant.expire(uuid)
+    r = revoke(days=1, reason="Fraud")
+    assert h.sync(r) == ["synced"]
+    (held,) = live(sandbox, "certificates")
+    assert (held["status"], held["revocation_reason"]) == ("revoked", "Fraud")
+    mapping = h.mapping("certificate", KEY)
+    assert (mapping.status, mapping.remote_status) == ("revoked", "revoked")
+    assert h.record(r["event_id"]).last_error == "expired, then revoked"
+    assert h.letters() == []
 
 # -- with the change guard: a held revoke keeps the ERP's order when released ------------------
 def test_a_held_revoke_released_applies_before_the_reissue_waiting_behind_it(make_ctx, sandbox):

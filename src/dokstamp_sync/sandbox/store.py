@@ -82,6 +82,9 @@ class Tenant:
     taken: dict[tuple[str, tuple[str, ...]], dict[tuple[Any, ...], str]] = field(
         default_factory=dict)
     by_hash: dict[str, str] = field(default_factory=dict)  # file sha256 -> uuid, same rule
+    # The docs say neither way whether an expired certificate may be revoked: refused by
+    # default (the unkind reading); True lets :meth:`revoke` revoke one, the other reading.
+    revoke_expired: bool = False
 
     def live(self, collection: str) -> Iterable[Record]:
         return (r for r in self.records[collection].values() if r.deleted_at is None)
@@ -329,7 +332,8 @@ class Tenant:
     def expire(self, uuid: str) -> Record:
         """What DokStamp does by itself once a validity period ends: issued -> expired (the
         docs: "happens automatically when a validity period is configured"). Expired is not
-        issued, so :meth:`revoke` refuses it (the docs do not say it may be revoked)."""
+        issued, so :meth:`revoke` refuses it (the docs do not say it may be revoked), unless
+        :attr:`revoke_expired` says this DokStamp allows it."""
         record = self.find("certificates", uuid)
         if record.fields["status"] != "issued":
             raise invalid({"status": ["Only issued certificates expire."]})
@@ -339,7 +343,8 @@ class Tenant:
 
     def revoke(self, uuid: str, reason: Any) -> Record:
         record = self.find("certificates", uuid)
-        if record.fields["status"] != "issued":
+        revocable = ("issued", "expired") if self.revoke_expired else ("issued",)
+        if record.fields["status"] not in revocable:
             raise invalid({"status": [f"A {record.fields['status']} certificate cannot be "
                                       "revoked."]})
         if reason is not None and not isinstance(reason, str):

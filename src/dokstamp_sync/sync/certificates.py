@@ -32,7 +32,7 @@ from dokstamp_sync.states import (
 )
 from dokstamp_sync.sync.context import SyncContext
 from dokstamp_sync.sync.entities import SPECS, Spec, matches, remote_value
-from dokstamp_sync.sync.outcomes import Dead, Outcome, Waiting
+from dokstamp_sync.sync.outcomes import REISSUE_REFUSED, Dead, Outcome, Waiting
 from dokstamp_sync.sync.statements import Neighbour, Snapshot
 from dokstamp_sync.sync.upserts import find_or_create, search, unchanged
 
@@ -120,11 +120,11 @@ def verify_issued(ctx: SyncContext, key: str, cert: Entity) -> Entity:
 def certificate_outcome(cert: Entity | None, *, uuid: str, sent: dict[str, Any] | None,
                         digest: str | None = None,
                         status: MappingStatus = MappingStatus.ACTIVE,
-                        note: str | None = None) -> Outcome:
+                        note: str | None = None, produced: bool = False) -> Outcome:
     """A certificate's synced outcome, carrying DokStamp's status and verification URL when
-    read."""
+    read; ``produced``: this upsert wrote the certificate (the mapping's producer)."""
     return Outcome.synced(
-        uuid=uuid, status=status, sent=sent, digest=digest, note=note,
+        uuid=uuid, status=status, sent=sent, digest=digest, note=note, produced=produced,
         remote_status=None if cert is None else str(cert.get("status") or "") or None,
         verification_url=None if cert is None else cert.get("public_verification_url"))
 
@@ -145,7 +145,7 @@ def update_existing(ctx: SyncContext, key: str, cert: Entity, changes: dict[str,
     if is_issued(cert):
         if changes:
             raise Dead(f"certificate {key} is already issued in DokStamp ({uuid}) and cannot be "
-                       f"changed ({', '.join(sorted(changes))}): revoke it and issue a new one")
+                       f"changed ({', '.join(sorted(changes))}): {REISSUE_REFUSED}")
         return cert
     certs = ctx.client.certificates
     body = changes | (certs.issue_fields(issued_at) if issue else {})
@@ -172,6 +172,7 @@ def upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
     if revocation is None and (same := unchanged(ctx, snapshot, digest)) is not None:
         return same
     cert: Entity | None = None
+    wrote = True  # created, changed or issued the certificate (or found it for this key)
     if snapshot is not None and snapshot.status == MappingStatus.ACTIVE:
         uuid = snapshot.uuid
         was_issued = bool(snapshot.sent.get("issue"))
@@ -179,8 +180,9 @@ def upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
         if was_issued and changed:
             raise Dead(f"certificate {event.key} is already issued in DokStamp "
                        f"({snapshot.uuid}) and cannot be changed ({', '.join(sorted(changed))}):"
-                       " revoke it and issue a new one")
-        if revocation is not None or changed or (issue and not was_issued):
+                       f" {REISSUE_REFUSED}")
+        wrote = bool(changed) or (issue and not was_issued)
+        if revocation is not None or wrote:
             # The mapping may be stale (a lost answer issued it already): read, then act.
             cert = update_existing(ctx, event.key, certs.get(uuid), changed, issue=issue,
                                    issued_at=issued_at, ending=revocation is not None)
@@ -203,7 +205,7 @@ def upsert_certificate(ctx: SyncContext, event: Event, payload: dict[str, Any],
             cert = verify_issued(ctx, event.key, created[-1]) if issue else created[-1]
     if revocation is not None:
         return revoke_certificate(ctx, reason, cert or certs.get(uuid), sent)
-    return certificate_outcome(cert, uuid=uuid, sent=sent, digest=digest)
+    return certificate_outcome(cert, uuid=uuid, sent=sent, digest=digest, produced=wrote)
 
 
 def _explain_used_file(ctx: SyncContext, event: Event, fields: dict[str, Any],
@@ -242,7 +244,9 @@ def end_certificate(ctx: SyncContext, event: Event, own: Snapshot | None,
     A mapping produced by an upsert newer than this event (a re-issue that synced while this
     revoke waited, or arrived late) is not this event's to touch: the certificate the upserts
     before it produced is searched for with their data, revoked if found, and the mapping is
-    left on the newer certificate.
+    left on the newer certificate. When that search finds the mapped certificate itself (a
+    draft the newer upsert changed in place and issued: the same uuid), it is the newer
+    upsert's now and is left alone, with a note.
     """
     if upsert is not None and upsert.state in OPEN:
         sync_first(upsert)
@@ -260,17 +264,18 @@ def end_certificate(ctx: SyncContext, event: Event, own: Snapshot | None,
     if fields is None:
         return Outcome.synced(note=f"nothing to revoke: the mapped certificate {own.uuid} "
                                    "comes from a newer upsert, left alone")
-    done = revoke_found(ctx, event.key, revocation_reason(event), None, fields)
+    done = revoke_found(ctx, event.key, revocation_reason(event), None, fields, spare=own.uuid)
     # The mapping stays on the newer upsert's certificate: recorded without it.
     return replace(done, uuid=None, note=f"{done.note + '; ' if done.note else ''}acted on "
                    f"{done.uuid or 'nothing'}, not on {own.uuid} (from a newer upsert)")
 
 
 def revoke_found(ctx: SyncContext, key: str, reason: str | None, snapshot: Snapshot | None,
-                 fields: dict[str, Any] | None) -> Outcome:
+                 fields: dict[str, Any] | None, *, spare: str | None = None) -> Outcome:
     """Revoke (or, a draft, delete) the certificate DokStamp really holds: found by its
     mapping (read, never assumed) or, without one, by a search with the newest upsert's
-    data; "nothing to revoke" only once the search confirms it is absent."""
+    data; "nothing to revoke" only once the search confirms it is absent. A certificate found
+    whose uuid is ``spare`` (written by a newer upsert) is left alone."""
     certs = ctx.client.certificates
     cert: Entity | None = None
     if snapshot is not None:
@@ -289,6 +294,9 @@ def revoke_found(ctx: SyncContext, key: str, reason: str | None, snapshot: Snaps
     if cert is None:
         return Outcome.synced(note="nothing to revoke: no upsert of this certificate is known "
                                    "(one arriving later is created and revoked)")
+    if spare is not None and str(cert["uuid"]) == spare:
+        return Outcome.synced(note=f"nothing to revoke: the certificate found, {spare}, was "
+                                   "written by a newer upsert (the mapped one), left alone")
     return revoke_certificate(ctx, reason, cert, snapshot.sent if snapshot else fields)
 
 

@@ -35,7 +35,9 @@ def delete_entity(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> 
     ``per_page=1``, ``meta.total``), so a blocked delete is never sent: how DokStamp answers one
     is undocumented (it might be a 5xx, which would be retried for a day). A delete still
     refused (a dependent no documented filter can count) archives or dead-letters as well.
-    Without a mapping to trust, the entity is first searched for (:func:`locate`).
+    Without a mapping to trust, the entity is first searched for (:func:`locate`). A file
+    another key's mapping (not deleted) still holds (equal contents share one DokStamp file)
+    is never deleted: only this key's mapping is forgotten.
     """
     spec = SPECS[event.entity]
     if snapshot is None or snapshot.status == MappingStatus.DELETED:
@@ -50,6 +52,15 @@ def delete_entity(ctx: SyncContext, event: Event, snapshot: Snapshot | None) -> 
                 uuid=snapshot.uuid if snapshot else None, status=MappingStatus.DELETED,
                 sent=snapshot.sent if snapshot else None, note=f"nothing to delete: {found}")
         snapshot = found
+    if event.entity == "file" and (other := ctx.store.mapped_key(
+            "file", snapshot.uuid, besides=event.key)) is not None:
+        # DokStamp deduplicates uploads: another key uploaded the same content and still maps
+        # this file. Deleting it would take that key's file away: forget this key's only.
+        return Outcome.synced(uuid=snapshot.uuid, status=MappingStatus.DELETED,
+                              sent=snapshot.sent,
+                              note=f"not deleted in DokStamp: the file is shared with file "
+                                   f"{other} (equal contents), kept for it; this key's "
+                                   "mapping is forgotten")
     blockers = count_dependents(ctx, spec, snapshot.uuid)
     if blockers:
         return archive_instead(ctx, spec, event, snapshot, f"referenced by {blockers}")

@@ -77,6 +77,11 @@ class Waiting(Exception):
         self.never_arrived = never_arrived  # dead-letter once the dependency timeout passes
 
 
+# The end of a certificate upsert's refusal to change an issued certificate: once an older
+# revoke or delete of that certificate syncs, the refused upsert is replayed (store.py).
+REISSUE_REFUSED = "revoke it and issue a new one"
+
+
 class Dead(Exception):
     """The event can never succeed as it is: dead-letter it with ``reason``."""
 
@@ -194,16 +199,19 @@ class Outcome:
     # (None keeps what the mapping holds).
     remote_status: str | None = None
     verification_url: str | None = None
+    # This event wrote the entity (created, changed or issued it): it becomes the mapping's
+    # producer even when the UUID stays the same (a draft updated in place and issued).
+    produced: bool = False
 
     @classmethod
     def synced(cls, *, uuid: str | None = None, status: MappingStatus = MappingStatus.ACTIVE,
                sent: dict[str, Any] | None = None, digest: str | None = None,
                note: str | None = None, companions: tuple[Companion, ...] = (),
                remote_status: str | None = None,
-               verification_url: str | None = None) -> Outcome:
+               verification_url: str | None = None, produced: bool = False) -> Outcome:
         return cls(state=EventState.SYNCED, uuid=uuid, status=status, sent=sent, digest=digest,
                    note=note, companions=companions, remote_status=remote_status,
-                   verification_url=verification_url)
+                   verification_url=verification_url, produced=produced)
 
 
 # -- how a run that did not sync ends: the engine decides, the store applies -----------------

@@ -34,13 +34,21 @@ from sqlalchemy.orm import Session
 
 from dokstamp_sync.db import dialect_insert
 from dokstamp_sync.dokstamp.errors import PermanentError
-from dokstamp_sync.events import utc
+from dokstamp_sync.events import entry_op, utc
 from dokstamp_sync.held import held_before
-from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, NaturalKey, utcnow
+from dokstamp_sync.models import (
+    DeadLetter,
+    InboxEvent,
+    LetterHistory,
+    Mapping,
+    NaturalKey,
+    utcnow,
+)
+from dokstamp_sync.pipeline.inbox import replay_letters
 from dokstamp_sync.reporting import Result
 from dokstamp_sync.states import EXISTING, OPEN, EventState, LetterStatus, MappingStatus, RunState
 from dokstamp_sync.sync.entities import REFERENCES
-from dokstamp_sync.sync.outcomes import Park
+from dokstamp_sync.sync.outcomes import REISSUE_REFUSED, Park
 
 log = logging.getLogger("dokstamp_sync.sync")
 REFERENCED = {*REFERENCES.values(), "module"}  # entities other events can wait for
@@ -161,8 +169,9 @@ _KNOWN_UUID = select(NATURAL_KEYS.c.dokstamp_uuid).where(
 # The open dead letters a newly synced event resolves (docs/erp-guide.md): those of the same entity
 # whose event is older (the order of :func:`_newer`) and of the same kind (an upsert's by an
 # upsert; a revoke's or delete's only by a revoke or delete: an upsert never resolves a
-# destructive event's letter), and those of malformed stream entries that named the entity and
-# were filed before the synced event was received.
+# destructive event's letter). Malformed stream entries that named the entity and key and were
+# filed before the synced event was received follow the same rule by the op their raw text
+# names (:func:`_malformed_resolved`); one whose op cannot be read is never resolved by itself.
 _LETTER_EVENT = EVENTS.alias("lettered")
 _SUPERSEDE_LETTERS = update(LETTERS).where(
     LETTERS.c.status == LetterStatus.OPEN, LETTERS.c.entity == bindparam("l_entity"),
@@ -172,10 +181,14 @@ _SUPERSEDE_LETTERS = update(LETTERS).where(
                        (_LETTER_EVENT.c.occurred_at < bindparam("occurred_at"))
                        | ((_LETTER_EVENT.c.occurred_at == bindparam("occurred_at"))
                           & (_LETTER_EVENT.c.id < bindparam("pk")))),
-        and_(LETTERS.c.event_pk.is_(None), LETTERS.c.first_failed_at <= bindparam("received")))
+        LETTERS.c.id.in_(bindparam("l_malformed", expanding=True)))
 ).values(status=LetterStatus.SUPERSEDED, resolved_at=bindparam("l_now"),
          reported_at=None).returning(
-    LETTERS.c.id, LETTERS.c.event_id, LETTERS.c.event_pk)
+    LETTERS.c.id, LETTERS.c.event_id, LETTERS.c.event_pk, LETTERS.c.raw)
+_MALFORMED_LETTERS = select(LETTERS.c.id, LETTERS.c.raw).where(
+    LETTERS.c.status == LetterStatus.OPEN, LETTERS.c.entity == bindparam("l_entity"),
+    LETTERS.c.erp_key == bindparam("l_key"), LETTERS.c.event_pk.is_(None),
+    LETTERS.c.first_failed_at <= bindparam("received"))
 _MAPPING_VALUES = ("dokstamp_uuid", "status", "data_hash", "occurred_at", "event_id",
                    "synced_at")
 
@@ -187,16 +200,20 @@ def _insert_natural_key(dialect: str) -> Any:
 
 
 @functools.cache
-def _upsert_mapping(dialect: str, with_sent: bool, with_remote: bool = False) -> Any:
+def _upsert_mapping(dialect: str, with_sent: bool, with_remote: bool = False,
+                    produced: bool = False) -> Any:
     stmt = dialect_insert(dialect)(MAPPINGS)
     updated = [*_MAPPING_VALUES, *(["sent"] if with_sent else []),
                *(["remote_status", "verification_url"] if with_remote else [])]
-    # The producer changes with the UUID only: an event acting on the same entity keeps it.
+    # The producer is the event that wrote the entity: one that created, changed or issued it
+    # (``produced``), or one that brought a new UUID. An event only acting on the same entity
+    # (a revoke, an unchanged re-send) keeps it.
     same = MAPPINGS.c.dokstamp_uuid == stmt.excluded.dokstamp_uuid
-    produced = {c: case((same, MAPPINGS.c[c]), else_=stmt.excluded[c])
+    producer = {c: stmt.excluded[c] if produced else
+                case((same, MAPPINGS.c[c]), else_=stmt.excluded[c])
                 for c in ("produced_by", "produced_at")}
     return stmt.on_conflict_do_update(index_elements=["entity", "erp_key"],
-                                      set_={c: stmt.excluded[c] for c in updated} | produced)
+                                      set_={c: stmt.excluded[c] for c in updated} | producer)
 
 
 # -- row-level steps the store's transactions share -------------------------------------------
@@ -284,15 +301,26 @@ def _forget(session: Session, entity: str, uuid: str) -> None:
                                              NaturalKey.dokstamp_uuid == uuid))
 
 
+def _held_elsewhere(session: Session, entity: str, key: str, uuid: str) -> bool:
+    """Another key's mapping, not deleted, holds ``uuid`` (a file shared by equal contents):
+    its natural keys are not forgotten."""
+    return session.scalar(select(MAPPINGS.c.erp_key).where(
+        MAPPINGS.c.entity == entity, MAPPINGS.c.dokstamp_uuid == uuid,
+        MAPPINGS.c.erp_key != key, MAPPINGS.c.status != MappingStatus.DELETED).limit(1)
+    ) is not None
+
+
 def _save_mapping(session: Session, record: InboxEvent | _Finished, uuid: str, *,
                   status: str = MappingStatus.ACTIVE, sent: dict[str, Any] | None = None,
                   digest: str | None = None,
-                  remote: tuple[str | None, str | None] = (None, None)) -> None:
+                  remote: tuple[str | None, str | None] = (None, None),
+                  produced: bool = False) -> None:
     """Insert or update the event's mapping in one statement (INSERT ... ON CONFLICT).
 
     ``sent`` None keeps the last payload sent; ``digest`` None (after a delete or archive)
     makes the next upsert send again. ``remote``: a certificate's DokStamp status and
-    verification URL; (None, None) keeps what the mapping holds.
+    verification URL; (None, None) keeps what the mapping holds. ``produced``: the event wrote
+    the entity (see :class:`.outcomes.Outcome`), it becomes the producer.
     """
     values: dict[str, Any] = {
         "entity": record.entity, "erp_key": record.erp_key, "dokstamp_uuid": uuid,
@@ -305,7 +333,7 @@ def _save_mapping(session: Session, record: InboxEvent | _Finished, uuid: str, *
     if with_remote:
         values["remote_status"], values["verification_url"] = remote
     session.execute(_upsert_mapping(session.get_bind().dialect.name, sent is not None,
-                                    with_remote), values)
+                                    with_remote, produced), values)
 
 
 def _finish(session: Session, record: InboxEvent, state: EventState, note: str | None) -> None:
@@ -359,26 +387,67 @@ def _synced_result(record: InboxEvent | _Finished, uuid: str | None, status: str
                    public_verification_url=url)
 
 
+def _malformed_resolved(session: Session, record: InboxEvent | _Finished,
+                        kinds: list[str]) -> list[int]:
+    """The open letters of malformed entries of ``record``'s entity and key, filed before it
+    was received, whose raw text names an op of ``kinds`` (the same-kind rule); an entry whose
+    op cannot be read may be a revoke or a delete and stays open."""
+    rows = session.execute(_MALFORMED_LETTERS, {
+        "l_entity": record.entity, "l_key": record.erp_key, "received": record.received_at})
+    return [letter_id for letter_id, raw in rows if entry_op(raw) in kinds]
+
+
 def _supersede_letters(session: Session, record: InboxEvent | _Finished) -> list[Result]:
-    """Resolve the open dead letters this synced event makes stale (one UPDATE); each is
-    reported again as ``superseded``."""
+    """Resolve the open dead letters this synced event makes stale (one UPDATE, after one
+    read of the entity's malformed entries' letters); each is reported again as
+    ``superseded``."""
     kinds = ["upsert"] if record.op == "upsert" else list(DESTRUCTIVE)
     rows = session.execute(_SUPERSEDE_LETTERS, {
         "l_entity": record.entity, "l_key": record.erp_key, "l_ops": kinds,
-        "occurred_at": record.occurred_at,
-        "pk": record.id, "received": record.received_at, "l_now": utcnow()}).all()
+        "occurred_at": record.occurred_at, "pk": record.id, "l_now": utcnow(),
+        "l_malformed": _malformed_resolved(session, record, kinds)}).all()
     if not rows:
         return []
-    pks = [event_pk for _, _, event_pk in rows if event_pk is not None]
+    pks = [event_pk for _, _, event_pk, _ in rows if event_pk is not None]
     ops = dict(session.execute(select(InboxEvent.id, InboxEvent.op)
                                .where(InboxEvent.id.in_(pks))).all()) if pks else {}
     reason = f"resolved: a newer event of this entity synced ({record.event_id})"
     log.info("%s %s: %d dead letter(s) resolved by event %s", record.entity, record.erp_key,
              len(rows), record.event_id)
     return [Result(event_id=event_id, entity=record.entity, key=record.erp_key,
-                   op=ops.get(event_pk), state=EventState.SUPERSEDED, at=utcnow(),
+                   op=ops.get(event_pk) if event_pk is not None else entry_op(raw),
+                   state=EventState.SUPERSEDED, at=utcnow(),
                    reason=reason, dead_letter_id=letter_id)
-            for letter_id, event_id, event_pk in rows]
+            for letter_id, event_id, event_pk, raw in rows]
+
+
+def _replay_refused_reissues(session: Session, record: InboxEvent | _Finished) -> list[int]:
+    """A certificate's revoke or delete just synced: the open dead letters of upserts of the
+    same certificate **newer** than it that died refusing to change the issued certificate
+    ("... revoke it and issue a new one") are replayed, as ``dlq replay`` would (their events
+    pending, due now). In the ERP's order they come after this revoke, so they apply now (a
+    re-issue that arrived before the older revoke creates its certificate). Returns the
+    letters replayed."""
+    if record.entity != "certificate" or record.op not in DESTRUCTIVE:
+        return []
+    ids = list(session.scalars(
+        select(LETTERS.c.id).join(EVENTS, EVENTS.c.id == LETTERS.c.event_pk).where(
+            LETTERS.c.status == LetterStatus.OPEN, EVENTS.c.state == EventState.DEAD,
+            EVENTS.c.entity == record.entity, EVENTS.c.erp_key == record.erp_key,
+            EVENTS.c.op == "upsert", LETTERS.c.reason.like(f"%{REISSUE_REFUSED}"),
+            (EVENTS.c.occurred_at > record.occurred_at)
+            | ((EVENTS.c.occurred_at == record.occurred_at) & (EVENTS.c.id > record.id)))
+        .order_by(LETTERS.c.id)))
+    if not ids:
+        return []
+    now = utcnow()
+    replayed = replay_letters(session, ids, now).replayed
+    actor = f"dokstamp-sync: {record.op} {record.event_id} synced"[:100]
+    session.add_all([LetterHistory(letter_id=letter_id, action="replayed", actor=actor, at=now)
+                     for letter_id in replayed])
+    log.info("%s %s: %d refused re-issue(s) replayed after %s %s synced", record.entity,
+             record.erp_key, len(replayed), record.op, record.event_id)
+    return replayed
 
 
 def _park(record: InboxEvent, park: Park) -> None:

@@ -50,6 +50,7 @@ from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transa
     _finish,
     _Finished,
     _forget,
+    _held_elsewhere,
     _known_uuid,
     _lock_tag,
     _mappings,
@@ -58,6 +59,7 @@ from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transa
     _park,
     _ready,
     _remember,
+    _replay_refused_reissues,
     _result,
     _save_mapping,
     _state,
@@ -235,13 +237,17 @@ class Store:
                        InboxEvent.op == "upsert")
                 .order_by(InboxEvent.occurred_at.desc(), InboxEvent.id.desc()).limit(limit)))
 
-    def mapped_key(self, entity: str, uuid: str, *, deleted: bool = False) -> str | None:
+    def mapped_key(self, entity: str, uuid: str, *, deleted: bool = False,
+                   besides: str | None = None) -> str | None:
         """The ERP key whose mapping (in any status but deleted; ``deleted``: in any status)
-        holds DokStamp's ``uuid``: at most one (``uq_mappings_entity_dokstamp_uuid``)."""
+        holds DokStamp's ``uuid``: at most one (``uq_mappings_entity_dokstamp_uuid``), files
+        apart (equal contents share one file: ``besides`` names a key to leave out)."""
         query = select(Mapping.erp_key).where(Mapping.entity == entity,
                                               Mapping.dokstamp_uuid == uuid)
         if not deleted:
             query = query.where(Mapping.status != MappingStatus.DELETED)
+        if besides is not None:
+            query = query.where(Mapping.erp_key != besides).order_by(Mapping.erp_key)
         with self._tx() as session:
             key: str | None = session.scalar(query.limit(1))
             return key
@@ -333,12 +339,15 @@ class Store:
             if outcome.uuid is not None:
                 _save_mapping(session, done, outcome.uuid, status=outcome.status,
                               sent=outcome.sent, digest=outcome.digest,
-                              remote=(outcome.remote_status, outcome.verification_url))
-                if outcome.status == MappingStatus.DELETED:
+                              remote=(outcome.remote_status, outcome.verification_url),
+                              produced=outcome.produced)
+                if outcome.status == MappingStatus.DELETED and not _held_elsewhere(
+                        session, done.entity, done.erp_key, outcome.uuid):
                     _forget(session, done.entity, outcome.uuid)
             log_outcome(done, EventState.SYNCED, outcome.note)
             results.append(_synced_result(done, outcome.uuid, outcome.status, outcome))
             results += _supersede_letters(session, done)
+            _replay_refused_reissues(session, done)
         return EventState.SYNCED
 
     def finish_companion(self, companion: Companion, note: str) -> bool:
@@ -392,6 +401,7 @@ class Store:
                 if decision.state == EventState.SYNCED:
                     results.append(_synced_result(record, decision.uuid, decision.status, decision))
                     results += _supersede_letters(session, record)
+                    _replay_refused_reissues(session, record)
                 else:
                     results.append(_result(record, decision.state, reason=decision.note))
                 state = decision.state

@@ -2,8 +2,9 @@
 one ERP key (docs/erp-guide.md).
 
 ``produced_by`` (the event's ``event_id``) and ``produced_at`` (its ``occurred_at``) are set when
-a mapping gets a DokStamp UUID and kept while later events act on the same entity: a revoke or
-delete acts on the mapped certificate only when it was produced by an upsert before it. Rows
+a mapping gets a DokStamp UUID, or an upsert writes the certificate (creates, changes or issues
+it), and kept while other events only act on the same entity: a revoke or delete acts on the
+mapped certificate only when it was produced by an upsert before it. Rows
 that exist at the upgrade keep NULL, read as "produced before any event" (today's behaviour).
 
 ``uq_mappings_entity_dokstamp_uuid``: no two ERP keys map to one DokStamp entity (files apart:
@@ -14,8 +15,10 @@ deletes the other keys' mapping rows, and upgrades again.
 
 A mapping's status may be ``expired`` (a certificate DokStamp expired and would not revoke): the
 CHECK constraint names it. The downgrade refuses while a mapping says ``expired`` (0005 has no
-word for it, and calling it revoked would claim what DokStamp does not say); the produced-by
-columns it drops only narrow what a late revoke can tell apart (as before 0006).
+word for it, and calling it revoked would claim what DokStamp does not say). It also refuses
+while any mapping records its producer (``produced_by``/``produced_at`` set): dropped, they come
+back NULL, read as "produced before any event", and a late revoke could then revoke a newer
+upsert's certificate. ``-x lose_data=yes`` drops them anyway (as 0003 and 0004 allow).
 
 Revision ID: 0006
 Revises: 0005
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+
+from dokstamp_sync.migrations.data_loss import refuse_if_any
 
 revision = '0006'
 down_revision = '0005'
@@ -77,8 +82,14 @@ def downgrade() -> None:
     expired = op.get_bind().execute(
         sa.text("SELECT COUNT(*) FROM mappings WHERE status = 'expired'")).scalar()
     if expired:
-        raise RuntimeError(f"cannot downgrade below 0005: {expired} mapping(s) say 'expired', "
-                           "which 0004 cannot record")
+        raise RuntimeError(f"cannot downgrade below 0006: {expired} mapping(s) say 'expired', "
+                           "which 0005 cannot record")
+    refuse_if_any(
+        "SELECT count(*) FROM mappings WHERE produced_by IS NOT NULL OR produced_at IS NOT NULL",
+        "mapping(s) recording which event produced their DokStamp entity (produced_by, "
+        "produced_at)",
+        "The schema before 0006 cannot hold them, and without them a late revoke cannot tell a "
+        "newer upsert's certificate apart; stay on 0006 or later.")
     op.drop_index("ix_natural_keys_entity_dokstamp_uuid", table_name="natural_keys")
     op.drop_index("ix_mappings_dokstamp_uuid", table_name="mappings")
     op.drop_index("uq_mappings_entity_dokstamp_uuid", table_name="mappings")
