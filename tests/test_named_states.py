@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "events.py": {"missing"},  # pydantic's error type
     "console/actions.py": {"replayed", "discarded"},  # the history's verbs (past tense)
     "ops/dlq.py": {"replayed", "discarded"},  # the history's verbs (past tense)
+    "sync/letters.py": {"replayed"},  # the history's verb (past tense)
     "ops/held.py": {"discarded"},  # the command's verb in its output
     "ops/metrics.py": {"held"},  # the status facts' key
     "ops/plan.py": {"superseded", "held"},  # plan's actions (docs/guard.md)

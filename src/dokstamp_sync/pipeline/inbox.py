@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,7 @@ from dokstamp_sync.held import destructive
 from dokstamp_sync.limits import FILE_MAX_BYTES, safe_text
 from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
 from dokstamp_sync.pipeline.results import Result, reused_reason
+from dokstamp_sync.replays import replay_event_letters
 from dokstamp_sync.states import EventState, LetterStatus
 
 log = logging.getLogger("dokstamp_sync.pipeline.ingest")
@@ -302,23 +303,7 @@ def replay_letters(session: Session, ids: Sequence[int], now: datetime) -> Repla
     docs/erp-guide.md). A malformed stream entry is parsed again: still invalid, it stays open with
     its reason refreshed; valid, it is recorded as a new event. Letters no longer open (replayed,
     discarded, superseded, or resolved meanwhile by a worker) are left as they are."""
-    done = Replayed()
-    letters = DeadLetter.__table__.c
-    rows = session.execute(
-        update(DeadLetter).where(letters.id.in_(ids), letters.status == LetterStatus.OPEN,
-                                 letters.event_pk.is_not(None))
-        .values(status=LetterStatus.REPLAYED, resolved_at=now,
-                # not reported itself: its event's new outcome is
-                reported_at=func.coalesce(letters.reported_at, now))
-        .returning(letters.id, letters.event_pk)).all()
-    done.replayed = [letter_id for letter_id, _ in rows]
-    pks = [pk for _, pk in rows]
-    if pks:
-        session.execute(
-            update(InboxEvent).where(InboxEvent.id.in_(pks), InboxEvent.state == EventState.DEAD)
-            .values(state=EventState.PENDING, attempts=0, deliveries=0, first_failed_at=None,
-                    finished_at=None, waiting_for=None, reported_at=None, next_attempt_at=now,
-                    received_at=now))
+    done = Replayed(replayed=replay_event_letters(session, ids, now))
     malformed = session.scalars(select(DeadLetter).where(
         DeadLetter.id.in_(ids), DeadLetter.status == LetterStatus.OPEN,
         DeadLetter.event_pk.is_(None)).with_for_update())

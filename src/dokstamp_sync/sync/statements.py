@@ -25,7 +25,6 @@ from sqlalchemy import (
     delete,
     exists,
     func,
-    or_,
     select,
     tuple_,
     update,
@@ -33,22 +32,19 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from dokstamp_sync.db import dialect_insert
-from dokstamp_sync.dokstamp.errors import PermanentError
-from dokstamp_sync.events import entry_op, utc
+from dokstamp_sync.events import utc
 from dokstamp_sync.held import held_before
 from dokstamp_sync.models import (
     DeadLetter,
     InboxEvent,
-    LetterHistory,
     Mapping,
     NaturalKey,
     utcnow,
 )
-from dokstamp_sync.pipeline.inbox import replay_letters
 from dokstamp_sync.reporting import Result
-from dokstamp_sync.states import EXISTING, OPEN, EventState, LetterStatus, MappingStatus, RunState
+from dokstamp_sync.states import EXISTING, OPEN, EventState, MappingStatus, RunState
 from dokstamp_sync.sync.entities import REFERENCES
-from dokstamp_sync.sync.outcomes import REISSUE_REFUSED, Park
+from dokstamp_sync.sync.outcomes import Park
 
 log = logging.getLogger("dokstamp_sync.sync")
 REFERENCED = {*REFERENCES.values(), "module"}  # entities other events can wait for
@@ -166,29 +162,6 @@ _WAKE = update(EVENTS).where(EVENTS.c.state == EventState.WAITING,
 _TAG_LOCK = select(func.pg_advisory_xact_lock(7301, func.hashtext(bindparam("tag"))))
 _KNOWN_UUID = select(NATURAL_KEYS.c.dokstamp_uuid).where(
     NATURAL_KEYS.c.entity == bindparam("entity"), NATURAL_KEYS.c.natural_key == bindparam("key"))
-# The open dead letters a newly synced event resolves (docs/erp-guide.md): those of the same entity
-# whose event is older (the order of :func:`_newer`) and of the same kind (an upsert's by an
-# upsert; a revoke's or delete's only by a revoke or delete: an upsert never resolves a
-# destructive event's letter). Malformed stream entries that named the entity and key and were
-# filed before the synced event was received follow the same rule by the op their raw text
-# names (:func:`_malformed_resolved`); one whose op cannot be read is never resolved by itself.
-_LETTER_EVENT = EVENTS.alias("lettered")
-_SUPERSEDE_LETTERS = update(LETTERS).where(
-    LETTERS.c.status == LetterStatus.OPEN, LETTERS.c.entity == bindparam("l_entity"),
-    LETTERS.c.erp_key == bindparam("l_key"),
-    or_(exists().where(_LETTER_EVENT.c.id == LETTERS.c.event_pk,
-                       _LETTER_EVENT.c.op.in_(bindparam("l_ops", expanding=True)),
-                       (_LETTER_EVENT.c.occurred_at < bindparam("occurred_at"))
-                       | ((_LETTER_EVENT.c.occurred_at == bindparam("occurred_at"))
-                          & (_LETTER_EVENT.c.id < bindparam("pk")))),
-        LETTERS.c.id.in_(bindparam("l_malformed", expanding=True)))
-).values(status=LetterStatus.SUPERSEDED, resolved_at=bindparam("l_now"),
-         reported_at=None).returning(
-    LETTERS.c.id, LETTERS.c.event_id, LETTERS.c.event_pk, LETTERS.c.raw)
-_MALFORMED_LETTERS = select(LETTERS.c.id, LETTERS.c.raw).where(
-    LETTERS.c.status == LetterStatus.OPEN, LETTERS.c.entity == bindparam("l_entity"),
-    LETTERS.c.erp_key == bindparam("l_key"), LETTERS.c.event_pk.is_(None),
-    LETTERS.c.first_failed_at <= bindparam("received"))
 _MAPPING_VALUES = ("dokstamp_uuid", "status", "data_hash", "occurred_at", "event_id",
                    "synced_at")
 
@@ -348,30 +321,6 @@ def _finish(session: Session, record: InboxEvent, state: EventState, note: str |
         _wake(session, record.entity, record.erp_key)
 
 
-def _dead_letter(session: Session, record: InboxEvent, reason: str,
-                 error: PermanentError | None) -> DeadLetter:
-    """Mark the event dead and file (or refresh) its open dead letter."""
-    _finish(session, record, EventState.DEAD, reason)
-    letter = session.scalar(select(DeadLetter).where(DeadLetter.event_pk == record.id,
-                                                     DeadLetter.status == LetterStatus.OPEN))
-    if letter is None:
-        letter = DeadLetter(event_pk=record.id, event_id=record.event_id,
-                            entity=record.entity, erp_key=record.erp_key,
-                            first_failed_at=record.first_failed_at or utcnow())
-        session.add(letter)
-    letter.reason = reason
-    letter.reported_at = None  # reported with its event's outcome
-    letter.attempts = record.attempts + 1
-    letter.last_failed_at = utcnow()
-    if error is not None:
-        letter.http_status = error.status
-        letter.response_body = error.body
-        letter.request_method = error.method
-        letter.request_path = error.path
-    session.flush()  # its id, for the outcome stream
-    return letter
-
-
 def _result(record: InboxEvent | _Finished, state: str, **fields: Any) -> Result:
     return Result(event_id=record.event_id, entity=record.entity, key=record.erp_key,
                   op=record.op, state=state, at=utcnow(), event_pk=record.id, **fields)
@@ -385,69 +334,6 @@ def _synced_result(record: InboxEvent | _Finished, uuid: str | None, status: str
     return _result(record, EventState.SYNCED, dokstamp_uuid=uuid,
                    mapping_status=status if uuid is not None else None,
                    public_verification_url=url)
-
-
-def _malformed_resolved(session: Session, record: InboxEvent | _Finished,
-                        kinds: list[str]) -> list[int]:
-    """The open letters of malformed entries of ``record``'s entity and key, filed before it
-    was received, whose raw text names an op of ``kinds`` (the same-kind rule); an entry whose
-    op cannot be read may be a revoke or a delete and stays open."""
-    rows = session.execute(_MALFORMED_LETTERS, {
-        "l_entity": record.entity, "l_key": record.erp_key, "received": record.received_at})
-    return [letter_id for letter_id, raw in rows if entry_op(raw) in kinds]
-
-
-def _supersede_letters(session: Session, record: InboxEvent | _Finished) -> list[Result]:
-    """Resolve the open dead letters this synced event makes stale (one UPDATE, after one
-    read of the entity's malformed entries' letters); each is reported again as
-    ``superseded``."""
-    kinds = ["upsert"] if record.op == "upsert" else list(DESTRUCTIVE)
-    rows = session.execute(_SUPERSEDE_LETTERS, {
-        "l_entity": record.entity, "l_key": record.erp_key, "l_ops": kinds,
-        "occurred_at": record.occurred_at, "pk": record.id, "l_now": utcnow(),
-        "l_malformed": _malformed_resolved(session, record, kinds)}).all()
-    if not rows:
-        return []
-    pks = [event_pk for _, _, event_pk, _ in rows if event_pk is not None]
-    ops = dict(session.execute(select(InboxEvent.id, InboxEvent.op)
-                               .where(InboxEvent.id.in_(pks))).all()) if pks else {}
-    reason = f"resolved: a newer event of this entity synced ({record.event_id})"
-    log.info("%s %s: %d dead letter(s) resolved by event %s", record.entity, record.erp_key,
-             len(rows), record.event_id)
-    return [Result(event_id=event_id, entity=record.entity, key=record.erp_key,
-                   op=ops.get(event_pk) if event_pk is not None else entry_op(raw),
-                   state=EventState.SUPERSEDED, at=utcnow(),
-                   reason=reason, dead_letter_id=letter_id)
-            for letter_id, event_id, event_pk, raw in rows]
-
-
-def _replay_refused_reissues(session: Session, record: InboxEvent | _Finished) -> list[int]:
-    """A certificate's revoke or delete just synced: the open dead letters of upserts of the
-    same certificate **newer** than it that died refusing to change the issued certificate
-    ("... revoke it and issue a new one") are replayed, as ``dlq replay`` would (their events
-    pending, due now). In the ERP's order they come after this revoke, so they apply now (a
-    re-issue that arrived before the older revoke creates its certificate). Returns the
-    letters replayed."""
-    if record.entity != "certificate" or record.op not in DESTRUCTIVE:
-        return []
-    ids = list(session.scalars(
-        select(LETTERS.c.id).join(EVENTS, EVENTS.c.id == LETTERS.c.event_pk).where(
-            LETTERS.c.status == LetterStatus.OPEN, EVENTS.c.state == EventState.DEAD,
-            EVENTS.c.entity == record.entity, EVENTS.c.erp_key == record.erp_key,
-            EVENTS.c.op == "upsert", LETTERS.c.reason.like(f"%{REISSUE_REFUSED}"),
-            (EVENTS.c.occurred_at > record.occurred_at)
-            | ((EVENTS.c.occurred_at == record.occurred_at) & (EVENTS.c.id > record.id)))
-        .order_by(LETTERS.c.id)))
-    if not ids:
-        return []
-    now = utcnow()
-    replayed = replay_letters(session, ids, now).replayed
-    actor = f"dokstamp-sync: {record.op} {record.event_id} synced"[:100]
-    session.add_all([LetterHistory(letter_id=letter_id, action="replayed", actor=actor, at=now)
-                     for letter_id in replayed])
-    log.info("%s %s: %d refused re-issue(s) replayed after %s %s synced", record.entity,
-             record.erp_key, len(replayed), record.op, record.event_id)
-    return replayed
 
 
 def _park(record: InboxEvent, park: Park) -> None:

@@ -19,22 +19,15 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    delete,
-    func,
-    select,
-)
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dokstamp_sync.db import (
-    dialect_insert,
-    once_more_if_disconnected,
-    session_scope,
-)
+from dokstamp_sync.db import dialect_insert, once_more_if_disconnected, session_scope
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
 from dokstamp_sync.reporting import Report, Result, mark_reported
 from dokstamp_sync.states import OPEN, EventState, MappingStatus, RunState
+from dokstamp_sync.sync.letters import file_letter, resolve_letters
 from dokstamp_sync.sync.outcomes import Companion, Decision, Facts, Letter, Outcome, Park
 from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transactions share
     _CLAIM,
@@ -46,7 +39,6 @@ from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transa
     NATURAL_KEYS,
     Neighbour,
     Snapshot,
-    _dead_letter,
     _finish,
     _Finished,
     _forget,
@@ -59,17 +51,17 @@ from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transa
     _park,
     _ready,
     _remember,
-    _replay_refused_reissues,
     _result,
     _save_mapping,
     _state,
-    _supersede_letters,
     _synced_result,
     _wake,
     log_outcome,
 )
 
 log = logging.getLogger("dokstamp_sync.sync")
+
+
 @dataclass(frozen=True)
 class Claimed:
     """A task's run has started on an open event: its delivery count and payload."""
@@ -346,8 +338,7 @@ class Store:
                     _forget(session, done.entity, outcome.uuid)
             log_outcome(done, EventState.SYNCED, outcome.note)
             results.append(_synced_result(done, outcome.uuid, outcome.status, outcome))
-            results += _supersede_letters(session, done)
-            _replay_refused_reissues(session, done)
+            results += resolve_letters(session, done)
         return EventState.SYNCED
 
     def finish_companion(self, companion: Companion, note: str) -> bool:
@@ -362,7 +353,7 @@ class Store:
             _finish(session, record, EventState.SYNCED, note)
             log_outcome(record, EventState.SYNCED, note)
             results.append(_synced_result(record, companion.uuid, MappingStatus.ACTIVE, companion))
-            results += _supersede_letters(session, record)
+            results += resolve_letters(session, record)
         return True
 
     def conclude(self, pk: int, *, completed: bool,
@@ -385,7 +376,7 @@ class Store:
             if completed:  # this run ended normally: undo its delivery count
                 record.deliveries = max(0, record.deliveries - 1)
             if isinstance(decision, Letter):
-                letter = _dead_letter(session, record, decision.reason, decision.error)
+                letter = file_letter(session, record, decision.reason, decision.error)
                 log_outcome(record, EventState.DEAD, decision.reason)
                 results.append(_result(record, EventState.DEAD, reason=decision.reason,
                                        dead_letter_id=letter.id,
@@ -400,8 +391,7 @@ class Store:
                 log_outcome(record, decision.state, decision.note)
                 if decision.state == EventState.SYNCED:
                     results.append(_synced_result(record, decision.uuid, decision.status, decision))
-                    results += _supersede_letters(session, record)
-                    _replay_refused_reissues(session, record)
+                    results += resolve_letters(session, record)
                 else:
                     results.append(_result(record, decision.state, reason=decision.note))
                 state = decision.state
