@@ -172,3 +172,17 @@ def test_results_command_prints_the_outcome_stream(cli, h):
     assert [r["state"] for r in as_json] == ["dead", "synced", "superseded"]
     assert cli("dlq", "list").stdout.strip() == "no open dead letters"
     assert "[superseded]" in cli("dlq", "list", "--include-resolved").stdout
+
+
+def test_dlq_show_and_list_hide_secret_named_fields(cli, h):
+    """`dlq show` and `dlq list --json` show a secret-named field of the event or of a
+    malformed entry as ***, as the console does."""
+    leaky = event("student", "S-LEAK", {"name": "x", "password": "hunter2"})
+    h.send(leaky, '{"entity": "student", "key": "S-RAW", "token": "tok-secret", ')
+    listed = json.loads(cli("dlq", "list", "--json").stdout)
+    shown = [cli("dlq", "show", str(d["id"])).stdout for d in listed]
+    text = "".join(shown) + json.dumps(listed)
+    assert "hunter2" not in text
+    assert "tok-secret" not in text
+    assert '\\"password\\": \\"***\\"' in shown[0]  # the invalid event's raw text
+    assert '\\"token\\": \\"***\\"' in shown[1]  # the malformed entry's

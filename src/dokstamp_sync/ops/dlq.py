@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.db import session_scope
+from dokstamp_sync.dokstamp.errors import redact, redact_text
 from dokstamp_sync.models import DeadLetter, InboxEvent, LetterHistory, utcnow
 from dokstamp_sync.pipeline import inbox
 from dokstamp_sync.pipeline.inbox import EXCERPT
@@ -51,7 +52,7 @@ def history(session: Session, action: str, letter_ids: Sequence[int], actor: str
 
 def excerpt(letter: DeadLetter) -> str | None:
     """The first characters of a malformed stream entry's raw text (None for a valid event)."""
-    raw = letter.raw if letter.event_pk is None else None
+    raw = redact_text(letter.raw) if letter.event_pk is None and letter.raw else None
     if not raw:
         return None
     return raw if len(raw) <= EXCERPT else raw[:EXCERPT] + "…"
@@ -59,7 +60,8 @@ def excerpt(letter: DeadLetter) -> str | None:
 
 def as_dict(letter: DeadLetter, *, full: bool = False,
             event: InboxEvent | None = None) -> dict[str, Any]:
-    """A dead letter as JSON-ready data: ``dlq list --json`` (``full``: ``dlq show``)."""
+    """A dead letter as JSON-ready data: ``dlq list --json`` (``full``: ``dlq show``); the
+    value of every secret-named field is ``***``, as on the console's letter page."""
     out: dict[str, Any] = {
         "id": letter.id, "event_id": letter.event_id, "entity": letter.entity,
         "key": letter.erp_key, "reason": letter.reason, "http_status": letter.http_status,
@@ -69,10 +71,15 @@ def as_dict(letter: DeadLetter, *, full: bool = False,
     if full:
         out |= {"request": f"{letter.request_method} {letter.request_path}"
                 if letter.request_method else None,
-                "response_body": letter.response_body, "raw": letter.raw,
+                "response_body": _hidden(letter.response_body), "raw": _hidden(letter.raw),
                 "resolved_at": letter.resolved_at.isoformat() if letter.resolved_at else None,
-                "event": event.payload if event is not None else None}
+                "event": redact(event.payload) if event is not None else None}
     return out
+
+
+def _hidden(value: Any) -> Any:
+    """``value`` (parsed JSON, or text that may not parse) with secret-named fields ``***``."""
+    return redact_text(value) if isinstance(value, str) else redact(value)
 
 
 def list_letters(session: Session, *, entity: str | None = None,
