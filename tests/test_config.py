@@ -31,7 +31,8 @@ def test_defaults_follow_the_contract(monkeypatch):
     assert s.redis_url == "redis://localhost:6379/0"
     assert s.database_url == "postgresql+psycopg://postgres@localhost/dokstamp_sync"
     assert s.dokstamp_sync_stream == "dokstamp:events"
-    assert s.dokstamp_issue_style == "status"
+    assert s.dokstamp_issue_style == "status"  # auto, resolved for a password login
+    assert s.dokstamp_sync_metrics_address == "127.0.0.1"  # /metrics on loopback unless told
 
 
 def test_dotenv_file_is_read(tmp_path):
