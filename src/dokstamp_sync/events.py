@@ -55,6 +55,7 @@ def entry_op(raw: str | None) -> str | None:
     op = body.get("op") if isinstance(body, dict) else None
     return op if isinstance(op, str) and op in OPS else None
 
+
 class InvalidEvent(ValueError):
     """An event that cannot be processed; ``reason`` says why. ``event_id``, ``entity`` and
     ``key`` are what the entry said, as far as they are strings (as sent: they may hold what

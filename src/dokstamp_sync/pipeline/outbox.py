@@ -42,6 +42,7 @@ EVENTS = cast(Table, InboxEvent.__table__)
 LETTERS = cast(Table, DeadLetter.__table__)
 MAPPINGS = cast(Table, Mapping.__table__)
 
+
 def unreported(session: Session, *, settle: float = SETTLE, limit: int = BATCH) -> list[Result]:
     """Up to ``limit`` outcomes recorded more than ``settle`` seconds ago and not reported,
     oldest first, rebuilt from the rows: events first, then dead letters."""
