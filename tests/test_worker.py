@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo import samples
 from dokstamp_sync.models import InboxEvent
-from dokstamp_sync.sandbox import Faults
+from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.states import EventState
 from testenv import TEST_WORKER_REDIS_URL as WORKER_REDIS_URL
 
@@ -159,8 +159,11 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(start_worker, wredis
 def test_429_storm_loses_nothing_and_the_pace_is_respected(start_worker, wredis, sessions,
                                                           sandbox):
     """DokStamp allows 20 req/s but the workers are set to 100: 429s come, every event still
-    syncs, nothing is duplicated, and the API's pace holds."""
-    sandbox.sandbox.faults.configure(Faults(rate_limit=20, burst=5))
+    syncs, nothing is duplicated, and the API's pace holds. The first three student creates
+    are answered 429 as well, so that 429s come even when a loaded machine slows the workers
+    below DokStamp's pace (they then sometimes never went past it)."""
+    sandbox.sandbox.faults.configure(Faults(rate_limit=20, burst=5, script=[
+        ScriptedFault("POST", "/students", status=429, retry_after=1, times=3)]))
     proc = start_worker(concurrency=3, rate=100)
     events = samples.graduating_class(8)
     start = time.monotonic()
