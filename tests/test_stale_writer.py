@@ -86,14 +86,16 @@ def test_a_worker_frozen_in_the_rate_limiter_never_posts_after_a_take_over(
     assert state(sessions, COURSE["event_id"]) == "synced"
 
 
-# A's HTTP timeout of 3 s makes the create window 6 s. The sandbox holds A's POST 8 s before
-# applying it; A, waiting for the answer, renews its locks and the in-flight mark for 2 s, then
-# freezes. The renewed mark lives until 7.5 s (lock 1.5 s + window) after A's last renewal,
-# about 9.5 s after the POST: past the write. A mark set once before the POST, not renewed,
-# would be gone 6 s after it: B would search too early, find nothing and create a duplicate.
-SLOW_POST = FAST | {"DOKSTAMP_TIMEOUT": "3"}
-HELD_FOR = 8.0
-FREEZE_AFTER = 2.0
+# A's HTTP timeout of 6 s makes the create window 12 s. The sandbox holds A's POST 14.5 s before
+# applying it; A, waiting for the answer, renews its locks and the in-flight mark for 4 s, then
+# freezes. The renewed mark lives until 13.5 s (lock 1.5 s + window) after A's last renewal,
+# about 17.5 s after the POST: past the write. A mark set once before the POST, not renewed,
+# would be gone 13.5 s after it: B would search too early, find nothing and create a duplicate.
+# (Twice the margins of the first version, 3 s and 8 s: on a loaded machine B sometimes started
+# after the renewed mark had gone, correct but not the path this test is for.)
+SLOW_POST = FAST | {"DOKSTAMP_TIMEOUT": "6"}
+HELD_FOR = 14.5
+FREEZE_AFTER = 4.0
 
 
 def test_a_worker_frozen_after_its_post_left_is_adopted_not_duplicated(

@@ -212,7 +212,8 @@ def _guard(sub: Any, cmds: Any) -> None:
               "destructive changes held by the change guard: list, release, discard",
               "Deletes and revokes held by the change guard (docs/guard.md). "
               "release applies them in the ERP's order and never holds them again; discard "
-              "ends them discarded (reported, never applied). An id that is not held exits 1.")
+              "ends them discarded (reported, never applied). An id decided before is named, "
+              "exit 0; one that does not exist or was never held exits 1.")
     hs = hd.add_subparsers(dest="action", required=True, metavar="ACTION",
                            help="what to do with held events (ACTION --help for its options)")
     ls = _add(hs, "list", cmds._held, "store", "the held events, oldest first, with the reason")

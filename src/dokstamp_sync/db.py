@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from sqlalchemy import Dialect, Engine, MetaData, String, Table, create_engine, event
+from sqlalchemy import Dialect, Engine, MetaData, String, Table, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -103,6 +103,17 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose transaction commits on success and rolls back on error."""
     with factory() as session, session.begin():
         yield session
+
+
+# Advisory transaction locks by name (class 7301: dokstamp-sync's), held to the commit.
+_ADVISORY = text("SELECT pg_advisory_xact_lock(7301, hashtext(:name))")
+
+
+def advisory_lock(session: Session, name: str) -> None:
+    """Lock ``name`` until the session's transaction ends (PostgreSQL; SQLite has one writer
+    at a time already, so nothing to take there)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_ADVISORY, {"name": name})
 
 
 def dialect_insert(dialect: str) -> Any:

@@ -22,6 +22,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Table, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from dokstamp_sync.db import advisory_lock
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
 from dokstamp_sync.reporting import Result
 from dokstamp_sync.states import OPEN, EventState, MappingStatus
@@ -160,16 +161,32 @@ def _chosen(session: Session, which: Selection) -> Decided:
     if which.everything or which.entity:
         return Decided(list_held(session, None if which.everything else which.entity,
                                  lock=True))
-    found = {e.id: e for e in session.scalars(select(InboxEvent).where(
-        InboxEvent.id.in_(which.ids)).with_for_update())}
-    held = [found[i] for i in which.ids if i in found and found[i].state == EventState.HELD]
+    ids = list(dict.fromkeys(which.ids))  # an id named twice is decided (and reported) once
+    # Locked in the ERP's order, as list_held locks them: two operators never deadlock.
+    found = {e.id: e for e in session.scalars(
+        select(InboxEvent).where(InboxEvent.id.in_(ids))
+        .order_by(InboxEvent.occurred_at, InboxEvent.id).with_for_update())}
+    held = [found[i] for i in ids if i in found and found[i].state == EventState.HELD]
     held.sort(key=lambda e: (e.occurred_at, e.id))
-    return Decided(held, [i for i in which.ids if i in found and found[i].state != EventState.HELD],
-                   [i for i in which.ids if i not in found])
+    return Decided(held, [i for i in ids if i in found and _decided_before(found[i])],
+                   [i for i in ids if i not in found or (found[i].state != EventState.HELD
+                                                         and not _decided_before(found[i]))])
+
+
+def _decided_before(event: InboxEvent) -> bool:
+    """May have been held and decided since: discarded, or a delete or revoke admitted (by a
+    release, or let through by the guard: the database cannot tell those apart). An upsert,
+    or a delete never admitted, was never held: naming it is a mistake (exit 1)."""
+    return event.state == EventState.DISCARDED or (
+        destructive(event.op) and event.admitted_at is not None)
 
 
 def _wake_behind(session: Session, events: Sequence[InboxEvent]) -> None:
+    """The events waiting behind ``events`` are due now; each tag's lock first (in one order),
+    so that a park behind one of them committed meanwhile is not missed (sync/statements.py)."""
     tags = sorted({behind_tag(e.entity, e.erp_key) for e in events})
+    for tag in tags:
+        advisory_lock(session, f"tag:{tag}")
     if tags:
         session.execute(update(EVENTS).where(EVENTS.c.state == EventState.WAITING,
                                              EVENTS.c.waiting_for.in_(tags))

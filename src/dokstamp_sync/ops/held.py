@@ -72,7 +72,7 @@ def decide_command(sessions: sessionmaker[Session], client: redis.Redis, report:
     else:
         print(f"{verb} {len(done.ids)}"
               + (f"; not held (decided before) {done.not_held}" if done.not_held else "")
-              + (f"; not found {done.missing}" if done.missing else ""))
+              + (f"; not found or never held {done.missing}" if done.missing else ""))
     return 1 if done.missing else 0
 
 

@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import httpx
 import redis
@@ -24,6 +25,7 @@ from dokstamp_sync.dokstamp import DokStampClient
 from dokstamp_sync.dokstamp.breaker import CircuitBreaker
 from dokstamp_sync.dokstamp.client import Resource
 from dokstamp_sync.guard import Guard
+from dokstamp_sync.models import utcnow
 from dokstamp_sync.sync.locks import Locks
 from dokstamp_sync.sync.marks import Counters, CreateMarks, ListingMarks
 from dokstamp_sync.sync.sources import FilePolicy
@@ -80,6 +82,8 @@ class SyncContext:
 @dataclass
 class Run:
     """One event's run (created by :func:`.engine.run`, never shared): the (entity, key) chain
-    being synced, innermost last; a dependency leading back into it is a cycle."""
+    being synced, innermost last; a dependency leading back into it is a cycle. ``started``:
+    when it began (what a park waits for, recorded since, was a wake-up it missed)."""
 
     walk: list[tuple[str, str]] = field(default_factory=list)
+    started: datetime = field(default_factory=utcnow)

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
@@ -50,8 +50,8 @@ from dokstamp_sync.sync.outcomes import (
     Verdict,
     classify,
 )
+from dokstamp_sync.sync.reads import Claimed, View
 from dokstamp_sync.sync.statements import Neighbour, data_hash
-from dokstamp_sync.sync.store import Claimed, View
 
 log = logging.getLogger("dokstamp_sync.sync")
 BACKOFF_BASE = 2.0  # seconds
@@ -139,8 +139,8 @@ def _process_locked(ctx: SyncContext, run: Run, pk: int, event: Event, depth: in
         verdict = classify(exc)
         if verdict.unexpected:
             raise  # logged with its traceback by the caller that owns the event
-        return _settle(ctx, pk, depth, verdict)
-    return _record(ctx, pk, depth, outcome)
+        return _settle(ctx, pk, depth, verdict, since=run.started)
+    return _record(ctx, pk, depth, outcome, event)
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ def _end_certificate(ctx: SyncContext, step: Step) -> Outcome:
     def sync_first(upsert: Neighbour) -> None:
         data = Event.model_validate(upsert.payload)
         _record(ctx, upsert.pk, step.depth + 1,
-                _attempt(ctx, step.run, upsert.pk, data, step.depth + 1))
+                _attempt(ctx, step.run, upsert.pk, data, step.depth + 1), data)
 
     def payload_of(data: Event) -> dict[str, Any]:
         uuids = references.resolve(ctx, step.run, data, step.depth, process, {})
@@ -261,16 +261,19 @@ def _with_retries(ctx: SyncContext, fn: Callable[[], Outcome]) -> Outcome:
     return retrying(fn)
 
 
-def _record(ctx: SyncContext, pk: int, depth: int, outcome: Outcome) -> str:
-    """Record an attempt's outcome, and those of the file events uploaded along with it."""
+def _record(ctx: SyncContext, pk: int, depth: int, outcome: Outcome, event: Event) -> str:
+    """Record an attempt's outcome (of ``event``, the inbox's event ``pk``), and those of the
+    file events uploaded along with it."""
     for companion in outcome.companions:
         ctx.store.finish_companion(companion, "uploaded in a batch")
     if outcome.state == EventState.SYNCED:  # the common case, in as few statements as it takes
-        return ctx.store.finish_synced(pk, outcome, completed=depth == 0)
+        return ctx.store.finish_synced(pk, outcome, completed=depth == 0, entity=event.entity,
+                                       key=event.key)
     return ctx.store.conclude(pk, completed=depth == 0, decide=lambda _facts: outcome)
 
 
-def _settle(ctx: SyncContext, pk: int, depth: int, verdict: Verdict) -> str:
+def _settle(ctx: SyncContext, pk: int, depth: int, verdict: Verdict, *,
+            since: datetime | None = None) -> str:
     """Record what a verdict means for the event (see the tree in :mod:`.outcomes`)."""
     if verdict.next == Next.RETRY and not verdict.unexpected and ctx.breaker is not None:
         # The failure opened the fleet's breaker (or it was open by then): DokStamp's, not the
@@ -282,10 +285,11 @@ def _settle(ctx: SyncContext, pk: int, depth: int, verdict: Verdict) -> str:
                                   reason=f"DokStamp is failing (circuit breaker open): "
                                          f"{verdict.reason}")
     return ctx.store.conclude(pk, completed=depth == 0,
-                              decide=lambda facts: _decide(ctx, verdict, facts))
+                              decide=lambda facts: _decide(ctx, verdict, facts, since))
 
 
-def _decide(ctx: SyncContext, verdict: Verdict, facts: Facts) -> Decision:
+def _decide(ctx: SyncContext, verdict: Verdict, facts: Facts,
+            since: datetime | None = None) -> Decision:
     if verdict.next == Next.DEAD:
         return Letter(reason=verdict.reason, error=verdict.error)
     now = utcnow()
@@ -294,7 +298,7 @@ def _decide(ctx: SyncContext, verdict: Verdict, facts: Facts) -> Decision:
         if verdict.never_arrived and waited > timedelta(seconds=ctx.limits.dependency_timeout):
             return Letter(reason=verdict.reason.replace("has not arrived", "never arrived"))
         return Park(delay=verdict.delay, error=verdict.reason,
-                    waiting_for=verdict.waiting_for, counted=False)
+                    waiting_for=verdict.waiting_for, counted=False, since=since)
     first = facts.first_failed_at or now
     budget_left = ctx.limits.retry_budget - (now - first).total_seconds()
     if budget_left < 0:

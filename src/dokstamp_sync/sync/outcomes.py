@@ -234,6 +234,7 @@ class Park:
     waiting_for: str | None = None
     counted: bool = True  # a transient failure, counted against the retry budget
     now: datetime | None = None
+    since: datetime | None = None  # the run's start: what it waits for, recorded since, ends it
 
 
 @dataclass(frozen=True, kw_only=True)

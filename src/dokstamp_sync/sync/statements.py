@@ -31,9 +31,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from dokstamp_sync.db import dialect_insert
+from dokstamp_sync.db import advisory_lock, dialect_insert
 from dokstamp_sync.events import utc
-from dokstamp_sync.held import held_before
+from dokstamp_sync.held import held_before, older_held
 from dokstamp_sync.models import (
     DeadLetter,
     InboxEvent,
@@ -158,8 +158,6 @@ _FINISH_SYNCED = update(EVENTS).where(_OPEN).values(
 _WAKE = update(EVENTS).where(EVENTS.c.state == EventState.WAITING,
                              EVENTS.c.waiting_for == bindparam("tag")).values(
     next_attempt_at=bindparam("now"))
-# Advisory lock per waiting tag (class 7301: this module's); see _lock_tag.
-_TAG_LOCK = select(func.pg_advisory_xact_lock(7301, func.hashtext(bindparam("tag"))))
 _KNOWN_UUID = select(NATURAL_KEYS.c.dokstamp_uuid).where(
     NATURAL_KEYS.c.entity == bindparam("entity"), NATURAL_KEYS.c.natural_key == bindparam("key"))
 _MAPPING_VALUES = ("dokstamp_uuid", "status", "data_hash", "occurred_at", "event_id",
@@ -222,12 +220,19 @@ def _newer_exists(session: Session, record: InboxEvent) -> bool:
     ) is not None
 
 
-def _wake(session: Session, entity: str, key: str) -> None:
+def wakes(entity: str) -> bool:
+    """Whether other events can wait for an entity of this kind (and so are woken by it)."""
+    return entity in REFERENCED or entity == "certificate"
+
+
+def _wake(session: Session, entity: str, key: str, *, locked: bool = False) -> None:
     """The events that wait for (entity, key) are due now (it has just been synced, or, a
-    certificate's, its revoke or delete ended: a newer upsert waits for it)."""
-    if entity in REFERENCED or entity == "certificate":
+    certificate's, its revoke or delete ended: a newer upsert waits for it). ``locked``: the
+    caller took the tag's lock already."""
+    if wakes(entity):
         tag = f"{entity}:{key}"
-        _lock_tag(session, tag)
+        if not locked:
+            _lock_tag(session, tag)
         session.execute(_WAKE, {"tag": tag, "now": utcnow()})
 
 
@@ -238,24 +243,30 @@ def _lock_tag(session: Session, tag: str) -> None:
     and wakes its waiters before the event's park committed (the wake does not see that row),
     and the event sleeps out its whole delay. With it, a park either commits before the wake
     (which then sees it) or reads the dependency after the wake committed (:func:`_ready`).
-    SQLite has one writer at a time already."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(_TAG_LOCK, {"tag": tag})
+    Every transaction takes the tag's lock before it writes an event row of that tag's kind,
+    so that the lock and the rows are always taken in one order."""
+    advisory_lock(session, f"tag:{tag}")
 
 
-def _ready(session: Session, record: InboxEvent, tag: str) -> bool:
-    """What ``record`` parks waiting for is there already (woken before this park committed):
-    the referenced entity is in DokStamp, or, for a certificate's upsert, no older revoke or
-    delete of it is still open."""
-    entity, _, key = tag.partition(":")
-    if entity == "certificate":
+def _ready(session: Session, record: InboxEvent, tag: str, since: datetime) -> bool:
+    """What ``record`` parks waiting for came while its run was on (``since``: the run's
+    start), so the wake-up went by before this park: the referenced entity recorded in
+    DokStamp since; for a certificate's upsert, no older revoke or delete of it still open; for
+    an event behind a held one, nothing older of its entity held any more. Only a change
+    since the run began counts: a wait that an existing mapping does not end (a course with no
+    known institution) keeps its delay instead of running again at every tick."""
+    kind, _, rest = tag.partition(":")
+    if kind == "held":
+        entity, _, key = rest.partition(":")
+        return older_held(session, entity, key, record.occurred_at, record.id) is None
+    if kind == "certificate":
         return session.scalar(select(EVENTS.c.id).where(
-            EVENTS.c.entity == entity, EVENTS.c.erp_key == key, EVENTS.c.op != "upsert",
+            EVENTS.c.entity == kind, EVENTS.c.erp_key == rest, EVENTS.c.op != "upsert",
             EVENTS.c.state.in_(OPEN), EVENTS.c.occurred_at <= record.occurred_at,
             EVENTS.c.id != record.id).limit(1)) is None
-    status = session.scalar(select(MAPPINGS.c.status).where(
-        MAPPINGS.c.entity == entity, MAPPINGS.c.erp_key == key))
-    return status in EXISTING
+    row = session.execute(select(MAPPINGS.c.status, MAPPINGS.c.synced_at).where(
+        MAPPINGS.c.entity == kind, MAPPINGS.c.erp_key == rest)).one_or_none()
+    return row is not None and row[0] in EXISTING and utc(row[1]) >= since
 
 
 def _known_uuid(session: Session, entity: str, key: str) -> str | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,6 +29,7 @@ from dokstamp_sync.reporting import Report, Result, mark_reported
 from dokstamp_sync.states import OPEN, EventState, MappingStatus, RunState
 from dokstamp_sync.sync.letters import file_letter, resolve_letters
 from dokstamp_sync.sync.outcomes import Companion, Decision, Facts, Letter, Outcome, Park
+from dokstamp_sync.sync.reads import Claimed, Latest, View
 from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transactions share
     _CLAIM,
     _FINISH_SYNCED,
@@ -37,7 +38,6 @@ from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transa
     _RELEASE,
     _RENEW,
     NATURAL_KEYS,
-    Neighbour,
     Snapshot,
     _finish,
     _Finished,
@@ -57,41 +57,10 @@ from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transa
     _synced_result,
     _wake,
     log_outcome,
+    wakes,
 )
 
 log = logging.getLogger("dokstamp_sync.sync")
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """A task's run has started on an open event: its delivery count and payload."""
-
-    deliveries: int
-    payload: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class View:
-    """What one attempt needs to know, read in one transaction."""
-
-    attempts: int
-    deliveries: int
-    superseded: bool  # a newer event for the same entity exists
-    own: Snapshot | None  # the entity's own mapping
-    refs: dict[tuple[str, str], Snapshot]  # the mappings of what it refers to
-    # a certificate's: its events, oldest first (the ordering rule: :func:`.certificates.place`)
-    neighbours: tuple[Neighbour, ...] | None = None
-    behind: bool = False  # an older event of this entity is held (docs/guard.md): wait for it
-
-
-@dataclass(frozen=True)
-class Latest:
-    """The newest event for an entity that was not superseded."""
-
-    pk: int
-    state: str
-    op: str
-    next_attempt_at: datetime | None = None  # when it is parked: its next attempt time
 
 
 class Store:
@@ -316,18 +285,22 @@ class Store:
 
     # -- recording how a run ended --------------------------------------------------------
 
-    def finish_synced(self, pk: int, outcome: Outcome, *, completed: bool) -> str:
-        """Mark an open event synced with its mapping, in as few statements as it takes, and
-        wake the events that waited for its entity. ``completed``: a task's run ended, undo its
-        delivery count. Returns the state the event is in afterwards."""
+    def finish_synced(self, pk: int, outcome: Outcome, *, completed: bool, entity: str,
+                      key: str) -> str:
+        """Mark open event ``pk`` (of ``entity`` ``key``) synced with its mapping, in as few
+        statements as it takes, and wake the events that waited for its entity. ``completed``:
+        a task's run ended, undo its delivery count. Returns the state the event is in
+        afterwards."""
         with self._recording() as (session, results):
+            if wakes(entity):  # the tag's lock before the row's, as every writer takes them
+                _lock_tag(session, f"{entity}:{key}")
             row = session.execute(_FINISH_SYNCED, {
                 "pk": pk, "now": utcnow(), "note": outcome.note, "completed": completed,
             }).one_or_none()
             if row is None:
                 return _state(session, pk)
             done = _Finished(*row)
-            _wake(session, done.entity, done.erp_key)
+            _wake(session, done.entity, done.erp_key, locked=True)
             if outcome.uuid is not None:
                 _save_mapping(session, done, outcome.uuid, status=outcome.status,
                               sent=outcome.sent, digest=outcome.digest,
@@ -348,6 +321,7 @@ class Store:
             record = session.get(InboxEvent, companion.pk)
             if record is None or record.state not in OPEN or _newer_exists(session, record):
                 return False
+            _lock_tag(session, f"{record.entity}:{record.erp_key}")  # before its row's lock
             _save_mapping(session, record, companion.uuid, sent=companion.sent,
                           digest=companion.digest)
             _finish(session, record, EventState.SYNCED, note)
@@ -369,10 +343,15 @@ class Store:
             decision = decide(Facts(record.attempts, utc(record.received_at),
                                     utc(record.first_failed_at) if record.first_failed_at
                                     else None))
+            # The tag's lock before this row is written (see _lock_tag): the tag a park waits
+            # for, or, ending the event, its own (it wakes its waiters).
             if isinstance(decision, Park) and decision.waiting_for:
-                _lock_tag(session, decision.waiting_for)  # before this row is written
-                if _ready(session, record, decision.waiting_for):  # woken while we ran
+                _lock_tag(session, decision.waiting_for)
+                if _ready(session, record, decision.waiting_for,
+                          decision.since or utcnow()):  # woken while we ran
                     decision = replace(decision, delay=0.0)
+            elif not isinstance(decision, Park) and wakes(record.entity):
+                _lock_tag(session, f"{record.entity}:{record.erp_key}")
             if completed:  # this run ended normally: undo its delivery count
                 record.deliveries = max(0, record.deliveries - 1)
             if isinstance(decision, Letter):
