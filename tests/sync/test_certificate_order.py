@@ -186,7 +186,9 @@ def test_a_newer_revoke_never_replays_an_older_refused_reissue(h, sandbox):
 def test_a_revoke_letter_survives_a_resent_upsert_and_its_replay_revokes(h, sandbox):
     """U1 issued, R refused once (403: a dead letter), then the ERP re-sends U1's data with a
     newer occurred_at (a nightly export): the revoke's letter stays open (listed, replayed by
-    `replay --all`), and the replay revokes the diploma in DokStamp."""
+    `replay --all`), and the replay revokes the diploma in DokStamp. The re-sent upsert, newer
+    than the revoke, then meets the revoked certificate as it would have in the ERP's order: a
+    dead letter of its own (a new certificate needs a new file)."""
     rest, u1 = graph()
     h.sync(*rest, u1)
     script(sandbox, ScriptedFault("PUT", "/certificates/{uuid}/revoke", status=403))
@@ -202,7 +204,8 @@ def test_a_revoke_letter_survives_a_resent_upsert_and_its_replay_revokes(h, sand
     assert h.state(r["event_id"]) == "synced"
     (held,) = live(sandbox, "certificates")
     assert (held["status"], held["revocation_reason"]) == ("revoked", "Fraud")
-    assert [letter.status for letter in h.letters()] == ["replayed"]
+    assert [(letter.event_id, letter.status) for letter in h.letters()] == [
+        (r["event_id"], "replayed"), (again["event_id"], "open")]
 
 
 def test_a_revoke_letter_is_resolved_by_a_newer_revoke_that_synced(h, sandbox):
@@ -329,3 +332,38 @@ def test_a_held_revoke_released_applies_before_the_reissue_waiting_behind_it(mak
     assert h.state(r["event_id"]) == h.state(u2["event_id"]) == "synced"
     assert by_file(sandbox) == {file_uuid(h, "DIP-00001"): "revoked",
                                 file_uuid(h, "DIP-B"): "issued"}
+
+
+def test_a_revoke_that_touched_nothing_does_not_replay_refused_reissues(h, sandbox):
+    """U1 draft (day 0), U1b issues it in place (day 2, its producer), U2 (day 3, a new file)
+    refused: the certificate is issued. A late revoke R (day 1) leaves it alone (it is U1b's),
+    so U2's refusal still stands: its letter is not replayed (no second refusal, no second
+    letter) and DokStamp keeps the certificate issued."""
+    rest, u1 = graph()
+    u1 = u1 | {"data": u1["data"] | {"issue": False}}
+    assert h.sync(*rest, u1)[-1] == "synced"
+    u1b = event("certificate", KEY, u1["data"] | {"issue": True}, at=T0 + timedelta(days=2))
+    assert h.sync(u1b) == ["synced"]
+    file, u2 = reissue(u1, days=3)
+    u2["data"]["issue"] = True
+    assert h.sync(file, u2) == ["synced", "dead"]
+    assert h.sync(revoke(days=1)) == ["synced"]
+    h.drain()
+    assert [c["status"] for c in live(sandbox, "certificates")] == ["issued"]
+    assert [letter.status for letter in h.letters()] == ["open"]
+
+
+def test_a_late_revoke_after_an_unchanged_newer_upsert_ends_as_in_order(h, sandbox):
+    """The ERP's order: U1 issued (day 0), R (day 1), U2 (day 2, U1's data again). In order U2
+    meets the revoked certificate and is dead-lettered (a new certificate needs a new file).
+    Arriving U1, U2, R, U2 first syncs unchanged (no call), then R revokes U1's certificate:
+    U2 is run again and ends as in order, dead with its letter open, not silently synced."""
+    rest, u1 = graph()
+    assert h.sync(*rest, u1)[-1] == "synced"
+    u2 = event("certificate", KEY, u1["data"], at=T0 + timedelta(days=2))
+    assert h.sync(u2) == ["synced"]
+    assert h.sync(revoke(days=1)) == ["synced"]
+    h.drain()
+    assert [c["status"] for c in live(sandbox, "certificates")] == ["revoked"]
+    assert h.state(u2["event_id"]) == "dead"
+    assert [letter.status for letter in h.letters()] == ["open"]

@@ -23,13 +23,40 @@ from dokstamp_sync.sync.statements import DESTRUCTIVE, EVENTS, LETTERS, _finish,
 log = logging.getLogger("dokstamp_sync.sync")
 
 
-def resolve_letters(session: Session, record: InboxEvent | _Finished) -> list[Result]:
+def resolve_letters(session: Session, record: InboxEvent | _Finished,
+                    ended: str | None = None) -> list[Result]:
     """What ``record`` having synced does to its entity's open letters: those it makes stale
     are resolved (their outcomes returned, ``superseded``); a certificate's revoke or delete
-    replays the refused re-issues newer than it."""
+    that ended the certificate ``ended`` (its uuid: revoked or deleted by this event) replays
+    the re-issues newer than it that were refused for that certificate."""
     results = _supersede(session, record)
-    _replay_refused_reissues(session, record)
+    if ended is not None:
+        _replay_refused_reissues(session, record, ended)
+        _rerun_newer_upserts(session, record)
     return results
+
+
+def _rerun_newer_upserts(session: Session, record: InboxEvent | _Finished) -> None:
+    """A certificate's revoke or delete that arrived late ended the certificate: the upserts of
+    it newer than the revoke that synced meanwhile without writing it (unchanged) are run
+    again, due now, so that they meet the revoked certificate as they would have in the ERP's
+    order (a dead letter: a new certificate needs a new file), instead of standing as synced."""
+    if record.entity != "certificate" or record.op not in DESTRUCTIVE:
+        return
+    rerun = session.execute(
+        update(EVENTS).where(
+            EVENTS.c.entity == record.entity, EVENTS.c.erp_key == record.erp_key,
+            EVENTS.c.op == "upsert", EVENTS.c.state == EventState.SYNCED,
+            (EVENTS.c.occurred_at > record.occurred_at)
+            | ((EVENTS.c.occurred_at == record.occurred_at) & (EVENTS.c.id > record.id)))
+        .values(state=EventState.PENDING, finished_at=None, reported_at=None, attempts=0,
+                deliveries=0, first_failed_at=None, next_attempt_at=utcnow(),
+                last_error=f"run again: the older {record.op} {record.event_id} ended the "
+                           "certificate after it synced")
+        .returning(EVENTS.c.id)).all()
+    if rerun:
+        log.info("%s %s: %d newer upsert(s) run again after the late %s %s", record.entity,
+                 record.erp_key, len(rerun), record.op, record.event_id)
 
 
 # The open dead letters a newly synced event resolves (docs/erp-guide.md): those of the same entity
@@ -115,13 +142,15 @@ def _supersede(session: Session, record: InboxEvent | _Finished) -> list[Result]
             for letter_id, event_id, event_pk, raw in rows]
 
 
-def _replay_refused_reissues(session: Session, record: InboxEvent | _Finished) -> list[int]:
+def _replay_refused_reissues(session: Session, record: InboxEvent | _Finished,
+                             ended: str) -> list[int]:
     """A certificate's revoke or delete just synced: the open dead letters of upserts of the
     same certificate **newer** than it that died refusing to change the issued certificate
     ("... revoke it and issue a new one") are replayed, as ``dlq replay`` would (their events
-    pending, due now). In the ERP's order they come after this revoke, so they apply now (a
-    re-issue that arrived before the older revoke creates its certificate). Returns the
-    letters replayed."""
+    pending, due now), if the certificate they were refused for is ``ended``, the one this
+    revoke acted on (a revoke that left everything alone replays nothing). In the ERP's order
+    they come after this revoke, so they apply now (a re-issue that arrived before the older
+    revoke creates its certificate). Returns the letters replayed."""
     if record.entity != "certificate" or record.op not in DESTRUCTIVE:
         return []
     ids = list(session.scalars(
@@ -129,6 +158,7 @@ def _replay_refused_reissues(session: Session, record: InboxEvent | _Finished) -
             LETTERS.c.status == LetterStatus.OPEN, EVENTS.c.state == EventState.DEAD,
             EVENTS.c.entity == record.entity, EVENTS.c.erp_key == record.erp_key,
             EVENTS.c.op == "upsert", LETTERS.c.reason.like(f"%{REISSUE_REFUSED}"),
+            LETTERS.c.reason.contains(f"({ended})", autoescape=True),
             (EVENTS.c.occurred_at > record.occurred_at)
             | ((EVENTS.c.occurred_at == record.occurred_at) & (EVENTS.c.id > record.id)))
         .order_by(LETTERS.c.id)))

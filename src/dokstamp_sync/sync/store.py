@@ -311,7 +311,7 @@ class Store:
                     _forget(session, done.entity, outcome.uuid)
             log_outcome(done, EventState.SYNCED, outcome.note)
             results.append(_synced_result(done, outcome.uuid, outcome.status, outcome))
-            results += resolve_letters(session, done)
+            results += resolve_letters(session, done, _ended(outcome))
         return EventState.SYNCED
 
     def finish_companion(self, companion: Companion, note: str) -> bool:
@@ -370,8 +370,14 @@ class Store:
                 log_outcome(record, decision.state, decision.note)
                 if decision.state == EventState.SYNCED:
                     results.append(_synced_result(record, decision.uuid, decision.status, decision))
-                    results += resolve_letters(session, record)
+                    results += resolve_letters(session, record, _ended(decision))
                 else:
                     results.append(_result(record, decision.state, reason=decision.note))
                 state = decision.state
         return state
+
+
+def _ended(outcome: Outcome) -> str | None:
+    """The certificate a revoke or delete ended (its uuid), if it acted on one."""
+    ended = outcome.status in (MappingStatus.REVOKED, MappingStatus.DELETED)
+    return outcome.uuid if ended else None
