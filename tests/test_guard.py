@@ -224,3 +224,26 @@ def test_a_held_burst_is_logged_as_a_warning(make_ctx, caplog):
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(line.startswith("21 student event(s) held by the change guard") and
                "threshold of 20" in line for line in lines), lines
+
+
+def test_a_discard_run_again_after_redis_failed_takes_its_events_out_of_the_window(make_ctx):
+    """Redis fails just after a discard committed: its events stay in the guard's window. The
+    same command run again (the ids now decided before) takes them out, so the window does not
+    count a burst already dealt with."""
+    import redis as redis_module
+
+    h = guarded(make_ctx, delay=30.0, minimum=20)
+    h.sync(*students(25))
+    h.run(h.send(*deletes(25)))
+    ids = [e["id"] for e in _held(h)]
+    window = f"{h.ctx.guard.prefix}student"
+    assert h.ctx.redis.zcard(window) == 25
+    broken = redis_module.Redis(host="127.0.0.1", port=9, socket_connect_timeout=1)
+    with pytest.raises(redis_module.RedisError):
+        decide(h.ctx.sessions, broken, h.ctx.store.report, held.discard,
+               held.Selection(ids=ids), prefix=h.ctx.guard.prefix)
+    assert h.ctx.redis.zcard(window) == 25  # committed, but still counted
+    again = decide(h.ctx.sessions, h.ctx.redis, h.ctx.store.report, held.discard,
+                   held.Selection(ids=ids), prefix=h.ctx.guard.prefix)
+    assert (again.ids, sorted(again.not_held)) == ([], sorted(ids))
+    assert h.ctx.redis.zcard(window) == 0

@@ -134,6 +134,7 @@ class Decided:
     not_held: list[int] = field(default_factory=list)  # named, found, decided before: not held
     missing: list[int] = field(default_factory=list)  # named, no such event
     results: list[Result] = field(default_factory=list)  # to report after the commit
+    earlier: list[InboxEvent] = field(default_factory=list)  # the not_held ones' events
 
 
 def list_held(session: Session, entity: str | None = None, *,
@@ -168,9 +169,11 @@ def _chosen(session: Session, which: Selection) -> Decided:
         .order_by(InboxEvent.occurred_at, InboxEvent.id).with_for_update())}
     held = [found[i] for i in ids if i in found and found[i].state == EventState.HELD]
     held.sort(key=lambda e: (e.occurred_at, e.id))
-    return Decided(held, [i for i in ids if i in found and _decided_before(found[i])],
+    earlier = [found[i] for i in ids if i in found and _decided_before(found[i])]
+    return Decided(held, [e.id for e in earlier],
                    [i for i in ids if i not in found or (found[i].state != EventState.HELD
-                                                         and not _decided_before(found[i]))])
+                                                         and not _decided_before(found[i]))],
+                   earlier=earlier)
 
 
 def _decided_before(event: InboxEvent) -> bool:

@@ -40,11 +40,13 @@ class Done:
 def decide(sessions: sessionmaker[Session], client: redis.Redis, report: Report | None,
            action: Decide, which: held.Selection, *, prefix: str = RedisKeys().guard) -> Done:
     """Release or discard (``action``) the chosen held events in one transaction; then take
-    them out of the guard's window and report what the action reports."""
+    them out of the guard's window and report what the action reports. Ids named that were
+    decided before are taken out of the window again: running the command a second time
+    finishes what a Redis failure after the first one's commit left."""
     with session_scope(sessions) as session:
         decided = action(session, which)
         session.flush()
-        chosen = [(e.entity, e.event_id) for e in decided.done]
+        chosen = [(e.entity, e.event_id) for e in [*decided.done, *decided.earlier]]
         done = Done([e.id for e in decided.done], decided.not_held, decided.missing)
     by_kind: dict[str, list[str]] = defaultdict(list)
     for entity, event_id in chosen:
