@@ -83,3 +83,14 @@ def test_the_last_outcome_is_superseded_when_the_first_dead_write_failed(h, ctx,
     assert last["fix-1"]["state"] == "synced"
     assert [s["email"] for s in live(sandbox, "students")] == ["nb@example.edu"]
     assert outbox.sweep(ctx.sessions, Publisher(ctx.redis), settle=0) == 0  # nothing owed
+
+
+def test_a_malformed_entrys_dead_outcome_names_the_op_its_text_names(h, ctx):
+    """A revoke entry that is no valid event (occurred_at "yesterday") is reported dead with
+    op "revoke", read from its raw text, so the ERP can tell a lost revoke from a lost upsert;
+    an entry whose op cannot be read is reported with op null."""
+    bad = event("certificate", "CERT-1", {"revocation_reason": "fraud"}, op="revoke")
+    bad["occurred_at"] = "yesterday"
+    h.send(bad, "not json at all")
+    dead = [r for r in outcomes(ctx.redis) if r["state"] == "dead"]
+    assert [(r["event_id"], r["op"]) for r in dead] == [(bad["event_id"], "revoke"), (None, None)]

@@ -26,7 +26,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from dokstamp_sync.db import dialect_insert, insert_ignore
-from dokstamp_sync.events import Event, InvalidEvent, parse_event
+from dokstamp_sync.events import Event, InvalidEvent, entry_op, parse_event
 from dokstamp_sync.held import destructive
 from dokstamp_sync.limits import FILE_MAX_BYTES, safe_text
 from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
@@ -150,7 +150,8 @@ def dead_letter(session: Session, entry: Entry, reason: str,
     if letter_id is not None and results is not None:  # None: filed when first delivered
         results.append(Result(
             event_id=event_id, entity=entity, key=key,
-            op=entry.event.op if entry.event is not None else None, state=EventState.DEAD,
+            op=entry.event.op if entry.event is not None else entry_op(entry.raw),
+            state=EventState.DEAD,
             at=now, reason=reason, dead_letter_id=letter_id,
             refused_duplicate=refused_duplicate))
 

@@ -25,7 +25,7 @@ from sqlalchemy import Table, and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.db import session_scope
-from dokstamp_sync.events import utc
+from dokstamp_sync.events import entry_op, utc
 from dokstamp_sync.models import DeadLetter, InboxEvent, Mapping, utcnow
 from dokstamp_sync.pipeline.results import Report, Result, reused_reason
 from dokstamp_sync.reporting import RESOLVED as RESOLVED
@@ -97,7 +97,7 @@ def _letters(session: Session, cutoff: object, limit: int) -> list[Result]:
     rows = session.execute(
         select(LETTERS.c.id, LETTERS.c.event_id, LETTERS.c.entity, LETTERS.c.erp_key,
                LETTERS.c.status, LETTERS.c.reason, LETTERS.c.http_status,
-               LETTERS.c.resolved_at, LETTERS.c.last_failed_at, lettered.c.op)
+               LETTERS.c.resolved_at, LETTERS.c.last_failed_at, lettered.c.op, LETTERS.c.raw)
         .outerjoin(lettered, lettered.c.id == LETTERS.c.event_pk)
         .where(LETTERS.c.reported_at.is_(None),
                or_(LETTERS.c.status == LetterStatus.SUPERSEDED,
@@ -109,7 +109,8 @@ def _letters(session: Session, cutoff: object, limit: int) -> list[Result]:
     for row in rows:
         superseded = row.status == LetterStatus.SUPERSEDED
         out.append(Result(
-            event_id=row.event_id, entity=row.entity, key=row.erp_key, op=row.op,
+            event_id=row.event_id, entity=row.entity, key=row.erp_key,
+            op=row.op if row.op is not None else entry_op(row.raw),
             state=EventState.SUPERSEDED if superseded else EventState.DEAD,
             at=utc(row.resolved_at if superseded and row.resolved_at else row.last_failed_at),
             reason=RESOLVED if superseded else row.reason, dead_letter_id=row.id,
