@@ -105,15 +105,22 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
-# Advisory transaction locks by name (class 7301: dokstamp-sync's), held to the commit.
-_ADVISORY = text("SELECT pg_advisory_xact_lock(7301, hashtext(:name))")
+# An advisory transaction lock per waiting tag (class 7301: dokstamp-sync's), held to the commit.
+_TAG_LOCK = text("SELECT pg_advisory_xact_lock(7301, hashtext(:tag))")
 
 
-def advisory_lock(session: Session, name: str) -> None:
-    """Lock ``name`` until the session's transaction ends (PostgreSQL; SQLite has one writer
-    at a time already, so nothing to take there)."""
+def lock_tag(session: Session, tag: str) -> None:
+    """Serialise waking the events waiting for ``tag`` (``course:CRS-1``, ``held:student:S-1``)
+    with parking one more on it, until the session's transaction ends.
+
+    Without it a wake-up is lost: an event reads what it waits for as not there, that changes
+    and wakes the waiters before the event's park committed (the wake does not see that row),
+    and the event sleeps out its whole delay. With it, a park either commits before the wake
+    (which then sees it) or looks after the wake committed (``sync/statements._ready``). Every
+    transaction takes the tag's lock before it writes an event row, so that the lock and the
+    rows are always taken in one order. PostgreSQL only: SQLite has one writer at a time."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(_ADVISORY, {"name": name})
+        session.execute(_TAG_LOCK, {"tag": tag})
 
 
 def dialect_insert(dialect: str) -> Any:

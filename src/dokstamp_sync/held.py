@@ -22,7 +22,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Table, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from dokstamp_sync.db import advisory_lock
+from dokstamp_sync.db import lock_tag
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
 from dokstamp_sync.reporting import Result
 from dokstamp_sync.states import OPEN, EventState, MappingStatus
@@ -189,7 +189,7 @@ def _wake_behind(session: Session, events: Sequence[InboxEvent]) -> None:
     so that a park behind one of them committed meanwhile is not missed (sync/statements.py)."""
     tags = sorted({behind_tag(e.entity, e.erp_key) for e in events})
     for tag in tags:
-        advisory_lock(session, f"tag:{tag}")
+        lock_tag(session, tag)
     if tags:
         session.execute(update(EVENTS).where(EVENTS.c.state == EventState.WAITING,
                                              EVENTS.c.waiting_for.in_(tags))

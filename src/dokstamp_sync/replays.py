@@ -1,7 +1,9 @@
 """Replaying dead letters whose event is in the inbox (docs/erp-guide.md): the letter becomes
-``replayed`` and its event, if dead, ``pending`` as if just received. Shared by the operator's
-replay (:func:`.pipeline.inbox.replay_letters`, which also re-reads malformed entries) and the
-walk (a refused re-issue replayed once the older revoke synced: :mod:`.sync.letters`)."""
+``replayed`` and its event, if dead, ``pending`` as if just received; and the letters' history
+(who replayed or discarded which, when). Shared by the operator's replay and discard (the CLI's
+:mod:`.ops.dlq`, the console's :mod:`.console.actions`; :func:`.pipeline.inbox.replay_letters`
+also re-reads malformed entries) and the walk (a refused re-issue replayed once the older
+revoke synced: :mod:`.sync.letters`)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,17 @@ from datetime import datetime
 from sqlalchemy import func, update
 from sqlalchemy.orm import Session
 
-from dokstamp_sync.models import DeadLetter, InboxEvent
+from dokstamp_sync.models import DeadLetter, InboxEvent, LetterHistory, utcnow
 from dokstamp_sync.states import EventState, LetterStatus
+
+
+def history(session: Session, action: str, letter_ids: Sequence[int], actor: str,
+            at: datetime | None = None) -> None:
+    """Keep ``action`` (replayed, discarded, still_invalid) by ``actor`` in each letter's
+    history, in the caller's transaction (``at``: when, by default now)."""
+    when = at or utcnow()
+    session.add_all([LetterHistory(letter_id=i, action=action, actor=actor, at=when)
+                     for i in letter_ids])
 
 
 def replay_event_letters(session: Session, ids: Sequence[int], now: datetime) -> list[int]:

@@ -9,14 +9,14 @@ from dataclasses import replace
 
 from sqlalchemy import select
 
-from dokstamp_sync.db import session_scope
+from dokstamp_sync.db import lock_tag, session_scope
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
 from dokstamp_sync.sandbox import Faults
 from dokstamp_sync.states import MappingStatus
 from dokstamp_sync.sync.outcomes import Park
-from dokstamp_sync.sync.statements import _lock_tag, _wake
+from dokstamp_sync.sync.statements import _wake
 from dokstamp_sync.testing import calls
 
 
@@ -150,7 +150,7 @@ def test_recording_an_outcome_takes_the_tags_lock_before_the_events_row(h, ctx):
     (pk,) = h.send(_institution("INST-L"))
     holder = ctx.sessions()
     try:
-        _lock_tag(holder, "institution:INST-L")  # as a park on that tag, before its commit
+        lock_tag(holder, "institution:INST-L")  # as a park on that tag, before its commit
         with ThreadPoolExecutor(1) as pool:
             done = pool.submit(ctx.store.finish_synced, pk, Outcome.synced(uuid="uuid-l"),
                                completed=False, entity="institution", key="INST-L")

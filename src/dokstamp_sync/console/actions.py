@@ -16,8 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.console.queries import Filter, ids
 from dokstamp_sync.db import session_scope
-from dokstamp_sync.models import LetterHistory, utcnow
+from dokstamp_sync.models import utcnow
 from dokstamp_sync.pipeline import inbox
+from dokstamp_sync.replays import history
 from dokstamp_sync.states import LetterStatus
 
 log = logging.getLogger("dokstamp_sync.console")
@@ -37,15 +38,12 @@ def _batch(session: Session, action: str, chunk: Sequence[int], actor: str, done
     if action == "replay":
         report = inbox.replay_letters(session, chunk, now)
         changed = list(report.replayed)
-        for letter_id in report.still_invalid:
-            session.add(LetterHistory(letter_id=letter_id, action="still_invalid",
-                                      actor=actor))
+        history(session, "still_invalid", report.still_invalid, actor)
         skipped = [i for i in chunk if i not in set(changed)]
     else:
         changed = list(inbox.discard_letters(session, chunk, now))
         skipped = [i for i in chunk if i not in set(changed)]
-    for letter_id in changed:
-        session.add(LetterHistory(letter_id=letter_id, action=PAST[action], actor=actor))
+    history(session, PAST[action], changed, actor)
     done.changed += changed
     done.unchanged += skipped
 

@@ -26,9 +26,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.dokstamp.errors import redact, redact_text
-from dokstamp_sync.models import DeadLetter, InboxEvent, LetterHistory, utcnow
+from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
 from dokstamp_sync.pipeline import inbox
 from dokstamp_sync.pipeline.inbox import EXCERPT
+from dokstamp_sync.replays import history
 from dokstamp_sync.states import LetterStatus
 
 log = logging.getLogger("dokstamp_sync.dlq")
@@ -41,13 +42,6 @@ def cli_actor() -> str:
     except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
         user = f"uid{os.getuid()}"
     return f"cli:{user}"[:100]
-
-
-def history(session: Session, action: str, letter_ids: Sequence[int], actor: str) -> None:
-    """Keep ``action`` (replayed, discarded, still_invalid) by ``actor`` in each letter's
-    history, in the caller's transaction."""
-    session.add_all([LetterHistory(letter_id=i, action=action, actor=actor)
-                     for i in letter_ids])
 
 
 def excerpt(letter: DeadLetter) -> str | None:

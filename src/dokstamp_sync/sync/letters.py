@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from dokstamp_sync.dokstamp.errors import PermanentError
 from dokstamp_sync.events import entry_op
-from dokstamp_sync.models import DeadLetter, InboxEvent, LetterHistory, utcnow
-from dokstamp_sync.replays import replay_event_letters
+from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
+from dokstamp_sync.replays import history, replay_event_letters
 from dokstamp_sync.reporting import Result
 from dokstamp_sync.states import EventState, LetterStatus
 from dokstamp_sync.sync.outcomes import REISSUE_REFUSED
@@ -167,8 +167,7 @@ def _replay_refused_reissues(session: Session, record: InboxEvent | _Finished,
     now = utcnow()
     replayed = replay_event_letters(session, ids, now)
     actor = f"dokstamp-sync: {record.op} {record.event_id} synced"[:100]
-    session.add_all([LetterHistory(letter_id=letter_id, action="replayed", actor=actor, at=now)
-                     for letter_id in replayed])
+    history(session, "replayed", replayed, actor, now)
     log.info("%s %s: %d refused re-issue(s) replayed after %s %s synced", record.entity,
              record.erp_key, len(replayed), record.op, record.event_id)
     return replayed

@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from dokstamp_sync.db import advisory_lock, dialect_insert
+from dokstamp_sync.db import dialect_insert, lock_tag
 from dokstamp_sync.events import utc
 from dokstamp_sync.held import held_before, older_held
 from dokstamp_sync.models import (
@@ -232,20 +232,8 @@ def _wake(session: Session, entity: str, key: str, *, locked: bool = False) -> N
     if wakes(entity):
         tag = f"{entity}:{key}"
         if not locked:
-            _lock_tag(session, tag)
+            lock_tag(session, tag)
         session.execute(_WAKE, {"tag": tag, "now": utcnow()})
-
-
-def _lock_tag(session: Session, tag: str) -> None:
-    """Serialise waking the waiters of ``tag`` with parking one more (held to the commit).
-
-    Without it a wake-up is lost: an event reads its dependency unsynced, the dependency syncs
-    and wakes its waiters before the event's park committed (the wake does not see that row),
-    and the event sleeps out its whole delay. With it, a park either commits before the wake
-    (which then sees it) or reads the dependency after the wake committed (:func:`_ready`).
-    Every transaction takes the tag's lock before it writes an event row of that tag's kind,
-    so that the lock and the rows are always taken in one order."""
-    advisory_lock(session, f"tag:{tag}")
 
 
 def _ready(session: Session, record: InboxEvent, tag: str, since: datetime) -> bool:

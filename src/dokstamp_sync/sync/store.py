@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dokstamp_sync.db import dialect_insert, once_more_if_disconnected, session_scope
+from dokstamp_sync.db import dialect_insert, lock_tag, once_more_if_disconnected, session_scope
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
 from dokstamp_sync.reporting import Report, Result, mark_reported
@@ -44,7 +44,6 @@ from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transa
     _forget,
     _held_elsewhere,
     _known_uuid,
-    _lock_tag,
     _mappings,
     _neighbours,
     _newer_exists,
@@ -293,7 +292,7 @@ class Store:
         afterwards."""
         with self._recording() as (session, results):
             if wakes(entity):  # the tag's lock before the row's, as every writer takes them
-                _lock_tag(session, f"{entity}:{key}")
+                lock_tag(session, f"{entity}:{key}")
             row = session.execute(_FINISH_SYNCED, {
                 "pk": pk, "now": utcnow(), "note": outcome.note, "completed": completed,
             }).one_or_none()
@@ -321,7 +320,7 @@ class Store:
             record = session.get(InboxEvent, companion.pk)
             if record is None or record.state not in OPEN or _newer_exists(session, record):
                 return False
-            _lock_tag(session, f"{record.entity}:{record.erp_key}")  # before its row's lock
+            lock_tag(session, f"{record.entity}:{record.erp_key}")  # before its row's lock
             _save_mapping(session, record, companion.uuid, sent=companion.sent,
                           digest=companion.digest)
             _finish(session, record, EventState.SYNCED, note)
@@ -343,15 +342,15 @@ class Store:
             decision = decide(Facts(record.attempts, utc(record.received_at),
                                     utc(record.first_failed_at) if record.first_failed_at
                                     else None))
-            # The tag's lock before this row is written (see _lock_tag): the tag a park waits
+            # The tag's lock before this row is written (see db.lock_tag): the tag a park waits
             # for, or, ending the event, its own (it wakes its waiters).
             if isinstance(decision, Park) and decision.waiting_for:
-                _lock_tag(session, decision.waiting_for)
+                lock_tag(session, decision.waiting_for)
                 if _ready(session, record, decision.waiting_for,
                           decision.since or utcnow()):  # woken while we ran
                     decision = replace(decision, delay=0.0)
             elif not isinstance(decision, Park) and wakes(record.entity):
-                _lock_tag(session, f"{record.entity}:{record.erp_key}")
+                lock_tag(session, f"{record.entity}:{record.erp_key}")
             if completed:  # this run ended normally: undo its delivery count
                 record.deliveries = max(0, record.deliveries - 1)
             if isinstance(decision, Letter):
