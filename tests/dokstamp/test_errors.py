@@ -91,7 +91,54 @@ def test_connection_refused_is_a_transient_transport_error():
         c.institutions.page()
     assert not isinstance(info.value, errors.Timeout)
     assert isinstance(info.value, errors.TransientError)
+    assert info.value.sent is False  # nothing left: nothing can land later
+    assert not errors.may_land_later(info.value)
     http.close()
+
+
+def test_a_gateway_timeout_is_answered_at_once_and_its_write_lands_later(client, sandbox):
+    """A 504 while the API still works on the request (the sandbox's ``land_after_s``): the
+    client sees the 504 at once, the student appears later. The one 5xx that may land late."""
+    client.students.page()
+    script(sandbox, ScriptedFault("POST", "/students", status=504, land_after_s=0.6))
+    with pytest.raises(errors.ServerError) as info:
+        graph.student(client, email="gateway@example.edu")
+    assert info.value.status == 504
+    assert errors.may_land_later(info.value)
+    assert client.students.find(email="gateway@example.edu") == []
+    time.sleep(1.0)
+    assert len(client.students.find(email="gateway@example.edu")) == 1
+
+
+@pytest.mark.parametrize(("exc", "later"), [
+    (httpx.ConnectError("refused"), False),  # no connection: nothing sent
+    (httpx.ConnectTimeout("slow connect"), False),
+    (httpx.PoolTimeout("no free connection"), False),
+    (httpx.ReadTimeout("no answer"), True),  # sent, no answer: may land later
+    (httpx.WriteTimeout("half sent"), True),
+    (httpx.RemoteProtocolError("dropped"), True),
+    (httpx.ReadError("reset"), True),
+])
+def test_whether_a_transport_failure_may_land_later(exc, later):
+    request = httpx.Request("POST", "http://127.0.0.1/students")
+    translated = errors.from_httpx_error(exc, request)
+    assert translated.sent is later
+    assert errors.may_land_later(translated) is later
+
+
+@pytest.mark.parametrize(("status", "later"), [
+    (500, False), (502, False), (503, False), (501, False),  # answered: the request is over
+    (504, True), (524, True), (598, True), (599, True),  # a gateway gave up waiting
+])
+def test_whether_a_5xx_may_land_later(status, later):
+    err = errors.ServerError("x", status=status, method="POST", path="/courses")
+    assert errors.may_land_later(err) is later
+
+
+def test_an_unusable_success_answer_is_over():
+    """A 2xx whose body is unusable was answered once the server was done: what it wrote is
+    there for a search to find, nothing lands after it."""
+    assert not errors.may_land_later(errors.MalformedResponse("html", status=200))
 
 
 def test_422_is_validation_failed_with_field_errors(client, sandbox):

@@ -74,6 +74,57 @@ def test_a_slow_write_landing_after_the_immediate_search_yields_one_entity(make_
     assert h.mapping("student", "S-1").dokstamp_uuid == held["uuid"]
 
 
+def test_a_create_refused_with_an_answered_5xx_is_created_again_at_once(h, sandbox):
+    """POST /courses and one POST /certificates are refused before the write, answered 502 and
+    503 as a proxy's HTML page: an answered request is over, so when the search made right
+    after finds nothing, nothing can land late and the create is sent again in the same run
+    (the 60 s window is not waited out). DokStamp holds one course and one certificate per
+    student: nothing duplicated."""
+    h.ctx.limits = replace(h.ctx.limits, create_window=60.0)
+    sandbox.sandbox.faults.configure(Faults(script=[
+        ScriptedFault("POST", "/courses", status=502),
+        ScriptedFault("POST", "/certificates", status=503)], error_html=True))
+    events = samples.graduating_class(3, courses=1, modules_per_course=2)
+    started = time.monotonic()
+    assert set(h.sync(*events)) == {"synced"}
+    assert time.monotonic() - started < 30  # nothing waited for the 60 s window
+    assert set(h.states().values()) == {"synced"}
+    (course,) = live(sandbox, "courses")
+    assert calls(sandbox)["POST /courses"] == 2
+    assert calls(sandbox)["POST /certificates"] == 4
+    assert h.mapping("course", "CRS-1").dokstamp_uuid == course["uuid"]
+    certificates = live(sandbox, "certificates")
+    assert len(certificates) == 3
+    assert len({c["student"]["uuid"] for c in certificates}) == 3
+    assert not list(h.ctx.redis.scan_iter(f"{RedisKeys().inflight}*"))
+
+
+def test_a_gateway_timeout_whose_write_lands_later_waits_and_yields_one_entity(h, sandbox):
+    """POST /students answered 504 at once while the API still applies it 1.5 s later: the
+    search made at once finds nothing, but a gateway's timeout may still land, so the event
+    waits out the create window (no second POST); then it searches, finds the late student and
+    adopts it. Exactly one student."""
+    h.ctx.limits = replace(h.ctx.limits, in_call_attempts=1, create_window=3.0)
+    sandbox.sandbox.faults.configure(Faults(script=[
+        ScriptedFault("POST", "/students", status=504, land_after_s=1.5)]))
+    e = student()
+    started = time.monotonic()
+    assert h.sync(e) == ["waiting"]
+    assert "may still land" in h.record(e["event_id"]).last_error
+    time.sleep(max(0.0, started + 1.8 - time.monotonic()))  # the write lands
+    assert len(live(sandbox, "students")) == 1
+    deadline = time.monotonic() + 15
+    while list(h.ctx.redis.scan_iter(f"{RedisKeys().inflight}*")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    h.drain()
+    assert h.state(e["event_id"]) == "synced"
+    (held,) = live(sandbox, "students")
+    assert calls(sandbox)["POST /students"] == 1
+    assert h.mapping("student", "S-1").dokstamp_uuid == held["uuid"]
+
+
 def test_a_dropped_database_connection_hands_the_event_back_at_once(h, sandbox, database_url,
                                                                    monkeypatch):
     """Every PostgreSQL connection is terminated between the student's create and its

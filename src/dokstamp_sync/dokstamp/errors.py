@@ -4,8 +4,10 @@
 
     DokStampError
     ├── TransientError           retry later, with backoff (at least ``retry_after`` when set)
-    │   ├── TransportError       connection refused/reset, DNS, protocol error
-    │   │   └── Timeout          connect/read/write/pool timeout: the write MAY have happened
+    │   ├── TransportError       connection refused/reset, DNS, protocol error (``sent``: False
+    │   │   │                    when nothing left: no connection made)
+    │   │   └── Timeout          connect/read/write/pool timeout: the write MAY have happened,
+    │   │                        and may still (:func:`may_land_later`)
     │   ├── RateLimited          slow down: wait ``retry_after`` seconds (or back off if None)
     │   │   ├── TooManyRequests  HTTP 429, ``retry_after`` from its ``Retry-After``
     │   │   └── Paused           not sent: the fleet's limiter holds the tenant (after a 429)
@@ -94,7 +96,14 @@ class TransientError(DokStampError):
 
 
 class TransportError(TransientError):
-    """The request did not get an HTTP answer (connection refused, reset, DNS...)."""
+    """The request did not get an HTTP answer (connection refused, reset, DNS...).
+
+    ``sent`` is False when it never left (no connection could be made, none was free in the
+    pool): nothing can have been applied."""
+
+    def __init__(self, message: str, *, sent: bool = True, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.sent = sent
 
 
 class Timeout(TransportError):
@@ -257,13 +266,37 @@ def from_response(response: httpx.Response) -> HTTPStatusError:
     return _PERMANENT_BY_STATUS.get(status, ClientError)(message, **kw)
 
 
+# Failures raised before a byte of the request left: no connection made, none free in the pool.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
 def from_httpx_error(exc: httpx.HTTPError, request: httpx.Request) -> TransportError:
     """Translate an httpx transport failure. The message names the failure, never headers."""
     method, path = request.method, request.url.path
     kind = type(exc).__name__
+    sent = not isinstance(exc, _NOT_SENT)
     if isinstance(exc, httpx.TimeoutException):
-        return Timeout(f"{kind}: no answer in time", method=method, path=path)
-    return TransportError(f"{kind}: {exc}", method=method, path=path)
+        return Timeout(f"{kind}: no answer in time", method=method, path=path, sent=sent)
+    return TransportError(f"{kind}: {exc}", method=method, path=path, sent=sent)
+
+
+# What a gateway in front of an API answers when it gave up waiting for the API, which may still
+# be working on the request: 504, and the non-standard 524 (a CDN's origin timeout) and 598/599
+# (a proxy's network read timeout).
+GATEWAY_TIMEOUTS = frozenset({504, 524, 598, 599})
+
+
+def may_land_later(exc: DokStampError) -> bool:
+    """Whether a failed write may still be applied AFTER we saw it fail: it was sent and got no
+    answer (a timeout, a connection dropped), or a gateway answered that it gave up waiting.
+    Any other answer ends the request: a 5xx, or a success status with an unusable body, was
+    given once the server (or the proxy that refused it) was done with it; whatever it wrote
+    is there now, for a search to find."""
+    if isinstance(exc, TransportError):
+        return exc.sent
+    if isinstance(exc, ServerError):
+        return exc.status in GATEWAY_TIMEOUTS
+    return not isinstance(exc, MalformedResponse)
 
 
 def is_secret_key(name: Any) -> bool:

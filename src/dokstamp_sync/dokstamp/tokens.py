@@ -106,7 +106,8 @@ class RedisTokenStore:
         try:
             return fn()
         except redis.RedisError as exc:
-            raise TransportError(f"token cache unavailable: {type(exc).__name__}") from None
+            raise TransportError(f"token cache unavailable: {type(exc).__name__}",
+                                 sent=False) from None
 
     def get(self, key: str) -> CachedToken | None:
         raw = self._call(lambda: self._redis.get(self._prefix + key))
@@ -124,7 +125,7 @@ class RedisTokenStore:
         lock = self._redis.lock(f"{self._prefix}{key}:lock", timeout=self._lock_timeout,
                                 blocking_timeout=self._wait_timeout)
         if not self._call(lock.acquire):
-            raise TransportError("token cache lock not acquired in time")
+            raise TransportError("token cache lock not acquired in time", sent=False)
         try:
             yield
         finally:

@@ -73,6 +73,7 @@ class Sandbox:
         self.config = config or SandboxConfig()
         self.faults = FaultInjector(self.config.faults)
         self.stats = Stats()
+        self._late: set[asyncio.Task[None]] = set()  # requests applied after their answer
         self.reset()
 
     @property
@@ -128,6 +129,14 @@ class Sandbox:
         latency = self.faults.faults.latency_ms / 1000.0
         if latency:
             await asyncio.sleep(latency)
+        if decision.status is not None and decision.land_after_s:
+            # A gateway gave up waiting and answered; the API still applies the request.
+            self.stats.record(key, decision.status, injected=True)
+            task = asyncio.get_running_loop().create_task(self._land_later(
+                request, handler, auth=auth, tenant=tenant, after=decision.land_after_s))
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+            return self._fault(decision)
         if decision.status is not None and not decision.after_commit:
             self.stats.record(key, decision.status, injected=True)
             return self._fault(decision)
@@ -136,16 +145,7 @@ class Sandbox:
             return HTMLResponse(HTML_PAGE)
         if decision.delay_s:
             await asyncio.sleep(decision.delay_s)
-        try:
-            account = token = None
-            if auth:
-                token, account = self.authority.check(request.headers.get("authorization"))
-            space = self._tenant(request, account) if tenant and account else None
-            request.state.token = token
-            result = await handler(request, space, account)
-            response = result if isinstance(result, Response) else JSONResponse(result)
-        except ApiError as exc:
-            response = self._api_error(exc)
+        response = await self._apply(request, handler, auth=auth, tenant=tenant)
         if decision.status is not None:  # the request was applied; its answer is lost
             lost = method != "GET" and response.status_code < 400
             self.stats.record(key, decision.status, injected=True, lost=lost)
@@ -156,6 +156,24 @@ class Sandbox:
             response = _malformed(response, decision.body)
         self.stats.record(key, response.status_code, malformed=malformed)
         return response
+
+    async def _apply(self, request: Request, handler: Handler, *, auth: bool,
+                     tenant: bool) -> Response:
+        try:
+            account = token = None
+            if auth:
+                token, account = self.authority.check(request.headers.get("authorization"))
+            space = self._tenant(request, account) if tenant and account else None
+            request.state.token = token
+            result = await handler(request, space, account)
+            return result if isinstance(result, Response) else JSONResponse(result)
+        except ApiError as exc:
+            return self._api_error(exc)
+
+    async def _land_later(self, request: Request, handler: Handler, *, auth: bool,
+                          tenant: bool, after: float) -> None:
+        await asyncio.sleep(after)
+        await self._apply(request, handler, auth=auth, tenant=tenant)
 
     def _fault(self, decision: Decision) -> Response:
         assert decision.status is not None

@@ -16,7 +16,8 @@
   also be slow (``delay_s``: the request is applied only after the delay, so a client that gave
   up sees nothing yet), arm more faults once spent (``then``), carry ``retry_after`` (sent as
   ``Retry-After`` with any status, 429 or 5xx), or replace a success answer's body (``body``,
-  see :class:`ScriptedFault`);
+  see :class:`ScriptedFault`), or answer its error at once and apply the request later
+  (``land_after_s``: a gateway's 504 while the API still works on it);
 * unkind but documented-compatible behaviours: ``reorder_uploads`` (``POST /files`` answers
   its records in reverse order), ``page_cap`` (list pages hold at most N rows while
   ``meta.per_page`` echoes the asked size), ``conflict_409`` (a broken uniqueness rule is a 409,
@@ -71,6 +72,9 @@ class ScriptedFault:
     times: int = 1
     delay_s: float = 0.0
     body: MalformedBody | None = None
+    # answer ``status`` at once, and apply the request this many seconds later: a gateway that
+    # gave up waiting (a 504) while the API still works on it
+    land_after_s: float = 0.0
     # faults armed once this one is spent: ``then=[{"method": "GET", "route": "/students",
     # "status": 503}]`` fails the search a client makes right after a lost create
     then: list[ScriptedFault] = field(default_factory=list)
@@ -129,6 +133,7 @@ class Decision:
     delay_s: float = 0.0
     body: MalformedBody | None = None  # replace a success answer's body
     html: bool = False  # an error answered as a proxy's HTML page, not the API's JSON
+    land_after_s: float = 0.0  # with ``status``: answered now, applied this much later
 
 
 @dataclass
@@ -217,7 +222,8 @@ class FaultInjector:
                     error = scripted.status >= 400 and scripted.body is None
                     return Decision(scripted.status if error else None,
                                     scripted.after_commit, scripted.retry_after,
-                                    scripted.delay_s, scripted.body)
+                                    scripted.delay_s, scripted.body,
+                                    land_after_s=scripted.land_after_s)
             if f.rate_limit:
                 bucket = self._buckets.get(tenant)
                 if bucket is None:

@@ -25,6 +25,7 @@ from dokstamp_sync.dokstamp.errors import (
     TransientError,
     TransportError,
     ValidationFailed,
+    may_land_later,
 )
 from dokstamp_sync.events import Event
 from dokstamp_sync.states import MappingStatus
@@ -212,13 +213,20 @@ def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
     except (TransportError, ServerError, MalformedResponse) as exc:
         # The write may have happened, or may still happen (a slow write lands after the
         # client gave up). Marked first (a worker lost from here on leaves the window), then
-        # searched at once: a lost response (the common case) is found and adopted now. Only
-        # when nothing is found does the event wait out the window before it searches again,
-        # never creating before a late write had time to land.
+        # searched at once: a lost response (the common case) is found and adopted now.
         ctx.creates.mark(spec.entity, key, window)
-        landed = search_after_failure(ctx, spec, event, payload)
+        landed, searched = search_after_failure(ctx, spec, event, payload)
         if landed is not None:
             return None, landed
+        if searched and not may_land_later(exc):
+            # Answered (a 5xx other than a gateway's timeout, an unusable 2xx) or never sent:
+            # the request is over and wrote nothing the search could find, so nothing can land
+            # late. Settled: the attempt is retried as any 5xx is, and creates again.
+            ctx.creates.clear(spec.entity, key)
+            ctx.count("failed_creates_settled")
+            raise
+        # No answer came, or a gateway gave up waiting: a late write may land. Wait out the
+        # window before searching again, never creating before it had time to.
         raise InFlight(f"{exc} (the create may still land: searching after {window:g} s)",
                        retry_after=window) from exc
     except (Conflict, ValidationFailed) as exc:
@@ -247,21 +255,22 @@ def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
 
 
 def search_after_failure(ctx: SyncContext, spec: Spec, event: Event,
-                         payload: dict[str, Any]) -> Entity | None:
+                         payload: dict[str, Any]) -> tuple[Entity | None, bool]:
     """The entity a create that just failed (5xx, timeout, a malformed answer) wrote after
-    all, searched at once; None when the search finds nothing or cannot be done now (DokStamp
-    failing, the breaker open): the create's window is then waited out as before."""
+    all, searched at once, and whether the search was made: (None, False) when it cannot be
+    done now (DokStamp failing, the breaker open), and the create's window is then waited out
+    whatever the failure was."""
     try:
         found = search(ctx, spec, payload)
     except TransientError as exc:
         log.info("%s %s: the search after a failed create failed too (%s): waiting out the "
                  "create window", event.entity, event.key, type(exc).__name__)
-        return None
+        return None, False
     if found is not None:
         ctx.count("lost_responses_adopted")
         log.info("%s %s: a failed create had landed (%s): adopted at once", event.entity,
                  event.key, found.get("uuid"))
-    return found
+    return found, True
 
 
 @contextmanager
