@@ -169,7 +169,7 @@ def test_the_limiter_checks_an_empty_breaker_in_its_own_round_trip(engine_redis)
 
     for _ in range(3):
         http.get("/students")
-    engine_redis.execute_command = counted  # type: ignore[method-assign]
+    engine_redis.execute_command = counted
     per_request = []
     for _ in range(7):
         sent.clear()
