@@ -5,7 +5,8 @@
 Runs ``engine.run`` on every event of a fresh class (ingested through the real stream) against
 the sandbox (no latency, no rate limit), with a scratch PostgreSQL database and Redis database 8,
 and prints the hottest functions by cumulative time, with per event: SQL statements, database
-transactions (commits and rollbacks) and Redis round trips (a pipeline is one).
+transactions (commits and rollbacks; a read-only session on an autocommit connection, which
+sends no BEGIN, is counted apart) and Redis round trips (a pipeline is one).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import pstats
 import time
 from collections import Counter
+from typing import Any
 
 import redis
 from redis.connection import Connection
@@ -38,8 +40,13 @@ REDIS_URL = os.environ.get("BENCH_PROFILE_REDIS_URL", "redis://127.0.0.1:6379/8"
 def watch(db: Engine, counts: Counter[str]) -> None:
     """Count SQL statements, transactions and Redis round trips from now on (this process)."""
     event.listen(db, "before_cursor_execute", lambda *_a: counts.update(["sql"]))
-    event.listen(db, "commit", lambda *_a: counts.update(["tx"]))
-    event.listen(db, "rollback", lambda *_a: counts.update(["tx"]))
+
+    def ended(conn: Any) -> None:  # a session on an autocommit connection sent no BEGIN
+        autocommit = conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+        counts.update(["reads" if autocommit else "tx"])
+
+    event.listen(db, "commit", ended)
+    event.listen(db, "rollback", ended)
     send = Connection.send_packed_command
 
     def counted(self: Connection, command: object, check_health: bool = True) -> None:
@@ -93,7 +100,8 @@ def main() -> None:
           f"{1000 * cpu / len(pks):.1f} ms CPU/event in the engine's thread), {calls} API calls")
     n = len(pks)
     print(f"per event: {counts['sql'] / n:.1f} SQL statements, {counts['tx'] / n:.1f} "
-          f"transactions, {counts['redis'] / n:.1f} Redis round trips")
+          f"transactions, {counts['reads'] / n:.1f} reads outside one, "
+          f"{counts['redis'] / n:.1f} Redis round trips")
     if args.no_profile:
         return
     pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)

@@ -22,7 +22,13 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dokstamp_sync.db import dialect_insert, lock_tag, once_more_if_disconnected, session_scope
+from dokstamp_sync.db import (
+    dialect_insert,
+    lock_tag,
+    once_more_if_disconnected,
+    reader_of,
+    session_scope,
+)
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
 from dokstamp_sync.reporting import Report, Result, mark_reported
@@ -67,11 +73,18 @@ class Store:
 
     def __init__(self, sessions: sessionmaker[Session], report: Report | None = None) -> None:
         self.sessions = sessions
+        self.readers = reader_of(sessions)
         self.report = report  # told the final outcomes a transaction recorded, after its commit
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
         with session_scope(self.sessions) as session:
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        """Reads only, no transaction around them (see :func:`~dokstamp_sync.db.reader_of`)."""
+        with self.readers() as session:
             yield session
 
     @contextmanager
@@ -145,7 +158,7 @@ class Store:
 
     def payload(self, pk: int) -> dict[str, Any] | str:
         """The open event's payload, or the state it is in."""
-        with self._tx() as session:
+        with self._read() as session:
             record = session.get(InboxEvent, pk)
             if record is None or record.state not in OPEN:
                 return _state(session, pk)
@@ -155,7 +168,7 @@ class Store:
                 refs: Iterable[tuple[str, str]]) -> View | str:
         """The open event, whether a newer one exists, its own mapping and those of the
         entities it refers to (in one query); or the state it is in."""
-        with self._tx() as session:
+        with self._read() as session:
             row = session.execute(_READ_OPEN, {"pk": pk}).one_or_none()
             if row is None:
                 return _state(session, pk)
@@ -165,7 +178,7 @@ class Store:
                     behind=bool(row[3]))
 
     def mapping(self, entity: str, key: str) -> Snapshot | None:
-        with self._tx() as session:
+        with self._read() as session:
             return _mappings(session, [(entity, key)]).get((entity, key))
 
     def latest(self, entity: str, key: str) -> tuple[Latest | None, Snapshot | None]:
@@ -174,7 +187,7 @@ class Store:
         The event is read first: a synced event's mapping was committed with its state, so the
         mapping read after it cannot miss it (READ COMMITTED: each statement sees the latest).
         """
-        with self._tx() as session:
+        with self._read() as session:
             row = session.execute(
                 select(InboxEvent.id, InboxEvent.state, InboxEvent.op,
                        InboxEvent.next_attempt_at)
@@ -190,7 +203,7 @@ class Store:
         """The payloads of the entity's newest upserts known in the inbox, newest first, in
         any state (open, synced, dead, superseded): what a delete without a mapping to trust
         searches DokStamp by."""
-        with self._tx() as session:
+        with self._read() as session:
             return list(session.scalars(
                 select(InboxEvent.payload)
                 .where(InboxEvent.entity == entity, InboxEvent.erp_key == key,
@@ -208,20 +221,20 @@ class Store:
             query = query.where(Mapping.status != MappingStatus.DELETED)
         if besides is not None:
             query = query.where(Mapping.erp_key != besides).order_by(Mapping.erp_key)
-        with self._tx() as session:
+        with self._read() as session:
             key: str | None = session.scalar(query.limit(1))
             return key
 
     def backlog(self, entity: str) -> int:
         """Open upserts of one entity kind (the listing shortcut's threshold)."""
-        with self._tx() as session:
+        with self._read() as session:
             return int(session.scalar(select(func.count()).select_from(InboxEvent).where(
                 InboxEvent.entity == entity, InboxEvent.op == "upsert",
                 InboxEvent.state.in_(OPEN))) or 0)
 
     def file_companions(self, event_id: str, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
         """Other file upserts never tried yet: (pk, ERP key, payload), oldest first."""
-        with self._tx() as session:
+        with self._read() as session:
             rows = session.execute(
                 select(InboxEvent.id, InboxEvent.erp_key, InboxEvent.payload)
                 .where(InboxEvent.entity == "file", InboxEvent.op == "upsert",
@@ -233,7 +246,7 @@ class Store:
     # -- natural keys ---------------------------------------------------------------------
 
     def known_uuid(self, entity: str, key: str) -> str | None:
-        with self._tx() as session:
+        with self._read() as session:
             return _known_uuid(session, entity, key)
 
     def remember_natural_key(self, entity: str, key: str, uuid: str) -> str:
