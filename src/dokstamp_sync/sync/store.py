@@ -1,13 +1,10 @@
-"""The sync walk's one seam to the database: every method of :class:`Store` is one short
-transaction, and no other module of :mod:`dokstamp_sync.sync` opens a session or writes SQL.
-
-The walk never holds a transaction across an HTTP call: it reads what an attempt needs
-(:meth:`Store.claim`, :meth:`Store.attempt`), calls DokStamp, then records how the attempt ended
-(:meth:`Store.finish_synced`, :meth:`Store.conclude`). What the outcome is, the engine decides;
-the store applies it, guarded so that an event already final is never changed again.
-
-The hot path's statements are built once, on the tables (Core, not the ORM's unit of work), with
-bound parameters: building and caching a statement per call cost more than running it.
+"""The sync walk's one seam to the database: every method of :class:`Store` that writes is one
+short transaction (reads run outside one), and no other module of :mod:`dokstamp_sync.sync`
+opens a session or writes SQL. No transaction spans an HTTP call: the walk reads what an
+attempt needs (:meth:`Store.claim`, :meth:`Store.attempt`), calls DokStamp, then records how it
+ended (:meth:`Store.finish_synced`, :meth:`Store.conclude`), as the engine decided, guarded so
+that an event already final is never changed again. The hot path's statements are built once,
+on the tables (Core, not the ORM), with bound parameters.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from dokstamp_sync.db import (
 )
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
-from dokstamp_sync.reporting import Report, Result, mark_reported
+from dokstamp_sync.reporting import Report, Result, Unmarked, mark_reported
 from dokstamp_sync.states import OPEN, EventState, MappingStatus, RunState
 from dokstamp_sync.sync.letters import file_letter, resolve_letters
 from dokstamp_sync.sync.outcomes import Companion, Decision, Facts, Letter, Outcome, Park
@@ -75,6 +72,7 @@ class Store:
         self.sessions = sessions
         self.readers = reader_of(sessions)
         self.report = report  # told the final outcomes a transaction recorded, after its commit
+        self.unmarked = Unmarked()  # outcomes written, their rows marked reported by the next
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
@@ -93,20 +91,27 @@ class Store:
         (never when it failed), then marked reported (see :mod:`dokstamp_sync.pipeline.results`
         for the guarantee)."""
         results: list[Result] = []
-        with session_scope(self.sessions) as session:
-            yield session, results
-        if results and self.report is not None and self.report(results):
-            self.mark_reported(results)
-
-    def mark_reported(self, results: list[Result]) -> None:
-        """The outcomes were written to the stream: mark their rows reported (one short
-        transaction; a failure leaves them to the sweeper, which writes them again)."""
+        earlier = self.unmarked.take()
         try:
-            with self._tx() as session:
-                mark_reported(session, results)
-        except Exception as exc:
-            log.warning("could not mark %d outcome(s) reported (%s); they will be written "
-                        "again", len(results), type(exc).__name__)
+            with session_scope(self.sessions) as session:
+                yield session, results
+                mark_reported(session, earlier, same_state=True)
+        except BaseException:
+            self.unmarked.add(earlier)
+            raise
+        if results and self.report is not None and self.report(results):
+            self.unmarked.add(results)
+
+    def flush_reported(self) -> None:
+        """Mark what was written reported now (the end of a task): one short transaction; a
+        failure leaves them to the sweeper, which writes them again."""
+        if earlier := self.unmarked.take():
+            try:
+                with self._tx() as session:
+                    mark_reported(session, earlier, same_state=True)
+            except Exception as exc:
+                log.warning("could not mark %d outcome(s) reported (%s); they will be written "
+                            "again", len(earlier), type(exc).__name__)
 
     # -- reading what an attempt needs ----------------------------------------------------
 
