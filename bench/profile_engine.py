@@ -2,7 +2,8 @@
 
     python bench/profile_engine.py [--certificates 200] [--top 45]
 
-Runs ``engine.run`` on every event of a fresh class (ingested through the real stream) against
+Runs ``engine.run`` on every event of a fresh class (ingested through the real stream), in
+tasks of 8 as the worker dispatches them (``worker.task_batches``), against
 the sandbox (no latency, no rate limit), with a scratch PostgreSQL database and Redis database 8,
 and prints the hottest functions by cumulative time, with per event: SQL statements, database
 transactions (commits and rollbacks; a read-only session on an autocommit connection, which
@@ -32,6 +33,7 @@ from dokstamp_sync.sandbox import Account, Sandbox, SandboxConfig, SandboxServer
 from dokstamp_sync.sync import engine
 from dokstamp_sync.testing import sandbox_settings, scratch_database
 from dokstamp_sync.wiring import build_context
+from dokstamp_sync.worker import task_batches
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_PROFILE_REDIS_URL", "redis://127.0.0.1:6379/8")
@@ -86,11 +88,17 @@ def main() -> None:
         watch(db, counts)
         profile = cProfile.Profile()
         start, cpu_start = time.perf_counter(), time.thread_time()
+
+        def tasks() -> None:  # as the worker runs them: 8 events per task, flushed at its end
+            for batch in task_batches(pks):
+                for pk in batch:
+                    engine.run(ctx, pk, flush=False)
+                engine.flush_counters(ctx)
+
         if args.no_profile:
-            for pk in pks:
-                engine.run(ctx, pk)
+            tasks()
         else:
-            profile.runcall(lambda: [engine.run(ctx, pk) for pk in pks])
+            profile.runcall(tasks)
         elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
         calls = server.sandbox.stats.to_json()["requests"]
         ctx.client.http.close()
