@@ -2,10 +2,12 @@
 
     python bench/profile_engine.py [--certificates 200] [--top 45]
 
-Runs ``engine.run`` on every event of a fresh class (ingested through the real stream) against
+Runs ``engine.run`` on every event of a fresh class (ingested through the real stream), in
+tasks of 8 as the worker dispatches them (``worker.task_batches``), against
 the sandbox (no latency, no rate limit), with a scratch PostgreSQL database and Redis database 8,
 and prints the hottest functions by cumulative time, with per event: SQL statements, database
-transactions (commits and rollbacks) and Redis round trips (a pipeline is one).
+transactions (commits and rollbacks; a read-only session on an autocommit connection, which
+sends no BEGIN, is counted apart) and Redis round trips (a pipeline is one).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import pstats
 import time
 from collections import Counter
+from typing import Any
 
 import redis
 from redis.connection import Connection
@@ -30,6 +33,7 @@ from dokstamp_sync.sandbox import Account, Sandbox, SandboxConfig, SandboxServer
 from dokstamp_sync.sync import engine
 from dokstamp_sync.testing import sandbox_settings, scratch_database
 from dokstamp_sync.wiring import build_context
+from dokstamp_sync.worker import task_batches
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_PROFILE_REDIS_URL", "redis://127.0.0.1:6379/8")
@@ -38,8 +42,13 @@ REDIS_URL = os.environ.get("BENCH_PROFILE_REDIS_URL", "redis://127.0.0.1:6379/8"
 def watch(db: Engine, counts: Counter[str]) -> None:
     """Count SQL statements, transactions and Redis round trips from now on (this process)."""
     event.listen(db, "before_cursor_execute", lambda *_a: counts.update(["sql"]))
-    event.listen(db, "commit", lambda *_a: counts.update(["tx"]))
-    event.listen(db, "rollback", lambda *_a: counts.update(["tx"]))
+
+    def ended(conn: Any) -> None:  # a session on an autocommit connection sent no BEGIN
+        autocommit = conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+        counts.update(["reads" if autocommit else "tx"])
+
+    event.listen(db, "commit", ended)
+    event.listen(db, "rollback", ended)
     send = Connection.send_packed_command
 
     def counted(self: Connection, command: object, check_health: bool = True) -> None:
@@ -79,11 +88,17 @@ def main() -> None:
         watch(db, counts)
         profile = cProfile.Profile()
         start, cpu_start = time.perf_counter(), time.thread_time()
+
+        def tasks() -> None:  # as the worker runs them: 8 events per task, flushed at its end
+            for batch in task_batches(pks):
+                for pk in batch:
+                    engine.run(ctx, pk, flush=False)
+                engine.flush_counters(ctx)
+
         if args.no_profile:
-            for pk in pks:
-                engine.run(ctx, pk)
+            tasks()
         else:
-            profile.runcall(lambda: [engine.run(ctx, pk) for pk in pks])
+            profile.runcall(tasks)
         elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
         calls = server.sandbox.stats.to_json()["requests"]
         ctx.client.http.close()
@@ -93,7 +108,8 @@ def main() -> None:
           f"{1000 * cpu / len(pks):.1f} ms CPU/event in the engine's thread), {calls} API calls")
     n = len(pks)
     print(f"per event: {counts['sql'] / n:.1f} SQL statements, {counts['tx'] / n:.1f} "
-          f"transactions, {counts['redis'] / n:.1f} Redis round trips")
+          f"transactions, {counts['reads'] / n:.1f} reads outside one, "
+          f"{counts['redis'] / n:.1f} Redis round trips")
     if args.no_profile:
         return
     pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)

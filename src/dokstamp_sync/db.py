@@ -98,6 +98,18 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def reader_of(sessions: sessionmaker[Session]) -> sessionmaker[Session]:
+    """Sessions for reads only, on the same pool, with no transaction around them on
+    PostgreSQL (autocommit): at READ COMMITTED each statement sees what was committed when it
+    began, in a transaction or not, so a BEGIN and a COMMIT around reads would only cost two
+    round trips. Nothing read this way is locked (no ``FOR UPDATE``). SQLite: ``sessions``."""
+    bind = sessions.kw.get("bind")
+    if not isinstance(bind, Engine) or bind.dialect.name != "postgresql":
+        return sessions
+    return sessionmaker(bind.execution_options(isolation_level="AUTOCOMMIT"),
+                        expire_on_commit=False)
+
+
 @contextmanager
 def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose transaction commits on success and rolls back on error."""

@@ -9,6 +9,7 @@ unreported. Neither the walk nor this module imports :mod:`dokstamp_sync.pipelin
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -71,6 +72,9 @@ Report = Callable[[Sequence[Result]], bool]  # True: written (the rows may be ma
 _MARK_EVENTS = update(EVENTS).where(
     EVENTS.c.id.in_(bindparam("pks", expanding=True)), EVENTS.c.reported_at.is_(None),
     EVENTS.c.state.in_(REPORTED)).values(reported_at=bindparam("now"))
+_MARK_EVENTS_IN_STATE = update(EVENTS).where(
+    EVENTS.c.id.in_(bindparam("pks", expanding=True)), EVENTS.c.reported_at.is_(None),
+    EVENTS.c.state == bindparam("b_state")).values(reported_at=bindparam("now"))
 _MARK_RESOLVED = update(LETTERS).where(
     LETTERS.c.id.in_(bindparam("ids", expanding=True)), LETTERS.c.reported_at.is_(None),
     LETTERS.c.status == LetterStatus.SUPERSEDED).values(reported_at=bindparam("now"))
@@ -81,10 +85,22 @@ _MARK_DEAD = update(LETTERS).where(
 RESOLVED = "resolved: a newer event of this entity synced"
 
 
-def mark_reported(session: Session, results: Sequence[Result]) -> None:
-    """Mark the rows behind ``results`` reported (they were written to the stream)."""
+def mark_reported(session: Session, results: Sequence[Result], *,
+                  same_state: bool = False) -> None:
+    """Mark the rows behind ``results`` reported (they were written to the stream).
+    ``same_state``: an event's row only while it is still in the state reported (marked a
+    while after the write, it may have been replayed and ended otherwise since: that outcome
+    is still to be written)."""
     now = utcnow()
-    pks = sorted({r.event_pk for r in results if r.event_pk is not None})
+    if same_state:
+        by_state: dict[str, set[int]] = {}
+        for r in results:
+            if r.event_pk is not None:
+                by_state.setdefault(r.state, set()).add(r.event_pk)
+        for state, in_state in sorted(by_state.items()):
+            session.execute(_MARK_EVENTS_IN_STATE,
+                            {"pks": sorted(in_state), "now": now, "b_state": state})
+    pks = [] if same_state else sorted({r.event_pk for r in results if r.event_pk is not None})
     resolved = sorted({r.dead_letter_id for r in results if r.dead_letter_id is not None
                        and r.state == EventState.SUPERSEDED and r.event_pk is None})
     dead = sorted({r.dead_letter_id for r in results if r.dead_letter_id is not None
@@ -95,3 +111,27 @@ def mark_reported(session: Session, results: Sequence[Result]) -> None:
         session.execute(_MARK_RESOLVED, {"ids": resolved, "now": now})
     if dead:
         session.execute(_MARK_DEAD, {"ids": dead, "now": now})
+
+
+class Unmarked:
+    """Outcomes written to the stream whose rows are not marked reported yet: marked in the
+    next transaction that records outcomes (:meth:`take`), not in one transaction each, and at
+    the end of every task (the store's ``flush_reported``). Until then a row is unreported for
+    the time between two outcomes, well under the sweeper's settle delay; a process killed
+    meanwhile leaves it to the sweeper, which writes its outcome again (the stream is at least
+    once, docs/outcomes.md)."""
+
+    def __init__(self) -> None:
+        self._results: list[Result] = []
+        self._guard = threading.Lock()
+
+    def add(self, results: Sequence[Result]) -> None:
+        with self._guard:
+            self._results.extend(results)
+
+    def take(self) -> list[Result]:
+        """All of them, to be marked by the caller's transaction (:meth:`add` them back if it
+        fails)."""
+        with self._guard:
+            taken, self._results = self._results, []
+        return taken

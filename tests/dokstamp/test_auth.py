@@ -14,6 +14,7 @@ from dokstamp_sync.dokstamp import (
     PasswordLogin,
     RedisTokenStore,
     TokenManager,
+    auth,
     errors,
 )
 from dokstamp_sync.sandbox import Faults, ScriptedFault
@@ -223,3 +224,33 @@ def test_tokens_in_the_shared_redis_cache_are_encrypted(make_client, sandbox, re
     rotated = TokenManager(c.http, PasswordLogin(MAIN.email, "a-rotated-password"), store)
     assert rotated.key == c.tokens.key  # same cache entry...
     assert rotated._load() is None  # ...unreadable without the right secret: it renews
+
+
+def test_a_process_reads_the_shared_token_once_not_per_request(client, sandbox, monkeypatch):
+    """Calls within the memo's time reuse the token this process read (no shared-cache read,
+    no decryption per request); once the memo has aged the shared cache is read again, so a
+    token another process renewed is picked up; a 401 reads it at once."""
+    tokens = client.tokens
+    reads: list[str] = []
+    real = tokens._store.get
+
+    def counted(key: str) -> object:
+        reads.append(key)
+        return real(key)
+
+    monkeypatch.setattr(tokens._store, "get", counted)
+    for _ in range(5):
+        client.institutions.page()
+    # the first call read it twice (before and under the renewal's lock) and logged in; the
+    # four others reused it
+    assert len(reads) == 2
+    assert sandbox.sandbox.authority.issued == 1
+    monkeypatch.setattr(auth, "MEMO_SECONDS", 0.0)  # the memo aged
+    client.institutions.page()
+    assert len(reads) == 3
+    monkeypatch.setattr(auth, "MEMO_SECONDS", 3600.0)
+    sandbox.sandbox.authority.expire_all()  # the server refuses the token this process holds
+    client.institutions.page()
+    assert sandbox.sandbox.stats.by_route["POST /auth/refresh"] == 1  # renewed once, replayed
+    client.institutions.page()
+    assert sandbox.sandbox.stats.by_route["GET /institutions"] == 9  # 8 answered, one 401

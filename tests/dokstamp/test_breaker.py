@@ -7,10 +7,14 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 
-from dokstamp_sync.dokstamp.breaker import CircuitBreaker
+from dokstamp_sync.dokstamp.breaker import BreakerTransport, CircuitBreaker
+from dokstamp_sync.dokstamp.client import build_http_client
 from dokstamp_sync.dokstamp.errors import CircuitOpen, ServerError
+from dokstamp_sync.dokstamp.ratelimit import RateLimiter
+from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.testing import sandbox_context, student
 
 
@@ -118,3 +122,69 @@ def test_a_write_is_never_the_probe(fast, sandbox):
     assert fast.breaker.open_for() is None
     assert [s["uuid"] for s in sandbox.sandbox.tenants["demo-university"].dump()["students"]
             if s["deleted_at"] is None] == [created["uuid"]]
+
+
+def test_a_success_resets_counted_failures_and_costs_no_record_when_none_are(engine_redis):
+    """Through the transport: successes with no failure counted are not recorded (one Redis
+    round trip less per request); a failure is counted, the next success resets it, so
+    failures that are not consecutive never open the breaker."""
+    breaker = CircuitBreaker(engine_redis, "t-clean", threshold=2, interval=5)
+    recorded: list[str] = []
+    real = breaker.record
+
+    def record(outcome: str) -> bool:
+        recorded.append(outcome)
+        return real(outcome)
+
+    breaker.record = record  # type: ignore[method-assign]
+    statuses = iter([200, 200, 500, 200, 200, 500, 200])
+    transport = BreakerTransport(httpx.MockTransport(
+        lambda request: httpx.Response(next(statuses))), breaker)
+    with httpx.Client(transport=transport, base_url="http://127.0.0.1") as client:
+        got = [client.get("/students").status_code for _ in range(7)]
+    assert got == [200, 200, 500, 200, 200, 500, 200]
+    assert recorded == ["failed", "ok", "failed", "ok"]
+    assert breaker.open_for() is None  # two failures, never consecutive: still closed
+
+
+def test_the_limiter_checks_an_empty_breaker_in_its_own_round_trip(engine_redis):
+    """With both under one client: while the breaker holds nothing, a request costs one Redis
+    round trip (the limiter's token, which checks the breaker in the same script). Once a
+    failure is counted the breaker is asked first (and a success resets it); an open breaker
+    holds the request with no token spent."""
+    breaker = CircuitBreaker(engine_redis, "t-gate", threshold=2, interval=5)
+    limiter = RateLimiter(engine_redis, "t-gate", rate=1000, burst=1000)
+    # the first three load every script into Redis's cache (a first use costs more round
+    # trips); the next seven are counted
+    statuses = iter([200, 500, 200, 200, 200, 500, 200, 200, 500, 500])
+    http = build_http_client("http://127.0.0.1", limiter=limiter, breaker=breaker,
+                             transport=httpx.MockTransport(
+                                 lambda request: httpx.Response(next(statuses))))
+    sent: list[object] = []
+    real = engine_redis.execute_command
+
+    def counted(*args: object, **kw: object) -> object:
+        sent.append(args[0])
+        return real(*args, **kw)
+
+    for _ in range(3):
+        http.get("/students")
+    engine_redis.execute_command = counted
+    per_request = []
+    for _ in range(7):
+        sent.clear()
+        http.get("/students")
+        per_request.append(len(sent))
+    tokens_before = float(engine_redis.hget(f"{RedisKeys().rate_limit}t-gate", "tokens"))
+    with pytest.raises(CircuitOpen):  # two failures in a row: open
+        http.get("/students")
+    tokens_after = float(engine_redis.hget(f"{RedisKeys().rate_limit}t-gate", "tokens"))
+    http.close()
+    # 200, 200: one each; 500: the token, then its failure recorded; 200 with a failure
+    # counted: token refused, breaker asked, token, success recorded (the count reset); 200:
+    # one again; 500, 500: counted, then asked first
+    assert per_request[:5] == [1, 1, 2, 4, 1]
+    assert per_request[5] == 2
+    assert per_request[6] == 4
+    assert tokens_after <= tokens_before + 1  # the held request took no token (refill aside)
+    assert breaker.open_for() is not None

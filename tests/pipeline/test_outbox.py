@@ -16,6 +16,7 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from sqlalchemy import event as sa_event
 from sqlalchemy import func, select, update
 
 from dokstamp_sync.db import session_scope
@@ -27,6 +28,7 @@ from dokstamp_sync.pipeline.results import Publisher
 from dokstamp_sync.redis_keys import RESULTS_STREAM
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.states import FINAL
+from dokstamp_sync.sync import engine
 from dokstamp_sync.testing import T0, live, student
 
 FIELDS = ["event_id", "entity", "key", "op", "state", "at", "dokstamp_uuid", "mapping_status",
@@ -200,3 +202,53 @@ def test_the_pumps_sweeper_thread_writes_what_was_left(h, ctx, sandbox, database
     assert (entry["event_id"], entry["state"]) == ("late-1", "synced")
     assert unreported(ctx.sessions) == (0, 0)
 
+
+
+def test_outcomes_are_marked_by_the_next_outcomes_transaction_and_at_a_tasks_end(h, ctx):
+    """Within a task (runs without the end-of-task flush), an outcome written to the stream is
+    marked reported in the transaction that records the next outcome, not in one of its own;
+    the task's end marks the last. A row changed since its outcome was written (replayed and
+    now pending) is not marked: its next outcome is still to be written."""
+    first, second, third = h.send(student("S-1", event_id="e-1"),
+                                  student("S-2", event_id="e-2", email="s2@example.edu"),
+                                  student("S-3", event_id="e-3", email="s3@example.edu"))
+    bind = ctx.sessions.kw["bind"]
+    statements: list[str] = []
+    committed: list[list[str]] = []  # each committed transaction's statements
+
+    def executed(_conn: object, _cursor: object, statement: str, *_a: object) -> None:
+        marks = "SETreported_at=%(now)s" in statement.replace(" ", "")  # a reported mark
+        statements.append("mark" if marks else statement.split()[0])
+
+    def commit(_conn: object) -> None:
+        committed.append(statements[:])
+        statements.clear()
+
+    sa_event.listen(bind, "before_cursor_execute", executed)
+    sa_event.listen(bind, "commit", commit)
+    try:
+        assert engine.run(ctx, first, flush=False) == "synced"
+        assert unreported(ctx.sessions) == (1, 0)  # written, not marked yet
+        assert [o["event_id"] for o in outcomes(ctx.redis)] == ["e-1"]
+        committed.clear()
+        assert engine.run(ctx, second, flush=False) == "synced"
+        marking = [tx for tx in committed if "mark" in tx]
+        assert len(marking) == 1  # e-1 marked in one transaction...
+        assert set(marking[0]) != {"mark"}  # ...that recorded e-2's outcome
+        assert unreported(ctx.sessions) == (1, 0)  # e-1 marked, e-2 not yet
+        with session_scope(ctx.sessions) as s:
+            assert s.scalar(select(InboxEvent.reported_at).where(
+                InboxEvent.event_id == "e-1")) is not None
+            # e-2 is replayed before it is marked: pending again
+            s.execute(update(InboxEvent).where(InboxEvent.event_id == "e-2").values(
+                state="pending"))
+        assert engine.run(ctx, third, flush=False) == "synced"
+        engine.flush_counters(ctx)  # the task's end
+    finally:
+        sa_event.remove(bind, "before_cursor_execute", executed)
+        sa_event.remove(bind, "commit", commit)
+    with session_scope(ctx.sessions) as s:
+        marked = dict(s.execute(select(InboxEvent.event_id, InboxEvent.reported_at)).all())
+    assert marked["e-1"] is not None
+    assert marked["e-3"] is not None  # marked at the task's end
+    assert marked["e-2"] is None  # pending since its outcome was written: left unmarked

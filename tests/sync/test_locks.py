@@ -36,6 +36,41 @@ def test_a_lost_lock_stops_the_write_before_it_is_sent(ctx, sandbox):
     assert live(sandbox, "students") == []
 
 
+def test_the_check_before_a_write_is_one_round_trip_for_every_lock_held(ctx):
+    """Three locks held: the check made before a write extends all three to their full
+    timeout in one Redis round trip; once the second is lost (taken by another worker) the
+    check names it, and the others are still extended."""
+    ctx.locks.timeout = 5.0
+    names = ["entity:student:S-1", "nk:student:x", "entity:course:C-1"]
+    with ctx.locks.take(names[0], wait=0.1), ctx.locks.take(names[1], wait=0.1), \
+            ctx.locks.take(names[2], wait=0.1):
+        ctx.locks.check()  # warm: the script in Redis's cache
+        for name in names:
+            ctx.redis.pexpire(f"{ctx.locks.prefix}{name}", 1000)
+        sent: list[object] = []
+        real = ctx.redis.execute_command
+
+        def counted(*args: object, **kw: object) -> object:
+            sent.append(args[0])
+            return real(*args, **kw)
+
+        ctx.redis.execute_command = counted
+        try:
+            ctx.locks.check("POST", "/students")
+        finally:
+            del ctx.redis.execute_command
+        assert len(sent) == 1
+        assert all(ctx.redis.pttl(f"{ctx.locks.prefix}{n}") > 4000 for n in names)
+        ctx.redis.delete(f"{ctx.locks.prefix}{names[1]}")
+        assert ctx.locks.new(names[1]).acquire(blocking=False)  # the other worker
+        for name in (names[0], names[2]):
+            ctx.redis.pexpire(f"{ctx.locks.prefix}{name}", 1000)
+        with pytest.raises(LockNotOwnedError, match="nk:student:x"):
+            ctx.locks.check("POST", "/students")
+        assert ctx.redis.pttl(f"{ctx.locks.prefix}{names[0]}") > 4000
+        assert ctx.redis.pttl(f"{ctx.locks.prefix}{names[2]}") > 4000
+
+
 def test_a_slow_attempt_keeps_its_lock_and_syncs(h, ctx, sandbox):
     """With a 0.5 s lock timeout and DokStamp answering in 0.3 s (search, create: longer than
     the timeout), the run keeps its lock to the end and syncs one student."""

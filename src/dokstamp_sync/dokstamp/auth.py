@@ -144,6 +144,9 @@ class ClientCredentials:
             "client_secret": self._client_secret})
 
 
+MEMO_SECONDS = 30.0  # how long a process reuses the token it read without reading it again
+
+
 class TokenManager:
     """Hands out a valid access token, renewing it at most once per staleness, fleet-wide."""
 
@@ -161,6 +164,13 @@ class TokenManager:
         # Secrets are never stored in clear (docs/configuration.md): the shared cache holds
         # ciphertext.
         self._fernet = Fernet(credentials.cache_key())
+        # The token last read or obtained, reused for MEMO_SECONDS without reading the shared
+        # cache again (a Redis round trip and a decryption per request otherwise). A token
+        # another process renewed meanwhile is picked up then, or at once on a 401.
+        self._memo: tuple[CachedToken, float] | None = None  # (token, time.monotonic() read)
+
+    def _remember(self, token: CachedToken) -> None:
+        self._memo = (token, time.monotonic())
 
     def _load(self) -> CachedToken | None:
         stored = self._store.get(self.key)
@@ -189,14 +199,20 @@ class TokenManager:
 
     def token(self) -> str:
         """A token valid for at least ``renew_margin`` more seconds."""
+        memo = self._memo
+        if memo is not None and time.monotonic() - memo[1] < MEMO_SECONDS \
+                and self._fresh(memo[0]):
+            return memo[0].access_token
         cached = self._load()
         if self._fresh(cached):
             assert cached is not None
+            self._remember(cached)
             return cached.access_token
         return self._renew(stale=cached.access_token if cached else None)
 
     def invalidate(self, rejected: str) -> str:
         """The API refused ``rejected`` (401): renew unless another process already did."""
+        self._memo = None
         return self._renew(stale=rejected, force=True)
 
     def _renew(self, *, stale: str | None, force: bool = False) -> str:
@@ -205,9 +221,11 @@ class TokenManager:
             # Fresh and not the token just refused: someone renewed while we waited for the lock.
             if current is not None and self._fresh(current) \
                     and (not force or current.access_token != stale):
+                self._remember(current)
                 return current.access_token
             token = self._credentials.obtain(self._http, current, self._clock())
             self._save(token)
+            self._remember(token)
             self.renewals += 1
             return token.access_token
 

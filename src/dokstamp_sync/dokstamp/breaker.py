@@ -29,14 +29,19 @@ import httpx
 import redis
 
 from dokstamp_sync.dokstamp.errors import CircuitOpen
+from dokstamp_sync.dokstamp.ratelimit import UNLESS_BREAKER, BreakerNotClean
 from dokstamp_sync.redis_keys import RedisKeys
 
 # KEYS[1] the breaker; ARGV[1] how long a probe may take (ms), ARGV[2] interval (ms).
-# Returns 0: closed, send; 1: send as the probe; negative: open, wait that many ms.
+# Returns 0: closed and clean (no failure counted), send; 2: closed, send (a success resets the
+# failures counted); 1: send as the probe; negative: open, wait that many ms.
 _ALLOW = """
-local state = redis.call('HMGET', KEYS[1], 'open_until', 'probe')
+local state = redis.call('HMGET', KEYS[1], 'open_until', 'probe', 'failures')
 local open_until = tonumber(state[1]) or 0
-if open_until == 0 then return 0 end
+if open_until == 0 then
+  if state[3] then return 2 end
+  return 0
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if now < open_until then return -(open_until - now) end
@@ -92,6 +97,11 @@ class CircuitBreaker:
     def allow(self, request: httpx.Request | None = None) -> bool:
         """May a request go out? True: yes, as the fleet's one probe; False: yes, closed.
         Raises :class:`CircuitOpen` (naming ``request``, which is not sent) while open."""
+        return self.admit(request) == PROBE
+
+    def admit(self, request: httpx.Request | None = None) -> int:
+        """:meth:`allow`, telling apart :data:`CLEAN` (closed, no failure counted: a success
+        has nothing to reset, so it need not be recorded), :data:`CLOSED` and :data:`PROBE`."""
         answer = int(self._allow(keys=[self.key], args=[int(self.probe_timeout * 1000),
                                                          int(self.interval * 1000)]))
         if answer < 0:
@@ -99,7 +109,7 @@ class CircuitBreaker:
                               retry_after=-answer / 1000,
                               method=request.method if request else "",
                               path=request.url.path if request else "")
-        return answer == 1
+        return answer
 
     def record(self, outcome: str) -> bool:
         """``ok``, ``failed`` or ``none`` (a probe that was not sent); True when open after."""
@@ -112,6 +122,7 @@ class CircuitBreaker:
 
 
 SAFE = ("GET", "HEAD", "OPTIONS")  # requests a probe may be: they change nothing
+CLEAN, PROBE, CLOSED = 0, 1, 2  # what :meth:`CircuitBreaker.admit` answers when not open
 
 
 def failed(status: int) -> bool:
@@ -123,12 +134,27 @@ class BreakerTransport(httpx.BaseTransport):
     """Wraps the transport to DokStamp: nothing is sent while the breaker is open, every
     answer and transport failure is recorded (see :class:`CircuitBreaker`)."""
 
-    def __init__(self, transport: httpx.BaseTransport, breaker: CircuitBreaker) -> None:
+    def __init__(self, transport: httpx.BaseTransport, breaker: CircuitBreaker, *,
+                 merged: bool = False) -> None:
         self.transport = transport
         self.breaker = breaker
+        # ``transport`` is a RateLimitedTransport: while the breaker is empty (the common
+        # case), its check rides on the limiter's round trip (see ``UNLESS_BREAKER``)
+        self.merged = merged
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        probe = self.breaker.allow(request)
+        if self.merged:  # the limiter checks that the breaker is empty as it takes the token
+            request.extensions[UNLESS_BREAKER] = self.breaker.key
+            try:
+                return self._send(request, CLEAN)
+            except BreakerNotClean:
+                pass  # the breaker holds something (no token was taken): ask it
+            finally:
+                request.extensions.pop(UNLESS_BREAKER, None)
+        return self._send(request, self.breaker.admit(request))
+
+    def _send(self, request: httpx.Request, gate: int) -> httpx.Response:
+        probe = gate == PROBE
         if probe and request.method not in SAFE:
             self._probe_with_a_read(request)
             probe = False  # closed now: the write goes out as an ordinary request
@@ -137,11 +163,16 @@ class BreakerTransport(httpx.BaseTransport):
         except httpx.TransportError:
             self.breaker.record("failed")
             raise
+        except BreakerNotClean:
+            raise  # not sent, no token taken, nothing to record: asked again at once
         except BaseException:  # not sent (the limiter's Paused...): free the probe
             if probe:
                 self.breaker.record("none")
             raise
-        self.breaker.record("failed" if failed(response.status_code) else "ok")
+        if failed(response.status_code):
+            self.breaker.record("failed")
+        elif gate != CLEAN:  # a success resets what was counted; with nothing counted, one
+            self.breaker.record("ok")  # round trip less per request (the common case)
         return response
 
     def _probe_with_a_read(self, write: httpx.Request) -> None:

@@ -62,7 +62,7 @@ def build_http_client(base_url: str, *, timeout: float = 10.0, connect_timeout: 
     if limiter:
         inner = RateLimitedTransport(inner, limiter)
     if breaker:
-        inner = BreakerTransport(inner, breaker)
+        inner = BreakerTransport(inner, breaker, merged=limiter is not None)
     return httpx.Client(
         base_url=base_url,
         timeout=httpx.Timeout(timeout, connect=connect_timeout),

@@ -24,9 +24,13 @@ import redis
 from dokstamp_sync.dokstamp.errors import Paused, parse_retry_after
 from dokstamp_sync.redis_keys import RedisKeys
 
-# KEYS[1] bucket, KEYS[2] pause, ARGV: rate (tokens/s), burst. Returns ms to wait (0: a token
-# was taken); negative: the tenant is paused (after a 429) for that many ms.
+# KEYS[1] bucket, KEYS[2] pause, KEYS[3] (optional) the circuit breaker's hash; ARGV: rate
+# (tokens/s), burst. Returns ms to wait (0: a token was taken); negative: the tenant is paused
+# (after a 429) for that many ms; 'breaker': the breaker holds something (failures counted, or
+# open), no token taken: ask it first. The breaker is usually empty, so its check and the
+# token cost one round trip together.
 _TAKE = """
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then return 'breaker' end
 local paused = redis.call('PTTL', KEYS[2])
 if paused > 0 then return -paused end
 local t = redis.call('TIME')
@@ -67,15 +71,20 @@ class RateLimiter:
         self.max_pause = max_pause  # the longest Retry-After obeyed (fleet pause, parks)
         self.unflushed: Counter[str] = Counter()  # responses, flushed by the sync context
 
-    def acquire(self, request: httpx.Request | None = None) -> None:
-        """Wait for a token. A tenant pause longer than ``max_wait`` raises :class:`Paused`
-        (naming ``request``, which is not sent) instead, so the caller parks its event rather
-        than sleep with its locks held."""
+    def acquire(self, request: httpx.Request | None = None, *,
+                unless_breaker: str | None = None) -> bool:
+        """Wait for a token; True once taken. A tenant pause longer than ``max_wait`` raises
+        :class:`Paused` (naming ``request``, which is not sent) instead, so the caller parks its
+        event rather than sleep with its locks held. With ``unless_breaker`` (a breaker's
+        key): False, no token taken, when that breaker holds anything."""
+        keys = [self._bucket, self._pause, *([unless_breaker] if unless_breaker else [])]
         while True:
-            wait_ms = int(self._take(keys=[self._bucket, self._pause],
-                                     args=[self.rate, self.burst]))
+            answer = self._take(keys=keys, args=[self.rate, self.burst])
+            if answer in (b"breaker", "breaker"):
+                return False
+            wait_ms = int(answer)
             if wait_ms == 0:
-                return
+                return True
             if wait_ms < 0 and -wait_ms / 1000 > self.max_wait:
                 raise Paused("paused after a 429 from DokStamp", retry_after=-wait_ms / 1000,
                              method=request.method if request else "",
@@ -98,6 +107,16 @@ class RateLimiter:
             self._redis.set(self._pause, "1", px=ms)
 
 
+# A request extension set by the breaker's transport (above this one): the breaker's key, whose
+# emptiness the limiter checks in the same round trip as it takes the token.
+UNLESS_BREAKER = "dokstamp.unless_breaker"
+
+
+class BreakerNotClean(Exception):  # a signal between two transports, not an error
+    """Raised by :class:`RateLimitedTransport`, no token taken, when asked (``UNLESS_BREAKER``)
+    and the breaker holds anything: the breaker's transport then asks the breaker itself."""
+
+
 class RateLimitedTransport(httpx.BaseTransport):
     """Wraps the transport that talks to DokStamp: every request waits for the shared bucket
     (or raises :class:`Paused`), every response is counted, and a 429 pauses every process of
@@ -112,7 +131,9 @@ class RateLimitedTransport(httpx.BaseTransport):
         self.limiter = limiter
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        self.limiter.acquire(request)
+        breaker = request.extensions.pop(UNLESS_BREAKER, None)
+        if not self.limiter.acquire(request, unless_breaker=breaker):
+            raise BreakerNotClean  # the breaker transport above asks the breaker, then again
         response = self.transport.handle_request(request)
         self.limiter.count_response(response.status_code)
         seconds = parse_retry_after(response.headers.get("Retry-After"))

@@ -94,7 +94,9 @@ def run(ctx: SyncContext, pk: int, *, flush: bool = True) -> str:
 
 
 def flush_counters(ctx: SyncContext) -> None:
-    """The counters, and the health check's proof that tasks are being processed."""
+    """The end of a task: the outcomes written marked reported, the counters, and the health
+    check's proof that tasks are being processed."""
+    ctx.store.flush_reported()
     ctx.counters.flush(beat=True)
 
 

@@ -23,8 +23,9 @@ log = logging.getLogger("dokstamp_sync.sync")
 
 
 class Heartbeat:
-    """Renews the lease of ``pks`` every ``lease / 3`` seconds until stopped; :meth:`done`
-    takes an event out (finished or parked: its next attempt time is its own again)."""
+    """Renews the lease of ``pks`` every ``lease / 3`` seconds until stopped, and marks the
+    outcomes written meanwhile reported; :meth:`done` takes an event out (finished or parked:
+    its next attempt time is its own again)."""
 
     def __init__(self, store: Store, pks: Iterable[int], lease: float,
                  floor: datetime) -> None:
@@ -57,6 +58,9 @@ class Heartbeat:
                 # A claim since the last beat set a later end than the floor; a park, an
                 # earlier one (unless longer than two thirds of the lease).
                 self.floor = self.store.renew(pks, self.lease, self.floor)
+        # Outcomes written since the last one recorded (a long run since): marked reported
+        # before the sweeper's settle delay would have it write them again.
+        self.store.flush_reported()
 
     def _beat(self) -> None:
         while not self.stopped.wait(self.lease / 3):

@@ -20,6 +20,21 @@ from dokstamp_sync.sync.outcomes import Busy
 
 LOCK_POLL = 0.01  # seconds between tries of a lock another worker holds
 
+# KEYS the locks; ARGV[1] their timeout (ms), ARGV[2..] their tokens. Extends every lock still
+# ours to the timeout (what redis-py's ``Lock.reacquire`` does for one) in one round trip;
+# returns the 1-based index of the first that is not ours any more, 0 when all are.
+_REACQUIRE_ALL = """
+local lost = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then
+    redis.call('PEXPIRE', key, ARGV[1])
+  elseif lost == 0 then
+    lost = i
+  end
+end
+return lost
+"""
+
 
 class Locks:
     """Locks named ``prefix + name`` that expire after ``timeout`` seconds (a dead worker
@@ -33,6 +48,7 @@ class Locks:
         self.kept: dict[str, int] = {}  # other keys renewed with them: name -> ttl in ms
         self._renewer: threading.Thread | None = None
         self._guard = threading.Lock()
+        self._reacquire_all = client.register_script(_REACQUIRE_ALL)
 
     @contextmanager
     def take(self, name: str, *, wait: float) -> Iterator[Lock]:
@@ -101,12 +117,21 @@ class Locks:
         one that kept them holds them for a whole timeout while its request is out."""
         with self._guard:
             held = list(self.held)
-        for lock in held:
-            try:
-                lock.reacquire()  # atomic: extended only while the token is still ours
-            except LockError:
-                raise LockNotOwnedError(f"lock {lock.name!r} lost before {method} {path}"
-                                        ) from None
+        lost = self._reacquire(held)
+        if lost is not None:
+            raise LockNotOwnedError(f"lock {lost.name!r} lost before {method} {path}")
+
+    def _reacquire(self, held: list[Lock]) -> Lock | None:
+        """Extend every lock in ``held`` still ours (atomic per lock, one round trip for
+        all); the first that is not ours any more, or None."""
+        if not held:
+            return None
+        tokens = [lock.local.token for lock in held]
+        if any(token is None for token in tokens):  # never acquired (or released): not ours
+            return held[tokens.index(None)]
+        lost = int(self._reacquire_all(keys=[lock.name for lock in held],
+                                       args=[int(self.timeout * 1000), *tokens]))
+        return held[lost - 1] if lost else None
 
     def keep(self, key: str, seconds: float) -> None:
         """Renew Redis key ``key`` to ``seconds`` with every renewal of the locks, until
@@ -124,9 +149,8 @@ class Locks:
         back to the full timeout if still ours; a lost one is left for :meth:`check`."""
         with self._guard:
             held, kept = list(self.held), dict(self.kept)
-        for lock in held:
-            with suppress(redis.RedisError, LockError):
-                lock.reacquire()
+        with suppress(redis.RedisError):
+            self._reacquire(held)
         for key, ms in kept.items():
             with suppress(redis.RedisError):
                 self.redis.pexpire(key, ms)  # a key deleted meanwhile stays deleted

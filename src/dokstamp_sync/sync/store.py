@@ -1,13 +1,10 @@
-"""The sync walk's one seam to the database: every method of :class:`Store` is one short
-transaction, and no other module of :mod:`dokstamp_sync.sync` opens a session or writes SQL.
-
-The walk never holds a transaction across an HTTP call: it reads what an attempt needs
-(:meth:`Store.claim`, :meth:`Store.attempt`), calls DokStamp, then records how the attempt ended
-(:meth:`Store.finish_synced`, :meth:`Store.conclude`). What the outcome is, the engine decides;
-the store applies it, guarded so that an event already final is never changed again.
-
-The hot path's statements are built once, on the tables (Core, not the ORM's unit of work), with
-bound parameters: building and caching a statement per call cost more than running it.
+"""The sync walk's one seam to the database: every method of :class:`Store` that writes is one
+short transaction (reads run outside one), and no other module of :mod:`dokstamp_sync.sync`
+opens a session or writes SQL. No transaction spans an HTTP call: the walk reads what an
+attempt needs (:meth:`Store.claim`, :meth:`Store.attempt`), calls DokStamp, then records how it
+ended (:meth:`Store.finish_synced`, :meth:`Store.conclude`), as the engine decided, guarded so
+that an event already final is never changed again. The hot path's statements are built once,
+on the tables (Core, not the ORM), with bound parameters.
 """
 
 from __future__ import annotations
@@ -22,10 +19,16 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dokstamp_sync.db import dialect_insert, lock_tag, once_more_if_disconnected, session_scope
+from dokstamp_sync.db import (
+    dialect_insert,
+    lock_tag,
+    once_more_if_disconnected,
+    reader_of,
+    session_scope,
+)
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
-from dokstamp_sync.reporting import Report, Result, mark_reported
+from dokstamp_sync.reporting import Report, Result, Unmarked, mark_reported
 from dokstamp_sync.states import OPEN, EventState, MappingStatus, RunState
 from dokstamp_sync.sync.letters import file_letter, resolve_letters
 from dokstamp_sync.sync.outcomes import Companion, Decision, Facts, Letter, Outcome, Park
@@ -67,11 +70,19 @@ class Store:
 
     def __init__(self, sessions: sessionmaker[Session], report: Report | None = None) -> None:
         self.sessions = sessions
+        self.readers = reader_of(sessions)
         self.report = report  # told the final outcomes a transaction recorded, after its commit
+        self.unmarked = Unmarked()  # outcomes written, their rows marked reported by the next
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
         with session_scope(self.sessions) as session:
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        """Reads only, no transaction around them (see :func:`~dokstamp_sync.db.reader_of`)."""
+        with self.readers() as session:
             yield session
 
     @contextmanager
@@ -80,20 +91,27 @@ class Store:
         (never when it failed), then marked reported (see :mod:`dokstamp_sync.pipeline.results`
         for the guarantee)."""
         results: list[Result] = []
-        with session_scope(self.sessions) as session:
-            yield session, results
-        if results and self.report is not None and self.report(results):
-            self.mark_reported(results)
-
-    def mark_reported(self, results: list[Result]) -> None:
-        """The outcomes were written to the stream: mark their rows reported (one short
-        transaction; a failure leaves them to the sweeper, which writes them again)."""
+        earlier = self.unmarked.take()
         try:
-            with self._tx() as session:
-                mark_reported(session, results)
-        except Exception as exc:
-            log.warning("could not mark %d outcome(s) reported (%s); they will be written "
-                        "again", len(results), type(exc).__name__)
+            with session_scope(self.sessions) as session:
+                yield session, results
+                mark_reported(session, earlier, same_state=True)
+        except BaseException:
+            self.unmarked.add(earlier)
+            raise
+        if results and self.report is not None and self.report(results):
+            self.unmarked.add(results)
+
+    def flush_reported(self) -> None:
+        """Mark what was written reported now (the end of a task): one short transaction; a
+        failure leaves them to the sweeper, which writes them again."""
+        if earlier := self.unmarked.take():
+            try:
+                with self._tx() as session:
+                    mark_reported(session, earlier, same_state=True)
+            except Exception as exc:
+                log.warning("could not mark %d outcome(s) reported (%s); they will be written "
+                            "again", len(earlier), type(exc).__name__)
 
     # -- reading what an attempt needs ----------------------------------------------------
 
@@ -145,7 +163,7 @@ class Store:
 
     def payload(self, pk: int) -> dict[str, Any] | str:
         """The open event's payload, or the state it is in."""
-        with self._tx() as session:
+        with self._read() as session:
             record = session.get(InboxEvent, pk)
             if record is None or record.state not in OPEN:
                 return _state(session, pk)
@@ -155,7 +173,7 @@ class Store:
                 refs: Iterable[tuple[str, str]]) -> View | str:
         """The open event, whether a newer one exists, its own mapping and those of the
         entities it refers to (in one query); or the state it is in."""
-        with self._tx() as session:
+        with self._read() as session:
             row = session.execute(_READ_OPEN, {"pk": pk}).one_or_none()
             if row is None:
                 return _state(session, pk)
@@ -165,7 +183,7 @@ class Store:
                     behind=bool(row[3]))
 
     def mapping(self, entity: str, key: str) -> Snapshot | None:
-        with self._tx() as session:
+        with self._read() as session:
             return _mappings(session, [(entity, key)]).get((entity, key))
 
     def latest(self, entity: str, key: str) -> tuple[Latest | None, Snapshot | None]:
@@ -174,7 +192,7 @@ class Store:
         The event is read first: a synced event's mapping was committed with its state, so the
         mapping read after it cannot miss it (READ COMMITTED: each statement sees the latest).
         """
-        with self._tx() as session:
+        with self._read() as session:
             row = session.execute(
                 select(InboxEvent.id, InboxEvent.state, InboxEvent.op,
                        InboxEvent.next_attempt_at)
@@ -190,7 +208,7 @@ class Store:
         """The payloads of the entity's newest upserts known in the inbox, newest first, in
         any state (open, synced, dead, superseded): what a delete without a mapping to trust
         searches DokStamp by."""
-        with self._tx() as session:
+        with self._read() as session:
             return list(session.scalars(
                 select(InboxEvent.payload)
                 .where(InboxEvent.entity == entity, InboxEvent.erp_key == key,
@@ -208,20 +226,20 @@ class Store:
             query = query.where(Mapping.status != MappingStatus.DELETED)
         if besides is not None:
             query = query.where(Mapping.erp_key != besides).order_by(Mapping.erp_key)
-        with self._tx() as session:
+        with self._read() as session:
             key: str | None = session.scalar(query.limit(1))
             return key
 
     def backlog(self, entity: str) -> int:
         """Open upserts of one entity kind (the listing shortcut's threshold)."""
-        with self._tx() as session:
+        with self._read() as session:
             return int(session.scalar(select(func.count()).select_from(InboxEvent).where(
                 InboxEvent.entity == entity, InboxEvent.op == "upsert",
                 InboxEvent.state.in_(OPEN))) or 0)
 
     def file_companions(self, event_id: str, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
         """Other file upserts never tried yet: (pk, ERP key, payload), oldest first."""
-        with self._tx() as session:
+        with self._read() as session:
             rows = session.execute(
                 select(InboxEvent.id, InboxEvent.erp_key, InboxEvent.payload)
                 .where(InboxEvent.entity == "file", InboxEvent.op == "upsert",
@@ -233,7 +251,7 @@ class Store:
     # -- natural keys ---------------------------------------------------------------------
 
     def known_uuid(self, entity: str, key: str) -> str | None:
-        with self._tx() as session:
+        with self._read() as session:
             return _known_uuid(session, entity, key)
 
     def remember_natural_key(self, entity: str, key: str, uuid: str) -> str:
