@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, update
+from sqlalchemy import Table, bindparam, or_, update
 from sqlalchemy.orm import Session
 
 from dokstamp_sync.models import DeadLetter, InboxEvent, utcnow
@@ -74,7 +74,9 @@ _MARK_EVENTS = update(EVENTS).where(
     EVENTS.c.state.in_(REPORTED)).values(reported_at=bindparam("now"))
 _MARK_EVENTS_IN_STATE = update(EVENTS).where(
     EVENTS.c.id.in_(bindparam("pks", expanding=True)), EVENTS.c.reported_at.is_(None),
-    EVENTS.c.state == bindparam("b_state")).values(reported_at=bindparam("now"))
+    EVENTS.c.state == bindparam("b_state"),
+    or_(EVENTS.c.finished_at.is_(None), EVENTS.c.finished_at <= bindparam("b_written")),
+).values(reported_at=bindparam("now"))
 _MARK_RESOLVED = update(LETTERS).where(
     LETTERS.c.id.in_(bindparam("ids", expanding=True)), LETTERS.c.reported_at.is_(None),
     LETTERS.c.status == LetterStatus.SUPERSEDED).values(reported_at=bindparam("now"))
@@ -86,20 +88,21 @@ RESOLVED = "resolved: a newer event of this entity synced"
 
 
 def mark_reported(session: Session, results: Sequence[Result], *,
-                  same_state: bool = False) -> None:
+                  written: datetime | None = None) -> None:
     """Mark the rows behind ``results`` reported (they were written to the stream).
-    ``same_state``: an event's row only while it is still in the state reported (marked a
-    while after the write, it may have been replayed and ended otherwise since: that outcome
-    is still to be written)."""
+    ``written`` (when they were written, marked a while later): an event's row only while it
+    is still in the state reported and finished no later than that, so that an event replayed
+    and ended again since, its new outcome still to be written, is not marked by the old."""
     now = utcnow()
+    same_state = written is not None
     if same_state:
         by_state: dict[str, set[int]] = {}
         for r in results:
             if r.event_pk is not None:
                 by_state.setdefault(r.state, set()).add(r.event_pk)
         for state, in_state in sorted(by_state.items()):
-            session.execute(_MARK_EVENTS_IN_STATE,
-                            {"pks": sorted(in_state), "now": now, "b_state": state})
+            session.execute(_MARK_EVENTS_IN_STATE, {"pks": sorted(in_state), "now": now,
+                                                    "b_state": state, "b_written": written})
     pks = [] if same_state else sorted({r.event_pk for r in results if r.event_pk is not None})
     resolved = sorted({r.dead_letter_id for r in results if r.dead_letter_id is not None
                        and r.state == EventState.SUPERSEDED and r.event_pk is None})
@@ -122,16 +125,27 @@ class Unmarked:
     once, docs/outcomes.md)."""
 
     def __init__(self) -> None:
-        self._results: list[Result] = []
+        self._written: list[tuple[Sequence[Result], datetime]] = []
         self._guard = threading.Lock()
 
-    def add(self, results: Sequence[Result]) -> None:
-        with self._guard:
-            self._results.extend(results)
+    def add(self, results: Sequence[Result], written: datetime | None = None) -> None:
+        """Outcomes just written to the stream (``written``: when, now by default)."""
+        if results:
+            with self._guard:
+                self._written.append((results, written or utcnow()))
 
-    def take(self) -> list[Result]:
-        """All of them, to be marked by the caller's transaction (:meth:`add` them back if it
-        fails)."""
+    def take(self) -> list[tuple[Sequence[Result], datetime]]:
+        """All of them, with when each was written, to be marked by the caller's transaction
+        (:meth:`mark`; :meth:`add` them back if it fails)."""
         with self._guard:
-            taken, self._results = self._results, []
+            taken, self._written = self._written, []
         return taken
+
+    def put_back(self, taken: list[tuple[Sequence[Result], datetime]]) -> None:
+        with self._guard:
+            self._written[:0] = taken
+
+    @staticmethod
+    def mark(session: Session, taken: list[tuple[Sequence[Result], datetime]]) -> None:
+        for results, written in taken:
+            mark_reported(session, results, written=written)

@@ -188,3 +188,13 @@ def test_the_limiter_checks_an_empty_breaker_in_its_own_round_trip(engine_redis)
     assert per_request[6] == 4
     assert tokens_after <= tokens_before + 1  # the held request took no token (refill aside)
     assert breaker.open_for() is not None
+
+
+def test_an_unsent_probe_does_not_leave_an_empty_breaker_behind(engine_redis):
+    """A probe that was not sent after another request's success deleted the breaker's hash
+    leaves no hash behind: the limiter would otherwise see a breaker that is never empty and
+    ask it first on every request."""
+    breaker = CircuitBreaker(engine_redis, "t-none", threshold=1, interval=5)
+    breaker.record("ok")
+    breaker.record("none")
+    assert not engine_redis.exists(breaker.key)

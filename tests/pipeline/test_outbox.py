@@ -207,8 +207,8 @@ def test_the_pumps_sweeper_thread_writes_what_was_left(h, ctx, sandbox, database
 def test_outcomes_are_marked_by_the_next_outcomes_transaction_and_at_a_tasks_end(h, ctx):
     """Within a task (runs without the end-of-task flush), an outcome written to the stream is
     marked reported in the transaction that records the next outcome, not in one of its own;
-    the task's end marks the last. A row changed since its outcome was written (replayed and
-    now pending) is not marked: its next outcome is still to be written."""
+    the task's end marks the last. A row that ended again since its outcome was written
+    (replayed, synced again) is not marked: its new outcome is still to be written."""
     first, second, third = h.send(student("S-1", event_id="e-1"),
                                   student("S-2", event_id="e-2", email="s2@example.edu"),
                                   student("S-3", event_id="e-3", email="s3@example.edu"))
@@ -239,9 +239,10 @@ def test_outcomes_are_marked_by_the_next_outcomes_transaction_and_at_a_tasks_end
         with session_scope(ctx.sessions) as s:
             assert s.scalar(select(InboxEvent.reported_at).where(
                 InboxEvent.event_id == "e-1")) is not None
-            # e-2 is replayed before it is marked: pending again
+            # e-2 is replayed and syncs again before the first outcome is marked, and that
+            # second outcome was never written (its worker died before the XADD)
             s.execute(update(InboxEvent).where(InboxEvent.event_id == "e-2").values(
-                state="pending"))
+                finished_at=func.now() + timedelta(seconds=1)))
         assert engine.run(ctx, third, flush=False) == "synced"
         engine.flush_counters(ctx)  # the task's end
     finally:
@@ -251,4 +252,4 @@ def test_outcomes_are_marked_by_the_next_outcomes_transaction_and_at_a_tasks_end
         marked = dict(s.execute(select(InboxEvent.event_id, InboxEvent.reported_at)).all())
     assert marked["e-1"] is not None
     assert marked["e-3"] is not None  # marked at the task's end
-    assert marked["e-2"] is None  # pending since its outcome was written: left unmarked
+    assert marked["e-2"] is None  # ended again since its outcome was written: left unmarked

@@ -125,6 +125,31 @@ def test_a_gateway_timeout_whose_write_lands_later_waits_and_yields_one_entity(h
     assert h.mapping("student", "S-1").dokstamp_uuid == held["uuid"]
 
 
+def test_a_slow_503_whose_write_lands_later_waits_and_yields_one_entity(make_ctx, sandbox):
+    """A proxy's HTML 503 that comes 2.5 s after the POST (a gateway that gave up waiting, as
+    a PaaS router does) while the API applies the write a second later: it is no prompt
+    answer, so the event waits out the window instead of creating again, then adopts the late
+    student. Exactly one student, POSTed once."""
+    h = Harness(make_ctx(timeout=6))
+    h.ctx.limits = replace(h.ctx.limits, in_call_attempts=1, create_window=4.0)
+    sandbox.sandbox.faults.configure(Faults(script=[
+        ScriptedFault("POST", "/students", status=503, delay_s=2.5, land_after_s=1.0)],
+        error_html=True))
+    e = student()
+    assert h.sync(e) == ["waiting"]
+    assert "may still land" in h.record(e["event_id"]).last_error
+    deadline = time.monotonic() + 20
+    while list(h.ctx.redis.scan_iter(f"{RedisKeys().inflight}*")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    h.drain()
+    assert h.state(e["event_id"]) == "synced"
+    (held,) = live(sandbox, "students")
+    assert calls(sandbox)["POST /students"] == 1
+    assert h.mapping("student", "S-1").dokstamp_uuid == held["uuid"]
+
+
 def test_a_dropped_database_connection_hands_the_event_back_at_once(h, sandbox, database_url,
                                                                    monkeypatch):
     """Every PostgreSQL connection is terminated between the student's create and its

@@ -55,7 +55,10 @@ return 1
 # threshold, interval (ms), ttl (ms). Returns 1 when the breaker is open afterwards.
 _RESULT = """
 if ARGV[1] == 'ok' then redis.call('DEL', KEYS[1]) return 0 end
-if ARGV[1] == 'none' then redis.call('HSET', KEYS[1], 'probe', 0) return 0 end
+if ARGV[1] == 'none' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'probe', 0) end
+  return 0
+end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until')) or 0
 local opened = 0
@@ -172,7 +175,9 @@ class BreakerTransport(httpx.BaseTransport):
         if failed(response.status_code):
             self.breaker.record("failed")
         elif gate != CLEAN:  # a success resets what was counted; with nothing counted, one
-            self.breaker.record("ok")  # round trip less per request (the common case)
+            self.breaker.record("ok")  # round trip less per request (the common case). So a
+            # success that began clean does not reset failures counted while it was out: the
+            # breaker may then open on failures not quite consecutive, never stay shut longer
         return response
 
     def _probe_with_a_read(self, write: httpx.Request) -> None:

@@ -284,18 +284,24 @@ def from_httpx_error(exc: httpx.HTTPError, request: httpx.Request) -> TransportE
 # be working on the request: 504, and the non-standard 524 (a CDN's origin timeout) and 598/599
 # (a proxy's network read timeout).
 GATEWAY_TIMEOUTS = frozenset({504, 524, 598, 599})
+# Some gateways that give up waiting for a working API say so with a 502 or 503 instead (a
+# PaaS router's 503, a cloud load balancer's 502), after their own timeout: 15 s or more by
+# default, and longer ones reach us as our own read timeout. A 5xx answered within this many
+# seconds of sending was no such give-up.
+ANSWERED_WITHIN = 2.0
 
 
-def may_land_later(exc: DokStampError) -> bool:
+def may_land_later(exc: DokStampError, took: float | None = None) -> bool:
     """Whether a failed write may still be applied AFTER we saw it fail: it was sent and got no
-    answer (a timeout, a connection dropped), or a gateway answered that it gave up waiting.
-    Any other answer ends the request: a 5xx, or a success status with an unusable body, was
-    given once the server (or the proxy that refused it) was done with it; whatever it wrote
-    is there now, for a search to find."""
+    answer (a timeout, a connection dropped), or a gateway answered that it gave up waiting (a
+    gateway-timeout status, or any 5xx that took ``took`` >= :data:`ANSWERED_WITHIN` seconds,
+    or whose time is unknown). Any other answer ends the request: a prompt 5xx, or a success
+    status with an unusable body, was given once the server (or the proxy that refused it) was
+    done with it; whatever it wrote is there now, for a search to find."""
     if isinstance(exc, TransportError):
         return exc.sent
     if isinstance(exc, ServerError):
-        return exc.status in GATEWAY_TIMEOUTS
+        return exc.status in GATEWAY_TIMEOUTS or took is None or took >= ANSWERED_WITHIN
     return not isinstance(exc, MalformedResponse)
 
 

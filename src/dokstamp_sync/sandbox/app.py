@@ -130,7 +130,10 @@ class Sandbox:
         if latency:
             await asyncio.sleep(latency)
         if decision.status is not None and decision.land_after_s:
-            # A gateway gave up waiting and answered; the API still applies the request.
+            # A gateway gave up waiting (after ``delay_s``) and answered; the API still
+            # applies the request, ``land_after_s`` after that answer.
+            if decision.delay_s:
+                await asyncio.sleep(decision.delay_s)
             self.stats.record(key, decision.status, injected=True)
             task = asyncio.get_running_loop().create_task(self._land_later(
                 request, handler, auth=auth, tenant=tenant, after=decision.land_after_s))

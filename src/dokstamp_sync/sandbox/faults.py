@@ -72,8 +72,8 @@ class ScriptedFault:
     times: int = 1
     delay_s: float = 0.0
     body: MalformedBody | None = None
-    # answer ``status`` at once, and apply the request this many seconds later: a gateway that
-    # gave up waiting (a 504) while the API still works on it
+    # answer ``status`` (after ``delay_s``), and apply the request this many seconds after
+    # that: a gateway that gave up waiting (a 504, or a slow 502/503) while the API still works
     land_after_s: float = 0.0
     # faults armed once this one is spent: ``then=[{"method": "GET", "route": "/students",
     # "status": 503}]`` fails the search a client makes right after a lost create

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from types import TracebackType
@@ -20,6 +21,10 @@ from types import TracebackType
 from dokstamp_sync.sync.store import Store
 
 log = logging.getLogger("dokstamp_sync.sync")
+
+# s between two markings of written outcomes as reported: half the sweeper's settle delay
+# (pipeline/outbox.SETTLE, 10 s), which the walk may not import
+MARK_EVERY = 5.0
 
 
 class Heartbeat:
@@ -58,13 +63,17 @@ class Heartbeat:
                 # A claim since the last beat set a later end than the floor; a park, an
                 # earlier one (unless longer than two thirds of the lease).
                 self.floor = self.store.renew(pks, self.lease, self.floor)
-        # Outcomes written since the last one recorded (a long run since): marked reported
-        # before the sweeper's settle delay would have it write them again.
-        self.store.flush_reported()
 
     def _beat(self) -> None:
-        while not self.stopped.wait(self.lease / 3):
+        # Outcomes written since the last one recorded (a long run since) are marked reported
+        # every MARK_EVERY seconds, well before the sweeper's settle delay would have it write
+        # them again, whatever the lease; the lease is renewed every third of it.
+        renewed = time.monotonic()
+        while not self.stopped.wait(min(self.lease / 3, MARK_EVERY)):
             try:
-                self.beat()
+                if time.monotonic() - renewed >= self.lease / 3 - 0.01:
+                    self.beat()
+                    renewed = time.monotonic()
+                self.store.flush_reported()
             except Exception:  # the database away: the next beat tries again
                 log.exception("lease heartbeat failed")

@@ -149,8 +149,8 @@ class Locks:
         back to the full timeout if still ours; a lost one is left for :meth:`check`."""
         with self._guard:
             held, kept = list(self.held), dict(self.kept)
-        with suppress(redis.RedisError):
-            self._reacquire(held)
+        with suppress(redis.RedisError):  # one released meanwhile is skipped, not all
+            self._reacquire([lock for lock in held if lock.local.token is not None])
         for key, ms in kept.items():
             with suppress(redis.RedisError):
                 self.redis.pexpire(key, ms)  # a key deleted meanwhile stays deleted

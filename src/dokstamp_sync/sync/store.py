@@ -28,7 +28,7 @@ from dokstamp_sync.db import (
 )
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
-from dokstamp_sync.reporting import Report, Result, Unmarked, mark_reported
+from dokstamp_sync.reporting import Report, Result, Unmarked
 from dokstamp_sync.states import OPEN, EventState, MappingStatus, RunState
 from dokstamp_sync.sync.letters import file_letter, resolve_letters
 from dokstamp_sync.sync.outcomes import Companion, Decision, Facts, Letter, Outcome, Park
@@ -95,9 +95,9 @@ class Store:
         try:
             with session_scope(self.sessions) as session:
                 yield session, results
-                mark_reported(session, earlier, same_state=True)
+                Unmarked.mark(session, earlier)
         except BaseException:
-            self.unmarked.add(earlier)
+            self.unmarked.put_back(earlier)
             raise
         if results and self.report is not None and self.report(results):
             self.unmarked.add(results)
@@ -108,10 +108,10 @@ class Store:
         if earlier := self.unmarked.take():
             try:
                 with self._tx() as session:
-                    mark_reported(session, earlier, same_state=True)
+                    Unmarked.mark(session, earlier)
             except Exception as exc:
                 log.warning("could not mark %d outcome(s) reported (%s); they will be written "
-                            "again", len(earlier), type(exc).__name__)
+                            "again", sum(len(r) for r, _ in earlier), type(exc).__name__)
 
     # -- reading what an attempt needs ----------------------------------------------------
 

@@ -8,6 +8,7 @@ same find-or-create and re-check; each returns an :class:`~.outcomes.Outcome`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from hashlib import sha256
@@ -206,6 +207,7 @@ def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
     # worker that takes over from this one (frozen with its request out) still waits, then
     # searches.
     ctx.creates.hold(spec.entity, key, window + ctx.locks.timeout)
+    sent = time.monotonic()
     try:
         created = create(payload)
         ctx.count("creates")
@@ -214,14 +216,15 @@ def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
         # The write may have happened, or may still happen (a slow write lands after the
         # client gave up). Marked first (a worker lost from here on leaves the window), then
         # searched at once: a lost response (the common case) is found and adopted now.
+        took = time.monotonic() - sent  # a slow 5xx may be a gateway that gave up waiting
         ctx.creates.mark(spec.entity, key, window)
         landed, searched = search_after_failure(ctx, spec, event, payload)
         if landed is not None:
             return None, landed
-        if searched and not may_land_later(exc):
-            # Answered (a 5xx other than a gateway's timeout, an unusable 2xx) or never sent:
-            # the request is over and wrote nothing the search could find, so nothing can land
-            # late. Settled: the attempt is retried as any 5xx is, and creates again.
+        if searched and not may_land_later(exc, took):
+            # Answered (a prompt 5xx other than a gateway's timeout, an unusable 2xx) or never
+            # sent: the request is over and wrote nothing the search could find, so nothing can
+            # land late. Settled: the attempt is retried as any 5xx is, and creates again.
             ctx.creates.clear(spec.entity, key)
             ctx.count("failed_creates_settled")
             raise
