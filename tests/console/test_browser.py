@@ -80,13 +80,23 @@ def browser(tmp_path):
 def click_through(driver, by: str, value: str) -> None:
     """Click a link or a submit button and wait until the next page replaced this one: a click
     returns before the navigation it starts has finished (it failed under load)."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
 
     page = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(by, value).click()
-    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(page))
+
+    def replaced(_driver: object) -> bool:
+        # The old page's root is gone: stale, or (Chromium, mid-navigation) "Node with given
+        # id does not belong to the document", which selenium's staleness_of does not catch.
+        try:
+            page.is_enabled()
+        except WebDriverException:
+            return True
+        return False
+
+    WebDriverWait(driver, 30).until(replaced)
 
 
 def text_of(driver, css: str) -> str:
