@@ -128,11 +128,11 @@ class Unmarked:
         self._written: list[tuple[Sequence[Result], datetime]] = []
         self._guard = threading.Lock()
 
-    def add(self, results: Sequence[Result], written: datetime | None = None) -> None:
-        """Outcomes just written to the stream (``written``: when, now by default)."""
+    def add(self, results: Sequence[Result]) -> None:
+        """Outcomes just written to the stream."""
         if results:
             with self._guard:
-                self._written.append((results, written or utcnow()))
+                self._written.append((results, utcnow()))
 
     def take(self) -> list[tuple[Sequence[Result], datetime]]:
         """All of them, with when each was written, to be marked by the caller's transaction
