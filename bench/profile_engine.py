@@ -17,6 +17,8 @@ import cProfile
 import json
 import os
 import pstats
+import sys
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -39,13 +41,36 @@ PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1
 REDIS_URL = os.environ.get("BENCH_PROFILE_REDIS_URL", "redis://127.0.0.1:6379/8")
 
 
-def watch(db: Engine, counts: Counter[str]) -> None:
-    """Count SQL statements, transactions and Redis round trips from now on (this process)."""
+def caller() -> str:
+    """The innermost function of dokstamp_sync (outside this file) on the stack, as
+    ``module:function``: who asked for a round trip."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        name = frame.f_code.co_name
+        # wrappers (a session scope, a store's transaction helpers) name no caller
+        wrapper = module == "dokstamp_sync.db" or (module == "dokstamp_sync.sync.store" and (
+            name.startswith("_") or name == "run"))
+        if module.startswith("dokstamp_sync") and name != "<lambda>" and not wrapper:
+            return f"{module.removeprefix('dokstamp_sync.')}:{name}"
+        frame = frame.f_back  # type: ignore[assignment]
+    return "?"
+
+
+def watch(db: Engine, counts: Counter[str], callers: Counter[str] | None = None,
+          txs: Counter[str] | None = None) -> None:
+    """Count SQL statements, transactions and Redis round trips from now on (this process);
+    with ``callers`` and ``txs``, the round trips and the transactions by the dokstamp_sync
+    function that made them."""
+    txs = txs if txs is not None else Counter()
     event.listen(db, "before_cursor_execute", lambda *_a: counts.update(["sql"]))
 
     def ended(conn: Any) -> None:  # a session on an autocommit connection sent no BEGIN
         autocommit = conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
-        counts.update(["reads" if autocommit else "tx"])
+        kind = "reads" if autocommit else "tx"
+        counts.update([kind])
+        if callers is not None and kind == "tx":
+            txs.update([caller()])
 
     event.listen(db, "commit", ended)
     event.listen(db, "rollback", ended)
@@ -53,6 +78,8 @@ def watch(db: Engine, counts: Counter[str]) -> None:
 
     def counted(self: Connection, command: object, check_health: bool = True) -> None:
         counts.update(["redis"])
+        if callers is not None and threading.current_thread() is threading.main_thread():
+            callers.update([caller()])
         send(self, command, check_health)
 
     # Every command or pipeline goes out through this one method: one call, one round trip.
@@ -65,6 +92,9 @@ def main() -> None:
     p.add_argument("--top", type=int, default=45)
     p.add_argument("--no-profile", action="store_true",
                    help="time only: no cProfile overhead")
+    p.add_argument("--callers", action="store_true",
+                   help="also list Redis round trips and transactions per event by the "
+                        "function that made them")
     args = p.parse_args()
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
@@ -85,7 +115,9 @@ def main() -> None:
         while ingester.poll(block_ms=10):
             pass
         counts: Counter[str] = Counter()
-        watch(db, counts)
+        callers: Counter[str] = Counter()
+        txs: Counter[str] = Counter()
+        watch(db, counts, callers if args.callers else None, txs)
         profile = cProfile.Profile()
         start, cpu_start = time.perf_counter(), time.thread_time()
 
@@ -110,6 +142,10 @@ def main() -> None:
     print(f"per event: {counts['sql'] / n:.1f} SQL statements, {counts['tx'] / n:.1f} "
           f"transactions, {counts['reads'] / n:.1f} reads outside one, "
           f"{counts['redis'] / n:.1f} Redis round trips")
+    for name, k in callers.most_common():
+        print(f"  {k / n:5.2f} Redis round trips per event: {name}")
+    for name, k in txs.most_common():
+        print(f"  {k / n:5.2f} transactions per event: {name}")
     if args.no_profile:
         return
     pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)

@@ -23,7 +23,6 @@ from sqlalchemy import select
 from dokstamp_sync.db import session_scope
 from dokstamp_sync.demo.samples import event
 from dokstamp_sync.models import InboxEvent
-from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.sandbox import Faults, ScriptedFault
 from dokstamp_sync.testing import T0, calls, live
 from test_worker import start_worker, wait_settled, wredis, xadd  # noqa: F401  # fixtures
@@ -61,10 +60,10 @@ def test_a_worker_frozen_in_the_rate_limiter_never_posts_after_a_take_over(
     a = start_worker(concurrency=1, rate=0.5, **FAST)
     xadd(wredis, [INSTITUTION])
     wait_settled(sessions, 1, timeout=60, proc=a)
-    marks = RedisKeys().inflight
     xadd(wredis, [COURSE])
-    # A marks the create in flight, then waits for its POST's token: freeze it right there.
-    wait_until(lambda: any(wredis.scan_iter(f"{marks}course:*")), 60, "A's create mark")
+    # A searches (GET /courses), then waits ~2 s for its POST's token: freeze it right there
+    # (its create's marks are set by the check after that wait, so they are not there yet).
+    wait_until(lambda: calls(sandbox).get("GET /courses", 0) >= 1, 60, "A's search")
     posts_before = calls(sandbox).get("POST /courses", 0)
     os.killpg(a.pid, signal.SIGSTOP)
     try:

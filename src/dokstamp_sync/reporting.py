@@ -64,6 +64,8 @@ class Result:
 
 
 Report = Callable[[Sequence[Result]], bool]  # True: written (the rows may be marked reported)
+# Queues results to be written with a round trip made anyway; calls back once they were.
+Later = Callable[[Sequence[Result], Callable[[], None]], None]
 
 
 # Only an event still final is marked: one replayed meanwhile is open again (and reported when

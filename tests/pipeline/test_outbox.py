@@ -51,6 +51,8 @@ def away(h: Any) -> Iterator[Callable[[], None]]:
                          retry=Retry(NoBackoff(), 0))
 
     def switch() -> None:
+        # The walk's outcomes go with its lock releases (Store.later): through it instead.
+        h.ctx.store.later = None
         h.ctx.store.report = h.ingester.report = Publisher(client)
 
     yield switch

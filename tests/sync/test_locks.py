@@ -3,12 +3,20 @@ just before every DokStamp write (a lost lock aborts the attempt unsent)."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.connection import Connection
 from redis.exceptions import LockNotOwnedError
+from redis.retry import Retry
 
+from dokstamp_sync.redis_keys import RESULTS_STREAM
 from dokstamp_sync.sandbox import Faults
+from dokstamp_sync.sync import engine
+from dokstamp_sync.sync.locks import Locks
 from dokstamp_sync.testing import live, student
 
 
@@ -107,3 +115,130 @@ def test_a_timed_out_create_is_not_posted_again_before_the_late_write_lands(h, c
         slow.close()  # its own connections (a leaked socket fails a later test's warnings)
     assert len(live(sandbox, "students")) == 1
     assert calls(sandbox).get("POST /students") == 1
+
+
+COMMAND = re.compile(rb"\*\d+\r\n\$\d+\r\n([A-Z]+)\r\n")  # a command's name, RESP-encoded
+
+
+@pytest.fixture
+def round_trips(monkeypatch):
+    """Every round trip to Redis from now on (a pipeline is one), as its commands' names."""
+    sent: list[list[str]] = []
+    real = Connection.send_packed_command
+
+    def counted(self: Connection, command: object, check_health: bool = True) -> None:
+        blob = b"".join(command) if isinstance(command, list) else command  # type: ignore[arg-type]
+        sent.append([m.decode() for m in COMMAND.findall(blob)])
+        real(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", counted)
+    return sent
+
+
+def test_a_lock_taken_with_reads_answers_them_in_the_same_round_trip(ctx, round_trips):
+    """The natural key's lock is taken and the key's marks read in one round trip; the reads'
+    answers come from the try that took the lock."""
+    ctx.redis.set("probe", "1", px=60_000)
+    round_trips.clear()
+    with ctx.locks.take("nk:student:x", wait=0.1,
+                        reads=lambda pipe: (pipe.pttl("probe"), pipe.exists("absent"))) as held:
+        assert len(round_trips) == 1
+        assert 50_000 < held.read[0] <= 60_000
+        assert held.read[1] == 0
+    assert ctx.locks.new("nk:student:x").acquire(blocking=False)  # released
+
+
+def test_keys_set_with_the_check_are_set_only_when_every_lock_is_still_ours(ctx, round_trips):
+    """A create's marks ride on the check before its POST: set in that round trip when the
+    locks are ours; never set when one was lost (the POST does not leave then)."""
+    with ctx.locks.take("entity:student:S-1", wait=0.1):
+        ctx.locks.set_with_check("mark:a", 30)
+        round_trips.clear()
+        ctx.locks.check("POST", "/students")
+        assert len(round_trips) == 1
+        assert ctx.redis.pttl("mark:a") > 29_000
+        ctx.locks.set_with_check("mark:b", 30)
+        ctx.redis.delete(f"{ctx.locks.prefix}entity:student:S-1")  # lost (expired)
+        with pytest.raises(LockNotOwnedError):
+            ctx.locks.check("POST", "/students")
+        assert not ctx.redis.exists("mark:b")
+    assert ctx.locks.to_set == {}
+
+
+def test_queued_writes_go_with_the_next_release_and_their_fate_is_told(ctx, round_trips):
+    """Writes queued while a lock is held go out in the round trip of its release, in order,
+    and each is told it was carried out; with no lock held they go at once; when Redis cannot
+    be reached they are told they were not (an outcome then stays for the sweeper)."""
+    told: list[tuple[str, bool]] = []
+    with ctx.locks.take("entity:student:S-1", wait=0.1):
+        ctx.locks.later(lambda pipe: pipe.set("q:1", "a"), lambda ok: told.append(("1", ok)))
+        ctx.locks.later(lambda pipe: pipe.delete("q:1"), lambda ok: told.append(("2", ok)))
+        ctx.locks.later(lambda pipe: pipe.xadd("q:s", {"f": "v"}),
+                        lambda ok: told.append(("3", ok)))
+        assert told == []
+        assert not ctx.redis.exists("q:s")
+        round_trips.clear()
+    assert len(round_trips) == 1
+    assert round_trips[0][-1] == "EVAL"
+    assert told == [("1", True), ("2", True), ("3", True)]
+    assert not ctx.redis.exists("q:1")
+    assert ctx.redis.xlen("q:s") == 1
+    assert not ctx.redis.exists(f"{ctx.locks.prefix}entity:student:S-1")
+    ctx.locks.later(lambda pipe: pipe.set("q:2", "b"), lambda ok: told.append(("4", ok)))
+    assert ctx.redis.get("q:2") == b"b"
+    assert told[-1] == ("4", True)
+
+    away = Locks(redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2,
+                             retry=Retry(NoBackoff(), 0)), "x:")
+    away.later(lambda pipe: pipe.set("q:3", "c"), lambda ok: told.append(("5", ok)))
+    assert told[-1] == ("5", False)
+
+
+def test_a_release_queued_behind_the_entity_lock_goes_with_it(ctx, round_trips):
+    """The natural key's lock, released later, goes in the entity lock's release round trip;
+    until then no one else can take it, and this process taking it again sends the release
+    first rather than wait for itself."""
+    with ctx.locks.take("entity:student:S-1", wait=0.1):
+        with ctx.locks.take("nk:student:x", wait=0.1, release_later=True):
+            pass
+        other = Locks(ctx.redis, ctx.locks.prefix)  # another worker
+        assert not other.new("nk:student:x").acquire(blocking=False)  # still held
+        with ctx.locks.take("nk:student:x", wait=0.1, release_later=True):
+            assert ctx.locks.held[-1].name.endswith("nk:student:x")
+        round_trips.clear()
+    assert len(round_trips) == 1
+    assert round_trips[0] == ["EVAL", "EVAL"]  # both releases in one
+    assert not ctx.redis.keys(f"{ctx.locks.prefix}*")
+
+
+def test_a_lock_verified_just_now_is_confirmed_without_asking_redis(ctx, round_trips):
+    """A lock taken (or extended) under a second ago is confirmed with no round trip; one
+    verified longer ago (a worker frozen since) is asked for, and a lost one fails."""
+    with ctx.locks.take("entity:student:S-1", wait=0.1) as held:
+        round_trips.clear()
+        ctx.locks.confirm(held)
+        assert round_trips == []
+        ctx.locks.verified[held.name] -= 2  # as if frozen for 2 s since
+        ctx.locks.confirm(held)
+        assert len(round_trips) == 1
+        ctx.locks.verified[held.name] -= 2
+        ctx.redis.delete(held.name)
+        with pytest.raises(LockNotOwnedError):
+            ctx.locks.confirm(held)
+
+
+def test_a_new_entitys_event_costs_six_redis_round_trips(h, ctx, sandbox, round_trips):
+    """A new student (search, create, record), counted from the claim to the end: its entity
+    lock taken; its natural key's lock taken with its marks read; a rate-limiter token for the
+    search, and one for the create; the check before the create, which sets its marks; and one
+    release of both locks that also clears the marks and writes the outcome. Before issue 21
+    this took 13."""
+    assert h.sync(student("S-0", email="warm@example.edu")) == ["synced"]  # token, scripts
+    pk = h.send(student("S-1", email="s1@example.edu"))[0]
+    round_trips.clear()
+    assert engine.run(ctx, pk, flush=False) == "synced"
+    assert len(round_trips) == 6, round_trips
+    assert round_trips[-1][-1] == "EVAL"  # the entity lock's release, last
+    assert "XADD" in round_trips[-1]  # with the outcome
+    assert ctx.redis.xlen(RESULTS_STREAM) == 2
+    assert len(live(sandbox, "students")) == 2

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from dokstamp_sync.redis_keys import RESULTS_STREAM
 from dokstamp_sync.reporting import Report as Report
@@ -53,6 +54,26 @@ class Publisher:
     def __call__(self, results: Sequence[Result]) -> bool:
         return publish(self.redis, results, stream=self.stream, maxlen=self.maxlen)
 
+    def add(self, pipe: Pipeline, results: Sequence[Result]) -> None:
+        """XADD ``results`` in ``pipe`` (a caller's round trip, see :func:`publish`)."""
+        add(pipe, results, stream=self.stream, maxlen=self.maxlen)
+
+    def written(self, results: Sequence[Result], ok: bool) -> None:
+        """What :func:`publish` says once they were written, or not, in someone's pipeline."""
+        if not ok:
+            _not_written(results, self.stream, "a Redis error")
+
+
+def add(pipe: Pipeline, results: Sequence[Result], *, stream: str = RESULTS_STREAM,
+        maxlen: int = RESULTS_MAXLEN) -> None:
+    for result in results:
+        pipe.xadd(stream, {FIELD: result.to_json()}, maxlen=maxlen, approximate=True)
+
+
+def _not_written(results: Sequence[Result], stream: str, why: str) -> None:
+    log.warning("could not write %d outcome(s) to %s (%s), the sweeper will: %s",
+                len(results), stream, why, ", ".join(str(r.event_id) for r in results[:5]))
+
 
 def publish(client: redis.Redis, results: Sequence[Result], *, stream: str = RESULTS_STREAM,
             maxlen: int = RESULTS_MAXLEN) -> bool:
@@ -62,13 +83,10 @@ def publish(client: redis.Redis, results: Sequence[Result], *, stream: str = RES
         return True
     try:
         with client.pipeline(transaction=False) as pipe:
-            for result in results:
-                pipe.xadd(stream, {FIELD: result.to_json()}, maxlen=maxlen, approximate=True)
+            add(pipe, results, stream=stream, maxlen=maxlen)
             pipe.execute()
     except redis.RedisError as exc:
-        log.warning("could not write %d outcome(s) to %s (%s), the sweeper will: %s",
-                    len(results), stream, type(exc).__name__,
-                    ", ".join(str(r.event_id) for r in results[:5]))
+        _not_written(results, stream, type(exc).__name__)
         return False
     return True
 

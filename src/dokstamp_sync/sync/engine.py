@@ -265,9 +265,7 @@ def _with_retries(ctx: SyncContext, fn: Callable[[], Outcome]) -> Outcome:
 
 def _record(ctx: SyncContext, pk: int, depth: int, outcome: Outcome, event: Event) -> str:
     """Record an attempt's outcome (of ``event``, the inbox's event ``pk``), and those of the
-    file events uploaded along with it."""
-    for companion in outcome.companions:
-        ctx.store.finish_companion(companion, "uploaded in a batch")
+    file events uploaded along with it (in the same transaction)."""
     if outcome.state == EventState.SYNCED:  # the common case, in as few statements as it takes
         return ctx.store.finish_synced(pk, outcome, completed=depth == 0, entity=event.entity,
                                        key=event.key)

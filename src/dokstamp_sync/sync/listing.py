@@ -59,10 +59,12 @@ def scope_of(spec: Spec, payload: dict[str, Any]) -> str:
 
 
 def listing_trusted(ctx: SyncContext, spec: Spec, payload: dict[str, Any],
-                    resource: Resource, *, marked: bool | None = None) -> bool:
+                    resource: Resource, *, marked: bool | None = None,
+                    untrusted: bool | None = None) -> bool:
     """Whether a trusted complete listing of ``payload``'s scope is in the natural-key table;
     a whole kind is listed now (once, fleet-wide) when its backlog makes that cheaper.
-    ``marked``: whether the scope's marker was there, when the caller has just asked Redis."""
+    ``marked``, ``untrusted``: whether the scope's marker and the kind's untrusted marker were
+    there, when the caller has just asked Redis."""
     if not spec.natural_key:
         return False
     scope = scope_of(spec, payload)
@@ -70,7 +72,7 @@ def listing_trusted(ctx: SyncContext, spec: Spec, payload: dict[str, Any],
         return True
     if spec.scope is not None:
         return False  # read (and marked) by the next search of the scope, see read_scope
-    return _list_whole_kind(ctx, spec, resource)
+    return _list_whole_kind(ctx, spec, resource, untrusted)
 
 
 def read_scope(ctx: SyncContext, spec: Spec, payload: dict[str, Any],
@@ -96,9 +98,12 @@ def _pairs(spec: Spec, rows: list[Entity]) -> list[tuple[str, str]]:
              str(row["uuid"])) for row in rows]
 
 
-def _list_whole_kind(ctx: SyncContext, spec: Spec, resource: Resource) -> bool:
+def _list_whole_kind(ctx: SyncContext, spec: Spec, resource: Resource,
+                     untrusted: bool | None) -> bool:
     marks = ctx.listings
-    if marks.untrusted(spec.entity) or ctx.store.backlog(spec.entity) < MIN_BACKLOG:
+    if untrusted is None:
+        untrusted = marks.untrusted(spec.entity)
+    if untrusted or ctx.store.backlog(spec.entity) < MIN_BACKLOG:
         return False
     try:
         with ctx.locks.take(f"listing:{spec.entity}", wait=30):

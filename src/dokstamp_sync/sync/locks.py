@@ -3,37 +3,89 @@ at the last moment before every DokStamp write (:meth:`Locks.check`, called by t
 innermost transport, :mod:`dokstamp_sync.dokstamp.fence`), released. One :class:`Locks` per
 process (its renewer thread serves every lock the process holds, and the keys it was asked to
 keep alive with them: an in-flight create's mark, :meth:`Locks.keep`).
+
+Round trips are what an event's time goes to, so the walk's other Redis writes ride on the
+locks' own: keys read when a lock is taken (:meth:`Locks.take` ``reads``), keys set by the check
+before a write, only if every lock is still ours (:meth:`Locks.set_with_check`), and writes that
+need not go at once (a mark cleared, an outcome's XADD: :meth:`Locks.later`) sent with the next
+release.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
+from typing import Any
 
 import redis
+from redis.client import Pipeline
 from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 
 from dokstamp_sync.sync.outcomes import Busy
 
-LOCK_POLL = 0.01  # seconds between tries of a lock another worker holds
+log = logging.getLogger("dokstamp_sync.sync")
 
-# KEYS the locks; ARGV[1] their timeout (ms), ARGV[2..] their tokens. Extends every lock still
-# ours to the timeout (what redis-py's ``Lock.reacquire`` does for one) in one round trip;
-# returns the 1-based index of the first that is not ours any more, 0 when all are.
+LOCK_POLL = 0.01  # seconds between tries of a lock another worker holds
+# A lock extended to its full timeout this recently is ours without asking Redis again
+# (:meth:`Locks.confirm`): it cannot expire for most of a timeout yet, and a worker frozen
+# since then has seen this much time pass (the clock is monotonic) and asks.
+CONFIRMED_FOR = 1.0
+
+Command = Callable[[Pipeline], object]  # adds commands to a pipeline
+Done = Callable[[bool], None]  # told whether they were carried out
+
+# KEYS the locks, then keys to set; ARGV[1] the locks' timeout (ms), ARGV[2] how many locks,
+# then their tokens, then each key's time to live (ms). Extends every lock still ours to the
+# timeout (what redis-py's ``Lock.reacquire`` does for one) in one round trip, and sets the
+# keys to "1" only when all are ours; returns the 1-based index of the first that is not ours
+# any more, 0 when all are.
 _REACQUIRE_ALL = """
+local n = tonumber(ARGV[2])
 local lost = 0
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[i + 1] then
-    redis.call('PEXPIRE', key, ARGV[1])
+for i = 1, n do
+  if redis.call('GET', KEYS[i]) == ARGV[i + 2] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
   elseif lost == 0 then
     lost = i
   end
 end
+if lost == 0 then
+  for i = n + 1, #KEYS do
+    redis.call('SET', KEYS[i], '1', 'PX', ARGV[i + 2])
+  end
+end
 return lost
 """
+
+
+class WalkLock(Lock):
+    """redis-py's lock, but each try to take it also runs ``reads`` in its round trip (their
+    answers in :attr:`read`), and its release also sends its owner's :meth:`Locks.later`
+    writes."""
+
+    def __init__(self, owner: Locks, name: str, *, wait: float | None,
+                 reads: Command | None = None) -> None:
+        super().__init__(owner.redis, name, timeout=owner.timeout, sleep=LOCK_POLL,
+                         blocking_timeout=wait, thread_local=False)
+        self.owner, self.reads = owner, reads
+        self.read: list[Any] = []  # the answers to ``reads`` of the try that took it
+
+    def do_acquire(self, token: str) -> bool:
+        if self.reads is None:
+            return super().do_acquire(token)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.name, token, nx=True, px=int(self.owner.timeout * 1000))
+            self.reads(pipe)
+            taken, *self.read = pipe.execute()
+        return bool(taken)
+
+    def do_release(self, expected_token: str) -> None:
+        self.owner.send_later(lambda pipe: pipe.eval(self.LUA_RELEASE_SCRIPT, 1, self.name,
+                                                     expected_token))
 
 
 class Locks:
@@ -46,26 +98,34 @@ class Locks:
         self.timeout = timeout
         self.held: list[Lock] = []  # the locks this process holds now
         self.kept: dict[str, int] = {}  # other keys renewed with them: name -> ttl in ms
+        self.to_set: dict[str, int] = {}  # keys the next check sets: name -> ttl in ms
+        self.queued: list[tuple[Command, Done | None]] = []  # sent with the next release
+        self.verified: dict[str, float] = {}  # lock name -> when last extended (monotonic)
+        self.releasing: set[str] = set()  # locks whose release is queued
         self._renewer: threading.Thread | None = None
         self._guard = threading.Lock()
         self._reacquire_all = client.register_script(_REACQUIRE_ALL)
 
     @contextmanager
-    def take(self, name: str, *, wait: float) -> Iterator[Lock]:
+    def take(self, name: str, *, wait: float, reads: Command | None = None,
+             release_later: bool = False) -> Iterator[WalkLock]:
         """Hold lock ``name`` for the block, waiting up to ``wait`` seconds; :class:`Busy`
-        when another holder keeps it that long."""
+        when another holder keeps it that long. ``reads``: commands run in the round trip
+        that takes it (their answers: the lock's ``read``). ``release_later``: when the block
+        ends while this process holds another lock, released with that one (see
+        :meth:`release`)."""
         # Poll every 10 ms while it is held elsewhere (redis-py's default is 100 ms): an
         # enrollment waiting for its student's create would otherwise idle most of that.
-        lock = self.new(name, wait=wait)
+        lock = self.new(name, wait=wait, reads=reads)
         if not lock.acquire():
             raise Busy(name)
         self.hold(lock)
         try:
             yield lock
         finally:
-            self.release(lock)
+            self.release(lock, later=release_later)
 
-    def try_take(self, name: str) -> Lock | None:
+    def try_take(self, name: str) -> WalkLock | None:
         """Lock ``name`` without waiting (held and renewed until :meth:`release`), or None."""
         lock = self.new(name)
         if not lock.acquire(blocking=False):
@@ -73,29 +133,43 @@ class Locks:
         self.hold(lock)
         return lock
 
-    def new(self, name: str, *, wait: float | None = None) -> Lock:
+    def new(self, name: str, *, wait: float | None = None,
+            reads: Command | None = None) -> WalkLock:
         """A lock, not yet acquired; its token is shared by this process's threads so the
         renewer can extend it (redis-py keeps it thread-local by default)."""
-        lock: Lock = self.redis.lock(f"{self.prefix}{name}", timeout=self.timeout,
-                                     blocking_timeout=wait, sleep=LOCK_POLL, thread_local=False)
-        return lock
+        full = f"{self.prefix}{name}"
+        if full in self.releasing:  # ours still, its release queued: let it go first
+            self.send_later()
+        return WalkLock(self, full, wait=wait, reads=reads)
 
     def hold(self, lock: Lock) -> None:
         """Keep ``lock`` ours while we work: renewed, and checked by :meth:`check`."""
         with self._guard:
             self.held.append(lock)
+            self.verified[lock.name] = time.monotonic()  # just taken, for a whole timeout
             if self._renewer is None or not self._renewer.is_alive():
                 self._renewer = threading.Thread(target=self._renew_forever,
                                                  name="dokstamp-locks", daemon=True)
                 self._renewer.start()
 
-    def release(self, lock: Lock) -> None:
+    def release(self, lock: Lock, *, later: bool = False) -> None:
         """Stop renewing ``lock`` and release it; one lost or expired meanwhile is no error
-        (there is nothing left to release)."""
+        (there is nothing left to release). ``later``: while this process holds another
+        lock, the release is queued (:meth:`later`) and goes with that one's, a round trip
+        saved; the lock is not ours to use any more meanwhile (neither renewed nor checked),
+        and it is not taken again before its release has gone."""
         with self._guard:
             if lock in self.held:
                 self.held.remove(lock)
-        with suppress(LockError, redis.RedisError):
+            self.verified.pop(lock.name, None)
+            token = lock.local.token
+            if later and self.held and token is not None:
+                lock.local.token = None
+                self.releasing.add(lock.name)
+                self.queued.append((lambda pipe: pipe.eval(Lock.LUA_RELEASE_SCRIPT, 1,
+                                                           lock.name, token), None))
+                return
+        with suppress(LockError, redis.RedisError):  # released before; Redis away: it expires
             lock.release()
 
     def release_all(self, locks: Iterable[Lock | None]) -> None:
@@ -106,8 +180,15 @@ class Locks:
     def confirm(self, lock: Lock) -> None:
         """Raise :class:`LockNotOwnedError` unless ``lock`` is still ours (then it is renewed
         to its full timeout): an attempt's result is recorded only by the run that held the
-        entity's lock throughout."""
+        entity's lock throughout. One taken or extended in the last :data:`CONFIRMED_FOR`
+        seconds is ours without a round trip."""
+        with self._guard:
+            since = time.monotonic() - self.verified.get(lock.name, float("-inf"))
+        if since < CONFIRMED_FOR:
+            return
         lock.reacquire()
+        with self._guard:
+            self.verified[lock.name] = time.monotonic()
 
     def check(self, method: str = "", path: str = "") -> None:
         """Raise :class:`LockNotOwnedError` unless every lock we hold is still ours, renewing
@@ -116,22 +197,91 @@ class Locks:
         lost a lock while it waited or stood frozen (expired, taken over) never writes, and
         one that kept them holds them for a whole timeout while its request is out."""
         with self._guard:
-            held = list(self.held)
-        lost = self._reacquire(held)
+            held, to_set = list(self.held), self.to_set
+            self.to_set = {}
+        lost = self._reacquire(held, to_set)
         if lost is not None:
             raise LockNotOwnedError(f"lock {lost.name!r} lost before {method} {path}")
 
-    def _reacquire(self, held: list[Lock]) -> Lock | None:
+    def set_with_check(self, key: str, seconds: float) -> None:
+        """Set Redis key ``key`` (to expire in ``seconds``) in the round trip of the next
+        :meth:`check`, the one made before the next write leaves, and only if every lock is
+        still ours then: what a request must leave behind once sent, set before it is sent and
+        never when it is not. Until then :meth:`unset` takes it back."""
+        with self._guard:
+            self.to_set[key] = max(1, int(seconds * 1000))
+
+    def unset(self, key: str) -> None:
+        with self._guard:
+            self.to_set.pop(key, None)
+
+    def _reacquire(self, held: list[Lock], to_set: dict[str, int] | None = None) -> Lock | None:
         """Extend every lock in ``held`` still ours (atomic per lock, one round trip for
-        all); the first that is not ours any more, or None."""
-        if not held:
+        all), and set the keys ``to_set`` when all are; the first that is not ours any more,
+        or None."""
+        if not held and not to_set:
             return None
         tokens = [lock.local.token for lock in held]
         if any(token is None for token in tokens):  # never acquired (or released): not ours
             return held[tokens.index(None)]
-        lost = int(self._reacquire_all(keys=[lock.name for lock in held],
-                                       args=[int(self.timeout * 1000), *tokens]))
+        to_set = to_set or {}
+        now = time.monotonic()
+        lost = int(self._reacquire_all(keys=[*(lock.name for lock in held), *to_set],
+                                       args=[int(self.timeout * 1000), len(held), *tokens,
+                                             *to_set.values()]))
+        with self._guard:
+            for lock in held[:lost - 1 if lost else len(held)]:
+                if lock in self.held:
+                    self.verified[lock.name] = now
         return held[lost - 1] if lost else None
+
+    def later(self, command: Command, done: Done | None = None) -> None:
+        """Redis writes that need not go at once, sent in the round trip of the next release
+        of a lock (at once when this process holds none); ``done`` is told whether they were
+        carried out. A process lost meanwhile never sends them: only what may be lost so
+        (an outcome the sweeper writes again, a mark left to expire) is sent this way. Never
+        raises (a failure is logged and told)."""
+        with self._guard:
+            self.queued.append((command, done))
+            if self.held:
+                return
+        with suppress(redis.RedisError):
+            self.send_later()
+
+    def send_later(self, last: Command | None = None) -> Any:
+        """Send what :meth:`later` queued, and ``last``, in one round trip; ``last``'s answer
+        (an error raised)."""
+        with self._guard:
+            queued, self.queued = self.queued, []
+            self.releasing.clear()
+        if not queued and last is None:
+            return None
+        answers: list[Any] = []
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                spans = []
+                for command, _done in queued:
+                    start = len(pipe)
+                    command(pipe)
+                    spans.append((start, len(pipe)))
+                if last is not None:
+                    last(pipe)
+                answers = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            log.warning("could not send %d queued Redis write(s) (%s)", len(queued),
+                        type(exc).__name__)
+            for _command, done in queued:
+                if done is not None:
+                    done(False)
+            raise
+        for (start, end), (_command, done) in zip(spans, queued, strict=True):
+            if done is not None:
+                done(not any(isinstance(a, Exception) for a in answers[start:end]))
+        if last is None:
+            return None
+        if isinstance(answers[-1], Exception):
+            raise answers[-1]
+        return answers[-1]
 
     def keep(self, key: str, seconds: float) -> None:
         """Renew Redis key ``key`` to ``seconds`` with every renewal of the locks, until
@@ -150,7 +300,7 @@ class Locks:
         with self._guard:
             held, kept = list(self.held), dict(self.kept)
         with suppress(redis.RedisError):  # one released meanwhile is skipped, not all
-            self._reacquire([lock for lock in held if lock.local.token is not None])
+            self._reacquire([lock for lock in held if lock.local.token is not None])  # no sets
         for key, ms in kept.items():
             with suppress(redis.RedisError):
                 self.redis.pexpire(key, ms)  # a key deleted meanwhile stays deleted

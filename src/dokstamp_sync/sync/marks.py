@@ -10,11 +10,13 @@ from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass
 from hashlib import sha256
+from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from dokstamp_sync.redis_keys import RedisKeys
-from dokstamp_sync.sync.locks import Locks
+from dokstamp_sync.sync.locks import Command, Locks
 
 # How long a complete listing stands in for searches (see :mod:`.listing`). A create's
 # "unresolved" mark outlives its window by this much, so that every listing trusted while the
@@ -31,6 +33,7 @@ class CreateMark:
     left: float
     unresolved: bool
     scope_trusted: bool = False  # asked with ``listing``: that scope's marker was there
+    kind_untrusted: bool = False  # asked with ``kind``: its last whole listing was incomplete
 
 
 class CreateMarks:
@@ -45,23 +48,40 @@ class CreateMarks:
     def __init__(self, client: redis.Redis, keys: RedisKeys, locks: Locks | None = None) -> None:
         self.redis, self.prefix, self.locks = client, keys.inflight, locks
         self.unresolved_prefix = keys.unresolved
-        self.listing_prefix = keys.listing
+        self.listing_prefix, self.untrusted_prefix = keys.listing, keys.listing_untrusted
 
     def _key(self, entity: str, natural_key: str) -> str:
         return f"{entity}:{sha256(natural_key.encode()).hexdigest()}"
 
-    def look(self, entity: str, natural_key: str, listing: str | None = None) -> CreateMark:
-        """Both marks of a natural key and, with ``listing`` (a scope), whether that scope's
-        listing marker is there (:class:`ListingMarks`), in one round trip."""
+    def reads(self, entity: str, natural_key: str, listing: str | None = None,
+              kind: str | None = None) -> Command:
+        """The commands that read both marks of a natural key and, with ``listing`` (a
+        scope), whether that scope's listing marker is there, with ``kind`` whether that
+        kind's last listing was untrusted (:class:`ListingMarks`): run in the round trip that
+        takes the key's lock; :meth:`parse` reads their answers."""
         key = self._key(entity, natural_key)
-        with self.redis.pipeline(transaction=False) as pipe:
+
+        def read(pipe: Pipeline) -> None:
             pipe.pttl(f"{self.prefix}{key}")
             pipe.exists(f"{self.unresolved_prefix}{key}")
-            if listing is not None:
-                pipe.exists(f"{self.listing_prefix}{listing}")
-            ms, unresolved, *trusted = pipe.execute()
+            for prefix, name in ((self.listing_prefix, listing), (self.untrusted_prefix, kind)):
+                if name is not None:
+                    pipe.exists(f"{prefix}{name}")
+                else:
+                    pipe.echo("")  # a placeholder: the answers keep their places
+        return read
+
+    @staticmethod
+    def parse(answers: list[Any]) -> CreateMark:
+        ms, unresolved, trusted, untrusted = answers
         return CreateMark(left=ms / 1000 if ms > 0 else 0.0, unresolved=bool(unresolved),
-                          scope_trusted=bool(trusted and trusted[0]))
+                          scope_trusted=trusted == 1, kind_untrusted=untrusted == 1)
+
+    def look(self, entity: str, natural_key: str, listing: str | None = None) -> CreateMark:
+        """What :meth:`reads` reads, in a round trip of its own."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            self.reads(entity, natural_key, listing)(pipe)
+            return self.parse(pipe.execute())
 
     def left(self, entity: str, natural_key: str) -> float:
         """Seconds until a create that may still land has had its time; 0 when none."""
@@ -69,40 +89,68 @@ class CreateMarks:
 
     def hold(self, entity: str, natural_key: str, seconds: float) -> None:
         """Mark for ``seconds``, renewed to that with the locks until :meth:`mark`,
-        :meth:`clear` or :meth:`let_go`."""
+        :meth:`clear` or :meth:`let_go`. With locks, the marks are set by the check made
+        before the create leaves (never when it does not), in its round trip."""
         key = self._key(entity, natural_key)
-        self._set(key, seconds)
-        if self.locks is not None:
-            self.locks.keep(f"{self.prefix}{key}", seconds)
+        if self.locks is None:
+            self._send(self._setting(key, seconds))
+            return
+        ms = self._ttls(seconds)
+        self.locks.set_with_check(f"{self.prefix}{key}", ms[0] / 1000)
+        self.locks.set_with_check(f"{self.unresolved_prefix}{key}", ms[1] / 1000)
+        self.locks.keep(f"{self.prefix}{key}", seconds)
 
     def mark(self, entity: str, natural_key: str, seconds: float) -> None:
-        """Mark for ``seconds`` from now, no longer renewed."""
+        """Mark for ``seconds`` from now, no longer renewed (at once: a process lost from here
+        on leaves it)."""
         self.let_go(entity, natural_key)
-        self._set(self._key(entity, natural_key), seconds)
+        self._send(self._setting(self._key(entity, natural_key), seconds))
 
-    def _set(self, key: str, seconds: float) -> None:
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(f"{self.prefix}{key}", "1", px=max(1, int(seconds * 1000)))
-            pipe.set(f"{self.unresolved_prefix}{key}", "1",
-                     px=max(1, int((seconds + LISTING_TRUSTED_FOR) * 1000)))
-            pipe.execute()
+    def _ttls(self, seconds: float) -> tuple[int, int]:
+        return max(1, int(seconds * 1000)), max(1, int((seconds + LISTING_TRUSTED_FOR) * 1000))
+
+    def _setting(self, key: str, seconds: float) -> Command:
+        inflight, unresolved = self._ttls(seconds)
+
+        def set_both(pipe: Pipeline) -> None:
+            pipe.set(f"{self.prefix}{key}", "1", px=inflight)
+            pipe.set(f"{self.unresolved_prefix}{key}", "1", px=unresolved)
+        return set_both
+
+    def _send(self, command: Command, *, later: bool = False) -> None:
+        """Now (after what is queued: in order), or with the next lock release."""
+        if self.locks is not None and later:
+            self.locks.later(command)
+        elif self.locks is not None:
+            self.locks.send_later(command)
+        else:
+            with self.redis.pipeline(transaction=False) as pipe:
+                command(pipe)
+                pipe.execute()
 
     def let_go(self, entity: str, natural_key: str) -> None:
-        """Stop renewing the mark; it expires on its own."""
+        """Stop renewing the mark (it expires on its own), and do not set it if not set yet."""
         if self.locks is not None:
-            self.locks.drop(f"{self.prefix}{self._key(entity, natural_key)}")
+            key = self._key(entity, natural_key)
+            self.locks.drop(f"{self.prefix}{key}")
+            self.locks.unset(f"{self.prefix}{key}")
+            self.locks.unset(f"{self.unresolved_prefix}{key}")
 
     def landed(self, entity: str, natural_key: str) -> None:
         """The create is known to have landed, but its outcome could not be recorded (the
         database failed): nothing may land late, so no window to wait out; the unresolved
         mark stays (no listing read before it proves anything: the next attempt searches)."""
         self.let_go(entity, natural_key)
-        self.redis.delete(f"{self.prefix}{self._key(entity, natural_key)}")
+        inflight = f"{self.prefix}{self._key(entity, natural_key)}"
+        self._send(lambda pipe: pipe.delete(inflight), later=True)
 
     def clear(self, entity: str, natural_key: str) -> None:
+        """The outcome is known (refused, or recorded under the natural key): both marks go,
+        with the next lock release (the natural key's, which ends the section they guard)."""
         self.let_go(entity, natural_key)
         key = self._key(entity, natural_key)
-        self.redis.delete(f"{self.prefix}{key}", f"{self.unresolved_prefix}{key}")
+        names = (f"{self.prefix}{key}", f"{self.unresolved_prefix}{key}")
+        self._send(lambda pipe: pipe.delete(*names), later=True)
 
 
 class ListingMarks:

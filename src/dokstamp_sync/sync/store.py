@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,10 +28,10 @@ from dokstamp_sync.db import (
 )
 from dokstamp_sync.events import utc
 from dokstamp_sync.models import InboxEvent, Mapping, utcnow
-from dokstamp_sync.reporting import Report, Result, Unmarked
+from dokstamp_sync.reporting import Later, Report, Result, Unmarked
 from dokstamp_sync.states import OPEN, EventState, MappingStatus, RunState
 from dokstamp_sync.sync.letters import file_letter, resolve_letters
-from dokstamp_sync.sync.outcomes import Companion, Decision, Facts, Letter, Outcome, Park
+from dokstamp_sync.sync.outcomes import Decision, Facts, Letter, Outcome, Park
 from dokstamp_sync.sync.reads import Claimed, Latest, View
 from dokstamp_sync.sync.statements import (  # the SQL, and the steps the transactions share
     _CLAIM,
@@ -68,22 +68,20 @@ log = logging.getLogger("dokstamp_sync.sync")
 class Store:
     """The mapping store as the sync walk sees it; each method is one transaction."""
 
-    def __init__(self, sessions: sessionmaker[Session], report: Report | None = None) -> None:
+    def __init__(self, sessions: sessionmaker[Session], report: Report | None = None,
+                 later: Later | None = None) -> None:
         self.sessions = sessions
         self.readers = reader_of(sessions)
-        self.report = report  # told the final outcomes a transaction recorded, after its commit
+        # Told the outcomes a commit recorded; ``later`` queues them for a lock's release.
+        self.report, self.later = report, later
         self.unmarked = Unmarked()  # outcomes written, their rows marked reported by the next
 
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        with session_scope(self.sessions) as session:
-            yield session
+    def _tx(self) -> AbstractContextManager[Session]:
+        return session_scope(self.sessions)
 
-    @contextmanager
-    def _read(self) -> Iterator[Session]:
+    def _read(self) -> AbstractContextManager[Session]:
         """Reads only, no transaction around them (see :func:`~dokstamp_sync.db.reader_of`)."""
-        with self.readers() as session:
-            yield session
+        return self.readers()
 
     @contextmanager
     def _recording(self) -> Iterator[tuple[Session, list[Result]]]:
@@ -99,7 +97,9 @@ class Store:
         except BaseException:
             self.unmarked.put_back(earlier)
             raise
-        if results and self.report is not None and self.report(results):
+        if results and self.later is not None:
+            self.later(results, lambda: self.unmarked.add(results))
+        elif results and self.report is not None and self.report(results):
             self.unmarked.add(results)
 
     def flush_reported(self) -> None:
@@ -303,14 +303,25 @@ class Store:
     # -- recording how a run ended --------------------------------------------------------
 
     def finish_synced(self, pk: int, outcome: Outcome, *, completed: bool, entity: str,
-                      key: str) -> str:
+                      key: str, companion_note: str = "uploaded in a batch") -> str:
         """Mark open event ``pk`` (of ``entity`` ``key``) synced with its mapping, in as few
-        statements as it takes, and wake the events that waited for its entity. ``completed``:
-        a task's run ended, undo its delivery count. Returns the state the event is in
-        afterwards."""
+        statements as it takes, and wake the events that waited for its entity; in the same
+        transaction, the file events uploaded along with it (``outcome.companions``) that are
+        still open with no newer event (else their own tasks decide). ``completed``: a task's
+        run ended, undo its delivery count. Returns the state the event is in afterwards."""
         with self._recording() as (session, results):
-            if wakes(entity):  # the tag's lock before the row's, as every writer takes them
-                lock_tag(session, f"{entity}:{key}")
+            riders = [(r, c) for c in outcome.companions
+                      if (r := session.get(InboxEvent, c.pk)) is not None
+                      and r.state in OPEN and not _newer_exists(session, r)]
+            tags = {f"{r.entity}:{r.erp_key}" for r, _ in riders}
+            for tag in sorted(tags | ({f"{entity}:{key}"} if wakes(entity) else set())):
+                lock_tag(session, tag)  # tags before rows, in one order (as every writer)
+            for record, rider in riders:
+                _save_mapping(session, record, rider.uuid, sent=rider.sent, digest=rider.digest)
+                _finish(session, record, EventState.SYNCED, companion_note)
+                log_outcome(record, EventState.SYNCED, companion_note)
+                results.append(_synced_result(record, rider.uuid, MappingStatus.ACTIVE, rider))
+                results += resolve_letters(session, record)
             row = session.execute(_FINISH_SYNCED, {
                 "pk": pk, "now": utcnow(), "note": outcome.note, "completed": completed,
             }).one_or_none()
@@ -330,22 +341,6 @@ class Store:
             results.append(_synced_result(done, outcome.uuid, outcome.status, outcome))
             results += resolve_letters(session, done, _ended(outcome))
         return EventState.SYNCED
-
-    def finish_companion(self, companion: Companion, note: str) -> bool:
-        """Mark a file event uploaded along with another one synced, unless it is final
-        already or a newer event for its entity exists (then its own task decides)."""
-        with self._recording() as (session, results):
-            record = session.get(InboxEvent, companion.pk)
-            if record is None or record.state not in OPEN or _newer_exists(session, record):
-                return False
-            lock_tag(session, f"{record.entity}:{record.erp_key}")  # before its row's lock
-            _save_mapping(session, record, companion.uuid, sent=companion.sent,
-                          digest=companion.digest)
-            _finish(session, record, EventState.SYNCED, note)
-            log_outcome(record, EventState.SYNCED, note)
-            results.append(_synced_result(record, companion.uuid, MappingStatus.ACTIVE, companion))
-            results += resolve_letters(session, record)
-        return True
 
     def conclude(self, pk: int, *, completed: bool,
                  decide: Callable[[Facts], Decision]) -> str:

@@ -115,12 +115,12 @@ def search(ctx: SyncContext, spec: Spec, payload: dict[str, Any]) -> Entity | No
 
 
 def wait_for_create_in_flight(ctx: SyncContext, entity: str, key: str,
-                              listing: str | None = None) -> CreateMark:
+                              mark: CreateMark | None = None) -> CreateMark:
     """Raise :class:`InFlight` while a failed create of natural key ``key`` may still land:
     never search (and create) before it had time to, or a late write and ours would both
-    stay. Else the key's marks (unresolved: no listing proves it absent), with whether the
-    scope ``listing`` is trusted (asked in the same round trip)."""
-    mark = ctx.creates.look(entity, key, listing)
+    stay. Else the key's marks (unresolved: no listing proves it absent). ``mark``: read
+    already (with the natural key's lock)."""
+    mark = mark if mark is not None else ctx.creates.look(entity, key)
     if mark.left > 0:
         raise InFlight(f"a failed create of {entity} {key} may still land in DokStamp: "
                        "searching once it had time to", retry_after=mark.left)
@@ -145,19 +145,25 @@ def find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str
         check_identity(spec, event, payload, adopted)
         return str(adopted["uuid"]), adopted
     key = natural_key(spec, payload)
-    with ctx.locks.take(f"nk:{spec.entity}:{sha256(key.encode()).hexdigest()}", wait=10):
+    # The key's marks, and whether its scope's listing is trusted, read as the lock is taken;
+    # released (and the marks cleared) with the entity's lock, which the caller holds.
+    reads = ctx.creates.reads(spec.entity, key, scope_of(spec, payload),
+                              spec.entity if spec.scope is None else None)
+    with ctx.locks.take(f"nk:{spec.entity}:{sha256(key.encode()).hexdigest()}", wait=10,
+                        reads=reads, release_later=True) as held:
         try:
-            return _find_or_create_locked(ctx, spec, event, payload, create, key)
+            mark = wait_for_create_in_flight(ctx, spec.entity, key,
+                                             ctx.creates.parse(held.read))
+            return _find_or_create_locked(ctx, spec, event, payload, create, key, mark)
         finally:
             ctx.creates.let_go(spec.entity, key)  # a mark left (a failure) expires on its own
 
 
 def _find_or_create_locked(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
                            create: Callable[[dict[str, Any]], Entity],
-                           key: str) -> tuple[str, Entity | None]:
-    """:func:`find_or_create` under the natural key's lock."""
+                           key: str, mark: CreateMark) -> tuple[str, Entity | None]:
+    """:func:`find_or_create` under the natural key's lock (its marks: ``mark``)."""
     resource = ctx.resource(spec.resource)
-    mark = wait_for_create_in_flight(ctx, spec.entity, key, scope_of(spec, payload))
     known = ctx.store.known_uuid(spec.entity, key)
     remote: Entity | None = None
     if known is not None:
@@ -167,7 +173,8 @@ def _find_or_create_locked(ctx: SyncContext, spec: Spec, event: Event, payload: 
             ctx.store.forget_natural_keys(spec.entity, known)
             known = None
     listed = known is None and not mark.unresolved \
-        and listing_trusted(ctx, spec, payload, resource, marked=mark.scope_trusted)
+        and listing_trusted(ctx, spec, payload, resource, marked=mark.scope_trusted,
+                            untrusted=mark.kind_untrusted)
     if known is None and not listed:
         remote = search(ctx, spec, payload)
     created: Entity | None = None
