@@ -114,7 +114,7 @@ def build_context(settings: Settings, *, sessions: sessionmaker[Session] | None 
         max_connections=20, max_keepalive_connections=20)), recorder())
     api = client_from_settings(settings, store=RedisTokenStore(client_redis, prefix=keys.token),
                                limiter=limiter, breaker=breaker, transport=network,
-                               fence=locks.check)
+                               fence=locks.check, riding=locks.rider)
     root = settings.dokstamp_sync_file_root
     sessions = sessions or make_sessionmaker(make_engine(settings.database_url))
     # The store reports each final outcome after its commit; the publisher writes it.

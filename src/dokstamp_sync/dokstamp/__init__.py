@@ -14,7 +14,7 @@ from dokstamp_sync.dokstamp.client import (
     build_http_client,
     tenant_domain,
 )
-from dokstamp_sync.dokstamp.fence import Fence
+from dokstamp_sync.dokstamp.fence import Fence, Riding
 from dokstamp_sync.dokstamp.pages import Listing, Page
 from dokstamp_sync.dokstamp.ratelimit import RateLimitedTransport, RateLimiter
 from dokstamp_sync.dokstamp.tokens import CachedToken, MemoryTokenStore, RedisTokenStore, TokenStore
@@ -44,18 +44,21 @@ def client_from_settings(settings: Settings, store: TokenStore | None = None,
                          limiter: RateLimiter | None = None,
                          breaker: CircuitBreaker | None = None,
                          transport: httpx.BaseTransport | None = None,
-                         fence: Fence | None = None) -> DokStampClient:
+                         fence: Fence | None = None,
+                         riding: Riding | None = None) -> DokStampClient:
     """A ready client for ``settings``; ``store`` shares tokens between processes (Redis);
     ``limiter`` paces every request it sends (fleet-wide), ``breaker`` holds them while
     DokStamp keeps failing (fleet-wide); ``fence`` is called just before each write leaves
-    (see :mod:`.fence`). A given ``http`` is used as it is,
+    (see :mod:`.fence`; ``riding``: the same check, run in the limiter's round trip). A given
+    ``http`` is used as it is,
     so it cannot be combined with ``limiter``: build it with :func:`build_http_client`'s.
     ``transport`` replaces the network (a measuring wrapper around it, a mock in tests)."""
     if http is not None and (limiter, breaker, fence) != (None, None, None):
         raise TypeError("pass the limiter to build_http_client when giving your own http")
     client = http or build_http_client(settings.dokstamp_api_url,
                                        timeout=settings.dokstamp_timeout, limiter=limiter,
-                                       breaker=breaker, transport=transport, fence=fence)
+                                       breaker=breaker, transport=transport, fence=fence,
+                                       riding=riding)
     tokens = TokenManager(client, credentials_from_settings(settings),
                           store or MemoryTokenStore())
     # Settings resolve "auto" (the credential scheme's style) when they are read.

@@ -23,7 +23,7 @@ import httpx
 from dokstamp_sync.dokstamp import errors
 from dokstamp_sync.dokstamp.auth import BearerAuth, TokenManager
 from dokstamp_sync.dokstamp.breaker import BreakerTransport, CircuitBreaker
-from dokstamp_sync.dokstamp.fence import Fence, FencedTransport
+from dokstamp_sync.dokstamp.fence import Fence, FencedTransport, Riding, writes_only
 from dokstamp_sync.dokstamp.pages import MAX_PAGES, Listing, Page, parse_page
 from dokstamp_sync.dokstamp.ratelimit import RateLimitedTransport, RateLimiter
 from dokstamp_sync.dokstamp.uploads import Upload, check_upload
@@ -41,7 +41,8 @@ def build_http_client(base_url: str, *, timeout: float = 10.0, connect_timeout: 
                       max_connections: int = 20, limiter: RateLimiter | None = None,
                       breaker: CircuitBreaker | None = None,
                       transport: httpx.BaseTransport | None = None,
-                      fence: Fence | None = None) -> httpx.Client:
+                      fence: Fence | None = None,
+                      riding: Riding | None = None) -> httpx.Client:
     """An ``httpx.Client`` with explicit timeouts and a keep-alive pool, for DokStamp.
 
     ``transport`` replaces the network (an ``httpx.MockTransport`` in tests); ``limiter`` wraps
@@ -49,7 +50,8 @@ def build_http_client(base_url: str, *, timeout: float = 10.0, connect_timeout: 
     for the fleet-wide bucket; ``breaker`` wraps that in a :class:`~.breaker.BreakerTransport`
     (outermost: an open breaker spends no token). ``fence`` is called just before each write
     leaves, under both, after every wait (a :class:`~.fence.FencedTransport`, innermost: the
-    sync engine checks there that its locks are still its own). The transport is always
+    sync engine checks there that its locks are still its own); ``riding``, the same check as a
+    rider of the limiter's round trip (see :mod:`.fence`). The transport is always
     explicit, so httpx
     reads no proxy from the environment (``HTTPS_PROXY``): to go through one, pass
     ``transport=httpx.HTTPTransport(proxy=...)``.
@@ -60,7 +62,8 @@ def build_http_client(base_url: str, *, timeout: float = 10.0, connect_timeout: 
     if fence:
         inner = FencedTransport(inner, fence)
     if limiter:
-        inner = RateLimitedTransport(inner, limiter)
+        inner = RateLimitedTransport(inner, limiter,
+                                     writes_only(riding) if fence and riding else None)
     if breaker:
         inner = BreakerTransport(inner, breaker, merged=limiter is not None)
     return httpx.Client(

@@ -7,6 +7,11 @@ request is sent, so the check runs here, under every other transport (the breake
 limiter wrap this one): after every wait, just before the bytes go out. What ``check`` raises
 (the sync walk's :class:`redis.exceptions.LockNotOwnedError`) aborts the request unsent and
 passes through :func:`~.errors.exchange` untouched. Reads are never fenced: they change nothing.
+
+With the rate limiter right above it, the check rides on the limiter's round trip instead
+(:func:`writes_only` makes the rider): the token script runs it the moment it grants the
+token, and nothing waits between that and the request leaving; this transport then sees the
+request marked :data:`~.ratelimit.FENCED` and checks nothing more.
 """
 
 from __future__ import annotations
@@ -16,8 +21,17 @@ from collections.abc import Callable
 import httpx
 
 from dokstamp_sync.dokstamp.breaker import SAFE
+from dokstamp_sync.dokstamp.ratelimit import FENCED, Ride, Rider
 
 Fence = Callable[[str, str], None]  # (method, path): raises to stop the request
+Riding = Callable[[str, str], Rider | None]  # (method, path): the fence's check as a rider
+
+
+def writes_only(riding: Riding) -> Ride:
+    """The limiter's :data:`~.ratelimit.Ride`: ``riding``'s rider for a write, none for a read."""
+    def ride(request: httpx.Request) -> Rider | None:
+        return None if request.method in SAFE else riding(request.method, request.url.path)
+    return ride
 
 
 class FencedTransport(httpx.BaseTransport):
@@ -29,7 +43,7 @@ class FencedTransport(httpx.BaseTransport):
         self.check = check
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if request.method not in SAFE:
+        if request.method not in SAFE and not request.extensions.pop(FENCED, False):
             self.check(request.method, request.url.path)
         return self.transport.handle_request(request)
 

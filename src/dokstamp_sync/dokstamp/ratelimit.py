@@ -17,20 +17,23 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import redis
+from redis.commands.core import Script
 
 from dokstamp_sync.dokstamp.errors import Paused, parse_retry_after
 from dokstamp_sync.redis_keys import RedisKeys
 
-# KEYS[1] bucket, KEYS[2] pause, KEYS[3] (optional) the circuit breaker's hash; ARGV: rate
-# (tokens/s), burst. Returns ms to wait (0: a token was taken); negative: the tenant is paused
-# (after a 429) for that many ms; 'breaker': the breaker holds something (failures counted, or
-# open), no token taken: ask it first. The breaker is usually empty, so its check and the
-# token cost one round trip together.
-_TAKE = """
-if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then return 'breaker' end
+# KEYS[1] bucket, KEYS[2] pause, KEYS[3] (optional, may be '') the circuit breaker's hash;
+# ARGV: rate (tokens/s), burst. Returns ms to wait (0: a token was taken); negative: the tenant
+# is paused (after a 429) for that many ms; 'breaker': the breaker holds something (failures
+# counted, or open), no token taken: ask it first. The breaker is usually empty, so its check
+# and the token cost one round trip together.
+_BUCKET = """
+if KEYS[3] and KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then return 'breaker' end
 local paused = redis.call('PTTL', KEYS[2])
 if paused > 0 then return -paused end
 local t = redis.call('TIME')
@@ -49,8 +52,36 @@ else
 end
 redis.call('HSET', KEYS[1], 'tokens', tokens, 'stamp', now)
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate) + 1000)
-return wait
 """
+_TAKE = _BUCKET + "return wait\n"
+# With a rider (see :class:`Rider`): KEYS[4..] and ARGV[3..] are its own; once a token is
+# taken, returns {0, the rider's answer}.
+_RIDING_TAIL = """
+if wait > 0 then return wait end
+local keys, argv = {}, {}
+for i = 4, #KEYS do keys[#keys + 1] = KEYS[i] end
+for i = 3, #ARGV do argv[#argv + 1] = ARGV[i] end
+return {0, rider(keys, argv)}
+"""
+
+
+@dataclass(frozen=True)
+class Rider:
+    """A check that rides on the round trip that takes a write's token: the sync walk's lock
+    check (see :mod:`.fence`), which would otherwise cost a round trip of its own right after.
+    ``lua`` is the body of a Lua function of its own ``KEYS`` and ``ARGV`` (``keys``,
+    ``args``); the token script runs it only once it takes a token, and ``settle`` is given its
+    answer. What ``settle`` raises stops the request unsent (its token spent)."""
+
+    lua: str
+    keys: list[str]
+    args: list[Any]
+    settle: Callable[[Any], None]
+
+
+Ride = Callable[[httpx.Request], "Rider | None"]  # the rider for a request, if any
+# A request extension: the fence's check rode on the limiter's round trip (it passed).
+FENCED = "dokstamp.fenced"
 
 
 class RateLimiter:
@@ -66,22 +97,36 @@ class RateLimiter:
         self.rate = rate
         self.burst = burst if burst is not None else max(1.0, rate / 10)
         self._take = client.register_script(_TAKE)
+        self._riding: dict[str, Script] = {}  # a rider's Lua -> the token script with it
         self._sleep = sleep
         self.max_wait = max_wait
         self.max_pause = max_pause  # the longest Retry-After obeyed (fleet pause, parks)
         self.unflushed: Counter[str] = Counter()  # responses, flushed by the sync context
 
     def acquire(self, request: httpx.Request | None = None, *,
-                unless_breaker: str | None = None) -> bool:
+                unless_breaker: str | None = None, rider: Rider | None = None) -> bool:
         """Wait for a token; True once taken. A tenant pause longer than ``max_wait`` raises
         :class:`Paused` (naming ``request``, which is not sent) instead, so the caller parks its
         event rather than sleep with its locks held. With ``unless_breaker`` (a breaker's
-        key): False, no token taken, when that breaker holds anything."""
-        keys = [self._bucket, self._pause, *([unless_breaker] if unless_breaker else [])]
+        key): False, no token taken, when that breaker holds anything. With ``rider``: run in
+        the round trip that takes the token, and settled."""
+        keys = [self._bucket, self._pause, unless_breaker or ""]
+        args: list[Any] = [self.rate, self.burst]
+        script = self._take
+        if rider is not None:
+            keys, args = keys + rider.keys, args + rider.args
+            script = self._riding.get(rider.lua) or self._riding.setdefault(
+                rider.lua, self._redis.register_script(
+                    "local function rider(KEYS, ARGV)\n" + rider.lua + "\nend\n" + _BUCKET
+                    + _RIDING_TAIL))
         while True:
-            answer = self._take(keys=keys, args=[self.rate, self.burst])
+            answer = script(keys=keys, args=args)
             if answer in (b"breaker", "breaker"):
                 return False
+            if isinstance(answer, list):  # a token, and the rider's answer
+                assert rider is not None
+                rider.settle(answer[1])
+                return True
             wait_ms = int(answer)
             if wait_ms == 0:
                 return True
@@ -126,14 +171,19 @@ class RateLimitedTransport(httpx.BaseTransport):
     rewritten to ``max_pause`` on the response itself, so the error the client raises, and the
     park the engine decides from it, ask for no longer wait than the fleet's pause."""
 
-    def __init__(self, transport: httpx.BaseTransport, limiter: RateLimiter) -> None:
+    def __init__(self, transport: httpx.BaseTransport, limiter: RateLimiter,
+                 ride: Ride | None = None) -> None:
         self.transport = transport
         self.limiter = limiter
+        self.ride = ride  # the fence's check, to run in the token's round trip (a write's)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         breaker = request.extensions.pop(UNLESS_BREAKER, None)
-        if not self.limiter.acquire(request, unless_breaker=breaker):
+        rider = self.ride(request) if self.ride is not None else None
+        if not self.limiter.acquire(request, unless_breaker=breaker, rider=rider):
             raise BreakerNotClean  # the breaker transport above asks the breaker, then again
+        if rider is not None:  # checked as the token was taken: nothing waits between
+            request.extensions[FENCED] = True
         response = self.transport.handle_request(request)
         self.limiter.count_response(response.status_code)
         seconds = parse_retry_after(response.headers.get("Retry-After"))

@@ -25,6 +25,7 @@ from redis.client import Pipeline
 from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 
+from dokstamp_sync.dokstamp.ratelimit import Rider
 from dokstamp_sync.sync.outcomes import Busy
 
 log = logging.getLogger("dokstamp_sync.sync")
@@ -195,13 +196,38 @@ class Locks:
         each to its full timeout: called as the last step before a DokStamp write leaves
         (after the rate limiter's wait, a token renewal, the breaker's probe), so a run that
         lost a lock while it waited or stood frozen (expired, taken over) never writes, and
-        one that kept them holds them for a whole timeout while its request is out."""
+        one that kept them holds them for a whole timeout while its request is out. The rate
+        limiter runs it in the round trip that takes the write's token instead (:meth:`rider`),
+        when it is right above the fence."""
+        rider = self.rider(method, path)
+        if rider is not None:
+            rider.settle(self._reacquire_all(keys=rider.keys, args=rider.args))
+
+    def rider(self, method: str = "", path: str = "") -> Rider | None:
+        """:meth:`check` as a :class:`~dokstamp_sync.dokstamp.ratelimit.Rider` of the rate
+        limiter's token script; None when no lock is held and no key waits to be set."""
         with self._guard:
-            held, to_set = list(self.held), self.to_set
-            self.to_set = {}
-        lost = self._reacquire(held, to_set)
-        if lost is not None:
-            raise LockNotOwnedError(f"lock {lost.name!r} lost before {method} {path}")
+            held, to_set = list(self.held), dict(self.to_set)
+        if not held and not to_set:
+            return None
+        tokens = [lock.local.token for lock in held]
+        if any(token is None for token in tokens):  # never acquired (or released): not ours
+            raise LockNotOwnedError(f"lock {held[tokens.index(None)].name!r} lost before "
+                                    f"{method} {path}")
+
+        def settle(answer: Any) -> None:
+            lost = int(answer)
+            self._verified(held[:lost - 1 if lost else len(held)])
+            if lost:
+                raise LockNotOwnedError(f"lock {held[lost - 1].name!r} lost before {method} "
+                                        f"{path}")
+            with self._guard:  # set now: no longer to be set by the next check
+                for key, ms in to_set.items():
+                    if self.to_set.get(key) == ms:
+                        del self.to_set[key]
+
+        return Rider(_REACQUIRE_ALL, [*(lock.name for lock in held), *to_set],
+                     [int(self.timeout * 1000), len(held), *tokens, *to_set.values()], settle)
 
     def set_with_check(self, key: str, seconds: float) -> None:
         """Set Redis key ``key`` (to expire in ``seconds``) in the round trip of the next
@@ -215,25 +241,13 @@ class Locks:
         with self._guard:
             self.to_set.pop(key, None)
 
-    def _reacquire(self, held: list[Lock], to_set: dict[str, int] | None = None) -> Lock | None:
-        """Extend every lock in ``held`` still ours (atomic per lock, one round trip for
-        all), and set the keys ``to_set`` when all are; the first that is not ours any more,
-        or None."""
-        if not held and not to_set:
-            return None
-        tokens = [lock.local.token for lock in held]
-        if any(token is None for token in tokens):  # never acquired (or released): not ours
-            return held[tokens.index(None)]
-        to_set = to_set or {}
+    def _verified(self, locks: list[Lock]) -> None:
+        """``locks`` were extended to their full timeout just now."""
         now = time.monotonic()
-        lost = int(self._reacquire_all(keys=[*(lock.name for lock in held), *to_set],
-                                       args=[int(self.timeout * 1000), len(held), *tokens,
-                                             *to_set.values()]))
         with self._guard:
-            for lock in held[:lost - 1 if lost else len(held)]:
+            for lock in locks:
                 if lock in self.held:
                     self.verified[lock.name] = now
-        return held[lost - 1] if lost else None
 
     def later(self, command: Command, done: Done | None = None) -> None:
         """Redis writes that need not go at once, sent in the round trip of the next release
@@ -299,8 +313,13 @@ class Locks:
         back to the full timeout if still ours; a lost one is left for :meth:`check`."""
         with self._guard:
             held, kept = list(self.held), dict(self.kept)
-        with suppress(redis.RedisError):  # one released meanwhile is skipped, not all
-            self._reacquire([lock for lock in held if lock.local.token is not None])  # no sets
+        held = [lock for lock in held if lock.local.token is not None]  # released meanwhile
+        if held:
+            with suppress(redis.RedisError):
+                lost = int(self._reacquire_all(keys=[lock.name for lock in held],
+                                               args=[int(self.timeout * 1000), len(held),
+                                                     *(lock.local.token for lock in held)]))
+                self._verified(held[:lost - 1 if lost else len(held)])
         for key, ms in kept.items():
             with suppress(redis.RedisError):
                 self.redis.pexpire(key, ms)  # a key deleted meanwhile stays deleted
