@@ -58,12 +58,18 @@ def caller() -> str:
 
 
 def watch(db: Engine, counts: Counter[str], callers: Counter[str] | None = None,
-          txs: Counter[str] | None = None) -> None:
+          txs: Counter[str] | None = None, sqls: Counter[str] | None = None) -> None:
     """Count SQL statements, transactions and Redis round trips from now on (this process);
-    with ``callers`` and ``txs``, the round trips and the transactions by the dokstamp_sync
-    function that made them."""
+    with ``callers``, ``txs`` and ``sqls``, the round trips, the transactions and the
+    statements by the dokstamp_sync function that made them."""
     txs = txs if txs is not None else Counter()
-    event.listen(db, "before_cursor_execute", lambda *_a: counts.update(["sql"]))
+    sqls = sqls if sqls is not None else Counter()
+    def executed(*_a: Any) -> None:
+        counts.update(["sql"])
+        if callers is not None:
+            sqls.update([caller()])
+
+    event.listen(db, "before_cursor_execute", executed)
 
     def ended(conn: Any) -> None:  # a session on an autocommit connection sent no BEGIN
         autocommit = conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
@@ -117,7 +123,8 @@ def main() -> None:
         counts: Counter[str] = Counter()
         callers: Counter[str] = Counter()
         txs: Counter[str] = Counter()
-        watch(db, counts, callers if args.callers else None, txs)
+        sqls: Counter[str] = Counter()
+        watch(db, counts, callers if args.callers else None, txs, sqls)
         profile = cProfile.Profile()
         start, cpu_start = time.perf_counter(), time.thread_time()
 
@@ -146,6 +153,8 @@ def main() -> None:
         print(f"  {k / n:5.2f} Redis round trips per event: {name}")
     for name, k in txs.most_common():
         print(f"  {k / n:5.2f} transactions per event: {name}")
+    for name, k in sqls.most_common():
+        print(f"  {k / n:5.2f} SQL statements per event: {name}")
     if args.no_profile:
         return
     pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)

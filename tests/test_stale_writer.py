@@ -66,6 +66,7 @@ def test_a_worker_frozen_in_the_rate_limiter_never_posts_after_a_take_over(
     wait_until(lambda: calls(sandbox).get("GET /courses", 0) >= 1, 60, "A's search")
     posts_before = calls(sandbox).get("POST /courses", 0)
     os.killpg(a.pid, signal.SIGSTOP)
+    assert posts_before == 0  # frozen before its POST: it was waiting for the POST's token
     try:
         b = start_worker(concurrency=1, rate=0.5, **FAST)
         wait_until(lambda: state(sessions, COURSE["event_id"]) == "synced", 60,

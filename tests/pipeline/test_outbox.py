@@ -118,6 +118,23 @@ def test_outcomes_redis_refused_are_written_later_by_the_sweeper(h, ctx, sandbox
     assert ctx.redis.xlen(RESULTS_STREAM) == 3
 
 
+def test_an_outcome_whose_write_with_the_lock_release_fails_is_left_to_the_sweeper(h, ctx):
+    """The walk's outcomes go out with its entity lock's release (one round trip). When that
+    XADD fails (here the stream's key holds a string: WRONGTYPE), the rows stay unreported, and
+    once the key is a stream again the sweeper writes each outcome once."""
+    ctx.redis.set(RESULTS_STREAM, "not a stream")
+    assert h.sync(student("S-1", event_id="good-1")) == ["synced"]
+    assert h.sync(no_birthday("S-2", "bad-1", "nb@example.edu")) == ["dead"]
+    engine.flush_counters(ctx)  # a task's end: nothing written, so nothing marked
+    assert unreported(ctx.sessions) == (2, 1)
+    ctx.redis.delete(RESULTS_STREAM)
+    age(ctx.sessions)
+    assert outbox.sweep(ctx.sessions, Publisher(ctx.redis)) == 2  # a letter's with its event's
+    assert sorted((o["event_id"], o["state"]) for o in outcomes(ctx.redis)) == [
+        ("bad-1", "dead"), ("good-1", "synced")]
+    assert unreported(ctx.sessions) == (0, 0)
+
+
 def test_the_normal_path_marks_its_rows_and_the_sweeper_writes_nothing_twice(h, ctx):
     """Written right after the commit, every outcome (synced, dead, malformed, a resolved
     letter's superseded) is marked reported: a sweep of everything, however old, adds nothing."""

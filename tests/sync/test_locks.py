@@ -13,10 +13,11 @@ from redis.connection import Connection
 from redis.exceptions import LockNotOwnedError
 from redis.retry import Retry
 
-from dokstamp_sync.redis_keys import RESULTS_STREAM
+from dokstamp_sync.redis_keys import RESULTS_STREAM, RedisKeys
 from dokstamp_sync.sandbox import Faults
 from dokstamp_sync.sync import engine
 from dokstamp_sync.sync.locks import Locks
+from dokstamp_sync.sync.marks import CreateMark, CreateMarks
 from dokstamp_sync.testing import live, student
 
 
@@ -145,7 +146,9 @@ def test_a_lock_taken_with_reads_answers_them_in_the_same_round_trip(ctx, round_
         assert len(round_trips) == 1
         assert 50_000 < held.read[0] <= 60_000
         assert held.read[1] == 0
-    assert ctx.locks.new("nk:student:x").acquire(blocking=False)  # released
+    again = ctx.locks.new("nk:student:x")
+    assert again.acquire(blocking=False)  # released
+    again.release()
 
 
 def test_keys_set_with_the_check_are_set_only_when_every_lock_is_still_ours(ctx, round_trips):
@@ -267,3 +270,62 @@ def test_a_new_entitys_event_costs_five_redis_round_trips(h, ctx, sandbox, round
     assert "XADD" in round_trips[-1]  # with the outcome
     assert ctx.redis.xlen(RESULTS_STREAM) == 2
     assert len(live(sandbox, "students")) == 2
+
+
+def test_the_renewer_extends_the_other_locks_when_one_was_released_meanwhile(ctx):
+    """The renewer works from a copy of the held locks: one released by its run between the
+    copy and the renewal (its token gone) is skipped, and every other is still extended."""
+    ctx.locks.timeout = 5.0
+    with ctx.locks.take("entity:student:S-1", wait=0.1) as first, \
+            ctx.locks.take("entity:student:S-2", wait=0.1) as second:
+        ctx.redis.pexpire(second.name, 1000)
+        token = first.local.token
+        first.local.token = None  # released meanwhile, still in the renewer's copy
+        try:
+            ctx.locks.renew()
+        finally:
+            first.local.token = token
+        assert ctx.redis.pttl(second.name) > 4000
+
+
+def test_marks_cleared_with_the_release_stay_when_the_natural_keys_lock_was_lost(ctx):
+    """A run clears its create's marks with its locks' release, but only while it still holds
+    the natural key's lock: one frozen past it, whose successor took the lock and set marks
+    of its own (its create out), deletes nothing of the successor's when it resumes."""
+    ctx.locks.timeout = 5.0
+    marks, key = ctx.creates, "email=s1@example.edu"
+    with ctx.locks.take("entity:student:S-1", wait=0.1):
+        with ctx.locks.take("nk:student:x", wait=0.1, release_later=True) as nk:
+            marks.clear("student", key, nk)  # queued: goes with the entity lock's release
+        ctx.redis.delete(nk.name)  # frozen past it: expired ...
+        successor = Locks(ctx.redis, ctx.locks.prefix)
+        assert successor.new("nk:student:x").acquire(blocking=False)  # ... and taken over
+        CreateMarks(ctx.redis, RedisKeys()).mark("student", key, 30)  # the successor's create
+    assert marks.look("student", key).left > 25
+    assert marks.look("student", key).unresolved
+    assert ctx.redis.exists(nk.name)  # the successor's lock, not released by the old run
+
+    with ctx.locks.take("entity:student:S-2", wait=0.1):  # the normal case: cleared
+        with ctx.locks.take("nk:student:y", wait=0.1, release_later=True) as nk:
+            marks.mark("student", "email=y@example.edu", 30)
+            marks.clear("student", "email=y@example.edu", nk)
+        assert marks.look("student", "email=y@example.edu").left > 25  # not yet
+    assert marks.look("student", "email=y@example.edu") == CreateMark(0.0, False)
+
+
+def test_a_login_is_not_fenced_and_sets_no_create_marks(ctx, sandbox):
+    """A token request changes nothing DokStamp holds: it is not checked against the locks,
+    and it does not set the create's marks waiting for the check. Here the lock is lost
+    before a create that first needs a login: the login goes out, the create does not, and no
+    mark is set (checked, the login would have been refused, or would have set them)."""
+    renewals = ctx.client.tokens.renewals  # this process has no token yet: the create logs in
+    with ctx.locks.take("entity:student:S-1", wait=0.1) as held:
+        ctx.locks.set_with_check("mark:a", 30)
+        ctx.redis.delete(held.name)  # lost
+        with pytest.raises(LockNotOwnedError):
+            ctx.client.students.create({"name": "M", "email": "m@example.edu",
+                                        "date_of_birth": "1998-05-20"})
+        ctx.locks.unset("mark:a")
+    assert ctx.client.tokens.renewals == renewals + 1
+    assert not ctx.redis.exists("mark:a")
+    assert live(sandbox, "students") == []

@@ -25,6 +25,7 @@ import httpx
 from cryptography.fernet import Fernet, InvalidToken
 
 from dokstamp_sync.dokstamp import errors
+from dokstamp_sync.dokstamp.fence import LOGIN_REQUEST
 from dokstamp_sync.dokstamp.tokens import CachedToken, TokenStore
 
 
@@ -52,6 +53,7 @@ def _obtain(http: httpx.Client, path: str, now: float, **kw: Any) -> CachedToken
     an ``expires_in`` that is not a number of seconds) is :class:`~.errors.MalformedResponse`,
     excerpted only when it is not JSON (JSON from here may hold a token)."""
     request = http.build_request("POST", path, headers={"Accept": "application/json"}, **kw)
+    request.extensions[LOGIN_REQUEST] = True  # not a write of DokStamp's data: not fenced
     with errors.exchange(http, request) as response:
         try:
             body = response.json()

@@ -71,12 +71,14 @@ class Rider:
     check (see :mod:`.fence`), which would otherwise cost a round trip of its own right after.
     ``lua`` is the body of a Lua function of its own ``KEYS`` and ``ARGV`` (``keys``,
     ``args``); the token script runs it only once it takes a token, and ``settle`` is given its
-    answer. What ``settle`` raises stops the request unsent (its token spent)."""
+    answer. What ``settle`` raises stops the request unsent (its token spent). ``before`` is
+    called right before each try of the script is sent."""
 
     lua: str
     keys: list[str]
     args: list[Any]
     settle: Callable[[Any], None]
+    before: Callable[[], None] = lambda: None
 
 
 Ride = Callable[[httpx.Request], "Rider | None"]  # the rider for a request, if any
@@ -120,6 +122,8 @@ class RateLimiter:
                     "local function rider(KEYS, ARGV)\n" + rider.lua + "\nend\n" + _BUCKET
                     + _RIDING_TAIL))
         while True:
+            if rider is not None:
+                rider.before()
             answer = script(keys=keys, args=args)
             if answer in (b"breaker", "breaker"):
                 return False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import bindparam, exists, or_, select, update
+from sqlalchemy import and_, bindparam, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from dokstamp_sync.dokstamp.errors import PermanentError
@@ -78,10 +78,12 @@ _SUPERSEDE = update(LETTERS).where(
 ).values(status=LetterStatus.SUPERSEDED, resolved_at=bindparam("l_now"),
          reported_at=None).returning(
     LETTERS.c.id, LETTERS.c.event_id, LETTERS.c.event_pk, LETTERS.c.raw)
-_MALFORMED = select(LETTERS.c.id, LETTERS.c.raw).where(
+# Every open letter of the entity (usually none: then nothing to update), and whether it is a
+# malformed entry's filed before the synced event was received.
+_OPEN = select(LETTERS.c.id, LETTERS.c.raw, and_(
+    LETTERS.c.event_pk.is_(None), LETTERS.c.first_failed_at <= bindparam("received"))).where(
     LETTERS.c.status == LetterStatus.OPEN, LETTERS.c.entity == bindparam("l_entity"),
-    LETTERS.c.erp_key == bindparam("l_key"), LETTERS.c.event_pk.is_(None),
-    LETTERS.c.first_failed_at <= bindparam("received"))
+    LETTERS.c.erp_key == bindparam("l_key"))
 
 
 def file_letter(session: Session, record: InboxEvent, reason: str,
@@ -109,24 +111,33 @@ def file_letter(session: Session, record: InboxEvent, reason: str,
 
 
 def _malformed_resolved(session: Session, record: InboxEvent | _Finished,
-                        kinds: list[str]) -> list[int]:
+                        kinds: list[str]) -> list[int] | None:
     """The open letters of malformed entries of ``record``'s entity and key, filed before it
     was received, whose raw text names an op of ``kinds`` (the same-kind rule); an entry whose
-    op cannot be read may be a revoke or a delete and stays open."""
-    rows = session.execute(_MALFORMED, {
-        "l_entity": record.entity, "l_key": record.erp_key, "received": record.received_at})
-    return [letter_id for letter_id, raw in rows if entry_op(raw) in kinds]
+    op cannot be read may be a revoke or a delete and stays open. None: the entity has no open
+    letter at all (the common case)."""
+    rows = session.execute(_OPEN, {
+        "l_entity": record.entity, "l_key": record.erp_key, "received": record.received_at,
+    }).all()
+    if not rows:
+        return None
+    return [letter_id for letter_id, raw, malformed in rows
+            if malformed and entry_op(raw) in kinds]
 
 
 def _supersede(session: Session, record: InboxEvent | _Finished) -> list[Result]:
-    """Resolve the open dead letters this synced event makes stale (one UPDATE, after one
-    read of the entity's malformed entries' letters); each is reported again as
-    ``superseded``."""
+    """Resolve the open dead letters this synced event makes stale (one read of the entity's
+    open letters; when there are any, one UPDATE); each is reported again as ``superseded``.
+    A letter filed between the two (milliseconds apart, in one transaction) is left open, as
+    one filed while the update ran always was."""
     kinds = ["upsert"] if record.op == "upsert" else list(DESTRUCTIVE)
+    malformed = _malformed_resolved(session, record, kinds)
+    if malformed is None:
+        return []
     rows = session.execute(_SUPERSEDE, {
         "l_entity": record.entity, "l_key": record.erp_key, "l_ops": kinds,
         "occurred_at": record.occurred_at, "pk": record.id, "l_now": utcnow(),
-        "l_malformed": _malformed_resolved(session, record, kinds)}).all()
+        "l_malformed": malformed}).all()
     if not rows:
         return []
     pks = [event_pk for _, _, event_pk, _ in rows if event_pk is not None]

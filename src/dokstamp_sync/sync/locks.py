@@ -7,8 +7,8 @@ keep alive with them: an in-flight create's mark, :meth:`Locks.keep`).
 Round trips are what an event's time goes to, so the walk's other Redis writes ride on the
 locks' own: keys read when a lock is taken (:meth:`Locks.take` ``reads``), keys set by the check
 before a write, only if every lock is still ours (:meth:`Locks.set_with_check`), and writes that
-need not go at once (a mark cleared, an outcome's XADD: :meth:`Locks.later`) sent with the next
-release.
+need not go at once (a natural key's lock released, its marks cleared while it is still ours,
+an outcome's XADD: :meth:`Locks.later`) sent with the next release.
 """
 
 from __future__ import annotations
@@ -31,10 +31,16 @@ from dokstamp_sync.sync.outcomes import Busy
 log = logging.getLogger("dokstamp_sync.sync")
 
 LOCK_POLL = 0.01  # seconds between tries of a lock another worker holds
-# A lock extended to its full timeout this recently is ours without asking Redis again
-# (:meth:`Locks.confirm`): it cannot expire for most of a timeout yet, and a worker frozen
-# since then has seen this much time pass (the clock is monotonic) and asks.
+# A lock extended to its full timeout this recently (at most a quarter of the timeout) is ours
+# without asking Redis again (:meth:`Locks.confirm`): it cannot have expired yet, and a worker
+# frozen since then has seen the time pass and asks. Measured from before the extension was
+# sent, on a clock that also runs while the machine is suspended (Redis's TTLs do).
 CONFIRMED_FOR = 1.0
+_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def now() -> float:
+    return time.clock_gettime(_CLOCK)
 
 Command = Callable[[Pipeline], object]  # adds commands to a pipeline
 Done = Callable[[bool], None]  # told whether they were carried out
@@ -44,6 +50,16 @@ Done = Callable[[bool], None]  # told whether they were carried out
 # timeout (what redis-py's ``Lock.reacquire`` does for one) in one round trip, and sets the
 # keys to "1" only when all are ours; returns the 1-based index of the first that is not ours
 # any more, 0 when all are.
+# KEYS[1] a lock, KEYS[2..] keys to delete; ARGV[1] the lock's token: deletes them (and the
+# lock) only while the lock is still ours, so that a run that lost it never deletes what its
+# successor set.
+_DELETE_IF_OURS = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', unpack(KEYS))
+end
+return 0
+"""
+
 _REACQUIRE_ALL = """
 local n = tonumber(ARGV[2])
 local lost = 0
@@ -74,8 +90,10 @@ class WalkLock(Lock):
                          blocking_timeout=wait, thread_local=False)
         self.owner, self.reads = owner, reads
         self.read: list[Any] = []  # the answers to ``reads`` of the try that took it
+        self.tried_at = 0.0  # when the last try was sent (:func:`now`)
 
     def do_acquire(self, token: str) -> bool:
+        self.tried_at = now()
         if self.reads is None:
             return super().do_acquire(token)
         with self.redis.pipeline(transaction=False) as pipe:
@@ -102,7 +120,7 @@ class Locks:
         self.to_set: dict[str, int] = {}  # keys the next check sets: name -> ttl in ms
         self.queued: list[tuple[Command, Done | None]] = []  # sent with the next release
         self.verified: dict[str, float] = {}  # lock name -> when last extended (monotonic)
-        self.releasing: set[str] = set()  # locks whose release is queued
+        self.releasing: dict[str, Any] = {}  # locks whose release is queued: name -> token
         self._renewer: threading.Thread | None = None
         self._guard = threading.Lock()
         self._reacquire_all = client.register_script(_REACQUIRE_ALL)
@@ -147,7 +165,8 @@ class Locks:
         """Keep ``lock`` ours while we work: renewed, and checked by :meth:`check`."""
         with self._guard:
             self.held.append(lock)
-            self.verified[lock.name] = time.monotonic()  # just taken, for a whole timeout
+            # taken for a whole timeout by the try sent then
+            self.verified[lock.name] = getattr(lock, "tried_at", 0.0)
             if self._renewer is None or not self._renewer.is_alive():
                 self._renewer = threading.Thread(target=self._renew_forever,
                                                  name="dokstamp-locks", daemon=True)
@@ -166,7 +185,7 @@ class Locks:
             token = lock.local.token
             if later and self.held and token is not None:
                 lock.local.token = None
-                self.releasing.add(lock.name)
+                self.releasing[lock.name] = token  # renewed, not checked, until released
                 self.queued.append((lambda pipe: pipe.eval(Lock.LUA_RELEASE_SCRIPT, 1,
                                                            lock.name, token), None))
                 return
@@ -184,12 +203,12 @@ class Locks:
         entity's lock throughout. One taken or extended in the last :data:`CONFIRMED_FOR`
         seconds is ours without a round trip."""
         with self._guard:
-            since = time.monotonic() - self.verified.get(lock.name, float("-inf"))
-        if since < CONFIRMED_FOR:
+            since = now() - self.verified.get(lock.name, float("-inf"))
+        if since < min(CONFIRMED_FOR, self.timeout / 4):
             return
+        sent = now()
         lock.reacquire()
-        with self._guard:
-            self.verified[lock.name] = time.monotonic()
+        self._verified([lock], sent)
 
     def check(self, method: str = "", path: str = "") -> None:
         """Raise :class:`LockNotOwnedError` unless every lock we hold is still ours, renewing
@@ -201,6 +220,7 @@ class Locks:
         when it is right above the fence."""
         rider = self.rider(method, path)
         if rider is not None:
+            rider.before()
             rider.settle(self._reacquire_all(keys=rider.keys, args=rider.args))
 
     def rider(self, method: str = "", path: str = "") -> Rider | None:
@@ -215,9 +235,14 @@ class Locks:
             raise LockNotOwnedError(f"lock {held[tokens.index(None)].name!r} lost before "
                                     f"{method} {path}")
 
+        sent = [0.0]
+
+        def before() -> None:  # the script is sent now: what it extends is ours from here
+            sent[0] = now()
+
         def settle(answer: Any) -> None:
             lost = int(answer)
-            self._verified(held[:lost - 1 if lost else len(held)])
+            self._verified(held[:lost - 1 if lost else len(held)], sent[0])
             if lost:
                 raise LockNotOwnedError(f"lock {held[lost - 1].name!r} lost before {method} "
                                         f"{path}")
@@ -227,7 +252,8 @@ class Locks:
                         del self.to_set[key]
 
         return Rider(_REACQUIRE_ALL, [*(lock.name for lock in held), *to_set],
-                     [int(self.timeout * 1000), len(held), *tokens, *to_set.values()], settle)
+                     [int(self.timeout * 1000), len(held), *tokens, *to_set.values()], settle,
+                     before)
 
     def set_with_check(self, key: str, seconds: float) -> None:
         """Set Redis key ``key`` (to expire in ``seconds``) in the round trip of the next
@@ -241,13 +267,21 @@ class Locks:
         with self._guard:
             self.to_set.pop(key, None)
 
-    def _verified(self, locks: list[Lock]) -> None:
-        """``locks`` were extended to their full timeout just now."""
-        now = time.monotonic()
+    def _verified(self, locks: list[Lock], sent: float) -> None:
+        """``locks`` were extended to their full timeout by a script sent at ``sent``."""
         with self._guard:
             for lock in locks:
                 if lock in self.held:
-                    self.verified[lock.name] = now
+                    self.verified[lock.name] = max(sent, self.verified.get(lock.name, sent))
+
+    def delete_later(self, keys: list[str], *, under: Lock) -> None:
+        """Delete ``keys`` with the next release (:meth:`later`), only if lock ``under`` is
+        still ours then (a run that lost it meanwhile must not delete its successor's)."""
+        token = under.local.token
+        if token is None:  # not ours any more
+            return
+        self.later(lambda pipe: pipe.eval(_DELETE_IF_OURS, 1 + len(keys), under.name, *keys,
+                                          token))
 
     def later(self, command: Command, done: Done | None = None) -> None:
         """Redis writes that need not go at once, sent in the round trip of the next release
@@ -312,14 +346,18 @@ class Locks:
         """One renewal of every held lock (the renewer's step; callable directly in tests):
         back to the full timeout if still ours; a lost one is left for :meth:`check`."""
         with self._guard:
-            held, kept = list(self.held), dict(self.kept)
-        held = [lock for lock in held if lock.local.token is not None]  # released meanwhile
-        if held:
+            held, kept, releasing = list(self.held), dict(self.kept), dict(self.releasing)
+        tokens = [(lock, lock.local.token) for lock in held]
+        ours = [(lock, token) for lock, token in tokens if token is not None]  # not released
+        names = [lock.name for lock, _ in ours] + list(releasing)
+        if names:
+            sent = now()
             with suppress(redis.RedisError):
-                lost = int(self._reacquire_all(keys=[lock.name for lock in held],
-                                               args=[int(self.timeout * 1000), len(held),
-                                                     *(lock.local.token for lock in held)]))
-                self._verified(held[:lost - 1 if lost else len(held)])
+                lost = int(self._reacquire_all(
+                    keys=names, args=[int(self.timeout * 1000), len(names),
+                                      *(token for _, token in ours), *releasing.values()]))
+                self._verified([lock for lock, _ in ours][:lost - 1 if lost else len(ours)],
+                               sent)
         for key, ms in kept.items():
             with suppress(redis.RedisError):
                 self.redis.pexpire(key, ms)  # a key deleted meanwhile stays deleted

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 from redis.client import Pipeline
+from redis.lock import Lock
 
 from dokstamp_sync.redis_keys import RedisKeys
 from dokstamp_sync.sync.locks import Command, Locks
@@ -117,11 +118,9 @@ class CreateMarks:
             pipe.set(f"{self.unresolved_prefix}{key}", "1", px=unresolved)
         return set_both
 
-    def _send(self, command: Command, *, later: bool = False) -> None:
-        """Now (after what is queued: in order), or with the next lock release."""
-        if self.locks is not None and later:
-            self.locks.later(command)
-        elif self.locks is not None:
+    def _send(self, command: Command) -> None:
+        """Now (after what is queued: in order)."""
+        if self.locks is not None:
             self.locks.send_later(command)
         else:
             with self.redis.pipeline(transaction=False) as pipe:
@@ -136,21 +135,26 @@ class CreateMarks:
             self.locks.unset(f"{self.prefix}{key}")
             self.locks.unset(f"{self.unresolved_prefix}{key}")
 
-    def landed(self, entity: str, natural_key: str) -> None:
+    def landed(self, entity: str, natural_key: str, under: Lock | None = None) -> None:
         """The create is known to have landed, but its outcome could not be recorded (the
         database failed): nothing may land late, so no window to wait out; the unresolved
         mark stays (no listing read before it proves anything: the next attempt searches)."""
         self.let_go(entity, natural_key)
-        inflight = f"{self.prefix}{self._key(entity, natural_key)}"
-        self._send(lambda pipe: pipe.delete(inflight), later=True)
+        self._delete([f"{self.prefix}{self._key(entity, natural_key)}"], under)
 
-    def clear(self, entity: str, natural_key: str) -> None:
-        """The outcome is known (refused, or recorded under the natural key): both marks go,
-        with the next lock release (the natural key's, which ends the section they guard)."""
+    def clear(self, entity: str, natural_key: str, under: Lock | None = None) -> None:
+        """The outcome is known (refused, or recorded under the natural key): both marks go.
+        ``under``: the natural key's lock, held: they go with the next lock release, and only
+        while that lock is still ours (a run that lost it must not clear its successor's)."""
         self.let_go(entity, natural_key)
         key = self._key(entity, natural_key)
-        names = (f"{self.prefix}{key}", f"{self.unresolved_prefix}{key}")
-        self._send(lambda pipe: pipe.delete(*names), later=True)
+        self._delete([f"{self.prefix}{key}", f"{self.unresolved_prefix}{key}"], under)
+
+    def _delete(self, names: list[str], under: Lock | None) -> None:
+        if self.locks is not None and under is not None:
+            self.locks.delete_later(names, under=under)
+        else:
+            self._send(lambda pipe: pipe.delete(*names))
 
 
 class ListingMarks:

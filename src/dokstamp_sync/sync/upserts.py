@@ -15,6 +15,7 @@ from hashlib import sha256
 from typing import Any
 
 from redis.exceptions import LockError
+from redis.lock import Lock
 
 from dokstamp_sync.dokstamp import Entity
 from dokstamp_sync.dokstamp.client import Resource
@@ -154,15 +155,15 @@ def find_or_create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str
         try:
             mark = wait_for_create_in_flight(ctx, spec.entity, key,
                                              ctx.creates.parse(held.read))
-            return _find_or_create_locked(ctx, spec, event, payload, create, key, mark)
+            return _find_or_create_locked(ctx, spec, event, payload, create, key, mark, held)
         finally:
             ctx.creates.let_go(spec.entity, key)  # a mark left (a failure) expires on its own
 
 
 def _find_or_create_locked(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
                            create: Callable[[dict[str, Any]], Entity],
-                           key: str, mark: CreateMark) -> tuple[str, Entity | None]:
-    """:func:`find_or_create` under the natural key's lock (its marks: ``mark``)."""
+                           key: str, mark: CreateMark, guard: Lock) -> tuple[str, Entity | None]:
+    """:func:`find_or_create` under the natural key's lock ``guard`` (its marks: ``mark``)."""
     resource = ctx.resource(spec.resource)
     known = ctx.store.known_uuid(spec.entity, key)
     remote: Entity | None = None
@@ -180,7 +181,7 @@ def _find_or_create_locked(ctx: SyncContext, spec: Spec, event: Event, payload: 
     created: Entity | None = None
     sent = remote is None
     if sent:
-        created, remote = _create(ctx, spec, event, payload, create, key, listed)
+        created, remote = _create(ctx, spec, event, payload, create, key, listed, guard)
     try:
         if remote is not None:
             check_identity(spec, event, payload, remote)
@@ -192,9 +193,9 @@ def _find_or_create_locked(ctx: SyncContext, spec: Spec, event: Event, payload: 
         held = ctx.store.remember_natural_key(spec.entity, key, uuid)
     except Exception:  # (not a process going down: that leaves the mark, as kill -9 does)
         if sent:  # the create's outcome is known (it landed): nothing may land late any more
-            ctx.creates.landed(spec.entity, key)
+            ctx.creates.landed(spec.entity, key, guard)
         raise
-    ctx.creates.clear(spec.entity, key)  # recorded: the natural key now answers for it
+    ctx.creates.clear(spec.entity, key, guard)  # recorded: the natural key answers for it
     if held != uuid:
         distrust(ctx, spec, payload)
         raise Dead(f"duplicate: {spec.entity} with {key} is {held} in the mapping store, "
@@ -204,7 +205,7 @@ def _find_or_create_locked(ctx: SyncContext, spec: Spec, event: Event, payload: 
 
 def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
             create: Callable[[dict[str, Any]], Entity], key: str,
-            listed: bool) -> tuple[Entity | None, Entity | None]:
+            listed: bool, guard: Lock) -> tuple[Entity | None, Entity | None]:
     """POST the create, marked in flight; (what it created, None), or (None, the exact match
     adopted when DokStamp refused it as a duplicate)."""
     window = ctx.limits.create_window
@@ -232,7 +233,7 @@ def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
             # Answered (a prompt 5xx other than a gateway's timeout, an unusable 2xx) or never
             # sent: the request is over and wrote nothing the search could find, so nothing can
             # land late. Settled: the attempt is retried as any 5xx is, and creates again.
-            ctx.creates.clear(spec.entity, key)
+            ctx.creates.clear(spec.entity, key, guard)
             ctx.count("failed_creates_settled")
             raise
         # No answer came, or a gateway gave up waiting: a late write may land. Wait out the
@@ -240,7 +241,7 @@ def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
         raise InFlight(f"{exc} (the create may still land: searching after {window:g} s)",
                        retry_after=window) from exc
     except (Conflict, ValidationFailed) as exc:
-        ctx.creates.clear(spec.entity, key)  # refused: nothing was created
+        ctx.creates.clear(spec.entity, key, guard)  # refused: nothing was created
         if listed:
             distrust(ctx, spec, payload)  # the listing missed a duplicate: read it again
         if isinstance(exc, ValidationFailed) and not listed:
@@ -260,7 +261,7 @@ def _create(ctx: SyncContext, spec: Spec, event: Event, payload: dict[str, Any],
         ctx.creates.let_go(spec.entity, key)
         raise
     except BaseException:
-        ctx.creates.clear(spec.entity, key)  # not sent (the breaker, a pause)
+        ctx.creates.clear(spec.entity, key, guard)  # not sent (the breaker, a pause)
         raise
 
 
