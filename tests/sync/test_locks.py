@@ -329,3 +329,13 @@ def test_a_login_is_not_fenced_and_sets_no_create_marks(ctx, sandbox):
     assert ctx.client.tokens.renewals == renewals + 1
     assert not ctx.redis.exists("mark:a")
     assert live(sandbox, "students") == []
+
+
+def test_what_is_queued_goes_even_when_the_last_lock_was_released_before(ctx):
+    """A lock released twice (its token gone at the second) still lets the writes queued
+    behind it go: with no lock left to carry them, they are sent at once."""
+    with ctx.locks.take("entity:student:S-1", wait=0.1) as held:
+        ctx.locks.later(lambda pipe: pipe.set("q:1", "a"))
+        held.local.token = None  # as if released already
+    assert ctx.redis.get("q:1") == b"a"
+    assert ctx.locks.queued == []

@@ -191,6 +191,11 @@ class Locks:
                 return
         with suppress(LockError, redis.RedisError):  # released before; Redis away: it expires
             lock.release()
+        with self._guard:
+            left = bool(self.queued) and not self.held
+        if left:  # not sent by that release (it was released before): nothing else will
+            with suppress(redis.RedisError):
+                self.send_later()
 
     def release_all(self, locks: Iterable[Lock | None]) -> None:
         for lock in locks:
