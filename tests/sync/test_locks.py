@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import cast
 
 import pytest
 import redis
@@ -128,7 +129,7 @@ def round_trips(monkeypatch):
     real = Connection.send_packed_command
 
     def counted(self: Connection, command: object, check_health: bool = True) -> None:
-        blob = b"".join(command) if isinstance(command, list) else command  # type: ignore[arg-type]
+        blob = cast(bytes, b"".join(command) if isinstance(command, list) else command)
         sent.append([m.decode() for m in COMMAND.findall(blob)])
         real(self, command, check_health)
 
