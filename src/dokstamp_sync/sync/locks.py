@@ -79,6 +79,12 @@ return lost
 """
 
 
+def releasing(name: str, token: Any) -> Command:
+    """redis-py's release of lock ``name`` (only while its token is ``token``), for a
+    pipeline."""
+    return lambda pipe: pipe.eval(Lock.LUA_RELEASE_SCRIPT, 1, name, token)
+
+
 class WalkLock(Lock):
     """redis-py's lock, but each try to take it also runs ``reads`` in its round trip (their
     answers in :attr:`read`), and its release also sends its owner's :meth:`Locks.later`
@@ -103,8 +109,7 @@ class WalkLock(Lock):
         return bool(taken)
 
     def do_release(self, expected_token: str) -> None:
-        self.owner.send_later(lambda pipe: pipe.eval(self.LUA_RELEASE_SCRIPT, 1, self.name,
-                                                     expected_token))
+        self.owner.send_later(releasing(self.name, expected_token))
 
 
 class Locks:
@@ -119,7 +124,7 @@ class Locks:
         self.kept: dict[str, int] = {}  # other keys renewed with them: name -> ttl in ms
         self.to_set: dict[str, int] = {}  # keys the next check sets: name -> ttl in ms
         self.queued: list[tuple[Command, Done | None]] = []  # sent with the next release
-        self.verified: dict[str, float] = {}  # lock name -> when last extended (monotonic)
+        self.verified: dict[str, float] = {}  # lock name -> when last extended (now())
         self.releasing: dict[str, Any] = {}  # locks whose release is queued: name -> token
         self._renewer: threading.Thread | None = None
         self._guard = threading.Lock()
@@ -186,8 +191,7 @@ class Locks:
             if later and self.held and token is not None:
                 lock.local.token = None
                 self.releasing[lock.name] = token  # renewed, not checked, until released
-                self.queued.append((lambda pipe: pipe.eval(Lock.LUA_RELEASE_SCRIPT, 1,
-                                                           lock.name, token), None))
+                self.queued.append((releasing(lock.name, token), None))
                 return
         with suppress(LockError, redis.RedisError):  # released before; Redis away: it expires
             lock.release()
@@ -309,7 +313,6 @@ class Locks:
             self.releasing.clear()
         if not queued and last is None:
             return None
-        answers: list[Any] = []
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 spans = []

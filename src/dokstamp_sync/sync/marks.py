@@ -96,9 +96,8 @@ class CreateMarks:
         if self.locks is None:
             self._send(self._setting(key, seconds))
             return
-        ms = self._ttls(seconds)
-        self.locks.set_with_check(f"{self.prefix}{key}", ms[0] / 1000)
-        self.locks.set_with_check(f"{self.unresolved_prefix}{key}", ms[1] / 1000)
+        self.locks.set_with_check(f"{self.prefix}{key}", seconds)
+        self.locks.set_with_check(f"{self.unresolved_prefix}{key}", seconds + LISTING_TRUSTED_FOR)
         self.locks.keep(f"{self.prefix}{key}", seconds)
 
     def mark(self, entity: str, natural_key: str, seconds: float) -> None:
